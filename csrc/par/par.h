@@ -1,0 +1,42 @@
+// PAR token order (spec: code_par_llamagen.md B.2). Plain structs and declarations: no ATen here.
+//
+// A G x G raster grid is split into M x M regions of side R = G / M. Raster position (r, c) with
+// r = a*R + b, c = e*R + d has PAR index n = ((b*R + d)*M + a)*M + e: group g = b*R + d (the same offset in
+// every region) is the outer key, region k = a*M + e the inner one, so group g occupies [g*M^2, (g+1)*M^2).
+#pragma once
+
+#include <cstdint>
+
+#include "common/host_device.h"
+
+namespace varcore::par {
+
+// Raster index (r*G + c) of PAR index n.
+VC_HD int64_t raster_index(int64_t n, int64_t G, int64_t M) {
+  const int64_t R = G / M;
+  const int64_t g = n / (M * M), k = n % (M * M);
+  const int64_t b = g / R, d = g % R, a = k / M, e = k % M;
+  return (a * R + b) * G + e * R + d;
+}
+
+// One copy between a PAR-ordered sequence and a raster grid, covering PAR indices
+// [n_offset, n_offset + count) for every batch row. Tokens are opaque rows of `token_units` units of
+// `unit_bytes` bytes (1, 2, 4 or 8), so one kernel serves every dtype and channel count.
+struct CopyParams {
+  const void* src;
+  void* dst;
+  int64_t batch;
+  int64_t G, M;
+  int64_t n_offset, count;
+  int64_t src_batch_stride, dst_batch_stride;  // in tokens
+  int64_t token_units;
+  int unit_bytes;
+  bool to_raster;  // true: src is PAR-ordered, dst raster (scatter); false: gather
+};
+
+void copy_cpu(const CopyParams& p);
+// par_cuda.cu, built by nvcc (stream is a cudaStream_t) and, as copy_simt, against the host emulation.
+void copy_cuda(const CopyParams& p, void* stream);
+void copy_simt(const CopyParams& p, void* stream);
+
+}  // namespace varcore::par

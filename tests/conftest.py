@@ -1,0 +1,29 @@
+"""Shared fixtures: golden data location and device/backend selection."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _golden_root() -> Path:
+    env = os.environ.get("VARCORE_GOLDEN")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "golden"
+
+
+@pytest.fixture(scope="session")
+def golden_dir():
+    """Folder with the official golden data; skips outside CI when absent, fails under CI."""
+    root = _golden_root()
+    if not root.is_dir():
+        msg = f"golden data not found at {root} (set VARCORE_GOLDEN)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return root
+
+
+def load_expected(folder: Path) -> dict:
+    return torch.load(folder / "expected.pt", map_location="cpu", weights_only=True)

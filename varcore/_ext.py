@@ -1,0 +1,110 @@
+"""Loading of the compiled extension, backend selection per op and device, and ``varcore.info()``.
+
+Every op has a pure-PyTorch reference; the compiled kernel is used when ``varcore._C`` was built with an
+implementation for the tensor's device. ``VARCORE_BACKEND=reference`` forces the references everywhere.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import warnings
+
+import torch
+
+_C = None
+LOAD_ERROR: str | None = None
+try:
+    _C = importlib.import_module("varcore._C")
+except ImportError as e:  # not built, or built against another torch
+    LOAD_ERROR = str(e)
+    warnings.warn(
+        f"varcore: the compiled extension is not available ({LOAD_ERROR}); every op runs on its pure-PyTorch "
+        "reference. Build it with `pip install --no-build-isolation .` (see varcore.info()).",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+# Ops in torch.ops.varcore, filled in by the op modules as they are imported: name -> device types that have
+# a compiled kernel. Computed once, since the registrations are fixed when varcore._C loads (and a plain dict
+# lookup is something torch.compile can trace).
+OPS: dict[str, frozenset] = {}
+
+
+def register_op(name: str) -> str:
+    """Record an op for ``info()`` and dispatch, and return its qualified name ``varcore::name``."""
+    OPS[name] = frozenset(dev for dev in ("cpu", "cuda") if _has_kernel(name, dev))
+    return f"varcore::{name}"
+
+
+def force_reference() -> bool:
+    return os.environ.get("VARCORE_BACKEND", "").lower() == "reference"
+
+
+def _has_kernel(op: str, device_type: str) -> bool:
+    if _C is None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"varcore::{op}", key)
+
+
+def use_kernel(op: str, device: torch.device) -> bool:
+    """Whether ``torch.ops.varcore.<op>`` runs a compiled kernel on ``device`` (else the reference is used)."""
+    return device.type in OPS[op] and not force_reference()
+
+
+def _simt_status() -> str:
+    try:
+        importlib.import_module("varcore._simt")
+        return "built"
+    except ImportError:
+        return "not built (VARCORE_SIMT=1 at install)"
+
+
+def info(print_report: bool = True) -> dict:
+    """Describe the installation: torch, compiled parts, CUDA architectures, and each op's backend per device."""
+    import varcore.ops  # noqa: F401  (registers the op names)
+
+    cuda_built = bool(_C is not None and getattr(_C, "WITH_CUDA", 0))
+    archs = getattr(_C, "CUDA_ARCHS", "") if cuda_built else ""
+    report = {
+        "varcore": importlib.import_module("varcore").__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda or "cpu-only build",
+        "cuda_available": torch.cuda.is_available(),
+        "compiled": {
+            "cpu": _C is not None,
+            "cuda": cuda_built,
+            "emulation": _simt_status(),
+        },
+        "load_error": LOAD_ERROR,
+        "cuda_archs": [a.replace("sm", "sm_") for a in archs.split("_") if a],
+        "compiler": getattr(_C, "CXX_COMPILER", None),
+        "backend_forced_to_reference": force_reference(),
+        "ops": {op: {dev: ("kernel" if use_kernel(op, torch.device(dev)) else "reference") for dev in ("cpu", "cuda")}
+                for op in OPS},
+    }
+    if print_report:
+        print(_format(report))
+    return report
+
+
+def _format(r: dict) -> str:
+    c = r["compiled"]
+    lines = [
+        f"varcore {r['varcore']}  python {r['python']}  torch {r['torch']} (CUDA: {r['torch_cuda']}, "
+        f"device available: {r['cuda_available']})",
+        f"compiled: cpu={'yes' if c['cpu'] else 'no'}  cuda={'yes' if c['cuda'] else 'no'}  "
+        f"emulation={c['emulation']}",
+    ]
+    if r["cuda_archs"]:
+        lines.append(f"cuda archs: {' '.join(r['cuda_archs'])}")
+    if r["load_error"]:
+        lines.append(f"extension load error: {r['load_error']}")
+    if r["backend_forced_to_reference"]:
+        lines.append("VARCORE_BACKEND=reference: every op uses its reference")
+    lines.append(f"{'op':<24} {'cpu':<10} {'cuda':<10}")
+    for op, backends in r["ops"].items():
+        lines.append(f"{op:<24} {backends['cpu']:<10} {backends['cuda']:<10}")
+    return "\n".join(lines)

@@ -1,0 +1,5 @@
+"""varcore ops: compiled kernels with a pure-PyTorch reference beside each (see ``varcore.info()``)."""
+from .par_order import (  # noqa: F401
+    par_gather, par_gather_ref, par_group_scatter_, par_group_scatter_ref_, par_permutation, par_scatter,
+    par_scatter_ref,
+)
