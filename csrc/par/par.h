@@ -19,15 +19,16 @@ VC_HD int64_t raster_index(int64_t n, int64_t G, int64_t M) {
   return (a * R + b) * G + e * R + d;
 }
 
-// One copy between a PAR-ordered sequence and a raster grid, covering PAR indices
-// [n_offset, n_offset + count) for every batch row. Tokens are opaque rows of `token_units` units of
-// `unit_bytes` bytes (1, 2, 4 or 8), so one kernel serves every dtype and channel count.
+// One copy between a PAR-ordered sequence and a raster grid, covering the groups
+// [group_begin, group_begin + group_count) (PAR indices group_begin*M^2 onwards) for every batch row. On the
+// PAR side, index 0 of a batch row is the first token of group_begin. Tokens are opaque rows of `token_units`
+// units of `unit_bytes` bytes (1, 2, 4 or 8), so one kernel serves every dtype and channel count.
 struct CopyParams {
   const void* src;
   void* dst;
   int64_t batch;
   int64_t G, M;
-  int64_t n_offset, count;
+  int64_t group_begin, group_count;
   int64_t src_batch_stride, dst_batch_stride;  // in tokens
   int64_t token_units;
   int unit_bytes;

@@ -10,7 +10,7 @@ namespace {
 template <typename Unit>
 void launch(const CopyParams& p, cudaStream_t stream) {
   constexpr int kThreads = 256;
-  const int64_t total = p.batch * p.count * p.token_units;
+  const int64_t total = p.batch * p.group_count * p.M * p.M * p.token_units;
   if (total == 0) return;
   // Enough blocks to fill a large GPU; the grid-stride loop covers the rest.
   const int blocks = int(std::min<int64_t>((total + kThreads - 1) / kThreads, 4096));

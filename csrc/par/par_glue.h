@@ -32,7 +32,7 @@ inline int64_t channels(const at::Tensor& t, int64_t token_dims) {
 }
 
 template <typename Launch>
-void run_copy(const at::Tensor& src, at::Tensor& dst, int64_t G, int64_t M, int64_t n_offset, int64_t count,
+void run_copy(const at::Tensor& src, at::Tensor& dst, int64_t G, int64_t M, int64_t group_begin, int64_t group_count,
               int64_t src_batch_stride, int64_t dst_batch_stride, int64_t C, bool to_raster, Launch&& launch) {
   const int64_t token_bytes = C * int64_t(src.element_size());
   if (src.numel() == 0 || dst.numel() == 0) return;
@@ -42,8 +42,8 @@ void run_copy(const at::Tensor& src, at::Tensor& dst, int64_t G, int64_t M, int6
   p.batch = src.size(0);
   p.G = G;
   p.M = M;
-  p.n_offset = n_offset;
-  p.count = count;
+  p.group_begin = group_begin;
+  p.group_count = group_count;
   p.src_batch_stride = src_batch_stride;
   p.dst_batch_stride = dst_batch_stride;
   p.unit_bytes = pick_unit(token_bytes, p.src, p.dst);
@@ -64,7 +64,7 @@ at::Tensor gather(const at::Tensor& x, int64_t M, Launch&& launch) {
   std::vector<int64_t> shape{x.size(0), G * G};
   if (x.dim() == 4) shape.push_back(x.size(3));
   at::Tensor out = at::empty(shape, x.options());
-  run_copy(src, out, G, M, 0, G * G, G * G, G * G, channels(x, 3), false, launch);
+  run_copy(src, out, G, M, 0, (G / M) * (G / M), G * G, G * G, channels(x, 3), false, launch);
   return out;
 }
 
@@ -82,7 +82,7 @@ at::Tensor scatter(const at::Tensor& x, int64_t M, Launch&& launch) {
   std::vector<int64_t> shape{x.size(0), G, G};
   if (x.dim() == 3) shape.push_back(x.size(2));
   at::Tensor out = at::empty(shape, x.options());
-  run_copy(src, out, G, M, 0, L, L, L, channels(x, 2), true, launch);
+  run_copy(src, out, G, M, 0, (G / M) * (G / M), L, L, channels(x, 2), true, launch);
   return out;
 }
 
@@ -107,7 +107,7 @@ void group_scatter_(at::Tensor& canvas, const at::Tensor& tokens, int64_t group,
   TORCH_CHECK_VALUE(tokens.sizes() == at::IntArrayRef(want), "par_group_scatter_: tokens must have shape ",
                     at::IntArrayRef(want), " for this canvas and M, got ", tokens.sizes());
   const at::Tensor src = tokens.contiguous();
-  run_copy(src, canvas, G, M, group * M * M, M * M, M * M, G * G, channels(canvas, 3), true, launch);
+  run_copy(src, canvas, G, M, group, 1, M * M, G * G, channels(canvas, 3), true, launch);
 }
 
 }  // namespace varcore::par

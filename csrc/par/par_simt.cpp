@@ -5,6 +5,8 @@
 #include "par/par_cuda.cu"
 #include "par/par_glue.h"
 
+#include <torch/library.h>
+
 TORCH_LIBRARY_FRAGMENT(varcore_simt, m) {
   m.def("par_gather(Tensor x, int M) -> Tensor");
   m.def("par_scatter(Tensor x, int M) -> Tensor");
