@@ -128,7 +128,7 @@ def build_extensions():
         exts.append(CppExtension("varcore._C", sources, include_dirs=include, extra_compile_args={"cxx": cxx}))
 
     if os.environ.get("VARCORE_SIMT", "0") == "1":
-        simt_sources = _sources("simt/*.cpp") + _sources("*/*_simt.cpp")
+        simt_sources = sorted(set(_sources("simt/*.cpp") + _sources("*/*_simt.cpp")))
         _log(f"emulation extension varcore._simt on ({len(simt_sources)} sources)")
         exts.append(CppExtension(
             "varcore._simt", simt_sources, include_dirs=[str(ROOT / CSRC)],

@@ -104,7 +104,8 @@ def _format(r: dict) -> str:
         lines.append(f"extension load error: {r['load_error']}")
     if r["backend_forced_to_reference"]:
         lines.append("VARCORE_BACKEND=reference: every op uses its reference")
-    lines.append(f"{'op':<24} {'cpu':<10} {'cuda':<10}")
+    width = max([len("op"), *map(len, r["ops"])]) + 2
+    lines.append(f"{'op':<{width}}{'cpu':<11}{'cuda'}")
     for op, backends in r["ops"].items():
-        lines.append(f"{op:<24} {backends['cpu']:<10} {backends['cuda']:<10}")
+        lines.append(f"{op:<{width}}{backends['cpu']:<11}{backends['cuda']}")
     return "\n".join(lines)
