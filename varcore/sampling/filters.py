@@ -1,0 +1,80 @@
+"""Logit filters and random draws of VAR's sampler (top-k, top-p, multinomial, Gumbel softmax).
+
+They mirror the official ``models/helpers.py`` semantics, including in-place filtering and the exact sequence of
+random draws, so that the same generator state gives the same tokens.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["top_k_top_p_filter_", "sample_with_top_k_top_p_", "gumbel_softmax_with_rng"]
+
+
+def _check_top_k_top_p(top_k: int, top_p: float) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool):
+        raise TypeError(f"top_p must be a float, got {type(top_p).__name__}")
+    if not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_p must be in [0, 1] (0 disables it), got {top_p}")
+
+
+def top_k_top_p_filter_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """Set filtered-out logits to -inf in place and return ``logits_BlV``.
+
+    top-k keeps every logit >= the k-th largest (ties at the threshold survive; k >= V keeps all). top-p then sorts
+    ascending, computes the cumulative softmax of the top-k-filtered logits and removes the positions whose
+    cumulative mass is <= 1 - top_p; the largest logit is always kept.
+    """
+    _check_top_k_top_p(top_k, top_p)
+    V = logits_BlV.shape[-1]
+    if 0 < top_k < V:
+        kth_largest = logits_BlV.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
+        logits_BlV.masked_fill_(logits_BlV < kth_largest, -torch.inf)
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits_BlV.sort(dim=-1, descending=False)
+        sorted_to_remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        sorted_to_remove[..., -1:] = False
+        logits_BlV.masked_fill_(sorted_to_remove.scatter(-1, sorted_idx, sorted_to_remove), -torch.inf)
+    return logits_BlV
+
+
+def sample_with_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
+                             rng: Optional[torch.Generator] = None, num_samples: int = 1) -> torch.Tensor:
+    """Filter ``logits_BlV`` (B, l, V) in place with top-k/top-p, then draw from the softmax: (B, l, |num_samples|).
+
+    ``num_samples >= 0`` draws with replacement, a negative value draws |num_samples| without replacement. One
+    ``torch.multinomial`` call over all B*l rows consumes the generator (``rng``, or the global one when None).
+    """
+    if logits_BlV.ndim != 3:
+        raise ValueError(f"logits_BlV must be (B, l, V), got {tuple(logits_BlV.shape)}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples == 0:
+        raise ValueError(f"num_samples must be a non-zero int, got {num_samples!r}")
+    B, l, V = logits_BlV.shape
+    top_k_top_p_filter_(logits_BlV, top_k=top_k, top_p=top_p)
+    probs_NV = logits_BlV.softmax(dim=-1).view(-1, V)
+    idx = torch.multinomial(probs_NV, num_samples=abs(num_samples), replacement=num_samples >= 0, generator=rng)
+    return idx.view(B, l, abs(num_samples))
+
+
+def gumbel_softmax_with_rng(logits: torch.Tensor, tau: float = 1.0, hard: bool = False, eps: float = 1e-10,
+                            dim: int = -1, rng: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Gumbel-softmax whose noise comes from ``rng`` (``F.gumbel_softmax`` and the global RNG when None).
+
+    The noise is ``-log(Exp(1))`` from one ``exponential_`` draw over ``logits``' shape; ``hard`` returns the
+    straight-through one-hot. ``eps`` is only used by the ``rng=None`` path, as in PyTorch.
+    """
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    if rng is None:
+        return F.gumbel_softmax(logits=logits, tau=tau, hard=hard, eps=eps, dim=dim)
+    gumbels = -torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_(generator=rng).log()
+    y_soft = ((logits + gumbels) / tau).softmax(dim)
+    if not hard:
+        return y_soft
+    index = y_soft.max(dim, keepdim=True)[1]
+    y_hard = torch.zeros_like(logits, memory_format=torch.legacy_contiguous_format).scatter_(dim, index, 1.0)
+    return y_hard - y_soft.detach() + y_soft

@@ -1,0 +1,370 @@
+"""VAR training: the optimisation step, a small training loop with checkpoints, and a command line.
+
+Recipe of the official trainer (spec section 3): tokens from the frozen VQVAE, teacher-forcing input from
+``idxBl_to_var_input``, token cross-entropy, AdamW with betas (0.9, 0.95) and no weight decay on 1-D parameters,
+biases and embeddings, linear warm-up then the ``lin0`` decay, weight decay cosine-annealed, gradient clipping at 2,
+optional bf16/fp16 autocast (fp16 with a gradient scaler). Progressive (scale-by-scale) training is not supported.
+
+Command line::
+
+    python -m varcore.train.var_trainer --vae vae_ch160v4096z32.pth --data /imagenet/train --depth 16 \\
+        --bs 64 --iters 200000 --out runs/d16
+"""
+import argparse
+import math
+import os
+import sys
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from varcore.models import PATCH_NUMS, VAR, VQVAE
+from varcore.train.data import ImageFolder, TokenPyramids, split_scales
+from varcore.train.losses import scale_token_weights, token_accuracy, var_loss
+from varcore.train.schedule import SCHEDULES, lr_factor, param_groups, weight_decay_at
+
+__all__ = ["TrainConfig", "VARTrainer", "train", "build_var_for_training", "main"]
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_LOSS_SCALE = 2.0 ** 15  # the official fp16 loss-scale cap
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. ``lr`` is the peak learning rate; ``weight_decay_end`` defaults to ``weight_decay``;
+    ``wp0``/``wpe`` are the warm-up start and final learning-rate fractions; ``scale_weights`` (one per scale)
+    re-weights the loss per scale (None: a plain token mean, as official); ``amp`` is 'none', 'bf16' or 'fp16'."""
+
+    max_iters: int
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    weight_decay_end: Optional[float] = None
+    betas: Tuple[float, float] = (0.9, 0.95)
+    warmup_iters: int = 0
+    wp0: float = 0.005
+    wpe: float = 0.1
+    schedule: str = "lin0"
+    grad_clip: float = 2.0
+    label_smoothing: float = 0.0
+    scale_weights: Optional[Tuple[float, ...]] = None
+    amp: str = "none"
+
+    def __post_init__(self):
+        if isinstance(self.max_iters, bool) or not isinstance(self.max_iters, int) or self.max_iters < 1:
+            raise ValueError(f"max_iters must be a positive int, got {self.max_iters!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or (self.weight_decay_end is not None and self.weight_decay_end < 0):
+            raise ValueError("weight_decay and weight_decay_end must be >= 0")
+        if not isinstance(self.warmup_iters, int) or self.warmup_iters < 0:
+            raise ValueError(f"warmup_iters must be an int >= 0, got {self.warmup_iters!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {self.amp!r}")
+        self.betas = tuple(self.betas)
+        if self.scale_weights is not None:
+            self.scale_weights = tuple(float(w) for w in self.scale_weights)
+
+
+class VARTrainer:
+    """Trains ``var`` on token pyramids of the frozen ``vae``.
+
+    ``train_step`` takes a batch of labels and either ground-truth tokens ``idx_Bl`` (one (B, pn^2) tensor per
+    scale) or images in [-1, 1] (tokenised with ``vae.img_to_idxBl``). Checkpoints use the official nesting
+    ``{"iter", "trainer": {"config", "var_wo_ddp", "var_opt"}, "args"}``, so ``varcore.checkpoints.load_var``
+    reads them; the frozen VAE is not stored.
+    """
+
+    def __init__(self, vae: VQVAE, var: VAR, config: TrainConfig):
+        if not isinstance(vae, VQVAE):
+            raise TypeError(f"vae must be a VQVAE, got {type(vae).__name__}")
+        if not isinstance(var, VAR):
+            raise TypeError(f"var must be a VAR, got {type(var).__name__}")
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        if var.vae_proxy[0] is not vae:
+            raise ValueError("var must have been built on this vae (var.vae_proxy[0] is not vae)")
+        self.vae, self.var, self.config = vae, var, config
+        self.device = var.lvl_1L.device
+        self.token_weight_1L = scale_token_weights(var.patch_nums, config.scale_weights, device=self.device)
+        self.optimizer = torch.optim.AdamW(param_groups(var), lr=config.lr, betas=config.betas, weight_decay=0.0,
+                                           fused=self.device.type == "cuda")
+        self.amp_dtype = AMP_DTYPES[config.amp]
+        self.scaler = (torch.amp.GradScaler(self.device.type, init_scale=2.0 ** 11, growth_interval=1000)
+                       if config.amp == "fp16" else None)
+        self.it = 0
+
+    # ------------------------------------------------------------------ steps
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    @torch.no_grad()
+    def _teacher_forcing(self, idx_Bl: Optional[Sequence[torch.Tensor]], img_B3HW: Optional[torch.Tensor]
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+        if (idx_Bl is None) == (img_B3HW is None):
+            raise ValueError("pass exactly one of idx_Bl and img_B3HW")
+        if img_B3HW is not None:
+            idx_Bl = self.vae.img_to_idxBl(img_B3HW.to(self.device))
+        idx_Bl = [t.to(self.device) for t in idx_Bl]
+        if len(idx_Bl) != len(self.var.patch_nums):
+            raise ValueError(f"idx_Bl must hold {len(self.var.patch_nums)} scales, got {len(idx_Bl)}")
+        return torch.cat(idx_Bl, dim=1), self.vae.quantize.idxBl_to_var_input(idx_Bl)
+
+    def _apply_schedule(self) -> float:
+        cfg = self.config
+        lr = cfg.lr * lr_factor(self.it, cfg.max_iters, cfg.warmup_iters, cfg.wp0, cfg.wpe, cfg.schedule)
+        wd_end = cfg.weight_decay if cfg.weight_decay_end is None else cfg.weight_decay_end
+        wd = weight_decay_at(self.it, cfg.max_iters, cfg.weight_decay, wd_end)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            group["weight_decay"] = wd * group["wd_sc"]
+        return lr
+
+    def train_step(self, label_B: torch.Tensor, idx_Bl: Optional[Sequence[torch.Tensor]] = None,
+                   img_B3HW: Optional[torch.Tensor] = None) -> Dict[str, float]:
+        """One optimisation step; returns loss, token accuracy (all and last scale, %), gradient norm and lr."""
+        gt_BL, x_BLCv = self._teacher_forcing(idx_Bl, img_B3HW)
+        label_B = label_B.to(self.device)
+        lr = self._apply_schedule()
+        self.var.train()
+        with self._autocast():
+            logits_BLV = self.var(label_B, x_BLCv)
+            loss = var_loss(logits_BLV, gt_BL, self.token_weight_1L, self.config.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        clip = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.var.parameters(), clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.scaler.get_scale() > MAX_LOSS_SCALE:
+                self.scaler.update(MAX_LOSS_SCALE)
+        else:
+            self.optimizer.step()
+        self.it += 1
+        last_l = self.var.patch_nums[-1] ** 2
+        return {"loss": loss.item(), "acc": token_accuracy(logits_BLV, gt_BL),
+                "acc_tail": token_accuracy(logits_BLV[:, -last_l:], gt_BL[:, -last_l:]),
+                "grad_norm": grad_norm.item(), "lr": lr}
+
+    @torch.no_grad()
+    def eval_step(self, label_B: torch.Tensor, idx_Bl: Optional[Sequence[torch.Tensor]] = None,
+                  img_B3HW: Optional[torch.Tensor] = None) -> Dict[str, float]:
+        """Loss and accuracy on a batch in eval mode (no class dropout), without updating anything."""
+        gt_BL, x_BLCv = self._teacher_forcing(idx_Bl, img_B3HW)
+        was_training = self.var.training
+        self.var.eval()
+        try:
+            with self._autocast():
+                logits_BLV = self.var(label_B.to(self.device), x_BLCv)
+        finally:
+            self.var.train(was_training)
+        loss = var_loss(logits_BLV, gt_BL, self.token_weight_1L, self.config.label_smoothing)
+        return {"loss": loss.item(), "acc": token_accuracy(logits_BLV, gt_BL)}
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> Dict:
+        """Trainer state in the official nesting (``var_wo_ddp`` is VAR's state dict)."""
+        var_opt = {"optimizer": self.optimizer.state_dict(),
+                   "scaler": None if self.scaler is None else self.scaler.state_dict()}
+        return {"config": asdict(self.config), "var_wo_ddp": self.var.state_dict(), "var_opt": var_opt}
+
+    def save_checkpoint(self, path, args: Optional[Dict] = None) -> None:
+        """Write ``{"iter", "trainer", "args", "rng"}`` to ``path`` atomically (a temporary file, then a rename).
+        The global RNG states (class dropout and drop-path draw from them) are saved so that a resumed run
+        continues exactly."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        rng = {"cpu": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        torch.save({"iter": self.it, "trainer": self.state_dict(), "args": args or {}, "rng": rng}, tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path) -> Dict:
+        """Resume from a checkpoint written by :meth:`save_checkpoint` (weights-only load); returns its contents."""
+        ckpt = torch.load(path, map_location=self.device, weights_only=True)
+        if not isinstance(ckpt, dict) or "trainer" not in ckpt or "iter" not in ckpt:
+            raise ValueError(f"{path} is not a varcore VAR training checkpoint")
+        state = ckpt["trainer"]
+        self.var.load_state_dict(state["var_wo_ddp"], strict=True)
+        self.optimizer.load_state_dict(state["var_opt"]["optimizer"])
+        if self.scaler is not None and state["var_opt"].get("scaler") is not None:
+            self.scaler.load_state_dict(state["var_opt"]["scaler"])
+        self.it = int(ckpt["iter"])
+        if "rng" in ckpt:
+            torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
+            if torch.cuda.is_available() and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all([t.cpu() for t in ckpt["rng"]["cuda"]])
+        return ckpt
+
+
+def _batches_forever(loader: Iterable) -> Iterable:
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise ValueError("the data loader is empty")
+
+
+def train(trainer: VARTrainer, loader: Iterable, out_dir=None, save_every: int = 0, progress: bool = True,
+          args: Optional[Dict] = None) -> List[Dict[str, float]]:
+    """Run ``trainer`` until ``config.max_iters`` on batches from ``loader`` and return the per-step metrics.
+
+    Batches are ``(tokens (B, L) integer, labels)`` or ``(images (B, 3, H, W) float, labels)``. With ``out_dir``
+    the state is saved to ``out_dir/ckpt-last.pth`` every ``save_every`` steps (0: only at the end).
+    """
+    history: List[Dict[str, float]] = []
+    ckpt_path = None if out_dir is None else Path(out_dir) / "ckpt-last.pth"
+    patch_nums = trainer.var.patch_nums
+    bar = tqdm(total=trainer.config.max_iters, initial=trainer.it, disable=not progress, desc="train VAR",
+               dynamic_ncols=True)
+    for data, label_B in _batches_forever(loader):
+        if trainer.it >= trainer.config.max_iters:
+            break
+        if data.is_floating_point():
+            metrics = trainer.train_step(label_B, img_B3HW=data)
+        else:
+            metrics = trainer.train_step(label_B, idx_Bl=split_scales(data, patch_nums))
+        history.append(metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc']:.1f}", lr=f"{metrics['lr']:.2e}")
+        if ckpt_path is not None and save_every and trainer.it % save_every == 0:
+            trainer.save_checkpoint(ckpt_path, args)
+    bar.close()
+    if ckpt_path is not None:
+        trainer.save_checkpoint(ckpt_path, args)
+    return history
+
+
+def build_var_for_training(vae: VQVAE, depth: int, num_classes: int = 1000, width: Optional[int] = None,
+                           heads: Optional[int] = None, shared_aln: bool = False, cond_drop_rate: float = 0.1,
+                           init_adaln_gamma: float = 1e-3) -> VAR:
+    """A freshly initialised VAR on ``vae``'s device and scale schedule, with the official recipe's settings
+    (width 64 * depth and ``depth`` heads unless given, drop-path 0.1 * depth / 24, L2-normalised attention)."""
+    width = 64 * depth if width is None else width
+    var = VAR(vae, num_classes=num_classes, depth=depth, embed_dim=width, num_heads=depth if heads is None else heads,
+              drop_path_rate=0.1 * depth / 24, norm_eps=1e-6, shared_aln=shared_aln, cond_drop_rate=cond_drop_rate,
+              attn_l2_norm=True, patch_nums=vae.quantize.v_patch_nums)
+    var.init_weights(init_adaln=0.5, init_adaln_gamma=init_adaln_gamma, init_head=0.02, init_std=-1)
+    return var.to(vae.quantize.embedding.weight.device)
+
+
+# ---------------------------------------------------------------------- command line
+def _parse_patch_nums(text: str) -> Tuple[int, ...]:
+    if text.isdigit() and int(text) in PATCH_NUMS:
+        return PATCH_NUMS[int(text)]
+    try:
+        return tuple(int(p) for p in text.split("_"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--pn must be 256, 512, 1024 or a list like 1_2_3_4, got {text!r}")
+
+
+def _parse_floats(text: str) -> Tuple[float, ...]:
+    try:
+        return tuple(float(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m varcore.train.var_trainer",
+                                description="Train a VAR transformer on a frozen VQVAE (official recipe).")
+    d = p.add_argument_group("data and model")
+    d.add_argument("--vae", required=True, help="VQVAE checkpoint (e.g. vae_ch160v4096z32.pth)")
+    src = d.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="image folder root/<class>/<image> (tokenised on the fly)")
+    src.add_argument("--tokens", help="file with {'idx_BL': (N, L), 'labels': (N,)} token pyramids")
+    d.add_argument("--pn", type=_parse_patch_nums, default=PATCH_NUMS[256],
+                   help="scale schedule: 256, 512, 1024 or e.g. 1_2_3_4 (default 256)")
+    d.add_argument("--depth", type=int, default=16)
+    d.add_argument("--width", type=int, default=None, help="embedding width (default 64 * depth)")
+    d.add_argument("--heads", type=int, default=None, help="attention heads (default depth)")
+    d.add_argument("--num-classes", type=int, default=1000)
+    d.add_argument("--saln", action="store_true", help="shared AdaLN (as the 512 px d36-s model)")
+    d.add_argument("--init-var", default=None, help="start from these VAR weights (fine-tuning)")
+    d.add_argument("--alng", type=float, default=1e-3, help="AdaLN gamma init")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--iters", type=int, required=True, help="total optimisation steps")
+    o.add_argument("--bs", type=int, default=64, help="batch size")
+    o.add_argument("--tblr", type=float, default=1e-4, help="base lr per 256 samples (lr = tblr * bs / 256)")
+    o.add_argument("--lr", type=float, default=None, help="peak lr (overrides --tblr)")
+    o.add_argument("--wd", type=float, default=0.05, help="weight decay at the start")
+    o.add_argument("--wde", type=float, default=None, help="weight decay at the end (default --wd)")
+    o.add_argument("--wp", type=int, default=None, help="warm-up steps (default iters / 50)")
+    o.add_argument("--wp0", type=float, default=0.005, help="lr fraction at the start of warm-up")
+    o.add_argument("--wpe", type=float, default=0.1, help="final lr fraction")
+    o.add_argument("--sche", choices=SCHEDULES, default="lin0", help="lr decay after warm-up")
+    o.add_argument("--clip", type=float, default=2.0, help="gradient-norm clip (0 disables)")
+    o.add_argument("--ls", type=float, default=0.0, help="label smoothing")
+    o.add_argument("--scale-weights", type=_parse_floats, default=None,
+                   help="comma-separated loss weight per scale (default: every token equal)")
+    o.add_argument("--cond-drop", type=float, default=0.1, help="class-dropout probability (for CFG)")
+    o.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast precision")
+    r = p.add_argument_group("run")
+    r.add_argument("--out", required=True, help="output folder (ckpt-last.pth; resumed from when present)")
+    r.add_argument("--no-resume", action="store_true", help="ignore an existing ckpt-last.pth")
+    r.add_argument("--save-every", type=int, default=1000, help="checkpoint interval in steps (0: end only)")
+    r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    r.add_argument("--workers", type=int, default=2, help="data-loader workers")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
+    """Command-line entry point; returns the per-step metrics of this run."""
+    from varcore.checkpoints import load_vae, read_state_dict  # deferred: checkpoints imports the models
+
+    args = build_arg_parser().parse_args(argv)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    vae = load_vae(args.vae, device=device, v_patch_nums=args.pn)
+    var = build_var_for_training(vae, depth=args.depth, num_classes=args.num_classes, width=args.width,
+                                 heads=args.heads, shared_aln=args.saln, cond_drop_rate=args.cond_drop,
+                                 init_adaln_gamma=args.alng)
+    if args.init_var:
+        var.load_state_dict(read_state_dict(args.init_var, kind="var"), strict=True)
+    config = TrainConfig(
+        max_iters=args.iters, lr=args.lr if args.lr is not None else args.tblr * args.bs / 256,
+        weight_decay=args.wd, weight_decay_end=args.wde,
+        warmup_iters=args.wp if args.wp is not None else args.iters // 50, wp0=args.wp0, wpe=args.wpe,
+        schedule=args.sche, grad_clip=args.clip, label_smoothing=args.ls, scale_weights=args.scale_weights,
+        amp=args.amp,
+    )
+    trainer = VARTrainer(vae, var, config)
+    ckpt_path = Path(args.out) / "ckpt-last.pth"
+    if ckpt_path.is_file() and not args.no_resume:
+        trainer.load_checkpoint(ckpt_path)
+        print(f"resumed from {ckpt_path} at step {trainer.it}", file=sys.stderr)
+
+    if args.data:
+        dataset = ImageFolder(args.data, reso=args.pn[-1] * vae.downsample, train=True)
+    else:
+        dataset = TokenPyramids(args.tokens)
+    loader = DataLoader(dataset, batch_size=args.bs, shuffle=True, drop_last=len(dataset) >= args.bs,
+                        num_workers=args.workers, persistent_workers=args.workers > 0)
+    return train(trainer, loader, out_dir=args.out, save_every=args.save_every, progress=not args.no_progress,
+                 args={k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()})
+
+
+if __name__ == "__main__":
+    main()
