@@ -41,8 +41,19 @@ def force_reference() -> bool:
     return os.environ.get("VARCORE_BACKEND", "").lower() == "reference"
 
 
-def _has_kernel(op: str, device_type: str) -> bool:
+def has_schema(op: str) -> bool:
+    """Whether ``varcore._C`` defines ``torch.ops.varcore.<op>`` (False for a stale build that predates it)."""
     if _C is None:
+        return False
+    try:
+        getattr(torch.ops.varcore, op)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _has_kernel(op: str, device_type: str) -> bool:
+    if not has_schema(op):
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"varcore::{op}", key)

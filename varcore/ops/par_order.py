@@ -151,7 +151,7 @@ def par_group_scatter_(canvas: torch.Tensor, tokens: torch.Tensor, group: int, M
 
 
 # ---------------------------------------------------------------------------------------------- fake + autograd
-if _ext._C is not None:
+if _ext.has_schema("par_gather"):
     @torch.library.register_fake(_GATHER)
     def _(x, M):
         G = x.shape[1]
