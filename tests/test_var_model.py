@@ -323,3 +323,37 @@ def test_gumbel_softmax_with_rng():
     assert torch.equal(hard.argmax(-1), a.argmax(-1)) and torch.equal(hard.sum(-1), torch.ones(3))
     with pytest.raises(ValueError, match="tau"):
         gumbel_softmax_with_rng(logits, tau=0.0)
+
+
+def test_attention_function_visible_end_form():
+    # The integer form runs the block-causal kernel (when built); it must agree with the official float mask,
+    # also with dropout, where it falls back to SDPA with the equivalent float mask.
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+    visible_end = torch.tensor([1, 3, 3, 7, 7, 7, 7], dtype=torch.int32)
+    bias = torch.where(torch.arange(7) < visible_end[:, None].long(), 0.0, -torch.inf)
+    torch.testing.assert_close(attention(q, k, v, visible_end, 0.5), attention(q, k, v, bias, 0.5), atol=1e-5, rtol=0)
+    torch.manual_seed(1)
+    dropped_int = attention(q, k, v, visible_end, 0.5, dropout_p=0.5)
+    torch.manual_seed(1)
+    dropped_float = attention(q, k, v, bias, 0.5, dropout_p=0.5)
+    torch.testing.assert_close(dropped_int, dropped_float)
+
+
+def test_forward_and_grads_same_with_kernel_and_reference(monkeypatch):
+    vae, var = tiny()
+    _, x = teacher_input(vae, B=3)
+    labels = torch.tensor([1, 3, 0])
+
+    def run():
+        var.zero_grad()
+        logits = var(labels, x)
+        logits.square().mean().backward()
+        return logits.detach(), [p.grad.clone() for p in var.parameters() if p.grad is not None]
+
+    kernel_logits, kernel_grads = run()
+    monkeypatch.setenv("VARCORE_BACKEND", "reference")
+    ref_logits, ref_grads = run()
+    torch.testing.assert_close(kernel_logits, ref_logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(kernel_grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -74,7 +74,8 @@ def _simt_status() -> str:
 
 def info(print_report: bool = True) -> dict:
     """Describe the installation: torch, compiled parts, CUDA architectures, and each op's backend per device."""
-    import varcore.ops  # noqa: F401  (registers the op names)
+    import varcore.ops  # registers the op names
+    import varcore.ops.attention
 
     cuda_built = bool(_C is not None and getattr(_C, "WITH_CUDA", 0))
     archs = getattr(_C, "CUDA_ARCHS", "") if cuda_built else ""
@@ -95,6 +96,7 @@ def info(print_report: bool = True) -> dict:
         "backend_forced_to_reference": force_reference(),
         "ops": {op: {dev: ("kernel" if use_kernel(op, torch.device(dev)) else "reference") for dev in ("cpu", "cuda")}
                 for op in OPS},
+        "attention": varcore.ops.attention.attention_backends(),
     }
     if print_report:
         print(_format(report))
@@ -119,4 +121,7 @@ def _format(r: dict) -> str:
     lines.append(f"{'op':<{width}}{'cpu':<11}{'cuda'}")
     for op, backends in r["ops"].items():
         lines.append(f"{op:<{width}}{backends['cpu']:<11}{backends['cuda']}")
+    for dev, choice in r["attention"].items():
+        lines.append(f"model attention on {dev}: masked (training, prefill) -> {choice['masked']}, "
+                     f"KV-cache steps -> {choice['unmasked']}")
     return "\n".join(lines)

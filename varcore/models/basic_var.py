@@ -10,22 +10,32 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from varcore.ops.attention import attend, visible_end_mask
+
 __all__ = ["attention", "DropPath", "FFN", "SelfAttention", "AdaLNSelfAttn", "AdaLNBeforeHead"]
 
 
 def attention(q_BHLc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor,
               attn_bias: Optional[torch.Tensor], scale: float, dropout_p: float = 0.0) -> torch.Tensor:
-    """Multi-head attention ``softmax(q k^T * scale + attn_bias) v`` -> (B, H, Lq, c).
+    """Multi-head attention ``softmax(q k^T * scale + mask) v`` -> (B, H, Lq, c).
 
-    q may be shorter than k and v (KV-cached inference). ``attn_bias`` is an additive float mask broadcastable to
-    (B, H, Lq, Lk), or None. q, k and v are cast to v's dtype first: under autocast the L2-normalised q and k come
-    out in float32 while v is half precision.
+    q may be shorter than k and v (KV-cached inference). ``attn_bias`` is None, an additive float mask
+    broadcastable to (B, H, Lq, Lk) (the official form), or an integer tensor ``visible_end`` of length Lq (query i
+    sees keys ``[0, visible_end[i])``), which runs varcore's block-causal attention kernel when it is built (see
+    :func:`varcore.ops.attention.attend`). q, k and v are cast to v's dtype first: under autocast the L2-normalised
+    q and k come out in float32 while v is half precision.
     """
     dtype = v_BHLc.dtype
+    q_BHLc, k_BHLc = q_BHLc.to(dtype), k_BHLc.to(dtype)
+    if attn_bias is not None and not attn_bias.is_floating_point():
+        if dropout_p == 0.0:
+            return attend(q_BHLc, k_BHLc, v_BHLc, visible_end=attn_bias, scale=scale)
+        attn_bias = torch.zeros((), dtype=dtype, device=v_BHLc.device).masked_fill(
+            ~visible_end_mask(attn_bias, k_BHLc.shape[2]), -torch.inf)  # the kernel has no attention dropout
     if attn_bias is not None:
         attn_bias = attn_bias.to(dtype)
-    return F.scaled_dot_product_attention(q_BHLc.to(dtype), k_BHLc.to(dtype), v_BHLc, attn_mask=attn_bias,
-                                          dropout_p=dropout_p, scale=scale)
+    return F.scaled_dot_product_attention(q_BHLc, k_BHLc, v_BHLc, attn_mask=attn_bias, dropout_p=dropout_p,
+                                          scale=scale)
 
 
 class DropPath(nn.Module):

@@ -203,7 +203,10 @@ class VAR(nn.Module):
         main_type = torch.get_autocast_dtype(device.type) if autocasting else x_BLC.dtype
         x_BLC = x_BLC.to(main_type)
         cond_BD_or_gss = cond_BD_or_gss.to(main_type)
-        attn_bias = self.attn_bias_for_masking.to(main_type)
+        # attn_bias_for_masking as "query i sees keys [0, visible_end[i])", the form the attention kernel takes;
+        # derived from the (sorted) level buffer rather than stored, so checkpoints keep the official keys.
+        lvl_L = self.lvl_1L[0]
+        attn_bias = torch.searchsorted(lvl_L, lvl_L, right=True).to(torch.int32)
         for block in self.blocks:
             x_BLC = block(x=x_BLC, cond_BD=cond_BD_or_gss, attn_bias=attn_bias)
         return self.get_logits(x_BLC.float(), cond_BD)

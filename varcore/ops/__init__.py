@@ -3,3 +3,4 @@ from .par_order import (  # noqa: F401
     par_gather, par_gather_ref, par_group_scatter_, par_group_scatter_ref_, par_permutation, par_scatter,
     par_scatter_ref,
 )
+from .attention import attend, attention_backends, block_causal_attention  # noqa: F401,E402
