@@ -207,7 +207,7 @@ def _kernel_for(q: torch.Tensor) -> bool:
         q.device.type == "cpu" or q.dtype != torch.float64)
 
 
-if _ext._C is not None:
+if _ext.has_schema("block_causal_attention"):
     @torch.library.register_fake(_FWD)
     def _(q, k, v, visible_end, scale, layout="bhld"):
         l_dim, h_dim = (1, 2) if layout == "blhd" else (2, 1)
