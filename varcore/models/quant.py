@@ -246,6 +246,13 @@ class VectorQuantizer2(nn.Module):
         return quant_ops.idxBl_to_var_input(gt_ms_idx_Bl, self.embedding.weight, self.phis_for(SN),
                                             self.v_patch_nums)
 
+    def idxBl_to_fhat(self, ms_idx_Bl: List[torch.Tensor]) -> torch.Tensor:
+        """The final f_hat (B, Cvae, H, H) of a token pyramid (one (B, pn^2) tensor per scale): the last partial sum
+        of :meth:`embed_to_fhat` from indices, fused when the kernels are built (see
+        :func:`varcore.ops.quant.upsample_sum`)."""
+        SN = len(self.v_patch_nums)
+        return quant_ops.upsample_sum(ms_idx_Bl, self.embedding.weight, self.phis_for(SN), self.v_patch_nums)
+
     def embed_to_fhat(self, ms_h_BChw: List[torch.Tensor], all_to_max_scale: bool = True, last_one: bool = False
                       ) -> Union[List[torch.Tensor], torch.Tensor]:
         """Sum per-scale code embeddings into f_hat (all partial sums, or only the last with ``last_one``)."""

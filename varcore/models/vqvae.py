@@ -103,13 +103,16 @@ class VQVAE(nn.Module):
         if not ms_idx_Bl:
             raise ValueError("ms_idx_Bl must hold at least one scale")
         B = ms_idx_Bl[0].shape[0]
-        ms_h_BChw = []
+        pns = []
         for si, idx_Bl in enumerate(ms_idx_Bl):
-            pn = round(idx_Bl.shape[1] ** 0.5)
-            if idx_Bl.ndim != 2 or idx_Bl.shape[0] != B or pn * pn != idx_Bl.shape[1]:
+            pns.append(round(idx_Bl.shape[1] ** 0.5))
+            if idx_Bl.ndim != 2 or idx_Bl.shape[0] != B or pns[-1] ** 2 != idx_Bl.shape[1]:
                 raise ValueError(f"ms_idx_Bl[{si}] must be (B, pn^2), got {tuple(idx_Bl.shape)}")
             check_idx(idx_Bl, self.vocab_size, f"ms_idx_Bl[{si}]")
-            ms_h_BChw.append(self.quantize.embedding(idx_Bl).transpose(1, 2).view(B, self.Cvae, pn, pn))
+        if same_shape and last_one and tuple(pns) == self.quantize.v_patch_nums:
+            return self.fhat_to_img(self.quantize.idxBl_to_fhat(ms_idx_Bl))  # the whole pyramid in one pass
+        ms_h_BChw = [self.quantize.embedding(idx_Bl).transpose(1, 2).view(B, self.Cvae, pn, pn)
+                     for idx_Bl, pn in zip(ms_idx_Bl, pns)]
         return self.embed_to_img(ms_h_BChw=ms_h_BChw, all_to_max_scale=same_shape, last_one=last_one)
 
     def embed_to_img(self, ms_h_BChw: List[torch.Tensor], all_to_max_scale: bool, last_one: bool = False

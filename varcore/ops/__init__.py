@@ -4,3 +4,4 @@ from .par_order import (  # noqa: F401
     par_scatter_ref,
 )
 from .attention import attend, attention_backends, block_causal_attention  # noqa: F401,E402
+from . import quant  # noqa: F401,E402  (registers the quantizer ops for varcore.info())

@@ -3,7 +3,22 @@
 These functions take everything they need explicitly: the codebook ``codebook_VC`` (V codes of C channels),
 ``phis`` (one callable per scale: the residual conv phi chosen for that scale, mapping (B, C, H, W) to the same
 shape) and the patch schedule. ``VectorQuantizer2`` calls them with its own embedding, phi table and
-``v_patch_nums``; fused kernels can later replace them behind the same signatures.
+``v_patch_nums``.
+
+Compiled kernels run behind the same signatures when they are built for the tensor's device (``varcore.info()``):
+``nearest_code`` (``torch.ops.varcore.nearest_code``: the distance and argmin fused, never holding the N x V
+distance matrix, bit-compatible with the reference's arithmetic) serves every nearest-code search, and
+``msrq_encode`` runs the whole encode pyramid in one call (area downsampling straight into token rows, nearest code,
+the code map gathered and bicubic-upsampled in one kernel, phi, residual update), and ``upsample_sum``
+(``torch.ops.varcore.upsample_sum``: gather and bicubic upsampling fused, summed per phi) decodes
+a whole pyramid with one 3x3 conv instead of one per scale: phi is affine, phi_k(h) = (1 - r) h + r (W_k * h + b_k),
+so the scales sharing phi_k can be summed before it, and the K convs of the partial sums are one conv over their
+channel concatenation (bias sum_k n_k b_k for n_k scales in group k). ``add_scale_`` is one step of the sampler
+(``get_next_autoregressive_input``) and of the teacher-forcing input (``idxBl_to_var_input``): gather, bicubic
+upsampling, phi and the in-place add, then the area downsampling to the next scale. The encode and the steps give
+the reference's results bit for bit on the CPU (same float evaluation order, same memory layouts into phi's conv);
+``upsample_sum`` agrees to float rounding (it reorders the sum). The ``*_ref`` functions are the pure-PyTorch
+references.
 
 Semantics follow the official FoundationVision/VAR quantiser exactly (``spec/var.md`` 1.4-1.7): residuals are
 area-downsampled to each scale, code maps are bicubic-upsampled to the full latent size before phi, and the last
@@ -14,11 +29,17 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from varcore import _ext
+
 Phi = Callable[[torch.Tensor], torch.Tensor]
 PatchNum = Union[int, Tuple[int, int]]
 
 __all__ = [
     "nearest_code_idx_N",
+    "nearest_code_idx_N_ref",
+    "upsample_sum",
+    "upsample_sum_ref",
+    "embed_to_fhat_ref",
     "f_to_idxBl_or_fhat",
     "idxBl_to_var_input",
     "embed_to_fhat",
@@ -76,21 +97,192 @@ def _check_phis(phis: Sequence[Phi], num_scales: int) -> None:
         raise TypeError("phis must be callables mapping (B, C, H, W) -> (B, C, H, W)")
 
 
-def nearest_code_idx_N(z_NC: torch.Tensor, codebook_VC: torch.Tensor, using_znorm: bool = False) -> torch.Tensor:
-    """Index of the nearest code for each row of ``z_NC``: a (N,) LongTensor.
+_NEAREST_CODE = _ext.register_op("nearest_code")
+# The CUDA kernel stages rows of C + 1 floats in 48 KiB of shared memory (csrc/quant/quant.h).
+_NEAREST_CODE_CUDA_MAX_C = 306
 
-    Euclidean distance in the official expanded form ``||z||^2 + ||e||^2 - 2 z.e`` (computed with ``addmm``; the
-    form matters for which code wins a near-tie), or the largest cosine similarity when ``using_znorm``.
-    """
+
+def _check_nearest_args(z_NC: torch.Tensor, codebook_VC: torch.Tensor) -> None:
+    if not isinstance(z_NC, torch.Tensor):
+        raise TypeError(f"z_NC must be a torch.Tensor, got {type(z_NC).__name__}")
     _check_codebook(codebook_VC)
     if z_NC.ndim != 2 or z_NC.shape[1] != codebook_VC.shape[1]:
         raise ValueError(f"z_NC must be (N, {codebook_VC.shape[1]}), got {tuple(z_NC.shape)}")
+    if z_NC.device != codebook_VC.device:
+        raise ValueError(f"z_NC on {z_NC.device} but codebook_VC on {codebook_VC.device}")
+
+
+def nearest_code_idx_N_ref(z_NC: torch.Tensor, codebook_VC: torch.Tensor, using_znorm: bool = False) -> torch.Tensor:
+    """Reference of :func:`nearest_code_idx_N`: the official dense distance matrix, then argmin (argmax)."""
+    _check_nearest_args(z_NC, codebook_VC)
     codebook_VC = codebook_VC.detach()
     if using_znorm:
         return torch.argmax(F.normalize(z_NC, dim=-1) @ F.normalize(codebook_VC, dim=1).T, dim=1)
     dist_NV = torch.sum(z_NC.square(), dim=1, keepdim=True) + torch.sum(codebook_VC.square(), dim=1)
     dist_NV.addmm_(z_NC, codebook_VC.T, alpha=-2, beta=1)
     return torch.argmin(dist_NV, dim=1)
+
+
+def _nearest_code_kernel_applies(z_NC: torch.Tensor, codebook_VC: torch.Tensor) -> bool:
+    if not _ext.use_kernel("nearest_code", z_NC.device):
+        return False
+    if z_NC.dtype != torch.float32 or codebook_VC.dtype != torch.float32:
+        return False  # the kernels are float32 (VAR's quantiser always runs in float32)
+    return z_NC.device.type != "cuda" or codebook_VC.shape[1] <= _NEAREST_CODE_CUDA_MAX_C
+
+
+def nearest_code_idx_N(z_NC: torch.Tensor, codebook_VC: torch.Tensor, using_znorm: bool = False) -> torch.Tensor:
+    """Index of the nearest code for each row of ``z_NC`` (N, C) among ``codebook_VC`` (V, C): a (N,) LongTensor.
+
+    Euclidean distance in the official expanded form ``(||z||^2 + ||e||^2) - 2 z.e`` (the form and its float
+    evaluation order decide near-ties), or the largest cosine similarity when ``using_znorm``. Exact ties go to the
+    first (smallest) index, as ``torch.argmin`` / ``torch.argmax``. The fused kernel never builds the N x V
+    distance matrix; a NaN distance never wins there (``torch.argmin`` would pick the first NaN).
+    """
+    _check_nearest_args(z_NC, codebook_VC)
+    if _nearest_code_kernel_applies(z_NC, codebook_VC):
+        return torch.ops.varcore.nearest_code(z_NC.detach(), codebook_VC.detach(), bool(using_znorm))
+    return nearest_code_idx_N_ref(z_NC, codebook_VC, using_znorm)
+
+
+if _ext._C is not None and hasattr(torch.ops.varcore, "nearest_code"):  # absent from an older build
+    @torch.library.register_fake(_NEAREST_CODE)
+    def _(z, codebook, using_znorm=False):
+        torch._check(z.dim() == 2 and codebook.dim() == 2, lambda: "nearest_code: z and codebook must be 2-D")
+        torch._check(z.shape[1] == codebook.shape[1], lambda: "nearest_code: z and codebook channels differ")
+        return z.new_empty((z.shape[0],), dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------- upsample-sum
+_UPSAMPLE_SUM = _ext.register_op("upsample_sum")
+
+
+class _AffinePhis:
+    """The phi table as the fused decode needs it: the group (distinct phi) of every scale, and per group the conv
+    weight (C, C, 3, 3) and bias (C,) of phi(h) = (1 - r) h + r (W * h + b); no convs when every phi is the
+    identity."""
+
+    def __init__(self, groups: List[int], weights: List[torch.Tensor], biases: List[torch.Tensor], ratio: float):
+        self.groups, self.weights, self.biases, self.ratio = groups, weights, biases, ratio
+
+    @property
+    def num_groups(self) -> int:
+        return max(self.groups) + 1
+
+    def apply(self, sums_BKChw: torch.Tensor) -> torch.Tensor:
+        """sum over scales of phi(h) from the per-group sums (B, K*C, H, W) of the upsampled code maps."""
+        B, KC, H, W = sums_BKChw.shape
+        total_BChw = sums_BKChw.view(B, self.num_groups, KC // self.num_groups, H, W).sum(1)
+        if not self.weights:
+            return total_BChw
+        counts = [self.groups.count(k) for k in range(self.num_groups)]
+        weight = torch.cat(self.weights, dim=1)  # sum_k W_k * S_k is one conv over the channel concatenation
+        bias = sum(n * b for n, b in zip(counts, self.biases))
+        r = self.ratio
+        return total_BChw.mul(1 - r) + F.conv2d(sums_BKChw, weight, bias, padding=1).mul_(r)
+
+
+def _affine_phis(phis: Sequence[Phi], *tensors: torch.Tensor, needs_grad: bool = True) -> Optional[_AffinePhis]:
+    """The affine structure of ``phis`` when a fused kernel applies to it: every phi is varcore's ``Phi`` (one
+    shared ratio, float32 weights on the tensors' device) or every phi is ``nn.Identity``, and, if the result
+    ``needs_grad``, no gradient is required (the fused paths have no autograd). Otherwise None (the reference)."""
+    from varcore.models.quant import Phi as PhiConv  # models.quant imports this module
+
+    grad = needs_grad and torch.is_grad_enabled()
+    if grad and any(t.requires_grad for t in tensors):
+        return None
+    distinct: List = []
+    groups = []
+    for phi in phis:
+        if not any(phi is d for d in distinct):
+            distinct.append(phi)
+        groups.append(next(k for k, d in enumerate(distinct) if d is phi))
+    if all(isinstance(d, torch.nn.Identity) for d in distinct):
+        return _AffinePhis([0] * len(groups), [], [], 0.0)
+    if not all(type(d) is PhiConv and d.bias is not None for d in distinct):
+        return None
+    ratios = {d.resi_ratio for d in distinct}
+    params = [t for d in distinct for t in (d.weight, d.bias)]
+    device = tensors[0].device
+    if len(ratios) != 1 or any(t.dtype != torch.float32 or t.device != device for t in params):
+        return None
+    if grad and any(t.requires_grad for t in params):
+        return None
+    return _AffinePhis(groups, [d.weight.detach() for d in distinct], [d.bias.detach() for d in distinct],
+                       ratios.pop())
+
+
+def _check_idx_pyramid(idx_Bl: Sequence[torch.Tensor], vocab_size: int, patch_nums: Tuple[int, ...]) -> int:
+    if isinstance(idx_Bl, torch.Tensor) or not hasattr(idx_Bl, "__len__"):
+        raise TypeError(f"idx_Bl must be a list of (B, pn^2) tensors, got {type(idx_Bl).__name__}")
+    if len(idx_Bl) != len(patch_nums):
+        raise ValueError(f"idx_Bl must hold {len(patch_nums)} scales, got {len(idx_Bl)}")
+    B = idx_Bl[0].shape[0] if isinstance(idx_Bl[0], torch.Tensor) else None
+    for si, (t, pn) in enumerate(zip(idx_Bl, patch_nums)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B, pn * pn):
+            raise ValueError(f"idx_Bl[{si}] must have shape {(B, pn * pn)}, got {tuple(getattr(t, 'shape', ()))}")
+        check_idx(t, vocab_size, f"idx_Bl[{si}]")
+    return B
+
+
+def upsample_sum_ref(idx_Bl: Sequence[torch.Tensor], codebook_VC: torch.Tensor, phis: Sequence[Phi],
+                     patch_nums: Sequence[int]) -> torch.Tensor:
+    """Reference of :func:`upsample_sum`: embedding, then :func:`embed_to_fhat` with ``last_one``."""
+    _check_codebook(codebook_VC)
+    patch_nums = check_patch_nums(patch_nums)
+    B = _check_idx_pyramid(idx_Bl, codebook_VC.shape[0], patch_nums)
+    C = codebook_VC.shape[1]
+    ms_h = [F.embedding(t, codebook_VC).transpose(1, 2).reshape(B, C, pn, pn) for t, pn in zip(idx_Bl, patch_nums)]
+    return embed_to_fhat_ref(ms_h, phis, patch_nums, all_to_max_scale=True, last_one=True)
+
+
+def _fused_upsample_sum(idx_BL: torch.Tensor, table_VC: torch.Tensor, affine: _AffinePhis,
+                        patch_nums: Tuple[int, ...]) -> torch.Tensor:
+    sums = torch.ops.varcore.upsample_sum(idx_BL, table_VC, list(patch_nums), affine.groups)
+    return affine.apply(sums)
+
+
+def upsample_sum(idx_Bl: Sequence[torch.Tensor], codebook_VC: torch.Tensor, phis: Sequence[Phi],
+                 patch_nums: Sequence[int]) -> torch.Tensor:
+    """Decode a token pyramid to the final ``f_hat`` (B, C, H, H), H = ``patch_nums[-1]``: the sum over scales of
+    ``phis[si]`` applied to the bicubic-upsampled code map of scale si (``idx_Bl[si]``: (B, pn^2) indices into
+    ``codebook_VC``). Equal to the last entry of :func:`embed_to_fhat` up to float rounding; fused (one gather +
+    bicubic kernel and one conv) when the kernel is built and ``phis`` are varcore's ``Phi`` convs or identities.
+    """
+    _check_codebook(codebook_VC)
+    patch_nums = check_patch_nums(patch_nums)
+    _check_phis(phis, len(patch_nums))
+    _check_idx_pyramid(idx_Bl, codebook_VC.shape[0], patch_nums)
+    affine = _affine_phis(phis, codebook_VC)
+    if (affine is None or codebook_VC.dtype != torch.float32
+            or not _ext.use_kernel("upsample_sum", codebook_VC.device)):
+        return upsample_sum_ref(idx_Bl, codebook_VC, phis, patch_nums)
+    return _fused_upsample_sum(torch.cat(list(idx_Bl), dim=1), codebook_VC, affine, patch_nums)
+
+
+if _ext._C is not None and hasattr(torch.ops.varcore, "upsample_sum"):  # absent from an older build
+    @torch.library.register_fake(_UPSAMPLE_SUM)
+    def _(idx, codebook, patch_nums, groups):
+        torch._check(len(groups) == len(patch_nums), lambda: "upsample_sum: one group per scale")
+        H, K, C = patch_nums[-1], max(groups) + 1, codebook.shape[1]
+        return codebook.new_empty((idx.shape[0], K * C, H, H))
+
+
+# ---------------------------------------------------------------------------------------------- encode
+_MSRQ_ENCODE = _ext.register_op("msrq_encode")
+
+
+def _square_schedule(patch_hws: List[Tuple[int, int]]) -> Optional[List[int]]:
+    return [h for h, _ in patch_hws] if all(h == w for h, w in patch_hws) else None
+
+
+if _ext._C is not None and hasattr(torch.ops.varcore, "msrq_encode"):  # absent from an older build
+    @torch.library.register_fake(_MSRQ_ENCODE)
+    def _(f, codebook, phi_weights, phi_biases, phi_index, resi_ratio, patch_nums, using_znorm=False,
+          partial_fhat=False):
+        B, L = f.shape[0], sum(pn * pn for pn in patch_nums)
+        f_hats = [torch.empty_like(f) for _ in range(len(patch_nums) if partial_fhat else 1)]
+        return f.new_empty((B, L), dtype=torch.long), f_hats
 
 
 def f_to_idxBl_or_fhat(
@@ -121,6 +313,17 @@ def f_to_idxBl_or_fhat(
         raise ValueError(f"the last entry of patch_nums {patch_hws[-1]} must equal the feature size {(H, W)}")
     SN = len(patch_hws)
     _check_phis(phis, SN)
+    square = _square_schedule(patch_hws)
+    if (square is not None and H == W and f_BChw.dtype == torch.float32 and codebook_VC.dtype == torch.float32
+            and _nearest_code_kernel_applies(f_BChw, codebook_VC) and _ext.use_kernel("msrq_encode", f_BChw.device)):
+        affine = _affine_phis(phis, codebook_VC, needs_grad=to_fhat)
+        if affine is not None:
+            idx_BL, f_hats = torch.ops.varcore.msrq_encode(
+                f_BChw.detach(), codebook_VC.detach(), affine.weights, affine.biases, affine.groups, affine.ratio,
+                square, bool(using_znorm), bool(to_fhat))
+            if to_fhat:
+                return list(f_hats)
+            return [t.contiguous() for t in idx_BL.split([pn * pn for pn in square], dim=1)]
 
     f_rest = f_BChw.detach().clone()
     f_hat = torch.zeros_like(f_rest)
@@ -138,6 +341,43 @@ def f_to_idxBl_or_fhat(
         f_rest.sub_(h_BChw)
         out.append(f_hat.clone() if to_fhat else idx_N.reshape(B, ph * pw))
     return out
+
+
+# ---------------------------------------------------------------------------------------------- decode steps
+_ADD_SCALE = _ext.register_op("add_scale_")
+
+
+if _ext._C is not None and hasattr(torch.ops.varcore, "add_scale_"):  # absent from an older build
+    @torch.library.register_fake(_ADD_SCALE)
+    def _(f_hat, idx, codebook, phi_weight, phi_bias, resi_ratio, next_pn, rows, channels_last):
+        B, C = f_hat.shape[:2]
+        shape = (B, next_pn * next_pn, C) if rows else (B, C, next_pn, next_pn)
+        return f_hat.new_empty(shape)
+
+
+def _step_phi(phis: Sequence[Phi], si: int, *tensors: torch.Tensor):
+    """(weight, bias, ratio) of phis[si] for add_scale_ ((None, None, 0.0) for the identity), or None when the fused
+    step does not apply to it (see _affine_phis)."""
+    affine = _affine_phis([phis[si]], *tensors)
+    if affine is None:
+        return None
+    if not affine.weights:
+        return None, None, 0.0
+    return affine.weights[0], affine.biases[0], affine.ratio
+
+
+def _interpolates_channels_last(h_BChw: torch.Tensor) -> bool:
+    """Whether F.interpolate (and phi's conv) would work on ``h_BChw`` in channels-last memory: ATen follows the
+    input's suggested memory format, and the conv's rounding depends on it."""
+    from torch._prims_common import suggest_memory_format
+
+    return suggest_memory_format(h_BChw) == torch.channels_last
+
+
+def _add_scale_applies(f_hat_BChw: torch.Tensor, codebook_VC: torch.Tensor) -> bool:
+    return (_ext.use_kernel("add_scale_", f_hat_BChw.device) and f_hat_BChw.dtype == torch.float32
+            and codebook_VC.dtype == torch.float32 and f_hat_BChw.is_contiguous()
+            and f_hat_BChw.shape[-1] == f_hat_BChw.shape[-2] and codebook_VC.device == f_hat_BChw.device)
 
 
 def idxBl_to_var_input(
@@ -166,6 +406,17 @@ def idxBl_to_var_input(
         check_idx(idx_Bl[si], codebook_VC.shape[0], f"idx_Bl[{si}]")
 
     f_hat = torch.zeros(B, C, H, H, dtype=torch.float32, device=codebook_VC.device)
+    steps = [_step_phi(phis, si, codebook_VC) for si in range(SN - 1)]
+    if SN > 1 and _add_scale_applies(f_hat, codebook_VC) and all(step is not None for step in steps):
+        next_scales = []
+        for si, (weight, bias, ratio) in enumerate(steps):
+            pn = patch_nums[si]
+            # the reference's transpose + reshape view is channels-last memory for pn > 1 (see _interpolates_...)
+            layout = torch.empty(B, pn * pn, C, device="meta").transpose(1, 2).reshape(B, C, pn, pn)
+            next_scales.append(torch.ops.varcore.add_scale_(
+                f_hat, idx_Bl[si], codebook_VC.detach(), weight, bias, ratio, patch_nums[si + 1], True,
+                _interpolates_channels_last(layout)))
+        return torch.cat(next_scales, dim=1)
     next_scales = []
     for si in range(SN - 1):
         pn = patch_nums[si]
@@ -175,6 +426,16 @@ def idxBl_to_var_input(
         pn_next = patch_nums[si + 1]
         next_scales.append(F.interpolate(f_hat, size=(pn_next, pn_next), mode="area").view(B, C, -1).transpose(1, 2))
     return torch.cat(next_scales, dim=1) if next_scales else None
+
+
+def _embed_to_fhat_fused_applies(ms_h_BChw: Sequence[torch.Tensor], phis: Sequence[Phi],
+                                 patch_nums: Tuple[int, ...]) -> bool:
+    h0 = ms_h_BChw[0]
+    if not _ext.use_kernel("upsample_sum", h0.device):
+        return False
+    shapes_ok = all(isinstance(h, torch.Tensor) and h.dtype == torch.float32 and h.device == h0.device
+                    and tuple(h.shape) == (*h0.shape[:2], pn, pn) for h, pn in zip(ms_h_BChw, patch_nums))
+    return shapes_ok and _affine_phis(phis, *ms_h_BChw) is not None
 
 
 def embed_to_fhat(
@@ -191,11 +452,34 @@ def embed_to_fhat(
     the first scale, is bicubic-resized to each scale and phi(h) is added at native resolution.
     Returns the list of partial sums (one per scale), or only the final ``f_hat`` when ``last_one``.
     """
+    patch_nums = _check_embed_args(ms_h_BChw, phis, patch_nums)
+    if all_to_max_scale and last_one and _embed_to_fhat_fused_applies(ms_h_BChw, phis, patch_nums):
+        # the code maps become the rows of a table indexed by position, so upsample_sum's gather is the identity
+        B, C = ms_h_BChw[0].shape[:2]
+        table_VC = torch.cat([h.flatten(2).transpose(1, 2) for h in ms_h_BChw], dim=1).reshape(-1, C)
+        idx_BL = torch.arange(table_VC.shape[0], device=table_VC.device).view(B, -1)
+        return _fused_upsample_sum(idx_BL, table_VC, _affine_phis(phis, *ms_h_BChw), patch_nums)
+    return embed_to_fhat_ref(ms_h_BChw, phis, patch_nums, all_to_max_scale, last_one)
+
+
+def _check_embed_args(ms_h_BChw: Sequence[torch.Tensor], phis: Sequence[Phi], patch_nums: Sequence[int]):
     patch_nums = check_patch_nums(patch_nums)
+    _check_phis(phis, len(patch_nums))
+    if len(ms_h_BChw) != len(patch_nums):
+        raise ValueError(f"ms_h_BChw must hold {len(patch_nums)} scales, got {len(ms_h_BChw)}")
+    return patch_nums
+
+
+def embed_to_fhat_ref(
+    ms_h_BChw: Sequence[torch.Tensor],
+    phis: Sequence[Phi],
+    patch_nums: Sequence[int],
+    all_to_max_scale: bool = True,
+    last_one: bool = False,
+) -> Union[List[torch.Tensor], torch.Tensor]:
+    """Reference of :func:`embed_to_fhat` (the official per-scale loop)."""
+    patch_nums = _check_embed_args(ms_h_BChw, phis, patch_nums)
     SN = len(patch_nums)
-    _check_phis(phis, SN)
-    if len(ms_h_BChw) != SN:
-        raise ValueError(f"ms_h_BChw must hold {SN} scales, got {len(ms_h_BChw)}")
     B, C = ms_h_BChw[0].shape[:2]
     out: List[torch.Tensor] = []
     if all_to_max_scale:
@@ -238,6 +522,21 @@ def get_next_autoregressive_input(
     if not 0 <= si < SN:
         raise ValueError(f"si must be in [0, {SN}), got {si}")
     HW = patch_nums[-1]
+    step = _step_phi(phis, si, f_hat_BChw, h_BChw)
+    h_square = (h_BChw.ndim == 4 and h_BChw.shape[-1] == h_BChw.shape[-2] and h_BChw.shape[:2] == f_hat_BChw.shape[:2]
+                and (si != SN - 1 or h_BChw.shape[-1] == HW))  # the last scale is added as it is
+    if (step is not None and h_square and h_BChw.dtype == torch.float32 and h_BChw.device == f_hat_BChw.device
+            and f_hat_BChw.shape[-1] == HW and _add_scale_applies(f_hat_BChw, h_BChw)):
+        # the code map becomes a table of B*pn^2 rows indexed by position, so add_scale_'s gather is the identity
+        B, C, pn = h_BChw.shape[0], h_BChw.shape[1], h_BChw.shape[-1]
+        table_VC = h_BChw.permute(0, 2, 3, 1).reshape(B * pn * pn, C)
+        idx_BL = torch.arange(B * pn * pn, device=h_BChw.device).view(B, pn * pn)
+        weight, bias, ratio = step
+        last = si == SN - 1
+        next_BChw = torch.ops.varcore.add_scale_(f_hat_BChw, idx_BL, table_VC, weight, bias, ratio,
+                                                 0 if last else patch_nums[si + 1], False,
+                                                 _interpolates_channels_last(h_BChw))
+        return f_hat_BChw, f_hat_BChw if last else next_BChw
     if si != SN - 1:
         f_hat_BChw.add_(phis[si](F.interpolate(h_BChw, size=(HW, HW), mode="bicubic")))
         pn_next = patch_nums[si + 1]
