@@ -233,3 +233,65 @@ def from_pretrained(name: str, root: Optional[PathLike] = None, device: Union[st
     if (var.depth, var.patch_nums, var.blocks[0].shared_aln) != (config.depth, config.patch_nums, config.shared_aln):
         raise ValueError(f"{zoo_path(name, root)} does not hold the {name} architecture")
     return vae, var
+
+
+# ---------------------------------------------------------------------------------------------- LlamaGen / PAR
+def _gpt_state_dict(source: Union[PathLike, Mapping]) -> Dict[str, torch.Tensor]:
+    """A flat GPT state dict from a raw file (FSDP export) or a ``model`` / ``module`` (DeepSpeed) /
+    ``state_dict`` wrapper, as PAR's sampler accepts."""
+    obj = source if isinstance(source, Mapping) else _read_file(source)
+    if isinstance(obj, Mapping) and isinstance(obj.get("module"), Mapping):
+        obj = obj["module"]
+    return read_state_dict(obj, kind="var")
+
+
+def load_gpt(path: Union[PathLike, Mapping], block_size: int = 576, device: Union[str, torch.device] = "cpu",
+             **overrides):
+    """Load a LlamaGen ``c2i_*.pt`` or PAR ``PAR-*.pt`` checkpoint into a :class:`varcore.models.gpt.Transformer`.
+
+    Width, depth, vocabulary, classes and the number of transition tokens (0 for LlamaGen, M*M - 1 for PAR) are
+    read off the tensors, the head count from the named configs (GPT-B ... GPT-7B). The grid cannot be read from
+    the weights: ``block_size`` is 576 (24 x 24 tokens, the 384 px models) unless given (256 for ``*_256.pt``).
+    ``overrides`` (ModelArgs fields) win. Returned in eval mode.
+    """
+    from varcore.models.gpt import GPT_CONFIGS, ModelArgs, Transformer
+
+    state = _gpt_state_dict(path)
+    try:
+        vocab_size, dim = state["tok_embeddings.weight"].shape
+        num_classes = state["cls_embedding.embedding_table.weight"].shape[0] - 1
+    except KeyError as e:
+        raise ValueError(f"not a LlamaGen/PAR GPT state dict: missing {e}") from None
+    n_layer = len(_block_indices(state, r"layers\.(\d+)\.attention\.wqkv\.weight"))
+    spe = state["spe_tok_embeddings.special_embeddings.weight"].shape[0] \
+        if "spe_tok_embeddings.special_embeddings.weight" in state else 0
+    heads = [h for (layers, h, d) in GPT_CONFIGS.values() if (layers, d) == (n_layer, dim)]
+    if not heads and "n_head" not in overrides:
+        raise ValueError(f"no named GPT config has {n_layer} layers of width {dim}; pass n_head=")
+    kwargs = dict(dim=dim, n_layer=n_layer, n_head=heads[0] if heads else None, vocab_size=vocab_size,
+                  num_classes=num_classes, block_size=block_size, spe_token_num=spe, ar_token_num=spe + 1)
+    kwargs.update(overrides)
+    with torch.device("meta"):
+        model = Transformer(ModelArgs(**kwargs))
+    load_state_dict_checked(model, state, "GPT", assign=True)
+    return model.to(device).eval()
+
+
+def load_vq16(path: Union[PathLike, Mapping], device: Union[str, torch.device] = "cpu", **overrides):
+    """Load LlamaGen's ``vq_ds16_c2i.pt`` (weights under ``model``) into a VQ-16 :class:`varcore.models.vq16.VQModel`;
+    codebook size and dimension are read off the file, ``overrides`` (ModelArgs fields) win. Eval mode, frozen."""
+    from varcore.models.vq16 import ModelArgs as VQArgs, VQModel
+
+    state = _gpt_state_dict(path)
+    if "quantize.embedding.weight" not in state:
+        raise ValueError("not a LlamaGen VQ state dict: missing 'quantize.embedding.weight'")
+    n_e, e_dim = state["quantize.embedding.weight"].shape
+    kwargs = dict(codebook_size=n_e, codebook_embed_dim=e_dim, codebook_show_usage="quantize.codebook_used" in state)
+    kwargs.update(overrides)
+    with torch.device("meta"):
+        vq = VQModel(VQArgs(**kwargs))
+    load_state_dict_checked(vq, state, "VQ-16", assign=True)
+    return vq.to(device).eval().requires_grad_(False)
+
+
+__all__ += ["load_gpt", "load_vq16"]

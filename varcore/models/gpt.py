@@ -1,0 +1,528 @@
+"""LlamaGen's class-conditional GPT with PAR's transition tokens (spec ``code_par_llamagen.md`` B and C).
+
+``ModelArgs`` and ``Transformer`` keep the official field names, constructor, ``forward`` signature and state-dict
+keys, so LlamaGen ``c2i_*.pt`` checkpoints (``spe_token_num=0, ar_token_num=1``) and PAR ``PAR-*.pt`` checkpoints
+load with ``strict=True``. Sequences are in PAR order: with ``ar_token_num = M*M`` the G x G grid is cut into M x M
+regions and one step predicts the tokens at the same offset of every region (``varcore.ops.par_order``); M = 1 is
+LlamaGen's raster order.
+
+Teacher-forced input (``forward(idx, cond_idx)``, length L + M*M - 1):
+``[class, t_0 .. t_{M*M-1}, s_0 .. s_{M*M-2}, t_{M*M} .. t_{L-2}]`` where ``s_j`` are the learnable transition
+tokens; output ``i`` predicts ``t_i``. The mask is group-causal (:func:`varcore.ops.attention.par_visible_end`).
+Each token uses the 2-D RoPE of its own grid cell; the class and transition tokens get a zero table row, so their
+queries and keys are exactly zero (inherited from LlamaGen, needed to match the checkpoints).
+
+Differences from the official code, all deliberate:
+
+* The teacher-forced path does not depend on ``self.training``: in eval mode it gives the same logits as in
+  training mode without dropout (the official eval-mode call fails on a missing ``input_pos``).
+* KV caches are plain tensors outside the module tree, so ``state_dict()`` never holds them, and cached steps attend
+  over the filled prefix of the cache only (the official code attends over the whole cache with a mask).
+* Only ``model_type='c2i'`` is implemented; ``cls_token_num`` must be 1 (as for every released c2i model).
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from varcore.ops.attention import attend, par_visible_end
+from varcore.ops.par_order import par_permutation
+
+__all__ = ["ModelArgs", "Transformer", "GPT_models", "GPT_CONFIGS", "generate", "find_multiple",
+           "precompute_freqs_cis_2d", "apply_rotary_emb", "attention"]
+
+
+def find_multiple(n: int, k: int) -> int:
+    """The smallest multiple of ``k`` that is >= ``n``."""
+    return n if n % k == 0 else n + k - n % k
+
+
+@dataclass
+class ModelArgs:
+    """LlamaGen/PAR model arguments (official names and defaults; PAR's 4x setting by default)."""
+
+    dim: int = 4096
+    n_layer: int = 32
+    n_head: int = 32
+    n_kv_head: Optional[int] = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    rope_base: float = 10000
+    norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+
+    token_dropout_p: float = 0.1
+    attn_dropout_p: float = 0.0
+    resid_dropout_p: float = 0.1
+    ffn_dropout_p: float = 0.1
+    drop_path_rate: float = 0.0
+
+    num_classes: int = 1000
+    caption_dim: int = 2048
+    class_dropout_prob: float = 0.1
+    model_type: str = "c2i"
+
+    vocab_size: int = 16384
+    cls_token_num: int = 1
+    block_size: int = 256
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+    spe_token_num: int = 3
+    ar_token_num: int = 4
+
+    def __post_init__(self):
+        for name in ("dim", "n_layer", "n_head", "vocab_size", "block_size", "num_classes", "ar_token_num"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.model_type != "c2i":
+            raise ValueError(f"model_type must be 'c2i' (text-conditional models are not supported), "
+                             f"got {self.model_type!r}")
+        if self.cls_token_num != 1:
+            raise ValueError(f"cls_token_num must be 1 for class-conditional models, got {self.cls_token_num}")
+        if self.dim % self.n_head:
+            raise ValueError(f"dim={self.dim} must be a multiple of n_head={self.n_head}")
+        kv = self.n_head if self.n_kv_head is None else self.n_kv_head
+        if kv < 1 or self.n_head % kv:
+            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        if (self.dim // self.n_head) % 4:
+            raise ValueError(f"head dim {self.dim // self.n_head} must be a multiple of 4 for the 2-D RoPE")
+        G = math.isqrt(self.block_size)
+        if G * G != self.block_size:
+            raise ValueError(f"block_size must be a square grid G*G, got {self.block_size}")
+        M = math.isqrt(self.ar_token_num)
+        if M * M != self.ar_token_num:
+            raise ValueError(f"ar_token_num must be a square M*M (tokens per parallel step), got {self.ar_token_num}")
+        if G % M:
+            raise ValueError(f"the grid side {G} must be a multiple of M={M} (ar_token_num={self.ar_token_num})")
+        if self.spe_token_num != self.ar_token_num - 1:
+            raise ValueError(f"spe_token_num must be ar_token_num - 1 = {self.ar_token_num - 1}, "
+                             f"got {self.spe_token_num}")
+
+    @property
+    def grid(self) -> int:
+        return math.isqrt(self.block_size)
+
+    @property
+    def M(self) -> int:
+        return math.isqrt(self.ar_token_num)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def ffn_hidden(self) -> int:
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return find_multiple(hidden, self.multiple_of)
+
+
+# ---------------------------------------------------------------------------------------------- RoPE
+def precompute_freqs_cis_2d(grid_size: int, n_elem: int, base: float = 10000, cls_token_num: int = 1,
+                            spe_token_num: int = 3, ar_token_num: int = 4) -> torch.Tensor:
+    """The (cos, sin) table per sequence position, (cls + L + spe, n_elem // 2, 2), float32 on the CPU.
+
+    Cell (r, c) rotates its first n_elem/4 pairs by r * f and the next n_elem/4 by c * f, with
+    f = base^(-2i / (n_elem / 2)). Rows: zeros for the class tokens, the first ``ar_token_num`` cells in PAR
+    order, zeros for the transition tokens, then the other cells in PAR order.
+    """
+    half = n_elem // 2
+    freqs = 1.0 / (base ** (torch.arange(0, half, 2, device="cpu")[: half // 2].float() / half))
+    t = torch.arange(grid_size, device="cpu").float()
+    rows = (t[:, None] * freqs).repeat_interleave(grid_size, dim=0)   # row angle of raster cell r*G + c
+    cols = (t[:, None] * freqs).repeat(grid_size, 1)                  # column angle
+    angles = torch.cat([rows, cols], dim=-1)                           # (G*G, half)
+    table = torch.stack([angles.cos(), angles.sin()], dim=-1)
+    table = table[par_permutation(grid_size, math.isqrt(ar_token_num), device="cpu")]
+    zeros = table.new_zeros
+    return torch.cat([zeros(cls_token_num, half, 2), table[:ar_token_num], zeros(spe_token_num, half, 2),
+                      table[ar_token_num:]])
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, S, H, D) by the table rows (S, D/2, 2), in float32."""
+    xp = x.float().unflatten(-1, (-1, 2))
+    f = freqs_cis.view(1, xp.shape[1], 1, xp.shape[3], 2)
+    cos, sin = f[..., 0], f[..., 1]
+    out = torch.stack([xp[..., 0] * cos - xp[..., 1] * sin, xp[..., 1] * cos + xp[..., 0] * sin], dim=-1)
+    return out.flatten(3).type_as(x)
+
+
+def attention(q, k, v, visible_end: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The one attention call of the model, (B, H, L, D) layout: query i sees keys [0, visible_end[i]), or every
+    key when ``visible_end`` is None. Swap the backend here."""
+    return attend(q, k, v, visible_end=visible_end, layout="bhld")
+
+
+# ---------------------------------------------------------------------------------------------- modules
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) in float32, cast back, times ``weight``."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        hidden = config.ffn_hidden
+        self.w1 = nn.Linear(config.dim, hidden, bias=False)
+        self.w3 = nn.Linear(config.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, config.dim, bias=False)
+        self.ffn_dropout = nn.Dropout(config.ffn_dropout_p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class KVCache:
+    """Static keys and values of one layer, (batch, n_kv_head, max_seq, head_dim), written by position."""
+
+    def __init__(self, batch: int, max_seq: int, n_kv_head: int, head_dim: int, dtype, device):
+        self.k = torch.zeros(batch, n_kv_head, max_seq, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor, end: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, Hkv, n, D) at positions [start, start + n); return the prefixes [0, end)."""
+        n = k.shape[2]
+        self.k[:, :, start:start + n] = k
+        self.v[:, :, start:start + n] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    """Fused-qkv multi-head attention with 2-D RoPE on q and k."""
+
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.n_head, self.head_dim, self.dim = config.n_head, config.head_dim, config.dim
+        self.n_kv_head = config.n_head if config.n_kv_head is None else config.n_kv_head
+        self.wqkv = nn.Linear(config.dim, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.dim, config.dim, bias=False)
+        self.attn_dropout_p = config.attn_dropout_p
+        self.resid_dropout = nn.Dropout(config.resid_dropout_p)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x, freqs_cis, visible_end=None, cache_start: Optional[int] = None, cache_end: int = 0):
+        """``visible_end`` masks a full sequence; with ``cache_start`` the tokens sit at positions
+        [cache_start, cache_start + S) of the KV cache and attend to its prefix [0, cache_end)."""
+        B, S, _ = x.shape
+        kv = self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([self.dim, kv, kv], dim=-1)
+        q = apply_rotary_emb(q.view(B, S, self.n_head, self.head_dim), freqs_cis).transpose(1, 2)
+        k = apply_rotary_emb(k.view(B, S, self.n_kv_head, self.head_dim), freqs_cis).transpose(1, 2)
+        v = v.view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if cache_start is not None:
+            k, v = self.kv_cache.update(cache_start, k, v, cache_end)
+        if self.n_kv_head != self.n_head:
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        if self.training and self.attn_dropout_p > 0:
+            mask = None if visible_end is None else torch.arange(k.shape[2], device=x.device) < visible_end[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_dropout_p)
+        else:
+            out = attention(q, k, v, visible_end)
+        return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, S, self.dim)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero a sample's residual branch with probability ``p`` in training, rescale the rest."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
+
+    def __init__(self, config: ModelArgs, drop_path: float):
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x, freqs_cis, visible_end=None, cache_start=None, cache_end=0):
+        h = x + self.drop_path(self.attention(self.attention_norm(x), freqs_cis, visible_end, cache_start, cache_end))
+        return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding with the null class (row ``num_classes``) used for CFG and class dropout in training."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + (dropout_prob > 0), hidden_size)
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+
+    def forward(self, labels: torch.Tensor, train: bool) -> torch.Tensor:
+        if train and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, self.num_classes, labels)
+        return self.embedding_table(labels).unsqueeze(1)
+
+
+class SpecialTokenEmbedding(nn.Module):
+    """PAR's learnable transition tokens s_0 .. s_{n-1}."""
+
+    def __init__(self, num_special_tokens: int, hidden_size: int):
+        super().__init__()
+        self.special_embeddings = nn.Embedding(num_special_tokens, hidden_size)
+
+    def forward(self) -> torch.Tensor:
+        return self.special_embeddings.weight
+
+
+# ---------------------------------------------------------------------------------------------- transformer
+class Transformer(nn.Module):
+    """The LlamaGen/PAR GPT. ``forward`` has the official signature and both official paths: teacher forcing
+    (``idx`` and ``cond_idx``) and cached inference after :meth:`setup_caches` (``input_pos``)."""
+
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        if not isinstance(config, ModelArgs):
+            raise TypeError(f"config must be a ModelArgs, got {type(config).__name__}")
+        self.config = config
+        self.vocab_size, self.n_layer, self.block_size = config.vocab_size, config.n_layer, config.block_size
+        self.num_classes, self.model_type, self.cls_token_num = config.num_classes, config.model_type, 1
+        self.spe_token_num, self.ar_token_num, self.M = config.spe_token_num, config.ar_token_num, config.M
+
+        self.cls_embedding = LabelEmbedder(config.num_classes, config.dim, config.class_dropout_prob)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.tok_dropout = nn.Dropout(config.token_dropout_p)
+        if self.spe_token_num:  # LlamaGen checkpoints (raster, M = 1) have no transition tokens
+            self.spe_tok_embeddings = SpecialTokenEmbedding(self.spe_token_num, config.dim)
+        dpr = torch.linspace(0, config.drop_path_rate, config.n_layer, device="cpu").tolist()
+        self.layers = nn.ModuleList(TransformerBlock(config, p) for p in dpr)
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+
+        self.freqs_cis = precompute_freqs_cis_2d(config.grid, config.head_dim, config.rope_base, 1,
+                                                 self.spe_token_num, self.ar_token_num)
+        self.max_batch_size = self.max_seq_length = -1
+        self._start = False
+        self.initialize_weights()
+
+    # ------------------------------------------------------------------ weights
+    def initialize_weights(self) -> None:
+        """Official init: normal(0, initializer_range) for Linear and Embedding weights, zero output layer."""
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)) and not m.weight.is_meta:
+                nn.init.normal_(m.weight, 0.0, std)
+        if not self.output.weight.is_meta:
+            nn.init.zeros_(self.output.weight)
+
+    def _rope(self, start: int, end: int, device) -> torch.Tensor:
+        if self.freqs_cis.device != device:
+            self.freqs_cis = self.freqs_cis.to(device)
+        return self.freqs_cis[start:end]
+
+    def transition_embeddings(self, last_tok: torch.Tensor) -> torch.Tensor:
+        """The input of the first parallel step: [t_{M*M-1}, s_0 .. s_{M*M-2}] for ``last_tok`` (B, 1)."""
+        emb = self.tok_embeddings(last_tok)
+        if not self.spe_token_num:
+            return emb
+        spe = self.spe_tok_embeddings().to(emb.dtype).expand(emb.shape[0], -1, -1)
+        return torch.cat([emb, spe], dim=1)
+
+    def teacher_forcing_embeddings(self, idx: torch.Tensor, cond_idx: torch.Tensor) -> torch.Tensor:
+        """[class, tok(idx[:, :M*M]), transition tokens, tok(idx[:, M*M:])] (B, 1 + n + M*M - 1, dim)."""
+        cond = self.cls_embedding(cond_idx, train=self.training)
+        tok = self.tok_embeddings(idx)
+        parts = [cond, tok[:, :self.ar_token_num]]
+        if self.spe_token_num:
+            parts.append(self.spe_tok_embeddings().to(tok.dtype).expand(tok.shape[0], -1, -1))
+        parts.append(tok[:, self.ar_token_num:])
+        return torch.cat(parts, dim=1)
+
+    # ------------------------------------------------------------------ passes
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.output(self.norm(h)).float()
+
+    def forward_teacher(self, idx: torch.Tensor, cond_idx: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits (B, len(idx) + 1, V): output i predicts token i in PAR order."""
+        _check_long(idx, "idx", 2)
+        _check_long(cond_idx, "cond_idx", 1)
+        if idx.shape[0] != cond_idx.shape[0]:
+            raise ValueError(f"idx and cond_idx must have the same batch size, got {idx.shape[0]} and "
+                             f"{cond_idx.shape[0]}")
+        if idx.shape[1] > self.block_size - 1:
+            raise ValueError(f"idx must hold at most block_size - 1 = {self.block_size - 1} tokens, "
+                             f"got {idx.shape[1]}")
+        h = self.tok_dropout(self.teacher_forcing_embeddings(idx, cond_idx))
+        S = h.shape[1]
+        freqs = self._rope(0, S, h.device)
+        visible_end = par_visible_end(S, self.M, device=h.device)
+        for layer in self.layers:
+            h = layer(h, freqs, visible_end)
+        # the last M*M - 1 outputs would predict tokens past the grid: keep len(idx) + 1
+        return self._head(h)[:, :idx.shape[1] + 1]
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype: torch.dtype) -> None:
+        """Allocate static KV caches for ``max_batch_size`` rows (2B under CFG) and ``max_seq_length`` positions
+        (rounded up to a multiple of 8, as official) on the model's device."""
+        if max_seq_length < 1 or max_batch_size < 1:
+            raise ValueError(f"max_batch_size and max_seq_length must be >= 1, got {max_batch_size}, "
+                             f"{max_seq_length}")
+        self.max_seq_length = find_multiple(max_seq_length, 8)
+        self.max_batch_size = max_batch_size
+        device = self.tok_embeddings.weight.device
+        for layer in self.layers:
+            att = layer.attention
+            att.kv_cache = KVCache(max_batch_size, self.max_seq_length, att.n_kv_head, att.head_dim, dtype, device)
+        self._visible_end = par_visible_end(self.max_seq_length, self.M).tolist()
+        self._start = False
+
+    def clear_caches(self) -> None:
+        """Free the KV caches."""
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+        self.max_batch_size = self.max_seq_length = -1
+
+    def forward_cached(self, h: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits (B, n, V) of the embeddings ``h`` (B, n, dim) at positions [start, start + n), attending to
+        the KV cache. A sampler step's queries all see the same prefix and need no mask; positions that see
+        different prefixes (a multi-position call across groups) are masked."""
+        if self.layers[0].attention.kv_cache is None:
+            raise RuntimeError("call setup_caches() before cached inference")
+        n = h.shape[1]
+        if start < 0 or start + n > self.max_seq_length:
+            raise ValueError(f"positions [{start}, {start + n}) exceed the caches ({self.max_seq_length} positions)")
+        if h.shape[0] != self.max_batch_size:
+            raise ValueError(f"batch {h.shape[0]} must equal the cache batch {self.max_batch_size}")
+        ends = self._visible_end[start:start + n]
+        end = max(ends)
+        visible_end = None if min(ends) == end else torch.tensor(ends, device=h.device)
+        freqs = self._rope(start, start + n, h.device)
+        for layer in self.layers:
+            h = layer(h, freqs, visible_end, start, end)
+        return self._head(h)
+
+    def forward(self, idx: Optional[torch.Tensor], cond_idx: Optional[torch.Tensor],
+                input_pos: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None):
+        """Official entry point; returns ``(logits, loss)``.
+
+        * ``idx`` and ``cond_idx``: teacher forcing; logits (B, L, V) for ``idx`` = codes[:, :-1] in PAR order,
+          loss = cross-entropy against ``targets`` (mean, or over the rows flagged by ``valid``).
+        * ``cond_idx`` only: prefill of the class token at ``input_pos`` [0] (after :meth:`setup_caches`).
+        * ``idx`` only: a cached step at ``input_pos``; the first multi-token call after the prefill is the
+          transition step, which embeds only the last given token followed by the transition tokens.
+        """
+        if mask is not None:
+            raise ValueError("mask is not supported: the model builds its own group-causal mask")
+        if idx is not None and cond_idx is not None:
+            logits = self.forward_teacher(idx, cond_idx)
+            loss = None
+            if targets is not None:
+                _check_long(targets, "targets", 2)
+                if targets.shape != logits.shape[:2]:
+                    raise ValueError(f"targets must have shape {tuple(logits.shape[:2])}, got {tuple(targets.shape)}")
+                ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                     reduction="none" if valid is not None else "mean")
+                if valid is not None:
+                    w = valid[:, None].expand_as(targets).reshape(-1).to(ce.dtype)
+                    ce = (ce * w).sum() / w.sum().clamp(min=1)
+                loss = ce
+            return logits, loss
+        if input_pos is None:
+            raise ValueError("input_pos is required for cached inference (idx or cond_idx is None)")
+        pos = input_pos.reshape(-1).tolist()
+        if pos != list(range(pos[0], pos[0] + len(pos))):
+            raise ValueError(f"input_pos must be consecutive positions, got {pos}")
+        if cond_idx is not None:
+            _check_long(cond_idx, "cond_idx", 1)
+            self._start = False
+            h = self.cls_embedding(cond_idx, train=False)
+        elif idx is not None:
+            _check_long(idx, "idx", 2)
+            if idx.shape[1] > 1 and not self._start:
+                h = self.transition_embeddings(idx[:, -1:])
+                self._start = True
+            else:
+                h = self.tok_embeddings(idx)
+        else:
+            raise ValueError("pass idx, cond_idx or both")
+        if h.shape[1] != len(pos):
+            raise ValueError(f"input_pos has {len(pos)} positions for {h.shape[1]} input embeddings")
+        return self.forward_cached(h, pos[0]), None
+
+
+def _check_long(x, name: str, ndim: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an int64 or int32 tensor, got {x.dtype}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------- configs
+GPT_CONFIGS = {  # name: (n_layer, n_head, dim)
+    "GPT-B": (12, 12, 768), "GPT-L": (24, 16, 1024), "GPT-XL": (36, 20, 1280), "GPT-XXL": (48, 24, 1536),
+    "GPT-XXXL": (48, 40, 2560), "GPT-1B": (22, 32, 2048), "GPT-3B": (24, 32, 3200), "GPT-7B": (32, 32, 4096),
+}
+
+
+def _builder(name: str):
+    n_layer, n_head, dim = GPT_CONFIGS[name]
+
+    def build(**kwargs) -> Transformer:
+        return Transformer(ModelArgs(n_layer=n_layer, n_head=n_head, dim=dim, **kwargs))
+
+    build.__name__ = name.replace("-", "_")
+    build.__doc__ = f"{name}: {n_layer} layers, {n_head} heads, width {dim}; keyword arguments go to ModelArgs."
+    return build
+
+
+GPT_models = {name: _builder(name) for name in GPT_CONFIGS}
+GPT_B, GPT_L, GPT_XL, GPT_XXL, GPT_XXXL, GPT_1B, GPT_3B, GPT_7B = GPT_models.values()
+
+
+def generate(model: Transformer, cond: torch.Tensor, max_new_tokens: int, emb_masks=None, cfg_scale: float = 1.0,
+             cfg_interval: float = -1, ar_token_num: int = 4, spe_token_num: int = 3, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, sample_logits: bool = True) -> torch.Tensor:
+    """PAR's ``generate`` (official signature): int32 tokens (B, max_new_tokens) in PAR order.
+
+    Draws from the global RNG exactly as the official code does, so ``torch.manual_seed(s)`` before the call gives
+    the official tokens. ``ar_token_num=1, spe_token_num=0`` is LlamaGen's raster decoding. ``emb_masks`` belongs
+    to text-conditional models and must be None.
+    """
+    from varcore.sampling.par import PARSampler  # the sampler imports this module
+
+    if emb_masks is not None:
+        raise ValueError("emb_masks is for text-conditional models; only class-conditional models are supported")
+    if not isinstance(model, Transformer):
+        raise TypeError(f"model must be a varcore.models.gpt.Transformer, got {type(model).__name__}")
+    if (ar_token_num, spe_token_num) != (model.ar_token_num, model.spe_token_num):
+        raise ValueError(f"ar_token_num={ar_token_num}, spe_token_num={spe_token_num} do not match the model's "
+                         f"({model.ar_token_num}, {model.spe_token_num})")
+    if max_new_tokens != model.block_size:
+        raise ValueError(f"max_new_tokens must be the model's block_size {model.block_size}, got {max_new_tokens}")
+    return PARSampler(model).sample_tokens(cond, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
+                                           temperature=temperature, top_k=top_k, top_p=top_p,
+                                           sample_logits=sample_logits, order="par").to(torch.int32)

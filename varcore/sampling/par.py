@@ -1,0 +1,199 @@
+"""``PARSampler``: PAR's parallel decoding and LlamaGen's raster decoding for :class:`varcore.models.gpt.Transformer`.
+
+Steps for a G x G grid (L = G*G tokens, n = M*M tokens per parallel step), spec ``code_par_llamagen.md`` B.5:
+
+1. prefill the class token at position 0 and draw t_0;
+2. n - 1 single-token steps at positions 1 .. n-1 draw t_1 .. t_{n-1} (one per region, in region order);
+3. the transition step feeds [t_{n-1}, s_0 .. s_{n-2}] at positions n .. 2n-1 and draws group 1 (n tokens);
+4. L/n - 2 more steps each feed the group just drawn and draw the next one.
+
+That is 1 + (n - 1) + (L/n - 1) forward passes: 576 raster, 147 for M=2 and 51 for M=4 on a 24 x 24 grid.
+
+Random draws are those of the official ``generate``: the same filters in the same order (temperature, top-k,
+top-p as HuggingFace, softmax) and one ``torch.multinomial`` per step over the (B * tokens, V) probabilities, from
+``generator`` or else the global RNG, so ``torch.manual_seed(s)`` before a call reproduces the official tokens.
+CFG is constant: ``uncond + (cond - uncond) * cfg_scale`` with the batch doubled by the null class; with
+``cfg_interval > -1`` a step whose counter exceeds it uses the conditional logits alone (the counter runs over the
+single-token steps and then restarts for the parallel steps, advancing by n, as official; the prefill is always
+guided). The KV cache is static and each step attends to the filled prefix only.
+"""
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from varcore.models.gpt import Transformer
+from varcore.ops.par_order import par_scatter
+
+__all__ = ["PARSampler", "top_k_top_p_filtering", "num_steps", "to_uint8"]
+
+
+def num_steps(L: int, M: int) -> int:
+    """Forward passes to generate L tokens with M x M parallel regions (L for M = 1)."""
+    n = M * M
+    if L % n or L < n:
+        raise ValueError(f"L={L} must be a positive multiple of M*M={n}")
+    return 1 + (n - 1) + (L // n - 1)
+
+
+def top_k_top_p_filtering(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Official (HuggingFace-style) filtering of (N, V) logits in place: top-k keeps logits >= the k-th largest;
+    top-p keeps the smallest prefix of the sorted distribution whose mass exceeds ``top_p`` (at least one)."""
+    if top_k > 0:
+        k = min(top_k, logits.shape[-1])
+        logits.masked_fill_(logits < torch.topk(logits, k)[0][..., -1, None], -math.inf)
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+        remove = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1) > top_p
+        # shift right so the token that crosses the threshold stays; the top token always stays
+        remove[..., 1:] = remove[..., :-1].clone()
+        remove[..., 0] = False
+        logits.masked_fill_(remove.scatter(1, sorted_idx, remove), -math.inf)
+    return logits
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3) as the official sampler saves them."""
+    return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
+
+
+def _check_number(name: str, value, lo: float, hi: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+class PARSampler:
+    """Samples tokens (and images through an optional VQ-16 ``vq``) from a PAR or LlamaGen ``model``.
+
+    ``M`` defaults to the model's (``sqrt(ar_token_num)``; 1 for LlamaGen's raster models) and must match it: the
+    transition tokens and the RoPE layout are trained for one M. ``progress`` shows a bar over the steps.
+    """
+
+    def __init__(self, model: Transformer, vq=None, M: Optional[int] = None, progress: bool = False):
+        if not isinstance(model, Transformer):
+            raise TypeError(f"model must be a varcore.models.gpt.Transformer, got {type(model).__name__}")
+        if M is not None and (isinstance(M, bool) or not isinstance(M, int)):
+            raise TypeError(f"M must be an int or None, got {type(M).__name__}")
+        if M is not None and M != model.M:
+            raise ValueError(f"M={M} does not match the model, which was built for M={model.M} "
+                             f"(ar_token_num={model.ar_token_num})")
+        if vq is not None and not hasattr(vq, "decode_code"):
+            raise TypeError(f"vq must be a VQ-16 tokenizer (varcore.models.vq16.VQModel), got {type(vq).__name__}")
+        self.model, self.vq, self.M, self.progress = model, vq, model.M, progress
+        self.grid, self.L = model.config.grid, model.block_size
+
+    @property
+    def steps(self) -> int:
+        """Forward passes per call."""
+        return num_steps(self.L, self.M)
+
+    def _labels(self, labels) -> torch.Tensor:
+        device = self.model.tok_embeddings.weight.device
+        if isinstance(labels, int) and not isinstance(labels, bool):
+            labels = [labels]
+        if isinstance(labels, (list, tuple)):
+            labels = torch.tensor(labels, device=device)
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a tensor, a list of ints or an int, got {type(labels).__name__}")
+        if labels.ndim != 1 or labels.numel() == 0 or labels.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"labels must be a non-empty 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
+        if int(labels.min()) < 0 or int(labels.max()) >= self.model.num_classes:
+            raise ValueError(f"labels must be in [0, {self.model.num_classes}), got {labels.tolist()}")
+        return labels.to(device=device, dtype=torch.long)
+
+    def _draw(self, logits, temperature, top_k, top_p, sample_logits, generator):
+        """(B, n, V) logits -> (B, n) tokens, one multinomial over B*n rows (the official ``sample_multi``)."""
+        B, n, V = logits.shape
+        logits = logits.reshape(B * n, V) / max(temperature, 1e-5)
+        if top_k > 0 or top_p < 1.0:
+            logits = top_k_top_p_filtering(logits, top_k=top_k, top_p=top_p)
+        probs = F.softmax(logits, dim=-1)
+        if sample_logits:
+            idx = torch.multinomial(probs, num_samples=1, generator=generator)
+        else:
+            idx = torch.topk(probs, k=1, dim=-1)[1]
+        return idx.view(B, n)
+
+    @torch.no_grad()
+    def sample_tokens(self, labels: Union[torch.Tensor, Sequence[int], int], cfg_scale: float = 1.5,
+                      cfg_interval: float = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                      sample_logits: bool = True, generator: Optional[torch.Generator] = None,
+                      order: str = "raster") -> torch.Tensor:
+        """Tokens for ``labels`` (B,): (B, G, G) int64 in raster order, or (B, L) in PAR order with
+        ``order="par"``. ``cfg_scale`` <= 1 disables guidance (no doubled batch)."""
+        model = self.model
+        if order not in ("raster", "par"):
+            raise ValueError(f"order must be 'raster' or 'par', got {order!r}")
+        _check_number("cfg_scale", cfg_scale, 0.0)
+        _check_number("cfg_interval", cfg_interval, -math.inf)
+        _check_number("temperature", temperature, 0.0)
+        _check_number("top_p", top_p, 0.0, 1.0)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        labels = self._labels(labels)
+        B, n, cfg = labels.shape[0], self.M * self.M, cfg_scale > 1.0
+        draw = dict(temperature=temperature, top_k=top_k, top_p=top_p, sample_logits=sample_logits,
+                    generator=generator)
+
+        def step(h, start, guided):
+            # token inputs are shared by both CFG halves; the prefill brings its own null-class half
+            logits = model.forward_cached(torch.cat([h, h]) if cfg and h.shape[0] == B else h, start)
+            if cfg:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + (cond - uncond) * cfg_scale if guided else cond
+            return self._draw(logits, **draw)
+
+        was_training = model.training
+        model.eval()
+        model.setup_caches(2 * B if cfg else B, self.L, model.tok_embeddings.weight.dtype)
+        seq = torch.empty(B, self.L, dtype=torch.long, device=labels.device)
+        bar = tqdm(total=self.steps, disable=not self.progress, desc=f"PAR M={self.M}", dynamic_ncols=True)
+        try:
+            cond_h = model.cls_embedding(labels, train=False)
+            if cfg:
+                cond_h = torch.cat([cond_h, model.cls_embedding(torch.full_like(labels, model.num_classes), False)])
+            seq[:, :1] = step(cond_h, 0, True)
+            bar.update(1)
+            for i in range(n - 1):  # first token of every region, one at a time
+                guided = not (cfg_interval > -1 and i > cfg_interval)
+                seq[:, i + 1:i + 2] = step(model.tok_embeddings(seq[:, i:i + 1]), i + 1, guided)
+                bar.update(1)
+            h = model.transition_embeddings(seq[:, n - 1:n])
+            for j, i in enumerate(range(0, self.L - n, n)):  # one group (n tokens) per step
+                guided = not (cfg_interval > -1 and i > cfg_interval)
+                seq[:, n + i:2 * n + i] = step(h, n + j * n, guided)
+                h = model.tok_embeddings(seq[:, n + i:2 * n + i])
+                bar.update(1)
+        finally:
+            bar.close()
+            model.clear_caches()
+            model.train(was_training)
+        return seq if order == "par" else par_scatter(seq, self.M)
+
+    @torch.no_grad()
+    def sample(self, labels: Union[torch.Tensor, Sequence[int], int], cfg_scale: float = 1.5,
+               cfg_interval: float = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               generator: Optional[torch.Generator] = None, image_size: Optional[int] = None) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, H, W) decoded by the VQ tokenizer, bicubic-resized to ``image_size`` when given
+        (the official evaluation samples at 384 and resizes to 256)."""
+        if self.vq is None:
+            raise ValueError("sample() needs a VQ tokenizer: PARSampler(model, vq=...); use sample_tokens() "
+                             "for tokens only")
+        if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                       or image_size < 1):
+            raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
+        tokens = self.sample_tokens(labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
+                                    top_k=top_k, top_p=top_p, generator=generator, order="raster")
+        B = tokens.shape[0]
+        shape = (B, self.vq.config.codebook_embed_dim, self.grid, self.grid)
+        images = self.vq.decode_code(tokens.reshape(B, -1).to(self.vq.quant_conv.weight.device), shape)
+        if image_size is not None and image_size != images.shape[-1]:
+            images = F.interpolate(images, size=(image_size, image_size), mode="bicubic")
+        return images

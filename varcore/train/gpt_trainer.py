@@ -1,0 +1,229 @@
+"""Training of LlamaGen/PAR GPTs on pre-extracted VQ-16 codes, sharing the VAR trainer's pieces (``TrainConfig``,
+AdamW parameter groups, lr/wd schedules, autocast and loss scaling, the batch loop).
+
+Recipe of PAR's ``train_c2i.py`` (spec B.6): codes in raster order are reordered into PAR order (the official FSDP
+script forgets this; here it cannot be skipped), the model is called as ``model(cond_idx=labels,
+idx=codes[:, :-1], targets=codes)`` with the group-causal mask, token cross-entropy, AdamW lr 1e-4, betas
+(0.9, 0.95), weight decay 0.05 on matrices, gradient clipping at 1, constant lr; class, token, residual and FFN
+dropout 0.1 come from the model. Checkpoints are ``{"model", "optimizer", "steps", "args"}`` as LlamaGen writes
+them, so ``varcore.checkpoints.load_gpt`` and the official samplers read them.
+
+Command line::
+
+    python -m varcore.train.gpt_trainer --tokens codes.pt --model GPT-B --M 2 --grid 24 --bs 64 \\
+        --iters 100000 --out runs/par-b-4x
+"""
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from varcore.models.gpt import GPT_models, Transformer
+from varcore.ops.par_order import par_gather
+from varcore.train.data import TokenPyramids
+from varcore.train.losses import token_accuracy
+from varcore.train.schedule import SCHEDULES, lr_factor, param_groups, weight_decay_at
+from varcore.train.var_trainer import AMP_DTYPES, MAX_LOSS_SCALE, TrainConfig, _batches_forever
+
+__all__ = ["GPTTrainer", "train", "to_par_order", "main"]
+
+
+def to_par_order(codes: torch.Tensor, M: int) -> torch.Tensor:
+    """Raster codes (B, G, G) or (B, G*G) -> (B, G*G) in PAR order for M x M regions."""
+    if codes.ndim == 2:
+        G = math.isqrt(codes.shape[1])
+        if G * G != codes.shape[1]:
+            raise ValueError(f"codes (B, L) must have a square L, got {tuple(codes.shape)}")
+        codes = codes.view(codes.shape[0], G, G)
+    if codes.ndim != 3:
+        raise ValueError(f"codes must be (B, G, G) or (B, G*G), got {tuple(codes.shape)}")
+    return par_gather(codes.contiguous(), M)
+
+
+class GPTTrainer:
+    """Trains ``model`` with ``config`` (a :class:`varcore.train.var_trainer.TrainConfig`; ``scale_weights`` and
+    ``label_smoothing`` must be unset)."""
+
+    def __init__(self, model: Transformer, config: TrainConfig):
+        if not isinstance(model, Transformer):
+            raise TypeError(f"model must be a varcore.models.gpt.Transformer, got {type(model).__name__}")
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        if config.scale_weights is not None or config.label_smoothing:
+            raise ValueError("scale_weights and label_smoothing are VAR options; leave them unset for a GPT")
+        self.model, self.config = model, config
+        self.device = model.tok_embeddings.weight.device
+        self.optimizer = torch.optim.AdamW(param_groups(model), lr=config.lr, betas=config.betas, weight_decay=0.0,
+                                           fused=self.device.type == "cuda")
+        self.amp_dtype = AMP_DTYPES[config.amp]
+        self.scaler = (torch.amp.GradScaler(self.device.type, init_scale=2.0 ** 11, growth_interval=1000)
+                       if config.amp == "fp16" else None)
+        self.it = 0
+
+    def _apply_schedule(self) -> float:
+        cfg = self.config
+        lr = cfg.lr * lr_factor(self.it, cfg.max_iters, cfg.warmup_iters, cfg.wp0, cfg.wpe, cfg.schedule)
+        wd_end = cfg.weight_decay if cfg.weight_decay_end is None else cfg.weight_decay_end
+        wd = weight_decay_at(self.it, cfg.max_iters, cfg.weight_decay, wd_end)
+        for group in self.optimizer.param_groups:
+            group["lr"], group["weight_decay"] = lr, wd * group["wd_sc"]
+        return lr
+
+    def _loss(self, labels: torch.Tensor, codes: torch.Tensor):
+        z = to_par_order(codes.to(self.device).long(), self.model.M)
+        if z.shape[1] != self.model.block_size:
+            raise ValueError(f"codes hold {z.shape[1]} tokens, the model expects block_size {self.model.block_size}")
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits, loss = self.model(idx=z[:, :-1], cond_idx=labels.to(self.device).long(), targets=z)
+        return logits, loss, z
+
+    def train_step(self, labels: torch.Tensor, codes: torch.Tensor) -> Dict[str, float]:
+        """One optimisation step on raster ``codes`` (B, G, G) or (B, G*G); returns loss, accuracy (%), gradient
+        norm and lr."""
+        lr = self._apply_schedule()
+        self.model.train()
+        logits, loss, z = self._loss(labels, codes)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        clip = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.scaler.get_scale() > MAX_LOSS_SCALE:
+                self.scaler.update(MAX_LOSS_SCALE)
+        else:
+            self.optimizer.step()
+        self.it += 1
+        return {"loss": loss.item(), "acc": token_accuracy(logits, z), "grad_norm": grad_norm.item(), "lr": lr}
+
+    @torch.no_grad()
+    def eval_step(self, labels: torch.Tensor, codes: torch.Tensor) -> Dict[str, float]:
+        """Loss and accuracy in eval mode (no dropout), without updating anything."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            logits, loss, z = self._loss(labels, codes)
+        finally:
+            self.model.train(was_training)
+        return {"loss": loss.item(), "acc": token_accuracy(logits, z)}
+
+    def save_checkpoint(self, path, args: Optional[Dict] = None) -> None:
+        """Write ``{"model", "optimizer", "steps", "args", "rng"}`` atomically (LlamaGen's layout plus RNG state)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "steps": self.it,
+                    "args": args or {}, "rng": torch.get_rng_state()}, tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path) -> Dict:
+        """Resume from :meth:`save_checkpoint` output (weights-only load); returns its contents."""
+        ckpt = torch.load(path, map_location=self.device, weights_only=True)
+        if not isinstance(ckpt, dict) or not {"model", "optimizer", "steps"} <= set(ckpt):
+            raise ValueError(f"{path} is not a varcore GPT training checkpoint")
+        self.model.load_state_dict(ckpt["model"], strict=True)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.it = int(ckpt["steps"])
+        if "rng" in ckpt:
+            torch.set_rng_state(ckpt["rng"].cpu())
+        return ckpt
+
+
+def train(trainer: GPTTrainer, loader: Iterable, out_dir=None, save_every: int = 0, progress: bool = True,
+          args: Optional[Dict] = None) -> List[Dict[str, float]]:
+    """Run ``trainer`` to ``config.max_iters`` on ``(codes, labels)`` batches; returns the per-step metrics.
+    With ``out_dir`` the state goes to ``out_dir/ckpt-last.pt`` every ``save_every`` steps and at the end."""
+    history: List[Dict[str, float]] = []
+    ckpt_path = None if out_dir is None else Path(out_dir) / "ckpt-last.pt"
+    bar = tqdm(total=trainer.config.max_iters, initial=trainer.it, disable=not progress, desc="train GPT",
+               dynamic_ncols=True)
+    for codes, labels in _batches_forever(loader):
+        if trainer.it >= trainer.config.max_iters:
+            break
+        metrics = trainer.train_step(labels, codes)
+        history.append(metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc']:.1f}")
+        if ckpt_path is not None and save_every and trainer.it % save_every == 0:
+            trainer.save_checkpoint(ckpt_path, args)
+    bar.close()
+    if ckpt_path is not None:
+        trainer.save_checkpoint(ckpt_path, args)
+    return history
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m varcore.train.gpt_trainer",
+                                description="Train a PAR (or LlamaGen, --M 1) GPT on pre-extracted VQ codes.")
+    d = p.add_argument_group("data and model")
+    d.add_argument("--tokens", required=True,
+                   help="torch.save'd {'idx_BL': (N, G*G) raster codes, 'labels': (N,)}")
+    d.add_argument("--model", choices=sorted(GPT_models), default="GPT-B")
+    d.add_argument("--M", type=int, default=2, help="regions per side: 2 for PAR-4x, 4 for 16x, 1 for raster")
+    d.add_argument("--grid", type=int, default=24, help="token grid side (24 for 384 px with VQ-16)")
+    d.add_argument("--vocab-size", type=int, default=16384)
+    d.add_argument("--num-classes", type=int, default=1000)
+    d.add_argument("--dropout", type=float, default=0.1, help="token, residual and FFN dropout")
+    d.add_argument("--class-dropout", type=float, default=0.1, help="class-label dropout (for CFG)")
+    d.add_argument("--init-gpt", default=None, help="start from these weights (fine-tuning)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--iters", type=int, required=True)
+    o.add_argument("--bs", type=int, default=64)
+    o.add_argument("--lr", type=float, default=1e-4)
+    o.add_argument("--wd", type=float, default=0.05)
+    o.add_argument("--wp", type=int, default=0, help="warm-up steps")
+    o.add_argument("--wpe", type=float, default=1.0, help="final lr fraction (1: constant lr, as official)")
+    o.add_argument("--sche", choices=SCHEDULES, default="lin0")
+    o.add_argument("--clip", type=float, default=1.0)
+    o.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none")
+    r = p.add_argument_group("run")
+    r.add_argument("--out", required=True, help="output folder (ckpt-last.pt; resumed from when present)")
+    r.add_argument("--no-resume", action="store_true")
+    r.add_argument("--save-every", type=int, default=1000)
+    r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    r.add_argument("--workers", type=int, default=2)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
+    """Command-line entry point; returns the per-step metrics of this run."""
+    from varcore.checkpoints import _gpt_state_dict
+
+    args = build_arg_parser().parse_args(argv)
+    torch.manual_seed(args.seed)
+    model = GPT_models[args.model](
+        vocab_size=args.vocab_size, block_size=args.grid ** 2, num_classes=args.num_classes,
+        spe_token_num=args.M ** 2 - 1, ar_token_num=args.M ** 2, token_dropout_p=args.dropout,
+        resid_dropout_p=args.dropout, ffn_dropout_p=args.dropout, class_dropout_prob=args.class_dropout,
+    ).to(args.device)
+    if args.init_gpt:
+        model.load_state_dict(_gpt_state_dict(args.init_gpt), strict=True)
+    config = TrainConfig(max_iters=args.iters, lr=args.lr, weight_decay=args.wd, warmup_iters=args.wp, wpe=args.wpe,
+                         schedule=args.sche, grad_clip=args.clip, amp=args.amp)
+    trainer = GPTTrainer(model, config)
+    ckpt_path = Path(args.out) / "ckpt-last.pt"
+    if ckpt_path.is_file() and not args.no_resume:
+        trainer.load_checkpoint(ckpt_path)
+        print(f"resumed from {ckpt_path} at step {trainer.it}", file=sys.stderr)
+    dataset = TokenPyramids(args.tokens)
+    loader = DataLoader(dataset, batch_size=args.bs, shuffle=True, drop_last=len(dataset) >= args.bs,
+                        num_workers=args.workers, persistent_workers=args.workers > 0)
+    return train(trainer, loader, out_dir=args.out, save_every=args.save_every, progress=not args.no_progress,
+                 args=vars(args))
+
+
+if __name__ == "__main__":
+    main()
