@@ -18,6 +18,7 @@ _LAZY = {
     "load_vae": ("varcore.checkpoints", "load_vae"),
     "load_var": ("varcore.checkpoints", "load_var"),
     "from_pretrained": ("varcore.checkpoints", "from_pretrained"),
+    "VARSampler": ("varcore.sampling.var", "VARSampler"),
     "PARSampler": ("varcore.sampling.par", "PARSampler"),
     "load_gpt": ("varcore.checkpoints", "load_gpt"),
     "load_vq16": ("varcore.checkpoints", "load_vq16"),

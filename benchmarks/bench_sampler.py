@@ -1,0 +1,190 @@
+"""VAR sampling: the drop-in ``autoregressive_infer_cfg`` against ``VARSampler`` (float32 and bfloat16).
+
+Random weights shaped like VAR-d16 (depth 16, width 1024, V=4096, the 10-scale 256 px schedule, the real VQVAE
+shape) or, with ``--quick``, a depth-4 model with a small decoder. For each batch size: images/s, ms per scale
+(transformer and sampling, the decode subtracted), KV-cache and peak memory, FLOPs per image from the config and the
+achieved GFLOP/s against this machine's GEMM throughput measured in the same run, and whether the tokens agree.
+
+The full mode runs each configuration once (twice at batch 1; a d16 image costs ~600 GFLOP) and skips what would
+overrun ``--budget-min``, saying so. The first timed run of each configuration runs under the memory profiler.
+
+    python benchmarks/bench_sampler.py --quick
+    python benchmarks/bench_sampler.py            # d16, batches 8, 32, 1 (in that order)
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+from common import bench, machine_header, peak_memory, print_header, print_table, write_json
+from varcore.models import PATCH_NUMS, build_vae_var
+from varcore.sampling.var import VARSampler
+
+SHAPES = {
+    "d16": dict(depth=16, V=4096, ch=160),  # width 64 * depth = 1024, 16 heads
+    "quick": dict(depth=4, V=4096, ch=32),
+}
+SAMPLING = dict(cfg=1.5, top_k=900, top_p=0.96)  # the official FID protocol
+DECODE_BATCH = 8  # the fast sampler decodes 8 images at a time (bounds the decoder's memory at batch 32)
+
+
+def flops_per_image(var) -> float:
+    """Forward FLOPs of one image (both CFG halves): block linears 24 C^2 per token, attention 4 l L_prefix C per
+    block and scale, the head 2 C V per token. The VQVAE decode is timed separately."""
+    C, V, depth = var.C, var.V, len(var.blocks)
+    total = 0.0
+    for begin, end in var.begin_ends:
+        l = end - begin
+        total += l * (depth * 24 * C * C + 2 * C * V) + depth * 4 * l * end * C
+    return 2 * total
+
+
+def gemm_gflops(dtype, n=2048) -> float:
+    """GFLOP/s of a (2n x n/2) @ (n/2 x 2n) matmul, the shape class of the model's linears."""
+    a = torch.randn(2 * n, n // 2).to(dtype)
+    b = torch.randn(n // 2, 2 * n).to(dtype)
+    t = bench(f"gemm {dtype}", lambda: a @ b, warmup=2, repeats=5, memory=False)
+    return 2 * (2 * n) * (n // 2) * (2 * n) / (t.median_ms * 1e-3) / 1e9
+
+
+def measure(fn, repeats):
+    """Median ms over ``repeats`` runs, the peak memory of the first (run under the profiler), and its result."""
+    times, out = [], []
+
+    def timed():
+        t0 = time.perf_counter()
+        out.append(fn())
+        times.append((time.perf_counter() - t0) * 1e3)
+
+    peak = peak_memory(timed)
+    if not times:  # the profiler failed (peak_memory returns None): time the run without it
+        timed()
+    for _ in range(repeats - 1):
+        timed()
+    return statistics.median(times), peak, out[0]
+
+
+def agreement(a, b) -> float:
+    return sum(int((x == y).sum()) for x, y in zip(a, b)) / sum(x.numel() for x in a)
+
+
+def run(args):
+    torch.manual_seed(0)
+    vae, var = build_vae_var("cpu", **SHAPES[args.shape], patch_nums=PATCH_NUMS[256])
+    var.eval()
+    vae.eval()
+    samplers = {dt: VARSampler(var, dtype=dt, decode_batch=DECODE_BATCH) for dt in (torch.float32, torch.bfloat16)}
+    gemm = {torch.float32: gemm_gflops(torch.float32), torch.bfloat16: gemm_gflops(torch.bfloat16)}
+    flops = flops_per_image(var)
+    SN = len(var.patch_nums)
+    header = machine_header()
+    header.update(shape=args.shape, flops_per_image=flops, gemm_gflops_fp32=gemm[torch.float32],
+                  gemm_gflops_bf16=gemm[torch.bfloat16], sampling=SAMPLING, decode_batch=DECODE_BATCH)
+    start = time.perf_counter()
+    per_image_s = None  # the drop-in's seconds per image, to predict run times against the budget
+    rows, results = [], {}
+
+    def over_budget(B, factor):
+        if per_image_s is None:
+            return False
+        return time.perf_counter() - start + factor * per_image_s * B > args.budget_min * 60
+
+    for B in args.batches:
+        labels = torch.arange(B) % 1000
+        small = B <= 8 if args.quick else B == 1
+        repeats = args.repeats or (3 if args.quick and small else 2 if small else 1)
+        decode = bench(f"decode B={B}", lambda: vae.fhat_to_img(torch.randn(B, var.Cvae, 16, 16)), warmup=0,
+                       repeats=3 if args.quick and small else 1, memory=False)
+        configs = [("drop-in", torch.float32, lambda: var.autoregressive_infer_cfg(
+                        B, labels, g_seed=0, return_idx_Bl=True, **SAMPLING)[1]),
+                   ("fast", torch.float32, lambda: samplers[torch.float32].sample(
+                        B, labels, g_seed=0, output="both", **SAMPLING)[1]),
+                   ("fast", torch.bfloat16, lambda: samplers[torch.bfloat16].sample(
+                        B, labels, g_seed=0, output="both", **SAMPLING)[1])]
+        for path, dtype, fn in configs:
+            name = f"{path} {str(dtype)[6:]}"
+            if over_budget(B, repeats * (0.5 if dtype == torch.bfloat16 else 1.0)):
+                rows.append(dict(B=B, path=name, note="skipped: over the time budget"))
+                print(f"# skipped {name} B={B} (time budget)", flush=True)
+                continue
+            if args.quick and small:
+                fn()  # warm-up (first-call allocations, thread pools)
+            ms, peak, tokens = measure(fn, repeats)
+            results[(B, path, dtype)] = (ms, peak, tokens)
+            if path == "drop-in":
+                per_image_s = ms / 1e3 / B
+            model_ms = max(ms - decode.median_ms, 1e-9)
+            ref = results.get((B, "drop-in", torch.float32)) or results.get((B, "fast", torch.float32))
+            kv = samplers[dtype].kv_cache_bytes(B) if path == "fast" else samplers[dtype].concat_kv_cache_bytes(B)
+            achieved = flops * B / (model_ms * 1e-3) / 1e9
+            rows.append(dict(
+                B=B, path=name, ms=ms, img_s=B / (ms * 1e-3), ms_scale=model_ms / SN, decode_ms=decode.median_ms,
+                kv_MiB=kv / 2**20, peak_MiB=None if peak is None else peak / 2**20, GFLOP_s=achieved,
+                pct_gemm=100 * achieved / gemm[dtype], repeats=repeats,
+                tokens_vs_fp32=None if ref is None or ref[2] is tokens else agreement(tokens, ref[2])))
+            print(f"# done {name} B={B}: {ms / 1e3:.1f} s  ({(time.perf_counter() - start) / 60:.1f} min so far)",
+                  flush=True)
+    return header, rows, results, flops, gemm
+
+
+def targets(rows, results, flops, gemm):
+    """The issue's targets, each with the measured numbers and met/not met (None when not measured)."""
+    def get(B, path, dtype):
+        return results.get((B, path, dtype))
+
+    out = []
+    drop8, fast8, bf8 = get(8, "drop-in", torch.float32), get(8, "fast", torch.float32), get(8, "fast", torch.bfloat16)
+    row8 = next((r for r in rows if r.get("B") == 8 and "decode_ms" in r), None)
+    if drop8 and fast8:
+        bound_ms = flops * 8 / (gemm[torch.float32] * 1e9) * 1e3 + row8["decode_ms"]
+        out.append(dict(target="fp32 B=8: fast not slower than drop-in", value=fast8[0] / drop8[0],
+                        met=fast8[0] <= drop8[0]))
+        out.append(dict(target="fp32 B=8: identical tokens", value=agreement(fast8[2], drop8[2]),
+                        met=agreement(fast8[2], drop8[2]) == 1.0))
+        out.append(dict(target="fp32 B=8: time <= 1.1 x (FLOPs / GEMM + decode)", value=fast8[0] / bound_ms,
+                        met=fast8[0] <= 1.1 * bound_ms))
+    if drop8 and bf8:
+        speedup = drop8[0] / bf8[0]
+        out.append(dict(target="bf16 B=8: >= 1.7 x drop-in fp32 images/s", value=speedup, met=speedup >= 1.7))
+        out.append(dict(target="bf16 B=8: token agreement with fp32 (reported)", value=agreement(bf8[2], drop8[2]),
+                        met=None))
+    drop32 = get(32, "drop-in", torch.float32)
+    for dtype in (torch.float32, torch.bfloat16):
+        fast32 = get(32, "fast", dtype)
+        if drop32 and fast32 and drop32[1] and fast32[1]:
+            ratio = fast32[1] / drop32[1]
+            out.append(dict(target=f"B=32 peak memory fast {str(dtype)[6:]} <= 0.6 x drop-in fp32", value=ratio,
+                            met=ratio <= 0.6))
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a depth-4 model with a small decoder (about 5 min)")
+    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default: 8 32 1, quick: 1 8 32)")
+    parser.add_argument("--repeats", type=int, default=0, help="timed runs per configuration (default: automatic)")
+    parser.add_argument("--budget-min", type=float, default=14.0, help="skip runs predicted to overrun this")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--json", help="output file (default: bench_results/bench_sampler-<date>.json)")
+    args = parser.parse_args()
+    args.shape = "quick" if args.quick else "d16"
+    args.batches = args.batches or ([1, 8, 32] if args.quick else [8, 32, 1])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with torch.inference_mode():
+        header, rows, results, flops, gemm = run(args)
+    print_header(f"VAR sampler, {args.shape} shape, {flops / 1e9:.0f} GFLOP per image; GEMM fp32 "
+                 f"{gemm[torch.float32]:.0f}, bf16 {gemm[torch.bfloat16]:.0f} GFLOP/s", header)
+    print_table(rows, ["B", "path", "ms", "img_s", "ms_scale", "decode_ms", "kv_MiB", "peak_MiB", "GFLOP_s",
+                       "pct_gemm", "tokens_vs_fp32", "repeats", "note"])
+    goals = targets(rows, results, flops, gemm)
+    if goals:
+        print()
+        print_table([dict(g, met={True: "yes", False: "NO", None: "-"}[g["met"]]) for g in goals],
+                    ["target", "value", "met"])
+    print(f"\nwrote {write_json('bench_sampler', header, rows + goals, args.json)}")
+
+
+if __name__ == "__main__":
+    main()
