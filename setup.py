@@ -105,7 +105,9 @@ def _sources(pattern):
 def build_extensions():
     debug = os.environ.get("VARCORE_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = [*opt, "-fvisibility=hidden"]
+    # at::parallel_for is inlined into our code and is only parallel when compiled with OpenMP.
+    cxx = [*opt, "-fvisibility=hidden", "-fopenmp"]
+    link = ["-fopenmp"]
     include = [str(ROOT / CSRC)]
     with_cuda = _want_cuda()
 
@@ -123,9 +125,10 @@ def build_extensions():
         exts.append(CUDAExtension(
             "varcore._C", sources, include_dirs=include,
             define_macros=[("VARCORE_WITH_CUDA", "1"), ("VARCORE_CUDA_ARCHS", archs)],
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc}))
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link))
     else:
-        exts.append(CppExtension("varcore._C", sources, include_dirs=include, extra_compile_args={"cxx": cxx}))
+        exts.append(CppExtension("varcore._C", sources, include_dirs=include, extra_compile_args={"cxx": cxx},
+                                 extra_link_args=link))
 
     if os.environ.get("VARCORE_SIMT", "0") == "1":
         simt_sources = sorted(set(_sources("simt/*.cpp") + _sources("*/*_simt.cpp")))
