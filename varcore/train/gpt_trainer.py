@@ -29,7 +29,7 @@ from varcore.ops.par_order import par_gather
 from varcore.train.data import TokenPyramids
 from varcore.train.losses import token_accuracy
 from varcore.train.schedule import SCHEDULES, lr_factor, param_groups, weight_decay_at
-from varcore.train.var_trainer import AMP_DTYPES, MAX_LOSS_SCALE, TrainConfig, _batches_forever
+from varcore.train.var_trainer import AMP_DTYPES, TrainConfig, _batches_forever, backward_and_step
 
 __all__ = ["GPTTrainer", "train", "to_par_order", "main"]
 
@@ -89,21 +89,8 @@ class GPTTrainer:
         lr = self._apply_schedule()
         self.model.train()
         logits, loss, z = self._loss(labels, codes)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
-        clip = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            if self.scaler.get_scale() > MAX_LOSS_SCALE:
-                self.scaler.update(MAX_LOSS_SCALE)
-        else:
-            self.optimizer.step()
+        grad_norm = backward_and_step(loss, self.model.parameters(), self.optimizer, self.scaler,
+                                      self.config.grad_clip)
         self.it += 1
         return {"loss": loss.item(), "acc": token_accuracy(logits, z), "grad_norm": grad_norm.item(), "lr": lr}
 

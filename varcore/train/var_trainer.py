@@ -34,6 +34,26 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_LOSS_SCALE = 2.0 ** 15  # the official fp16 loss-scale cap
 
 
+def backward_and_step(loss: torch.Tensor, params, optimizer, scaler, grad_clip: float) -> torch.Tensor:
+    """One optimiser step from ``loss``: backward (through the fp16 loss scaler when there is one), gradient
+    clipping at ``grad_clip`` (none when <= 0), step, and the loss-scale cap. Returns the gradient norm."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+        if scaler.get_scale() > MAX_LOSS_SCALE:
+            scaler.update(MAX_LOSS_SCALE)
+    else:
+        optimizer.step()
+    return grad_norm
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings. ``lr`` is the peak learning rate; ``weight_decay_end`` defaults to ``weight_decay``;
@@ -142,21 +162,7 @@ class VARTrainer:
         with self._autocast():
             logits_BLV = self.var(label_B, x_BLCv)
             loss = var_loss(logits_BLV, gt_BL, self.token_weight_1L, self.config.label_smoothing)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
-        clip = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.var.parameters(), clip)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            if self.scaler.get_scale() > MAX_LOSS_SCALE:
-                self.scaler.update(MAX_LOSS_SCALE)
-        else:
-            self.optimizer.step()
+        grad_norm = backward_and_step(loss, self.var.parameters(), self.optimizer, self.scaler, self.config.grad_clip)
         self.it += 1
         last_l = self.var.patch_nums[-1] ** 2
         return {"loss": loss.item(), "acc": token_accuracy(logits_BLV, gt_BL),
