@@ -14,6 +14,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from backends import require_simt
+
 pytestmark = pytest.mark.simt
 
 INT_MAX = 2**31 - 1
@@ -21,14 +23,7 @@ INT_MAX = 2**31 - 1
 
 @pytest.fixture(scope="module")
 def ops():
-    try:
-        import varcore._simt  # noqa: F401  (registers torch.ops.varcore_simt)
-    except ImportError as exc:
-        reason = (f"varcore._simt (the CUDA emulation extension) is not built; build it with VARCORE_SIMT=1 "
-                  f"pip install --no-build-isolation -e . ({exc})")
-        if os.environ.get("VARCORE_REQUIRE_SIMT") == "1":
-            pytest.fail(reason + " (VARCORE_REQUIRE_SIMT=1)", pytrace=False)
-        pytest.skip(reason)
+    require_simt()  # registers torch.ops.varcore_simt, or skips (fails when VARCORE_REQUIRE_SIMT=1)
     return torch.ops.varcore_simt
 
 

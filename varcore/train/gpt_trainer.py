@@ -28,8 +28,10 @@ from varcore.models.gpt import GPT_models, Transformer
 from varcore.ops.par_order import par_gather
 from varcore.train.data import TokenPyramids
 from varcore.train.losses import token_accuracy
-from varcore.train.schedule import SCHEDULES, lr_factor, param_groups, weight_decay_at
-from varcore.train.var_trainer import AMP_DTYPES, TrainConfig, _batches_forever, backward_and_step
+from varcore.train.schedule import SCHEDULES
+from varcore.train.var_trainer import (
+    AMP_DTYPES, TrainConfig, _batches_forever, apply_schedule, backward_and_step, make_optimizer,
+)
 
 __all__ = ["GPTTrainer", "train", "to_par_order", "main"]
 
@@ -59,21 +61,11 @@ class GPTTrainer:
             raise ValueError("scale_weights and label_smoothing are VAR options; leave them unset for a GPT")
         self.model, self.config = model, config
         self.device = model.tok_embeddings.weight.device
-        self.optimizer = torch.optim.AdamW(param_groups(model), lr=config.lr, betas=config.betas, weight_decay=0.0,
-                                           fused=self.device.type == "cuda")
-        self.amp_dtype = AMP_DTYPES[config.amp]
-        self.scaler = (torch.amp.GradScaler(self.device.type, init_scale=2.0 ** 11, growth_interval=1000)
-                       if config.amp == "fp16" else None)
+        self.optimizer, self.amp_dtype, self.scaler = make_optimizer(model, config, self.device)
         self.it = 0
 
     def _apply_schedule(self) -> float:
-        cfg = self.config
-        lr = cfg.lr * lr_factor(self.it, cfg.max_iters, cfg.warmup_iters, cfg.wp0, cfg.wpe, cfg.schedule)
-        wd_end = cfg.weight_decay if cfg.weight_decay_end is None else cfg.weight_decay_end
-        wd = weight_decay_at(self.it, cfg.max_iters, cfg.weight_decay, wd_end)
-        for group in self.optimizer.param_groups:
-            group["lr"], group["weight_decay"] = lr, wd * group["wd_sc"]
-        return lr
+        return apply_schedule(self.optimizer, self.config, self.it)
 
     def _loss(self, labels: torch.Tensor, codes: torch.Tensor):
         z = to_par_order(codes.to(self.device).long(), self.model.M)

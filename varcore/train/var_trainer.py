@@ -34,6 +34,26 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_LOSS_SCALE = 2.0 ** 15  # the official fp16 loss-scale cap
 
 
+def make_optimizer(model: torch.nn.Module, config: "TrainConfig", device: torch.device):
+    """AdamW over the official parameter groups (weight decay set per step by :func:`apply_schedule`), the autocast
+    dtype, and a loss scaler for fp16 (None otherwise)."""
+    optimizer = torch.optim.AdamW(param_groups(model), lr=config.lr, betas=config.betas, weight_decay=0.0,
+                                  fused=device.type == "cuda")
+    scaler = (torch.amp.GradScaler(device.type, init_scale=2.0 ** 11, growth_interval=1000)
+              if config.amp == "fp16" else None)
+    return optimizer, AMP_DTYPES[config.amp], scaler
+
+
+def apply_schedule(optimizer, config: "TrainConfig", it: int) -> float:
+    """Set every group's learning rate and weight decay for iteration ``it``; returns the learning rate."""
+    lr = config.lr * lr_factor(it, config.max_iters, config.warmup_iters, config.wp0, config.wpe, config.schedule)
+    wd_end = config.weight_decay if config.weight_decay_end is None else config.weight_decay_end
+    wd = weight_decay_at(it, config.max_iters, config.weight_decay, wd_end)
+    for group in optimizer.param_groups:
+        group["lr"], group["weight_decay"] = lr, wd * group["wd_sc"]
+    return lr
+
+
 def backward_and_step(loss: torch.Tensor, params, optimizer, scaler, grad_clip: float) -> torch.Tensor:
     """One optimiser step from ``loss``: backward (through the fp16 loss scaler when there is one), gradient
     clipping at ``grad_clip`` (none when <= 0), step, and the loss-scale cap. Returns the gradient norm."""
@@ -117,11 +137,7 @@ class VARTrainer:
         self.vae, self.var, self.config = vae, var, config
         self.device = var.lvl_1L.device
         self.token_weight_1L = scale_token_weights(var.patch_nums, config.scale_weights, device=self.device)
-        self.optimizer = torch.optim.AdamW(param_groups(var), lr=config.lr, betas=config.betas, weight_decay=0.0,
-                                           fused=self.device.type == "cuda")
-        self.amp_dtype = AMP_DTYPES[config.amp]
-        self.scaler = (torch.amp.GradScaler(self.device.type, init_scale=2.0 ** 11, growth_interval=1000)
-                       if config.amp == "fp16" else None)
+        self.optimizer, self.amp_dtype, self.scaler = make_optimizer(var, config, self.device)
         self.it = 0
 
     # ------------------------------------------------------------------ steps
@@ -143,14 +159,7 @@ class VARTrainer:
         return torch.cat(idx_Bl, dim=1), self.vae.quantize.idxBl_to_var_input(idx_Bl)
 
     def _apply_schedule(self) -> float:
-        cfg = self.config
-        lr = cfg.lr * lr_factor(self.it, cfg.max_iters, cfg.warmup_iters, cfg.wp0, cfg.wpe, cfg.schedule)
-        wd_end = cfg.weight_decay if cfg.weight_decay_end is None else cfg.weight_decay_end
-        wd = weight_decay_at(self.it, cfg.max_iters, cfg.weight_decay, wd_end)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-            group["weight_decay"] = wd * group["wd_sc"]
-        return lr
+        return apply_schedule(self.optimizer, self.config, self.it)
 
     def train_step(self, label_B: torch.Tensor, idx_Bl: Optional[Sequence[torch.Tensor]] = None,
                    img_B3HW: Optional[torch.Tensor] = None) -> Dict[str, float]:
