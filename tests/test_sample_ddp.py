@@ -1,0 +1,223 @@
+"""varcore.sample_ddp: per-image seeds, shards, resume after a kill, world-size independence (2 gloo processes)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from varcore import sample_ddp
+from varcore.models import VAR, VQVAE
+from varcore.sampling.var import VARSampler
+
+PATCH_NUMS = (1, 2, 3, 4)
+NUM_CLASSES = 6
+
+
+def _tiny_models(seed=0):
+    torch.manual_seed(seed)
+    vae = VQVAE(vocab_size=48, z_channels=8, ch=32, share_quant_resi=4, v_patch_nums=PATCH_NUMS, ch_mult=(1, 1),
+                test_mode=True)
+    var = VAR(vae, num_classes=NUM_CLASSES, depth=2, embed_dim=64, num_heads=2, attn_l2_norm=True,
+              patch_nums=PATCH_NUMS)
+    with torch.no_grad():  # weights that all matter (the official init makes the head nearly zero)
+        for p in var.parameters():
+            p.normal_(0, 1 / max(p.shape[-1], 1) ** 0.5)
+    return vae.eval(), var.eval()
+
+
+@pytest.fixture(scope="module")
+def model_spec(tmp_path_factory):
+    """Official-format checkpoint files of a random tiny VAE + VAR: 'vae.pth,var.pth'."""
+    root = tmp_path_factory.mktemp("ckpt")
+    vae, var = _tiny_models()
+    torch.save(vae.state_dict(), root / "vae.pth")
+    torch.save(var.state_dict(), root / "var.pth")
+    return f"{root / 'vae.pth'},{root / 'var.pth'}"
+
+
+def _cli(spec, out, per_class=3, classes="0,2,5", batch=2, extra=()):
+    return ["--model", spec, "--per-class", str(per_class), "--classes", classes, "--out", str(out),
+            "--batch-size", str(batch), "--cfg", "2.0", "--top-k", "20", "--top-p", "0.9", "--seed", "7",
+            "--no-progress", *extra]
+
+
+def _torchrun(nproc, args, **popen):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "varcore.sample_ddp", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def _wait(proc, timeout=240):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out.decode(errors="replace")[-4000:]
+
+
+def _children(pid):
+    """Pids of the direct children of ``pid`` (torchrun starts each worker in a session of its own)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _load(out):
+    with np.load(out / "samples.npz", allow_pickle=False) as f:
+        return f["arr_0"], f["labels"]
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+def test_image_seed_is_a_function_of_seed_class_index():
+    seeds = {(s, c, i): sample_ddp.image_seed(s, c, i) for s in range(3) for c in range(20) for i in range(20)}
+    assert len(set(seeds.values())) == len(seeds)  # all distinct
+    assert all(0 <= v < 2 ** 63 for v in seeds.values())
+    assert all(sample_ddp.image_seed(*k) == v for k, v in seeds.items())  # stable
+    for bad in [(-1, 0, 0), (0, -2, 0), (0, 0, 1.5), (True, 0, 0)]:
+        with pytest.raises(ValueError, match="seed|cls|index"):
+            sample_ddp.image_seed(*bad)
+
+
+@pytest.mark.parametrize("classes,per_class,size", [([0, 1, 2], 4, 5), ([9, 3], 1, 1), ([4], 7, 32)])
+def test_plan_covers_the_grid_in_class_major_order(classes, per_class, size):
+    plan = sample_ddp.plan_shards(classes, per_class, size)
+    items = [it for s in plan for it in s.items]
+    assert items == [(c, i) for c in classes for i in range(per_class)]
+    assert [s.number for s in plan] == list(range(len(plan)))
+    assert all(len(s.items) == size for s in plan[:-1]) and 1 <= len(plan[-1].items) <= size
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(classes=[], per_class=1, shard_size=1), "classes"),
+    (dict(classes=[1, 1], per_class=1, shard_size=1), "classes"),
+    (dict(classes=[0], per_class=0, shard_size=1), "per_class"),
+    (dict(classes=[0], per_class=1, shard_size=0), "shard_size"),
+])
+def test_plan_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sample_ddp.plan_shards(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- one process
+def test_single_process_output_matches_the_sampler(model_spec, tmp_path):
+    out = tmp_path / "run"
+    sample_ddp.main(_cli(model_spec, out, per_class=3, classes="0,2,5", batch=4))
+    arr, labels = _load(out)
+    assert arr.dtype == np.uint8 and arr.shape == (9, 8, 8, 3)
+    assert labels.tolist() == [0, 0, 0, 2, 2, 2, 5, 5, 5]
+    # shard 1 = items 4..7 = (2,1) (2,2) (5,0) (5,1): sampled as one batch with the per-image seeds
+    vae, var = _tiny_models()
+    items = [(2, 1), (2, 2), (5, 0), (5, 1)]
+    img = VARSampler(var, vae).sample(4, torch.tensor([c for c, _ in items]), cfg=2.0, top_k=20, top_p=0.9,
+                                      seeds=[sample_ddp.image_seed(7, c, i) for c, i in items])
+    want = img.mul(255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(arr[4:8], want)
+    # a rerun resumes: nothing is sampled again, the same file comes out
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+    sample_ddp.main(_cli(model_spec, out, per_class=3, classes="0,2,5", batch=4))
+    assert {p: p.stat().st_mtime_ns for p in (out / "shards").iterdir()} == mtimes
+    np.testing.assert_array_equal(_load(out)[0], arr)
+
+
+def test_images_do_not_depend_on_the_class_list(model_spec, tmp_path):
+    """Image (c, i) has the same seed whatever else is sampled; with one image per shard it is bit-identical."""
+    sample_ddp.main(_cli(model_spec, tmp_path / "a", per_class=2, classes="1,4", batch=1))
+    sample_ddp.main(_cli(model_spec, tmp_path / "b", per_class=3, classes="4", batch=1))
+    a, _ = _load(tmp_path / "a")
+    b, _ = _load(tmp_path / "b")
+    np.testing.assert_array_equal(a[2:4], b[:2])
+    assert not np.array_equal(a[0], a[1])  # different indices, different images
+
+
+def test_rerun_with_other_settings_is_refused(model_spec, tmp_path):
+    sample_ddp.main(_cli(model_spec, tmp_path, per_class=1, classes="0"))
+    with pytest.raises(ValueError, match="other settings"):
+        sample_ddp.main(_cli(model_spec, tmp_path, per_class=1, classes="0", extra=("--cfg", "3.0")))
+
+
+def test_corrupt_and_partial_shards_are_redone(model_spec, tmp_path):
+    sample_ddp.main(_cli(model_spec, tmp_path, per_class=2, classes="0,1", batch=1))
+    good, _ = _load(tmp_path)
+    shards = sorted((tmp_path / "shards").glob("shard_*.npz"))
+    shards[1].write_bytes(shards[1].read_bytes()[:100])  # torn write (not possible with the rename, but a disk can)
+    shards[2].unlink()
+    (tmp_path / "samples.npz").unlink()
+    with pytest.warns(UserWarning, match="unreadable"):
+        sample_ddp.main(_cli(model_spec, tmp_path, per_class=2, classes="0,1", batch=1))
+    np.testing.assert_array_equal(_load(tmp_path)[0], good)
+
+
+@pytest.mark.parametrize("extra,match", [
+    (("--top-p", "1.5"), "--top-p"), (("--cfg", "-1"), "--cfg"), (("--temperature", "0"), "--temperature"),
+    (("--top-k", "-3"), "--top-k"), (("--batch-size", "0"), "--batch-size"),
+])
+def test_bad_cli_values_are_refused_by_name(model_spec, tmp_path, extra, match, capsys):
+    with pytest.raises(SystemExit):
+        sample_ddp.main(_cli(model_spec, tmp_path, extra=extra))
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("classes,top_k,match", [("0,6", 20, "classes"), ("0", 49, "top_k")])
+def test_values_outside_the_model_are_refused(model_spec, tmp_path, classes, top_k, match):
+    with pytest.raises(ValueError, match=match):
+        sample_ddp.main(_cli(model_spec, tmp_path, classes=classes, extra=("--top-k", str(top_k))))
+
+
+def test_unknown_model_name(tmp_path):
+    with pytest.raises(ValueError, match="model must be"):
+        sample_ddp.main(["--model", "no-such-model", "--per-class", "1", "--classes", "0", "--out", str(tmp_path)])
+
+
+# ---------------------------------------------------------------------------------------------- two processes
+def test_two_gloo_processes_equal_one_process(model_spec, tmp_path):
+    args = dict(per_class=3, classes="0,1,3,5", batch=2)
+    _wait(_torchrun(2, _cli(model_spec, tmp_path / "ws2", **args)))
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun's workers
+    try:
+        sample_ddp.main(_cli(model_spec, tmp_path / "ws1", **args))
+    finally:
+        torch.set_num_threads(torch_threads)
+    a2, l2 = _load(tmp_path / "ws2")
+    a1, l1 = _load(tmp_path / "ws1")
+    assert a2.shape == (12, 8, 8, 3) and l2.tolist() == [0] * 3 + [1] * 3 + [3] * 3 + [5] * 3
+    np.testing.assert_array_equal(l1, l2)
+    np.testing.assert_array_equal(a1, a2)
+    assert len(list((tmp_path / "ws2" / "shards").glob("shard_*.npz"))) == 6
+
+
+def test_killed_run_resumes_to_exactly_the_expected_set(model_spec, tmp_path):
+    args = _cli(model_spec, tmp_path / "run", per_class=8, classes="0,1,2,3,4,5", batch=1)
+    shards = tmp_path / "run" / "shards"
+    proc = _torchrun(2, args)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and len(list(shards.glob("shard_*.npz"))) < 4:
+            assert proc.poll() is None, proc.communicate()[0].decode(errors="replace")[-3000:]
+            time.sleep(0.01)
+    finally:  # both workers, mid-run, as a crash would; then the launcher
+        for pid in _children(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.communicate()
+    done = {p: p.stat().st_mtime_ns for p in shards.glob("shard_*.npz")}
+    assert 4 <= len(done) < 48, f"the kill came too late to test a resume ({len(done)} of 48 shards done)"
+    assert not (tmp_path / "run" / "samples.npz").exists()
+
+    _wait(_torchrun(2, args))
+    arr, labels = _load(tmp_path / "run")
+    assert labels.tolist() == [c for c in range(6) for _ in range(8)]
+    assert {p: p.stat().st_mtime_ns for p in done} == done  # finished shards were not sampled again
+    assert len(list(shards.glob("shard_*.npz"))) == 48
+    # exactly the images of an uninterrupted run
+    sample_ddp.main(_cli(model_spec, tmp_path / "ref", per_class=8, classes="0,1,2,3,4,5", batch=1))
+    np.testing.assert_array_equal(arr, _load(tmp_path / "ref")[0])

@@ -1,0 +1,341 @@
+"""Distributed class-conditional sampling for evaluation (FID/IS with the OpenAI ADM evaluator).
+
+    torchrun --nproc_per_node=N -m varcore.sample_ddp --model NAME_OR_PATHS --per-class K \\
+        [--classes 0,1,...] --out DIR [--cfg 1.5 --top-k 900 --top-p 0.96 --seed 0 --batch-size 32 ...]
+
+writes ``DIR/samples.npz`` with ``arr_0`` (uint8, count x H x W x 3, ordered by class, then index) and ``labels``
+(int64, count). Without torchrun it runs as one process.
+
+How the work is split, and why the result does not depend on the number of processes:
+
+* The (class, index) grid, class-major, is cut into shards of ``--batch-size`` images. Shard ``s`` goes to rank
+  ``s % world_size`` and is sampled as one batch. Image (c, i) gets its own generator seeded by
+  :func:`image_seed` (``--seed``, c, i), and the sampler draws each image's random numbers from its own generator
+  (``VARSampler(..., seeds=...)``), so its tokens do not depend on its batch neighbours. The batches themselves are
+  fixed by ``--batch-size`` alone, so even the float rounding of batched matrix products is the same for any
+  world size: one process and N processes give bit-identical files on the same hardware.
+* Each shard is written to ``DIR/shards/shard_XXXXXX.npz`` through a temporary file, fsync and an atomic rename.
+  A rerun with the same arguments skips every shard that is complete and valid (a truncated or foreign file is
+  sampled again), so an interrupted run loses at most the shards in flight and never duplicates an image.
+* ``DIR/run.json`` records the arguments that decide the images; a rerun with different ones is refused instead of
+  mixing two runs in one folder.
+* Rank 0 assembles the shards in plan order after a barrier and checks that the count, labels and indices are
+  exactly the requested grid before writing ``samples.npz`` (atomically, too).
+
+``--model`` is one of: a zoo name (``var-d16`` ... ``var-d36``, files from ``$VARCORE_HOME`` or the hub, see
+:func:`varcore.checkpoints.from_pretrained`); ``VAE_PATH,VAR_PATH`` (official-format checkpoints; the VAE is put on
+the VAR's scale schedule); or the name of a model bundled with varcore (``varcore.digits``) when that module is
+installed.
+"""
+import argparse
+import json
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["image_seed", "plan_shards", "load_sampler", "run", "main", "Shard"]
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SHARD_DIR = "shards"
+RUN_FILE = "run.json"
+OUT_FILE = "samples.npz"
+
+
+def image_seed(seed: int, cls: int, index: int) -> int:
+    """The seed of image ``index`` of class ``cls``: a 63-bit value derived by numpy's SeedSequence from
+    ``(seed, cls, index)``, so it is independent of the batch, the class list, ``--per-class`` and the world size,
+    and distinct images get unrelated streams."""
+    for name, v in (("seed", seed), ("cls", cls), ("index", index)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+    lo, hi = np.random.SeedSequence([int(seed), int(cls), int(index)]).generate_state(2, np.uint32)
+    return (int(hi) << 32 | int(lo)) & (2 ** 63 - 1)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of work: shard ``number`` holds the images ``items`` = ((class, index), ...) in plan order."""
+
+    number: int
+    items: Tuple[Tuple[int, int], ...]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([c for c, _ in self.items], dtype=np.int64)
+
+    @property
+    def indices(self) -> np.ndarray:
+        return np.array([i for _, i in self.items], dtype=np.int64)
+
+    def path(self, out_dir: Path) -> Path:
+        return Path(out_dir) / SHARD_DIR / f"shard_{self.number:06d}.npz"
+
+
+def plan_shards(classes: Sequence[int], per_class: int, shard_size: int) -> List[Shard]:
+    """The (class, index) grid, class-major, cut into consecutive shards of ``shard_size`` images."""
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise ValueError(f"per_class must be an int >= 1, got {per_class!r}")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size (--batch-size) must be an int >= 1, got {shard_size!r}")
+    if len(classes) == 0:
+        raise ValueError("classes must not be empty")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"classes must not repeat, got {list(classes)}")
+    grid = [(int(c), i) for c in classes for i in range(per_class)]
+    return [Shard(n, tuple(grid[s:s + shard_size])) for n, s in enumerate(range(0, len(grid), shard_size))]
+
+
+# ---------------------------------------------------------------------------------------------- shard files
+def _atomic_savez(path: Path, **arrays) -> None:
+    """``np.savez`` to a temporary file in the same folder, fsync, then rename over ``path`` (all or nothing)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_shard(shard: Shard, out_dir: Path, images: np.ndarray, seeds: Sequence[int]) -> None:
+    _atomic_savez(shard.path(out_dir), images=images, labels=shard.labels, indices=shard.indices,
+                  seeds=np.array(seeds, dtype=np.uint64))
+
+
+def _read_shard(shard: Shard, out_dir: Path) -> Optional[np.ndarray]:
+    """The shard's images if its file exists and holds exactly this shard's images, else None (to be redone)."""
+    path = shard.path(out_dir)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            images, labels, indices = f["images"], f["labels"], f["indices"]
+    except Exception as e:  # truncated or foreign file: sample it again
+        warnings.warn(f"sample_ddp: {path} is unreadable ({type(e).__name__}: {e}); sampling it again")
+        return None
+    n = len(shard.items)
+    if (images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != n or images.shape[3] != 3
+            or not np.array_equal(labels, shard.labels) or not np.array_equal(indices, shard.indices)):
+        warnings.warn(f"sample_ddp: {path} does not hold shard {shard.number}'s images; sampling it again")
+        return None
+    return images
+
+
+# ---------------------------------------------------------------------------------------------- models
+SampleFn = Callable[[torch.Tensor, List[int]], torch.Tensor]
+
+
+def _load_var_pair(spec: str, device) -> Tuple:
+    from varcore.checkpoints import from_pretrained, infer_var_kwargs, load_vae, load_var, read_state_dict
+
+    if "," in spec:
+        vae_path, var_path = (p.strip() for p in spec.split(","))
+        state = read_state_dict(var_path, kind="var")
+        patch_nums = infer_var_kwargs(state)["patch_nums"]
+        vae = load_vae(vae_path, device=device, v_patch_nums=patch_nums)
+        return vae, load_var(state, vae, device=device)
+    from varcore.checkpoints import ZOO_FILES
+
+    if spec in ZOO_FILES and spec != "vae":
+        return from_pretrained(spec, device=device)
+    try:
+        from varcore import digits
+    except ImportError:
+        digits = None
+    if digits is not None and hasattr(digits, "load_bundled"):
+        return digits.load_bundled(spec, device=device)
+    zoo = sorted(k for k in ZOO_FILES if k != "vae")
+    raise ValueError(f"model must be a zoo name {zoo}, a bundled model name, or 'VAE_PATH,VAR_PATH'; got {spec!r}")
+
+
+def load_sampler(spec: str, device, dtype: str = "fp32", cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
+                 more_smooth: bool = False, temperature: float = 1.0, classes: Sequence[int] = ()) -> SampleFn:
+    """A function ``(labels (B,), seeds [B]) -> uint8 images (B, H, W, 3)`` for the model ``spec`` (see the module
+    docstring), each image drawn from its own generator. ``classes`` (the ones to be sampled) are checked against
+    the model's."""
+    from varcore.sampling.var import VARSampler
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    loaded = _load_var_pair(spec, device)
+    vae, var = loaded if isinstance(loaded, tuple) else (None, loaded)
+    bad = [c for c in classes if not 0 <= c < var.num_classes]
+    if bad:
+        raise ValueError(f"classes must be in [0, {var.num_classes}) for this model, got {bad}")
+    if top_k > var.V:
+        raise ValueError(f"top_k must be <= the vocabulary size {var.V} (0 disables it), got {top_k}")
+    sampler = VARSampler(var, vae, dtype=_DTYPES[dtype])
+
+    def sample(labels: torch.Tensor, seeds: List[int]) -> torch.Tensor:
+        img = sampler.sample(len(seeds), labels.to(sampler.device), cfg=cfg, top_k=top_k, top_p=top_p,
+                             more_smooth=more_smooth, temperature=temperature, seeds=seeds)
+        # as the official evaluation saves its PNGs: x * 255, truncated
+        return img.mul(255).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+    return sample
+
+
+# ---------------------------------------------------------------------------------------------- the run
+class _Dist:
+    """torch.distributed under torchrun (NCCL with CUDA, gloo otherwise), or a single process."""
+
+    def __init__(self, timeout_min: float):
+        self.enabled = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.enabled and not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(self.local_rank)
+            # ranks that finish early wait at the barrier for the others: allow long runs
+            torch.distributed.init_process_group(backend, timeout=timedelta(minutes=timeout_min))
+        self.rank = torch.distributed.get_rank() if self.enabled else 0
+        self.world = torch.distributed.get_world_size() if self.enabled else 1
+
+    def barrier(self):
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def close(self):
+        if self.enabled:
+            torch.distributed.destroy_process_group()
+
+
+def _run_record(args) -> dict:
+    """The arguments that decide the images (a rerun must match them to reuse the shards)."""
+    keys = ("model", "per_class", "classes", "seed", "batch_size", "cfg", "top_k", "top_p", "more_smooth",
+            "temperature", "dtype")
+    return {k: getattr(args, k) for k in keys}
+
+
+def _check_run_record(out_dir: Path, record: dict, dist: _Dist) -> None:
+    path = out_dir / RUN_FILE
+    if dist.rank == 0 and not path.is_file():
+        tmp = path.with_name(f".{RUN_FILE}.tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, path)
+    dist.barrier()
+    old = json.loads(path.read_text())
+    if old != record:
+        diff = {k: (old.get(k), record.get(k)) for k in set(old) | set(record) if old.get(k) != record.get(k)}
+        raise ValueError(f"{out_dir} holds a run with other settings (old, new): {diff}; use another --out "
+                         f"or delete the folder")
+
+
+def _assemble(out_dir: Path, plan: List[Shard], expected: int) -> Path:
+    images, labels = [], []
+    for shard in plan:
+        got = _read_shard(shard, out_dir)
+        if got is None:
+            raise RuntimeError(f"shard {shard.number} is missing or invalid after sampling ({shard.path(out_dir)})")
+        images.append(got)
+        labels.append(shard.labels)
+    arr = np.concatenate(images)
+    lab = np.concatenate(labels)
+    if arr.shape[0] != expected or lab.shape[0] != expected:
+        raise RuntimeError(f"assembled {arr.shape[0]} images, expected {expected}")
+    out = out_dir / OUT_FILE
+    _atomic_savez(out, arr_0=arr, labels=lab)
+    return out
+
+
+def run(args) -> Optional[Path]:
+    """Sample this rank's missing shards, then (rank 0) assemble ``samples.npz``; returns its path on rank 0."""
+    out_dir = Path(args.out)
+    plan = plan_shards(args.classes, args.per_class, args.batch_size)
+    expected = len(args.classes) * args.per_class
+    dist = _Dist(args.timeout_min)
+    try:
+        (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        _check_run_record(out_dir, _run_record(args), dist)
+        mine = [s for s in plan[dist.rank::dist.world] if _read_shard(s, out_dir) is None]
+        if mine:
+            device = torch.device(args.device or (f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu"))
+            sample = load_sampler(args.model, device, args.dtype, args.cfg, args.top_k, args.top_p,
+                                  args.more_smooth, args.temperature, args.classes)
+            from tqdm import tqdm
+
+            for shard in tqdm(mine, desc=f"rank {dist.rank} shards", disable=args.no_progress or dist.rank != 0,
+                              dynamic_ncols=True):
+                seeds = [image_seed(args.seed, c, i) for c, i in shard.items]
+                images = sample(torch.from_numpy(shard.labels), seeds)
+                _write_shard(shard, out_dir, images.numpy(), seeds)
+        dist.barrier()
+        return _assemble(out_dir, plan, expected) if dist.rank == 0 else None
+    finally:
+        dist.close()
+
+
+def _classes(text: str) -> List[int]:
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--classes must be comma-separated ints, got {text!r}") from None
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="torchrun --nproc_per_node=N -m varcore.sample_ddp",
+                                description="Sample K images per class on every rank's share; write DIR/samples.npz.")
+    p.add_argument("--model", required=True, help="zoo name (var-d16 ...), bundled model name, or VAE_PATH,VAR_PATH")
+    p.add_argument("--per-class", type=int, required=True, help="images per class (50 for the 50k FID protocol)")
+    p.add_argument("--classes", type=_classes, default=None, help="comma-separated class ids (default: all)")
+    p.add_argument("--out", required=True, help="output folder (shards/, run.json, samples.npz); reruns resume")
+    s = p.add_argument_group("sampling (defaults: the VAR FID protocol)")
+    s.add_argument("--cfg", type=float, default=1.5)
+    s.add_argument("--top-k", type=int, default=900)
+    s.add_argument("--top-p", type=float, default=0.96)
+    s.add_argument("--more-smooth", action="store_true")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0, help="base seed; image (c, i) gets image_seed(seed, c, i)")
+    s.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="compute dtype of the sampler")
+    r = p.add_argument_group("run")
+    r.add_argument("--batch-size", type=int, default=32,
+                   help="images per shard (one batch); the output depends on it, not on the number of processes")
+    r.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK with a GPU, else cpu")
+    r.add_argument("--timeout-min", type=float, default=24 * 60, help="collective timeout (minutes)")
+    r.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    if args.classes is None:
+        args.classes = list(range(_num_classes(args.model)))
+    out = run(args)
+    if out is not None:
+        print(f"wrote {out}", file=sys.stderr)
+    return out
+
+
+def _check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Refuse bad values before any process group or model is set up."""
+    checks = [("--per-class", args.per_class >= 1, ">= 1"), ("--batch-size", args.batch_size >= 1, ">= 1"),
+              ("--cfg", args.cfg >= 0, ">= 0"), ("--top-k", args.top_k >= 0, ">= 0 (0 disables it)"),
+              ("--top-p", 0 <= args.top_p <= 1, "in [0, 1] (0 disables it)"),
+              ("--temperature", args.temperature > 0, "> 0"), ("--seed", args.seed >= 0, ">= 0"),
+              ("--classes", args.classes is None or (len(args.classes) > 0 and min(args.classes) >= 0),
+               "a non-empty list of class ids >= 0")]
+    for flag, ok, rule in checks:
+        if not ok:
+            parser.error(f"{flag} must be {rule}, got {getattr(args, flag[2:].replace('-', '_'))}")
+
+
+def _num_classes(spec: str) -> int:
+    """Number of classes of the model ``spec`` without building it (a zoo or bundled model: built on meta)."""
+    if "," in spec:
+        from varcore.checkpoints import read_state_dict
+
+        return read_state_dict(spec.split(",")[1].strip(), kind="var")["class_emb.weight"].shape[0] - 1
+    _, var = _load_var_pair(spec, "cpu")
+    return var.num_classes
+
+
+if __name__ == "__main__":
+    main()
