@@ -21,16 +21,17 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from varcore.models.gpt import GPT_models, Transformer
 from varcore.ops.par_order import par_gather
+from varcore.train import distributed as _distributed
 from varcore.train.data import TokenPyramids
 from varcore.train.losses import token_accuracy
 from varcore.train.schedule import SCHEDULES
 from varcore.train.var_trainer import (
-    AMP_DTYPES, TrainConfig, _batches_forever, apply_schedule, backward_and_step, make_optimizer,
+    AMP_DTYPES, TrainConfig, _batches_forever, _check_distributed, _is_writer, _reseed_per_rank, apply_schedule,
+    backward_and_step, make_optimizer,
 )
 
 __all__ = ["GPTTrainer", "train", "to_par_order", "main"]
@@ -50,9 +51,10 @@ def to_par_order(codes: torch.Tensor, M: int) -> torch.Tensor:
 
 class GPTTrainer:
     """Trains ``model`` with ``config`` (a :class:`varcore.train.var_trainer.TrainConfig`; ``scale_weights`` and
-    ``label_smoothing`` must be unset)."""
+    ``label_smoothing`` must be unset). ``distributed=True``: DistributedDataParallel, as for
+    :class:`~varcore.train.var_trainer.VARTrainer`."""
 
-    def __init__(self, model: Transformer, config: TrainConfig):
+    def __init__(self, model: Transformer, config: TrainConfig, distributed: bool = False):
         if not isinstance(model, Transformer):
             raise TypeError(f"model must be a varcore.models.gpt.Transformer, got {type(model).__name__}")
         if not isinstance(config, TrainConfig):
@@ -61,18 +63,20 @@ class GPTTrainer:
             raise ValueError("scale_weights and label_smoothing are VAR options; leave them unset for a GPT")
         self.model, self.config = model, config
         self.device = model.tok_embeddings.weight.device
+        self.distributed = _check_distributed(distributed)
+        self.net = _distributed.wrap_ddp(model) if distributed else model  # what the forward pass runs through
         self.optimizer, self.amp_dtype, self.scaler = make_optimizer(model, config, self.device)
         self.it = 0
 
     def _apply_schedule(self) -> float:
         return apply_schedule(self.optimizer, self.config, self.it)
 
-    def _loss(self, labels: torch.Tensor, codes: torch.Tensor):
+    def _loss(self, labels: torch.Tensor, codes: torch.Tensor, net=None):
         z = to_par_order(codes.to(self.device).long(), self.model.M)
         if z.shape[1] != self.model.block_size:
             raise ValueError(f"codes hold {z.shape[1]} tokens, the model expects block_size {self.model.block_size}")
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            logits, loss = self.model(idx=z[:, :-1], cond_idx=labels.to(self.device).long(), targets=z)
+            logits, loss = (net or self.model)(idx=z[:, :-1], cond_idx=labels.to(self.device).long(), targets=z)
         return logits, loss, z
 
     def train_step(self, labels: torch.Tensor, codes: torch.Tensor) -> Dict[str, float]:
@@ -80,11 +84,14 @@ class GPTTrainer:
         norm and lr."""
         lr = self._apply_schedule()
         self.model.train()
-        logits, loss, z = self._loss(labels, codes)
+        logits, loss, z = self._loss(labels, codes, self.net)
         grad_norm = backward_and_step(loss, self.model.parameters(), self.optimizer, self.scaler,
                                       self.config.grad_clip)
         self.it += 1
-        return {"loss": loss.item(), "acc": token_accuracy(logits, z), "grad_norm": grad_norm.item(), "lr": lr}
+        metrics = {"loss": loss.item(), "acc": token_accuracy(logits, z)}
+        if self.distributed:
+            metrics = _distributed.mean_over_ranks(metrics, self.device)
+        return {**metrics, "grad_norm": grad_norm.item(), "lr": lr}
 
     @torch.no_grad()
     def eval_step(self, labels: torch.Tensor, codes: torch.Tensor) -> Dict[str, float]:
@@ -98,7 +105,10 @@ class GPTTrainer:
         return {"loss": loss.item(), "acc": token_accuracy(logits, z)}
 
     def save_checkpoint(self, path, args: Optional[Dict] = None) -> None:
-        """Write ``{"model", "optimizer", "steps", "args", "rng"}`` atomically (LlamaGen's layout plus RNG state)."""
+        """Write ``{"model", "optimizer", "steps", "args", "rng"}`` atomically (LlamaGen's layout plus RNG state);
+        when distributed, only rank 0 writes."""
+        if not _is_writer(self.distributed):
+            return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -114,7 +124,9 @@ class GPTTrainer:
         self.model.load_state_dict(ckpt["model"], strict=True)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.it = int(ckpt["steps"])
-        if "rng" in ckpt:
+        if self.distributed:  # the file holds rank 0's RNG only: give each rank its own stream
+            _reseed_per_rank(self.it)
+        elif "rng" in ckpt:
             torch.set_rng_state(ckpt["rng"].cpu())
         return ckpt
 
@@ -158,7 +170,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     d.add_argument("--init-gpt", default=None, help="start from these weights (fine-tuning)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--iters", type=int, required=True)
-    o.add_argument("--bs", type=int, default=64)
+    o.add_argument("--bs", type=int, default=64, help="global batch size (split over the torchrun ranks)")
     o.add_argument("--lr", type=float, default=1e-4)
     o.add_argument("--wd", type=float, default=0.05)
     o.add_argument("--wp", type=int, default=0, help="warm-up steps")
@@ -170,7 +182,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output folder (ckpt-last.pt; resumed from when present)")
     r.add_argument("--no-resume", action="store_true")
     r.add_argument("--save-every", type=int, default=1000)
-    r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    r.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
     r.add_argument("--workers", type=int, default=2)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-progress", action="store_true")
@@ -178,30 +190,39 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
-    """Command-line entry point; returns the per-step metrics of this run."""
+    """Command-line entry point (also under torchrun); returns the per-step metrics of this run."""
+    args = build_arg_parser().parse_args(argv)
+    env = _distributed.setup(args.device)
+    try:
+        return _main(args, env)
+    finally:
+        _distributed.cleanup(env)
+
+
+def _main(args, env: "_distributed.DistEnv") -> List[Dict[str, float]]:
     from varcore.checkpoints import _gpt_state_dict
 
-    args = build_arg_parser().parse_args(argv)
     torch.manual_seed(args.seed)
     model = GPT_models[args.model](
         vocab_size=args.vocab_size, block_size=args.grid ** 2, num_classes=args.num_classes,
         spe_token_num=args.M ** 2 - 1, ar_token_num=args.M ** 2, token_dropout_p=args.dropout,
         resid_dropout_p=args.dropout, ffn_dropout_p=args.dropout, class_dropout_prob=args.class_dropout,
-    ).to(args.device)
+    ).to(env.device)
     if args.init_gpt:
         model.load_state_dict(_gpt_state_dict(args.init_gpt), strict=True)
+    if env.enabled:  # same initial weights everywhere (DDP broadcasts rank 0's), own dropout draws per rank
+        torch.manual_seed(args.seed + env.rank)
     config = TrainConfig(max_iters=args.iters, lr=args.lr, weight_decay=args.wd, warmup_iters=args.wp, wpe=args.wpe,
                          schedule=args.sche, grad_clip=args.clip, amp=args.amp)
-    trainer = GPTTrainer(model, config)
+    trainer = GPTTrainer(model, config, distributed=env.enabled)
     ckpt_path = Path(args.out) / "ckpt-last.pt"
     if ckpt_path.is_file() and not args.no_resume:
         trainer.load_checkpoint(ckpt_path)
         print(f"resumed from {ckpt_path} at step {trainer.it}", file=sys.stderr)
     dataset = TokenPyramids(args.tokens)
-    loader = DataLoader(dataset, batch_size=args.bs, shuffle=True, drop_last=len(dataset) >= args.bs,
-                        num_workers=args.workers, persistent_workers=args.workers > 0)
-    return train(trainer, loader, out_dir=args.out, save_every=args.save_every, progress=not args.no_progress,
-                 args=vars(args))
+    loader = _distributed.make_loader(dataset, args.bs, env, workers=args.workers, seed=args.seed)
+    return train(trainer, loader, out_dir=args.out, save_every=args.save_every,
+                 progress=not args.no_progress and env.is_main, args=vars(args))
 
 
 if __name__ == "__main__":

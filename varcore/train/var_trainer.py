@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from varcore.models import PATCH_NUMS, VAR, VQVAE
+from varcore.train import distributed as _distributed
 from varcore.train.data import ImageFolder, TokenPyramids, split_scales
 from varcore.train.losses import scale_token_weights, token_accuracy, var_loss
 from varcore.train.schedule import SCHEDULES, lr_factor, param_groups, weight_decay_at
@@ -123,9 +123,13 @@ class VARTrainer:
     scale) or images in [-1, 1] (tokenised with ``vae.img_to_idxBl``). Checkpoints use the official nesting
     ``{"iter", "trainer": {"config", "var_wo_ddp", "var_opt"}, "args"}``, so ``varcore.checkpoints.load_var``
     reads them; the frozen VAE is not stored.
+
+    ``distributed=True`` (inside a torch.distributed process group, see :mod:`varcore.train.distributed`) runs the
+    forward pass through DistributedDataParallel, reports metrics averaged over the ranks and lets only rank 0
+    write checkpoints; ``var`` itself stays unwrapped (``var_wo_ddp``).
     """
 
-    def __init__(self, vae: VQVAE, var: VAR, config: TrainConfig):
+    def __init__(self, vae: VQVAE, var: VAR, config: TrainConfig, distributed: bool = False):
         if not isinstance(vae, VQVAE):
             raise TypeError(f"vae must be a VQVAE, got {type(vae).__name__}")
         if not isinstance(var, VAR):
@@ -136,6 +140,8 @@ class VARTrainer:
             raise ValueError("var must have been built on this vae (var.vae_proxy[0] is not vae)")
         self.vae, self.var, self.config = vae, var, config
         self.device = var.lvl_1L.device
+        self.distributed = _check_distributed(distributed)
+        self.net = _distributed.wrap_ddp(var) if distributed else var  # what the forward pass runs through
         self.token_weight_1L = scale_token_weights(var.patch_nums, config.scale_weights, device=self.device)
         self.optimizer, self.amp_dtype, self.scaler = make_optimizer(var, config, self.device)
         self.it = 0
@@ -169,14 +175,16 @@ class VARTrainer:
         lr = self._apply_schedule()
         self.var.train()
         with self._autocast():
-            logits_BLV = self.var(label_B, x_BLCv)
+            logits_BLV = self.net(label_B, x_BLCv)
             loss = var_loss(logits_BLV, gt_BL, self.token_weight_1L, self.config.label_smoothing)
         grad_norm = backward_and_step(loss, self.var.parameters(), self.optimizer, self.scaler, self.config.grad_clip)
         self.it += 1
         last_l = self.var.patch_nums[-1] ** 2
-        return {"loss": loss.item(), "acc": token_accuracy(logits_BLV, gt_BL),
-                "acc_tail": token_accuracy(logits_BLV[:, -last_l:], gt_BL[:, -last_l:]),
-                "grad_norm": grad_norm.item(), "lr": lr}
+        metrics = {"loss": loss.item(), "acc": token_accuracy(logits_BLV, gt_BL),
+                   "acc_tail": token_accuracy(logits_BLV[:, -last_l:], gt_BL[:, -last_l:])}
+        if self.distributed:
+            metrics = _distributed.mean_over_ranks(metrics, self.device)
+        return {**metrics, "grad_norm": grad_norm.item(), "lr": lr}
 
     @torch.no_grad()
     def eval_step(self, label_B: torch.Tensor, idx_Bl: Optional[Sequence[torch.Tensor]] = None,
@@ -203,7 +211,9 @@ class VARTrainer:
     def save_checkpoint(self, path, args: Optional[Dict] = None) -> None:
         """Write ``{"iter", "trainer", "args", "rng"}`` to ``path`` atomically (a temporary file, then a rename).
         The global RNG states (class dropout and drop-path draw from them) are saved so that a resumed run
-        continues exactly."""
+        continues exactly. When distributed, only rank 0 writes."""
+        if not _is_writer(self.distributed):
+            return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -223,16 +233,40 @@ class VARTrainer:
         if self.scaler is not None and state["var_opt"].get("scaler") is not None:
             self.scaler.load_state_dict(state["var_opt"]["scaler"])
         self.it = int(ckpt["iter"])
-        if "rng" in ckpt:
+        if self.distributed:  # the file holds rank 0's RNG only: give each rank its own stream
+            _reseed_per_rank(self.it)
+        elif "rng" in ckpt:
             torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
             if torch.cuda.is_available() and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all([t.cpu() for t in ckpt["rng"]["cuda"]])
         return ckpt
 
 
+def _check_distributed(distributed) -> bool:
+    if not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be a bool, got {type(distributed).__name__}")
+    if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ValueError("distributed=True needs a torch.distributed process group (run under torchrun; see "
+                         "varcore.train.distributed.setup)")
+    return distributed
+
+
+def _is_writer(distributed: bool) -> bool:
+    return not distributed or torch.distributed.get_rank() == 0
+
+
+def _reseed_per_rank(it: int) -> None:
+    torch.manual_seed(it * 1_000_003 + torch.distributed.get_rank())
+
+
 def _batches_forever(loader: Iterable) -> Iterable:
+    epoch = 0
     while True:
         yielded = False
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):  # a DistributedSampler reshuffles per epoch
+            sampler.set_epoch(epoch)
+        epoch += 1
         for batch in loader:
             yielded = True
             yield batch
@@ -272,12 +306,14 @@ def train(trainer: VARTrainer, loader: Iterable, out_dir=None, save_every: int =
 
 def build_var_for_training(vae: VQVAE, depth: int, num_classes: int = 1000, width: Optional[int] = None,
                            heads: Optional[int] = None, shared_aln: bool = False, cond_drop_rate: float = 0.1,
-                           init_adaln_gamma: float = 1e-3) -> VAR:
+                           init_adaln_gamma: float = 1e-3, drop_path_rate: Optional[float] = None) -> VAR:
     """A freshly initialised VAR on ``vae``'s device and scale schedule, with the official recipe's settings
-    (width 64 * depth and ``depth`` heads unless given, drop-path 0.1 * depth / 24, L2-normalised attention)."""
+    (width 64 * depth and ``depth`` heads unless given, drop-path 0.1 * depth / 24 unless given, L2-normalised
+    attention)."""
     width = 64 * depth if width is None else width
+    drop_path_rate = 0.1 * depth / 24 if drop_path_rate is None else drop_path_rate
     var = VAR(vae, num_classes=num_classes, depth=depth, embed_dim=width, num_heads=depth if heads is None else heads,
-              drop_path_rate=0.1 * depth / 24, norm_eps=1e-6, shared_aln=shared_aln, cond_drop_rate=cond_drop_rate,
+              drop_path_rate=drop_path_rate, norm_eps=1e-6, shared_aln=shared_aln, cond_drop_rate=cond_drop_rate,
               attn_l2_norm=True, patch_nums=vae.quantize.v_patch_nums)
     var.init_weights(init_adaln=0.5, init_adaln_gamma=init_adaln_gamma, init_head=0.02, init_std=-1)
     return var.to(vae.quantize.embedding.weight.device)
@@ -319,7 +355,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     d.add_argument("--alng", type=float, default=1e-3, help="AdaLN gamma init")
     o = p.add_argument_group("optimisation")
     o.add_argument("--iters", type=int, required=True, help="total optimisation steps")
-    o.add_argument("--bs", type=int, default=64, help="batch size")
+    o.add_argument("--bs", type=int, default=64, help="global batch size (split over the torchrun ranks)")
     o.add_argument("--tblr", type=float, default=1e-4, help="base lr per 256 samples (lr = tblr * bs / 256)")
     o.add_argument("--lr", type=float, default=None, help="peak lr (overrides --tblr)")
     o.add_argument("--wd", type=float, default=0.05, help="weight decay at the start")
@@ -333,12 +369,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
     o.add_argument("--scale-weights", type=_parse_floats, default=None,
                    help="comma-separated loss weight per scale (default: every token equal)")
     o.add_argument("--cond-drop", type=float, default=0.1, help="class-dropout probability (for CFG)")
+    o.add_argument("--drop-path", type=float, default=None, help="drop-path rate (default 0.1 * depth / 24)")
     o.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast precision")
     r = p.add_argument_group("run")
     r.add_argument("--out", required=True, help="output folder (ckpt-last.pth; resumed from when present)")
     r.add_argument("--no-resume", action="store_true", help="ignore an existing ckpt-last.pth")
     r.add_argument("--save-every", type=int, default=1000, help="checkpoint interval in steps (0: end only)")
-    r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    r.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
     r.add_argument("--workers", type=int, default=2, help="data-loader workers")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -346,18 +383,28 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
-    """Command-line entry point; returns the per-step metrics of this run."""
+    """Command-line entry point (also under torchrun); returns the per-step metrics of this run."""
+    args = build_arg_parser().parse_args(argv)
+    env = _distributed.setup(args.device)
+    try:
+        return _main(args, env)
+    finally:
+        _distributed.cleanup(env)
+
+
+def _main(args, env: "_distributed.DistEnv") -> List[Dict[str, float]]:
     from varcore.checkpoints import load_vae, read_state_dict  # deferred: checkpoints imports the models
 
-    args = build_arg_parser().parse_args(argv)
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = env.device
     vae = load_vae(args.vae, device=device, v_patch_nums=args.pn)
     var = build_var_for_training(vae, depth=args.depth, num_classes=args.num_classes, width=args.width,
                                  heads=args.heads, shared_aln=args.saln, cond_drop_rate=args.cond_drop,
-                                 init_adaln_gamma=args.alng)
+                                 init_adaln_gamma=args.alng, drop_path_rate=args.drop_path)
     if args.init_var:
         var.load_state_dict(read_state_dict(args.init_var, kind="var"), strict=True)
+    if env.enabled:  # same initial weights everywhere (DDP broadcasts rank 0's), own dropout draws per rank
+        torch.manual_seed(args.seed + env.rank)
     config = TrainConfig(
         max_iters=args.iters, lr=args.lr if args.lr is not None else args.tblr * args.bs / 256,
         weight_decay=args.wd, weight_decay_end=args.wde,
@@ -365,7 +412,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
         schedule=args.sche, grad_clip=args.clip, label_smoothing=args.ls, scale_weights=args.scale_weights,
         amp=args.amp,
     )
-    trainer = VARTrainer(vae, var, config)
+    trainer = VARTrainer(vae, var, config, distributed=env.enabled)
     ckpt_path = Path(args.out) / "ckpt-last.pth"
     if ckpt_path.is_file() and not args.no_resume:
         trainer.load_checkpoint(ckpt_path)
@@ -375,9 +422,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
         dataset = ImageFolder(args.data, reso=args.pn[-1] * vae.downsample, train=True)
     else:
         dataset = TokenPyramids(args.tokens)
-    loader = DataLoader(dataset, batch_size=args.bs, shuffle=True, drop_last=len(dataset) >= args.bs,
-                        num_workers=args.workers, persistent_workers=args.workers > 0)
-    return train(trainer, loader, out_dir=args.out, save_every=args.save_every, progress=not args.no_progress,
+    loader = _distributed.make_loader(dataset, args.bs, env, workers=args.workers, seed=args.seed)
+    return train(trainer, loader, out_dir=args.out, save_every=args.save_every,
+                 progress=not args.no_progress and env.is_main,
                  args={k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()})
 
 
