@@ -1,0 +1,173 @@
+"""Tiny models trained on scikit-learn's digits and shipped inside varcore (no download needed).
+
+Names (:data:`BUNDLED`):
+
+* ``digits-var``: the VAR (depth 4) on a multi-scale VQVAE, next-scale prediction over scales (1, 2, 3, 4);
+* ``digits-var-small``: the quarter-size VAR (depth 2) alone, the CoDe refiner;
+* ``digits-code``: CoDe, the depth-4 VAR drafting the first :data:`CODE_DRAFT_STEPS` scales and the small VAR
+  refining the rest;
+* ``digits-par``: a PAR-4x GPT (4 tokens per step) on a single-scale VQ tokenizer (8x8 codes);
+* ``digits-raster``: a GPT of the same size trained for raster decoding (one token per step) on the same codes.
+
+Two entry points:
+
+* :func:`load_bundled` ``(name, device)`` gives the modules: ``(vae, var)`` for the VAR names (a tuple, so it
+  drops in where a VQVAE/VAR pair is expected), ``(vae, drafter, refiner, draft_steps)`` for CoDe and
+  ``(vq, gpt)`` for the GPTs (all NamedTuples, eval mode, float32, no gradients).
+* :class:`DigitsSampler` ``(name).sample(labels, seed=...)`` draws 16x16 images in [0, 1] with any of them through
+  the matching varcore sampler (:class:`~varcore.sampling.var.VARSampler`, :class:`~varcore.sampling.code.
+  CoDeSampler` or :class:`~varcore.sampling.par.PARSampler`), with one interface.
+
+The recipe that produced the weights is :mod:`varcore.train.digits` (``varcore train-digits``).
+"""
+from dataclasses import dataclass
+from typing import Dict, NamedTuple, Optional, Sequence, Union
+
+import torch
+
+from .data import IMAGE_SIZE, NUM_CLASSES, load_digits
+from .recipe import WEIGHTS_DIR, load_weights
+
+__all__ = ["BUNDLED", "CODE_DRAFT_STEPS", "BundledInfo", "VARBundle", "CoDeBundle", "GPTBundle", "load_bundled",
+           "bundled_names", "DigitsSampler", "load_digits", "IMAGE_SIZE", "NUM_CLASSES"]
+
+CODE_DRAFT_STEPS = 2
+
+
+@dataclass(frozen=True)
+class BundledInfo:
+    """A bundled model: its family ('var', 'code' or 'gpt'), the weight files it uses, its decoding and the
+    sampling defaults (classifier-free guidance scale)."""
+
+    family: str
+    parts: tuple
+    decoding: str
+    description: str
+    cfg: float
+
+
+BUNDLED: Dict[str, BundledInfo] = {
+    "digits-var": BundledInfo("var", ("vqvae", "var-drafter"), "next-scale",
+                              "VAR depth 4 on a multi-scale VQVAE", cfg=2.0),
+    "digits-var-small": BundledInfo("var", ("vqvae", "var-refiner"), "next-scale",
+                                    "VAR depth 2 (the CoDe refiner alone)", cfg=2.0),
+    "digits-code": BundledInfo("code", ("vqvae", "var-drafter", "var-refiner"), f"CoDe N={CODE_DRAFT_STEPS}",
+                               "CoDe: VAR depth 4 drafts, VAR depth 2 refines", cfg=2.0),
+    "digits-par": BundledInfo("gpt", ("vq", "gpt-par"), "PAR-4x",
+                              "PAR GPT (4 layers) on a single-scale VQ, 4 tokens per step", cfg=2.0),
+    "digits-raster": BundledInfo("gpt", ("vq", "gpt-raster"), "raster",
+                                 "GPT (4 layers) on a single-scale VQ, raster order", cfg=2.0),
+}
+
+
+class VARBundle(NamedTuple):
+    vae: torch.nn.Module
+    var: torch.nn.Module
+
+
+class CoDeBundle(NamedTuple):
+    vae: torch.nn.Module
+    drafter: torch.nn.Module
+    refiner: torch.nn.Module
+    draft_steps: int
+
+
+class GPTBundle(NamedTuple):
+    vq: torch.nn.Module
+    gpt: torch.nn.Module
+
+
+def bundled_names() -> list:
+    """The names :func:`load_bundled` and :class:`DigitsSampler` accept."""
+    return list(BUNDLED)
+
+
+def _info(name: str) -> BundledInfo:
+    if name not in BUNDLED:
+        raise ValueError(f"name must be one of the bundled models {bundled_names()}, got {name!r}")
+    return BUNDLED[name]
+
+
+def load_bundled(name: str, device: Union[str, torch.device] = "cpu", weights_root=None
+                 ) -> Union[VARBundle, CoDeBundle, GPTBundle]:
+    """The modules of bundled model ``name`` on ``device`` (see the module docstring); ``weights_root`` reads the
+    safetensors files from another directory (e.g. the output of ``varcore train-digits --out``)."""
+    info = _info(name)
+    first = load_weights(info.parts[0], root=weights_root, device=device)
+    rest = [load_weights(p, vae=first, root=weights_root, device=device) for p in info.parts[1:]]
+    if info.family == "var":
+        return VARBundle(first, rest[0])
+    if info.family == "code":
+        return CoDeBundle(first, rest[0], rest[1], CODE_DRAFT_STEPS)
+    return GPTBundle(first, rest[0])
+
+
+def _labels_tensor(labels, device) -> torch.Tensor:
+    if isinstance(labels, int) and not isinstance(labels, bool):
+        labels = [labels]
+    t = torch.as_tensor(labels, device=device)
+    if t.ndim != 1 or t.numel() == 0 or t.is_floating_point() or t.dtype == torch.bool:
+        raise ValueError(f"labels must be a non-empty 1-D sequence of ints, got {labels!r}")
+    if int(t.min()) < 0 or int(t.max()) >= NUM_CLASSES:
+        raise ValueError(f"labels must be in [0, {NUM_CLASSES}), got {t.tolist()}")
+    return t.long()
+
+
+class DigitsSampler:
+    """Sampling with a bundled model (``name`` in :data:`BUNDLED`) through one interface.
+
+    ``steps`` is the number of transformer forward passes per call (scales for VAR/CoDe, decoding steps for GPTs).
+    """
+
+    def __init__(self, name: str, device: Union[str, torch.device] = "cpu", weights_root=None):
+        self.name, self.info = name, _info(name)
+        self.device = torch.device(device)
+        self.modules = load_bundled(name, device=self.device, weights_root=weights_root)
+        if self.info.family == "var":
+            from varcore.sampling.var import VARSampler
+
+            self._sampler = VARSampler(self.modules.var, self.modules.vae)
+            self.steps = len(self.modules.var.patch_nums)
+        elif self.info.family == "code":
+            from varcore.sampling.code import CoDeSampler
+
+            m = self.modules
+            self._sampler = CoDeSampler(m.drafter, m.refiner, m.draft_steps, m.vae)
+            self.steps = len(m.drafter.patch_nums)
+        else:
+            from varcore.sampling.par import PARSampler
+
+            self._sampler = PARSampler(self.modules.gpt, self.modules.vq)
+            self.steps = self._sampler.steps
+
+    @property
+    def decoding(self) -> str:
+        return self.info.decoding
+
+    def sample(self, labels: Union[int, Sequence[int], torch.Tensor], seed: Optional[int] = None,
+               cfg: Optional[float] = None, top_k: int = 0, top_p: float = 1.0, progress: bool = False
+               ) -> torch.Tensor:
+        """Images (B, 3, 16, 16) in [0, 1] for ``labels`` (B,). ``seed`` seeds one generator for the call (None:
+        the global RNG); the same seed and labels give the same images. ``cfg`` is the classifier-free guidance
+        scale (None: the model's default; VAR ramps it over the scales as official, the GPTs use it constantly);
+        ``top_k`` (0: off) and ``top_p`` (1.0: off) filter the logits of every step."""
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        cfg = self.info.cfg if cfg is None else cfg
+        if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or cfg < 0:
+            raise ValueError(f"cfg must be a number >= 0, got {cfg!r}")
+        labels = _labels_tensor(labels, self.device)
+        B = labels.shape[0]
+        if self.info.family in ("var", "code"):
+            # VAR's guidance is (1 + t) cond - t uncond with t ramped to cfg; top_p 0 means off there
+            return self._sampler.sample(B, labels, g_seed=seed, cfg=float(cfg), top_k=top_k,
+                                        top_p=0.0 if top_p >= 1.0 else float(top_p), progress=progress)
+        gen = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        self._sampler.progress = progress
+        images = self._sampler.sample(labels, cfg_scale=float(cfg), top_k=top_k, top_p=float(top_p),
+                                      generator=gen)
+        return images.clamp(-1, 1).add(1).mul(0.5)

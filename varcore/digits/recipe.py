@@ -1,0 +1,127 @@
+"""Architectures of the bundled digits models, and reading/writing their weights.
+
+All models work on 16x16 digit images (:mod:`varcore.digits.data`):
+
+* ``vqvae``: VAR's multi-scale VQVAE (official architecture, ``ch_mult`` (1, 1, 1): x4 downsampling to a 4x4
+  latent) with scales (1, 2, 3, 4) and a 512-code vocabulary;
+* ``var-drafter``: a VAR of depth 4, width 64 on that tokenizer (the bundled VAR model and CoDe's drafter);
+* ``var-refiner``: a VAR of depth 2, width 48, about a quarter of the drafter's parameters (CoDe's refiner);
+* ``vq``: LlamaGen's single-scale VQ tokenizer (``ch_mult`` (1, 1): x2 downsampling to an 8x8 grid, 256 codes);
+* ``gpt-par`` / ``gpt-raster``: two LlamaGen/PAR GPTs of the same size (4 layers, width 64) on the ``vq`` codes,
+  one trained for PAR-4x decoding (M = 2) and one for raster decoding (M = 1);
+* ``classifier``: the small CNN of the quality harness (:mod:`varcore.digits.classifier`).
+
+Weights are safetensors files in ``varcore/digits/weights/`` whose metadata holds the recipe version and the
+architecture, so :func:`load_weights` rebuilds a model from the file alone.
+"""
+import json
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+from varcore.digits.data import NUM_CLASSES
+
+__all__ = ["WEIGHTS_DIR", "ARCHS", "build", "save_weights", "load_weights", "weights_path", "PATCH_NUMS",
+           "RECIPE_VERSION"]
+
+RECIPE_VERSION = "1"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+PATCH_NUMS = (1, 2, 3, 4)
+
+ARCHS: Dict[str, Dict] = {
+    "vqvae": dict(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 1, 1), v_patch_nums=PATCH_NUMS,
+                  share_quant_resi=4, quant_resi=0.5),
+    "var-drafter": dict(depth=4, embed_dim=64, num_heads=2),
+    "var-refiner": dict(depth=2, embed_dim=48, num_heads=2),
+    "vq": dict(codebook_size=256, codebook_embed_dim=8, z_channels=32, ch=32, encoder_ch_mult=[1, 1],
+               decoder_ch_mult=[1, 1], num_res_blocks=1, codebook_show_usage=False),
+    "gpt-par": dict(dim=64, n_layer=4, n_head=2, multiple_of=32, vocab_size=256, block_size=64,
+                    num_classes=NUM_CLASSES, ar_token_num=4, spe_token_num=3),
+    "gpt-raster": dict(dim=64, n_layer=4, n_head=2, multiple_of=32, vocab_size=256, block_size=64,
+                       num_classes=NUM_CLASSES, ar_token_num=1, spe_token_num=0),
+    "classifier": dict(width=32, feature_dim=64),
+}
+
+
+def _check_part(part: str) -> None:
+    if part not in ARCHS:
+        raise ValueError(f"part must be one of {sorted(ARCHS)}, got {part!r}")
+
+
+def build(part: str, vae: Optional[nn.Module] = None, arch: Optional[Dict] = None) -> nn.Module:
+    """A freshly initialised model for ``part`` (one of :data:`ARCHS`) with architecture ``arch`` (default: the
+    recipe's). VAR parts need the multi-scale ``vae`` they predict tokens of."""
+    _check_part(part)
+    arch = dict(ARCHS[part] if arch is None else arch)
+    if part == "vqvae":
+        from varcore.models.vqvae import VQVAE
+
+        return VQVAE(test_mode=False, **arch)
+    if part.startswith("var-"):
+        from varcore.models.vqvae import VQVAE
+        from varcore.train.var_trainer import build_var_for_training
+
+        if not isinstance(vae, VQVAE):
+            raise TypeError(f"building {part} needs the multi-scale VQVAE as vae, got {type(vae).__name__}")
+        return build_var_for_training(vae, depth=arch["depth"], num_classes=NUM_CLASSES, width=arch["embed_dim"],
+                                      heads=arch["num_heads"], init_adaln_gamma=1e-3)
+    if part == "vq":
+        from varcore.models.vq16 import ModelArgs, VQModel
+
+        return VQModel(ModelArgs(**arch))
+    if part.startswith("gpt-"):
+        from varcore.models.gpt import ModelArgs, Transformer
+
+        return Transformer(ModelArgs(**arch))
+    from varcore.digits.classifier import DigitClassifier
+
+    return DigitClassifier(**arch)
+
+
+def weights_path(part: str, root: Optional[Union[str, Path]] = None) -> Path:
+    _check_part(part)
+    return Path(WEIGHTS_DIR if root is None else root) / f"{part}.safetensors"
+
+
+def save_weights(part: str, model: nn.Module, root: Optional[Union[str, Path]] = None,
+                 info: Optional[Dict] = None) -> Path:
+    """Write ``model``'s state dict (float tensors as float16, to keep the package small) with the architecture
+    and ``info`` (training metrics) in the metadata."""
+    path = weights_path(part, root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).contiguous().cpu()
+             for k, v in model.state_dict().items()}
+    meta = {"recipe_version": RECIPE_VERSION, "part": part, "arch": json.dumps(ARCHS[part]),
+            "info": json.dumps(info or {})}
+    save_file(state, str(path), metadata=meta)
+    path.chmod(0o644)  # safetensors creates files readable by the owner only; these are package data
+    return path
+
+
+def read_metadata(part: str, root: Optional[Union[str, Path]] = None) -> Dict:
+    """The metadata of a weights file: ``arch`` and ``info`` decoded from JSON."""
+    path = weights_path(part, root)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights for {part!r} at {path}; train them with `varcore train-digits`")
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    for key in ("arch", "info"):
+        meta[key] = json.loads(meta.get(key, "{}"))
+    return meta
+
+
+def load_weights(part: str, vae: Optional[nn.Module] = None, root: Optional[Union[str, Path]] = None,
+                 device: Union[str, torch.device] = "cpu") -> nn.Module:
+    """Rebuild ``part`` from its weights file (architecture from the file's metadata) in eval mode, float32,
+    with gradients off."""
+    meta = read_metadata(part, root)
+    model = build(part, vae=vae, arch=meta["arch"])
+    state = load_file(str(weights_path(part, root)))
+    own = model.state_dict()
+    state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval().requires_grad_(False)
