@@ -166,13 +166,16 @@ class VAR(nn.Module):
         """Head on the final hidden states: float32 logits (B, L, V). ``cond_BD`` is the raw class embedding."""
         return self.head(self.head_nm(h.float(), cond_BD).float()).float()
 
-    def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits (B, L, V).
+    def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, mask_l: Optional[int] = None
+                ) -> torch.Tensor:
+        """Teacher-forced logits (B, L, V), or (B, mask_l, V) with ``mask_l``.
 
         ``label_B`` (B,) class labels; ``x_BLCv_wo_first_l`` (B, L - first_l, Cvae) the next-scale inputs from
         ``vae.quantize.idxBl_to_var_input``. In training mode each label is replaced by the null class with
         probability ``cond_drop_rate``. Under autocast the residual stream runs in the autocast dtype; the
-        embeddings and the logits are float32.
+        embeddings and the logits are float32. ``mask_l`` (CoDe's argument; None = L) keeps only the first
+        ``mask_l`` tokens of the sequence, e.g. 255 for the first 8 scales at 256 px (CoDe's drafter training):
+        by the block-causal mask their logits are those of the full sequence, at a fraction of the cost.
         """
         if not isinstance(x_BLCv_wo_first_l, torch.Tensor) or x_BLCv_wo_first_l.ndim != 3 \
                 or tuple(x_BLCv_wo_first_l.shape[1:]) != (self.L - self.first_l, self.Cvae):
@@ -185,6 +188,10 @@ class VAR(nn.Module):
                              f"got {getattr(label_B, 'dtype', type(label_B))} {tuple(getattr(label_B, 'shape', ()))}")
         if B and not label_B.is_meta and (label_B.min() < 0 or label_B.max() > self.num_classes):
             raise ValueError(f"label_B values must be in [0, {self.num_classes}]")
+        if mask_l is None:
+            mask_l = self.L
+        if isinstance(mask_l, bool) or not isinstance(mask_l, int) or not self.first_l <= mask_l <= self.L:
+            raise ValueError(f"mask_l must be an int in [{self.first_l}, {self.L}], got {mask_l!r}")
         device = x_BLCv_wo_first_l.device
         label_B = label_B.to(device)
 
@@ -195,8 +202,8 @@ class VAR(nn.Module):
                 label_B = torch.where(drop_B, self.num_classes, label_B)
             sos = cond_BD = self.class_emb(label_B)
             sos = sos.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, self.first_l, -1)
-            x_BLC = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.float())), dim=1)
-            x_BLC += self.lvl_embed(self.lvl_1L.expand(B, -1)) + self.pos_1LC
+            x_BLC = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l[:, :mask_l - self.first_l].float())), dim=1)
+            x_BLC += self.lvl_embed(self.lvl_1L[:, :mask_l].expand(B, -1)) + self.pos_1LC[:, :mask_l]
 
         cond_BD_or_gss = self.shared_ada_lin(cond_BD)
         autocasting = autocast_ok and torch.is_autocast_enabled(device.type)
@@ -205,8 +212,8 @@ class VAR(nn.Module):
         cond_BD_or_gss = cond_BD_or_gss.to(main_type)
         # attn_bias_for_masking as "query i sees keys [0, visible_end[i])", the form the attention kernel takes;
         # derived from the (sorted) level buffer rather than stored, so checkpoints keep the official keys.
-        lvl_L = self.lvl_1L[0]
-        attn_bias = torch.searchsorted(lvl_L, lvl_L, right=True).to(torch.int32)
+        lvl_L = self.lvl_1L[0, :mask_l]
+        attn_bias = torch.searchsorted(lvl_L, lvl_L, right=True).to(torch.int32)  # <= mask_l (cut inside a scale)
         for block in self.blocks:
             x_BLC = block(x=x_BLC, cond_BD=cond_BD_or_gss, attn_bias=attn_bias)
         return self.get_logits(x_BLC.float(), cond_BD)
@@ -315,6 +322,25 @@ class VAR(nn.Module):
                     block.attn.kv_caching(False)
             img = vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
         return (img, idx_Bl_per_scale) if return_idx_Bl else img
+
+    # ---------------------------------------------------------------- CoDe (official method names)
+    def autoregressive_infer_cfg_draft(self, B: int, label_B, g_seed: Optional[int] = None, cfg: float = 1.5,
+                                       top_k=0, top_p: float = 0.0, more_smooth: bool = False, exit_num: int = 7,
+                                       temp=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """CoDe's drafter half: scales ``0..exit_num-1``; returns ``(f_hat, token_hub)`` as the official method
+        (see :func:`varcore.models.code.draft`). ``top_k``/``temp`` are scalars or one value per scale."""
+        from .code import draft
+
+        return draft(self, B, label_B, exit_num, g_seed, cfg, top_k, top_p, more_smooth, temp)[:2]
+
+    def autoregressive_infer_cfg_refine(self, B: int, label_B, g_seed: Optional[int] = None, cfg: float = 1.5,
+                                        top_k=0, top_p: float = 0.0, more_smooth: bool = False, draft=None,
+                                        f_hat=None, entry_num: int = 7, temp=1.0) -> torch.Tensor:
+        """CoDe's refiner half on the drafter's ``draft`` (token hub) and ``f_hat``: images in [0, 1], with the
+        official replay of the drafted scales' random draws (see :func:`varcore.models.code.refine`)."""
+        from .code import refine
+
+        return refine(self, B, label_B, draft, f_hat, entry_num, g_seed, cfg, top_k, top_p, more_smooth, temp)[0]
 
     # ---------------------------------------------------------------- initialisation
     def init_weights(self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02,

@@ -237,7 +237,7 @@ class VARSampler:
             k = F.normalize(k.float(), dim=-1)
         k_all, v_all = kv.update(j, begin, begin + l, k, v)
         del qkv, k, v  # the cache holds k and v now (with L2 norm q no longer views qkv, which is freed)
-        out_BHlc = basic_var.attention(q, k_all, v_all, None, attn.scale)
+        out_BHlc = basic_var.attention(q, k_all, v_all, self._attn_mask(begin, l), attn.scale)
         return F.linear(out_BHlc.transpose(1, 2).reshape(B2, l, C), w.proj_w, w.proj_b)
 
     def _ffn(self, j: int, x_BlC: torch.Tensor, scale1p: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -301,9 +301,19 @@ class VARSampler:
         f_hat, next_BChw = quant_ops.get_next_autoregressive_input(si, f_hat, h_BChw, self.phis, self.patch_nums)
         if si == self.SN - 1:
             return None, f_hat, idx_Bl
+        return self._next_input(si, next_BChw, state), f_hat, idx_Bl
+
+    def _next_input(self, si: int, next_BChw: torch.Tensor, state: _CallState) -> Optional[torch.Tensor]:
+        """The transformer input (2B, pn^2, C) of scale ``si + 1`` from its (B, Cvae, pn, pn) map."""
+        var, B = self.var, next_BChw.shape[0]
         end, end_next = var.begin_ends[si + 1]
         next_BlC = var.word_embed(next_BChw.view(B, var.Cvae, -1).transpose(1, 2)) + state.lvl_pos_1LC[:, end:end_next]
-        return next_BlC.repeat(2, 1, 1), f_hat, idx_Bl
+        return next_BlC.repeat(2, 1, 1)
+
+    def _attn_mask(self, begin: int, l: int) -> Optional[torch.Tensor]:
+        """Attention mask of the ``l`` queries starting at token ``begin``: None (each scale sees the whole cache).
+        CoDe's refiner overrides it for its block-causal prefill."""
+        return None
 
     def _filter_(self, logits_BlV: torch.Tensor, top_k: int, top_p: float) -> None:
         """Top-k/top-p in place. Float32 uses the official filter; otherwise top-p after top-k sorts only k."""
