@@ -11,6 +11,8 @@ Environment switches:
   CUDA_HOME              toolkit root; found from nvcc / the usual locations when unset.
   MAX_JOBS               parallel compile jobs; defaults to the number of CPUs.
   VARCORE_DEBUG=1        -O0 -g.
+  VARCORE_SANITIZE=address,undefined  compile and link the C++ parts with these -fsanitize= checks (-O1 -g);
+                         used by scripts/sanitize.sh, which builds into a separate directory.
 """
 import glob
 import os
@@ -102,12 +104,22 @@ def _sources(pattern):
     return sorted(glob.glob(os.path.join(CSRC, pattern)))
 
 
+def _sanitize_flags():
+    """-fsanitize= flags from VARCORE_SANITIZE (e.g. "address,undefined"); empty when unset."""
+    wanted = os.environ.get("VARCORE_SANITIZE", "").strip()
+    if not wanted:
+        return []
+    _log(f"sanitizers on: {wanted}")
+    return [f"-fsanitize={wanted}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+
+
 def build_extensions():
     debug = os.environ.get("VARCORE_DEBUG") == "1"
-    opt = ["-O0", "-g"] if debug else ["-O3"]
+    sanitize = _sanitize_flags()
+    opt = ["-O0", "-g"] if debug else ["-O1"] if sanitize else ["-O3"]
     # at::parallel_for is inlined into our code and is only parallel when compiled with OpenMP.
-    cxx = [*opt, "-fvisibility=hidden", "-fopenmp"]
-    link = ["-fopenmp"]
+    cxx = [*opt, "-fvisibility=hidden", "-fopenmp", *sanitize]
+    link = ["-fopenmp", *sanitize]
     include = [str(ROOT / CSRC)]
     with_cuda = _want_cuda()
 
@@ -136,7 +148,8 @@ def build_extensions():
         exts.append(CppExtension(
             "varcore._simt", simt_sources, include_dirs=[str(ROOT / CSRC)],
             define_macros=[("VARCORE_SIMT", "1")],
-            extra_compile_args={"cxx": ["-O2", "-fvisibility=hidden"]}))
+            extra_compile_args={"cxx": ["-O1" if sanitize else "-O2", "-fvisibility=hidden", *sanitize]},
+            extra_link_args=sanitize))
     return exts
 
 
