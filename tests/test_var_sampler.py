@@ -7,7 +7,7 @@ import torch
 
 from varcore.models import VAR, VQVAE
 from varcore.sampling.filters import top_k_top_p_filter_
-from varcore.sampling.var import StaticKVCache, VARSampler
+from varcore.sampling.var import StaticKVCache, VARSampler, row_chunks
 
 
 def _build(depth=2, width=64, heads=2, V=64, patch_nums=(1, 2, 3, 4), shared_aln=False, attn_l2_norm=True,
@@ -198,6 +198,34 @@ def test_kv_cache_memory(models):
     P = var.L - var.patch_nums[-1] ** 2
     assert s.kv_cache_bytes(B) == 2 * 2 * B * var.C * 4 * (var.depth * P + var.patch_nums[-1] ** 2)
     assert VARSampler(var, dtype=torch.bfloat16).kv_cache_bytes(B) * 2 == s.kv_cache_bytes(B)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("min_rows", [8, 20])
+def test_row_chunked_blocks_keep_the_tokens(models, name, min_rows, monkeypatch):
+    """Blocks run over batch-row chunks (forced here on small shapes) draw exactly the drop-in tokens."""
+    import varcore.sampling.var as sampler_mod
+    monkeypatch.setattr(sampler_mod, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(sampler_mod, "_MIN_CHUNK_ROWS", min_rows)
+    seen = []
+    monkeypatch.setattr(sampler_mod, "row_chunks", lambda *a: seen.append(row_chunks(*a)) or seen[-1])
+    var, B = models[name], 16
+    labels = torch.arange(B) % 10
+    _, ref = var.autoregressive_infer_cfg(B, labels, g_seed=5, cfg=2.0, top_k=10, return_idx_Bl=True)
+    assert _tokens_equal(VARSampler(var).sample(B, labels, g_seed=5, cfg=2.0, top_k=10, output="tokens"), ref)
+    assert max(len(c) for c in seen) > 2  # the largest scales really ran in chunks
+    for chunks in seen:  # the chunks tile the 2B rows in order
+        assert [r for c in chunks for r in range(2 * B)[c]] == list(range(2 * B))
+
+
+def test_row_chunks_bound_the_ffn_activations():
+    # d16 (C = 1024), batch 32 with CFG at the 16x16 scale: a 256 MiB FFN hidden -> four chunks of 64 MiB
+    assert [c.stop - c.start for c in row_chunks(64, 256, 1024, 4)] == [16, 16, 16, 16]
+    assert [c.stop - c.start for c in row_chunks(64, 100, 1024, 4)] == [32, 32]  # 100 MiB
+    assert row_chunks(64, 256, 1024, 2) != row_chunks(64, 256, 1024, 4)  # bfloat16 halves the bytes
+    assert row_chunks(16, 256, 1024, 4) == [slice(None)]  # 64 MiB: one chunk
+    assert row_chunks(64, 16, 1024, 4) == [slice(None)]  # under the minimum GEMM rows per chunk
+    assert [c.stop - c.start for c in row_chunks(7, 4096, 1024, 4)] == [1] * 7  # never more chunks than rows
 
 
 def test_progress_bar(models, capsys):

@@ -38,9 +38,11 @@ from varcore.models.vqvae import VQVAE
 from varcore.ops import quant as quant_ops
 from varcore.sampling.filters import top_k_top_p_filter_
 
-__all__ = ["VARSampler", "StaticKVCache"]
+__all__ = ["VARSampler", "StaticKVCache", "row_chunks"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CHUNK_BYTES = 64 << 20  # bound on a block's FFN hidden per row chunk
+_MIN_CHUNK_ROWS = 2048  # GEMM rows per chunk, so that chunking leaves each row's float32 result unchanged
 
 
 class StaticKVCache:
@@ -67,12 +69,14 @@ class StaticKVCache:
         L = sum(pn * pn for pn in patch_nums)
         return depth * (L - patch_nums[-1] ** 2) + patch_nums[-1] ** 2
 
-    def update(self, j: int, begin: int, end: int, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor):
-        """Store block ``j``'s k/v of tokens [begin, end) and return its k/v over tokens [0, end) (views)."""
+    def update(self, j: int, begin: int, end: int, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor,
+               rows: slice = slice(None)):
+        """Store block ``j``'s k/v of tokens [begin, end) for the batch rows ``rows`` and return its k/v over
+        tokens [0, end) for those rows (views)."""
         o = (self.depth - 1 - j) * self.P
-        self.k[:, :, o + begin:o + end].copy_(k_BHlc)
-        self.v[:, :, o + begin:o + end].copy_(v_BHlc)
-        return self.k[:, :, o:o + end], self.v[:, :, o:o + end]
+        self.k[rows, :, o + begin:o + end].copy_(k_BHlc)
+        self.v[rows, :, o + begin:o + end].copy_(v_BHlc)
+        return self.k[rows, :, o:o + end], self.v[rows, :, o:o + end]
 
     @property
     def nbytes(self) -> int:
@@ -227,7 +231,7 @@ class VARSampler:
         return (F.layer_norm(x_BlC, (x_BlC.shape[-1],), eps=eps) * scale1p + shift).to(self.dtype)
 
     def _attention(self, j: int, x_BlC: torch.Tensor, scale1p: torch.Tensor, shift: torch.Tensor,
-                   kv: StaticKVCache, begin: int) -> torch.Tensor:
+                   kv: StaticKVCache, begin: int, rows: slice) -> torch.Tensor:
         w, B2, l, C = self.weights[j], x_BlC.shape[0], x_BlC.shape[1], x_BlC.shape[2]
         qkv = F.linear(self._modulated(x_BlC, j, scale1p, shift), w.qkv_w, w.qkv_b)
         q, k, v = qkv.view(B2, l, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (2B, H, l, c)
@@ -235,7 +239,7 @@ class VARSampler:
         if attn.attn_l2_norm:  # float32, as under the official autocast
             q = F.normalize(q.float(), dim=-1).mul(self.scale_muls[j])
             k = F.normalize(k.float(), dim=-1)
-        k_all, v_all = kv.update(j, begin, begin + l, k, v)
+        k_all, v_all = kv.update(j, begin, begin + l, k, v, rows)
         del qkv, k, v  # the cache holds k and v now (with L2 norm q no longer views qkv, which is freed)
         out_BHlc = basic_var.attention(q, k_all, v_all, self._attn_mask(begin, l), attn.scale)
         return F.linear(out_BHlc.transpose(1, 2).reshape(B2, l, C), w.proj_w, w.proj_b)
@@ -247,11 +251,23 @@ class VARSampler:
         return F.linear(torch.ops.aten.gelu_(hidden, approximate="tanh"), w.fc2_w, w.fc2_b)
 
     def _blocks(self, x_BlC: torch.Tensor, state: _CallState, begin: int) -> torch.Tensor:
+        chunks = row_chunks(*x_BlC.shape[:2], self.var.C, torch.empty((), dtype=self.dtype).element_size())
         for j in range(len(self.weights)):
-            gamma1, gamma2, scale1p, scale2p, shift1, shift2 = state.mods[j]
-            x_BlC = x_BlC + self._attention(j, x_BlC, scale1p, shift1, state.kv, begin) * gamma1
-            x_BlC = x_BlC + self._ffn(j, x_BlC, scale2p, shift2) * gamma2
+            mods = state.mods[j]
+            if len(chunks) == 1:
+                x_BlC = self._block(j, x_BlC, mods, state.kv, begin, slice(None))
+                continue
+            out_BlC = torch.empty_like(x_BlC)
+            for rows in chunks:
+                out_BlC[rows] = self._block(j, x_BlC[rows], mods, state.kv, begin, rows)
+            x_BlC = out_BlC
         return x_BlC
+
+    def _block(self, j: int, x_BlC: torch.Tensor, mods, kv: StaticKVCache, begin: int, rows: slice) -> torch.Tensor:
+        """Block ``j`` over the batch rows ``rows`` of a scale (``x_BlC`` holds just those rows)."""
+        gamma1, gamma2, scale1p, scale2p, shift1, shift2 = (m[rows] for m in mods)
+        x_BlC = x_BlC + self._attention(j, x_BlC, scale1p, shift1, kv, begin, rows) * gamma1
+        return x_BlC + self._ffn(j, x_BlC, scale2p, shift2) * gamma2
 
     def _guided_logits(self, x_BlC: torch.Tensor, state: _CallState, t: float) -> torch.Tensor:
         """Float32 CFG logits (B, l, V): ``(1 + t) cond - t uncond``."""
@@ -493,6 +509,22 @@ class VARSampler:
         noise_NV = torch.cat([n for n, _ in per_image])
         gumbel = torch.stack([g for _, g in per_image]) if more_smooth else None
         return noise_NV, gumbel
+
+
+def row_chunks(B2: int, l: int, C: int, itemsize: int) -> List[slice]:
+    """Batch-row chunks for one scale's blocks (2B rows of l tokens, width C): several only where the FFN
+    activations would be large.
+
+    At the big scales of a big batch a block's transient activations (the (2B, l, 4C) FFN hidden alone is 256 MiB
+    for d16 at batch 32) add a sixth to the KV cache's footprint; running the block over row chunks bounds them.
+    Every row's arithmetic stays the same: each GEMM keeps at least ``_MIN_CHUNK_ROWS`` rows, above which this
+    machine's BLAS computes a row independently of the others (the float32 parity tests check it).
+    """
+    n = min(-(-B2 * l * 4 * C * itemsize // _CHUNK_BYTES), B2 * l // _MIN_CHUNK_ROWS, B2)
+    if n <= 1:
+        return [slice(None)]
+    size = -(-B2 // n)
+    return [slice(r, min(r + size, B2)) for r in range(0, B2, size)]
 
 
 def _map_tensors(fn, *trees):
