@@ -7,8 +7,10 @@ checkpoint ``{"trainer": {"var_wo_ddp": ..., "vae_local": ...}}`` (also written 
 Architectures are inferred from the tensors, so ``load_var("var_d30.pth", vae)`` needs no other arguments.
 
 Model zoo: ``from_pretrained("var-d16")`` ... ``"var-d36"`` returns ``(vae, var)`` and ``from_pretrained("vae")``
-the VQVAE. Files are looked up in ``root`` or ``$VARCORE_HOME`` and otherwise downloaded from the Hugging Face
-repo ``FoundationVision/var`` when ``huggingface_hub`` is installed and the hub is reachable.
+the VQVAE; ``from_pretrained("code-8")`` returns CoDe's ``(vae, drafter, refiner)`` (see :func:`load_code_pair`).
+Files are looked up in ``root`` or ``$VARCORE_HOME`` and otherwise downloaded from the Hugging Face repo
+``FoundationVision/var`` (CoDe's pairs: ``Zigeng/VAR_CoDe``) when ``huggingface_hub`` is installed and the hub is
+reachable.
 """
 import os
 import re
@@ -21,11 +23,15 @@ import torch.nn as nn
 from varcore.models import PATCH_NUMS, VAR, VAR_CONFIGS, VQVAE
 
 __all__ = ["read_state_dict", "load_state_dict_checked", "infer_vae_kwargs", "infer_var_kwargs", "load_vae",
-           "load_var", "from_pretrained", "zoo_path", "ZOO_FILES", "HF_REPO"]
+           "load_var", "from_pretrained", "zoo_path", "ZOO_FILES", "HF_REPO",
+           "load_code_pair", "CODE_HF_REPO"]
 
 HF_REPO = "FoundationVision/var"
+CODE_HF_REPO = "Zigeng/VAR_CoDe"  # CoDe's fine-tuned drafter_{N}.pth (VAR-d30) and refiner_{N}.pth (VAR-d16)
+CODE_DRAFT_STEPS = (6, 7, 8, 9)
 VAE_FILE = "vae_ch160v4096z32.pth"
-ZOO_FILES = {"vae": VAE_FILE, **{f"var-{name}": f"var_{name}.pth" for name in VAR_CONFIGS}}
+ZOO_FILES = {"vae": VAE_FILE, **{f"var-{name}": f"var_{name}.pth" for name in VAR_CONFIGS},
+             **{f"code-{role}-{n}": f"{role}_{n}.pth" for n in CODE_DRAFT_STEPS for role in ("drafter", "refiner")}}
 
 PathLike = Union[str, os.PathLike]
 _TRAINER_KEYS = {"var": "var_wo_ddp", "vae": "vae_local"}
@@ -200,31 +206,40 @@ def zoo_path(name: str, root: Optional[PathLike] = None) -> Path:
     if name not in ZOO_FILES:
         raise ValueError(f"name must be one of {sorted(ZOO_FILES)}, got {name!r}")
     filename = ZOO_FILES[name]
+    repo = CODE_HF_REPO if name.startswith("code-") else HF_REPO
     root = root if root is not None else os.environ.get("VARCORE_HOME")
     if root is not None and (Path(root) / filename).is_file():
         return Path(root) / filename
     where = (f"put {filename} into {Path(root)}" if root is not None
              else f"put {filename} into a folder and pass root=<folder> or set VARCORE_HOME")
-    hint = f"download it from https://huggingface.co/{HF_REPO}/resolve/main/{filename} and {where}"
+    hint = f"download it from https://huggingface.co/{repo}/resolve/main/{filename} and {where}"
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
         raise FileNotFoundError(f"{filename} not found locally and huggingface_hub is not installed: {hint}") \
             from None
     try:
-        return Path(hf_hub_download(repo_id=HF_REPO, filename=filename,
+        return Path(hf_hub_download(repo_id=repo, filename=filename,
                                     local_dir=None if root is None else str(root)))
     except Exception as e:  # offline, hub unreachable, ...
-        raise FileNotFoundError(f"{filename} not found locally and the download from {HF_REPO} failed "
+        raise FileNotFoundError(f"{filename} not found locally and the download from {repo} failed "
                                 f"({type(e).__name__}: {e}): {hint}") from e
 
 
 def from_pretrained(name: str, root: Optional[PathLike] = None, device: Union[str, torch.device] = "cpu"
-                    ) -> Union[VQVAE, Tuple[VQVAE, VAR]]:
+                    ) -> Union[VQVAE, Tuple[VQVAE, VAR], Tuple[VQVAE, VAR, VAR]]:
     """A released model: ``"vae"`` gives the VQVAE; ``"var-d16"``, ``"var-d20"``, ``"var-d24"``, ``"var-d30"``
-    (256 px) and ``"var-d36"`` (512 px) give ``(vae, var)`` with the VAE on the model's scale schedule."""
-    if name not in ZOO_FILES:
-        raise ValueError(f"name must be one of {sorted(ZOO_FILES)}, got {name!r}")
+    (256 px) and ``"var-d36"`` (512 px) give ``(vae, var)`` with the VAE on the model's scale schedule;
+    ``"code-6"`` ... ``"code-9"`` give CoDe's fine-tuned ``(vae, drafter, refiner)`` for N = 6..9."""
+    code = re.fullmatch(r"code-(\d+)", name)
+    if code and int(code.group(1)) in CODE_DRAFT_STEPS:
+        n = int(code.group(1))
+        vae = load_vae(zoo_path("vae", root), device=device)
+        return (vae, *load_code_pair(zoo_path(f"code-drafter-{n}", root), zoo_path(f"code-refiner-{n}", root),
+                                     vae, device=device))
+    if name not in ZOO_FILES or name.startswith("code-"):
+        names = sorted(n for n in ZOO_FILES if not n.startswith("code-")) + [f"code-{n}" for n in CODE_DRAFT_STEPS]
+        raise ValueError(f"name must be one of {names}, got {name!r}")
     if name == "vae":
         return load_vae(zoo_path("vae", root), device=device)
     config = VAR_CONFIGS[name[len("var-"):]]
@@ -233,6 +248,22 @@ def from_pretrained(name: str, root: Optional[PathLike] = None, device: Union[st
     if (var.depth, var.patch_nums, var.blocks[0].shared_aln) != (config.depth, config.patch_nums, config.shared_aln):
         raise ValueError(f"{zoo_path(name, root)} does not hold the {name} architecture")
     return vae, var
+
+
+def load_code_pair(drafter: Union[PathLike, Mapping], refiner: Union[PathLike, Mapping], vae: VQVAE,
+                   device: Optional[Union[str, torch.device]] = None) -> Tuple[VAR, VAR]:
+    """Load a CoDe drafter and refiner (files or state dicts) on the one VQVAE they share.
+
+    The official fine-tuned pairs are ``drafter_{N}.pth`` (VAR-d30 shape) and ``refiner_{N}.pth`` (VAR-d16
+    shape) for N = 6..9; training-free CoDe uses any two VAR checkpoints on the same VQVAE (``var_d30.pth`` +
+    ``var_d16.pth``). Architectures are inferred from the files; a pair that cannot collaborate (different scale
+    schedules or classes) is refused with a ValueError. Returns ``(drafter, refiner)`` in eval mode.
+    """
+    from varcore.models.code import check_code_pair  # deferred like the trainer's import of this module
+
+    pair = load_var(drafter, vae, device=device), load_var(refiner, vae, device=device)
+    check_code_pair(*pair)
+    return pair
 
 
 # ---------------------------------------------------------------------------------------------- LlamaGen / PAR
