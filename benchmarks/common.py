@@ -85,6 +85,27 @@ def bench(name, fn, *, device="cpu", warmup=3, repeats=20, min_time_s=0.0, memor
                   peak_memory(fn, device) if memory else None, extra)
 
 
+def bench_interleaved(fns: dict, *, device="cpu", warmup=1, repeats=7, memory=True) -> dict:
+    """Time several ``name -> fn`` in turns (one call of each per round, the order rotating between rounds), so
+    that load from other processes falls on all of them alike and their ratios stay meaningful on a busy machine.
+    Returns ``name -> Timing``."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    _sync(device)
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: Timing(name, statistics.median(ts), _percentile(ts, 0.2), _percentile(ts, 0.8), len(ts),
+                         peak_memory(fns[name], device) if memory else None)
+            for name, ts in times.items()}
+
+
 def _git_commit():
     try:
         root = Path(__file__).resolve().parent.parent

@@ -1,33 +1,43 @@
-// CPU block-causal attention for one instruction set. attention_cpu.cpp includes this file once per ISA, inside
-// its own namespace and `#pragma GCC target` region, with VC_VEC_BYTES (SIMD register width) and VC_MR (rows of
-// a GEMM micro tile) defined; hence no include guard and no includes here.
+// CPU block-causal attention for one instruction set. attention_cpu.cpp compiles this file once per ISA through
+// common/cpu_isa_variants.h, each copy in its own namespace with VC_VEC_BYTES (the SIMD register width) defined;
+// hence no include guard and no includes.
 //
 // Algorithm (FlashAttention-2): a query tile of kBQ rows walks the key tiles of kBK keys that any of its rows can
 // see, keeping a running row max m and row sum l of exp2(score - m) and rescaling its output accumulator when m
 // grows; key tiles past the tile's largest visible_end are never touched, rows that do not see a key tile skip
-// its products, and no score matrix larger than kBQ x kBK exists. Scores are taken in base 2 (q pre-multiplied by
-// scale * log2 e). Keys and values are packed once per task (a head, or part of one when heads are few). The
-// backward recomputes the probabilities from the saved log-sum-exp, one (batch, head) per task so dq
-// accumulates without races.
+// its products, and no score matrix larger than kMRf x kBK exists. Scores are taken in base 2 (q pre-multiplied
+// by scale * log2 e). Keys and values are packed once per task (a head, or part of one when heads are few). The
+// forward works on blocks of kMRf query rows against one key tile at a time: scores into a small buffer, the
+// softmax step on it, then O = alpha * O + P V in one micro-kernel pass, so the key and value tiles stay in L1
+// while every row block of the query tile uses them; only a tile holding a row's visible_end is masked. The
+// backward recomputes the probabilities from the saved log-sum-exp, one (batch, head) per task so dq accumulates
+// without races.
 //
 // All products are C (+)= A * B on float (double for float64) buffers with row strides; head dims are padded
 // with zeros to a multiple of kNR so the micro kernel needs no column tail.
 
 constexpr int64_t kBQ = 64;  // query rows per tile
 constexpr int64_t kBK = 64;  // keys per tile
-constexpr int kNR = 2 * VC_VEC_BYTES / 4;  // micro tile columns: two float vectors
+// GEMM micro tile: kMRf rows x kNR columns of float accumulators, kept in registers (24 of AVX-512's 32, 12 of
+// AVX2's 16, 8 of SSE's 16), leaving room for the B row and the broadcast A element.
+constexpr int kMRf = VC_VEC_BYTES == 16 ? 4 : 6;
+constexpr int kNR = (VC_VEC_BYTES == 64 ? 4 : 2) * VC_VEC_BYTES / 4;
+static_assert(kBK % kNR == 0, "a key tile must be a whole number of micro tile columns");
 
+template <class A, int N>
+struct VecN {
+  typedef A type __attribute__((vector_size(N * sizeof(A))));
+};
 template <class A>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  typedef float type __attribute__((vector_size(VC_VEC_BYTES)));
-  typedef int32_t bits __attribute__((vector_size(VC_VEC_BYTES)));
+struct VecOf {
+  static constexpr int W = VC_VEC_BYTES / sizeof(A);  // lanes of one SIMD register
+  using type = typename VecN<A, W>::type;
 };
-template <>
-struct VecOf<double> {
-  typedef double type __attribute__((vector_size(VC_VEC_BYTES)));
-};
+using FloatBits = VecN<int32_t, VC_VEC_BYTES / 4>::type;
+
+// Rows of a micro tile: float64 vectors hold half as many lanes, so half the rows keep the same register count.
+template <class A>
+constexpr int kMR = std::is_same_v<A, double> ? kMRf / 2 : kMRf;
 
 // Unaligned vector load and store (memcpy compiles to one move).
 template <class V, class A>
@@ -44,49 +54,61 @@ inline void vstore(A* p, V v) {
 inline int64_t padded_dim(int64_t D) { return (D + kNR - 1) / kNR * kNR; }
 
 // ------------------------------------------------------------------------------------------------ GEMM
-// C[MR x kNR] (+)= A[MR x K] * B[K x kNR], the accumulators kept in registers across the K loop.
+// How a micro tile starts its accumulators: from zero, from C, or from C with row i scaled by row_scale[i].
+enum class Init { kZero, kLoad, kLoadScaled };
+
+// C[MR x kNR] (=, +=, or scale-and-add) A[MR x K] * B[K x kNR], the accumulators kept in registers across K.
 template <int MR, class A>
-inline void micro_tile(int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, A* c, int64_t ldc, bool acc) {
+inline void micro_tile(int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, A* c, int64_t ldc, Init init,
+                       const A* row_scale) {
   using V = typename VecOf<A>::type;
-  constexpr int W = sizeof(V) / sizeof(A);
+  constexpr int W = VecOf<A>::W;
   constexpr int NV = kNR / W;
   V r[MR][NV];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
-#pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) r[i][j] = acc ? vload<V>(c + i * ldc + j * W) : V{};
+    const A f = init == Init::kLoadScaled ? row_scale[i] : A(1);
+#pragma GCC unroll 16
+    for (int j = 0; j < NV; ++j) r[i][j] = init == Init::kZero ? V{} : vload<V>(c + i * ldc + j * W) * f;
   }
   for (int64_t k = 0; k < K; ++k) {
     V bv[NV];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int j = 0; j < NV; ++j) bv[j] = vload<V>(b + k * ldb + j * W);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const A s = a[i * lda + k];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int j = 0; j < NV; ++j) r[i][j] += s * bv[j];
     }
   }
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int j = 0; j < NV; ++j) vstore(c + i * ldc + j * W, r[i][j]);
   }
+}
+
+// micro_tile for any row count 1 <= rows <= MR (the tail of a row range).
+template <int MR, class A>
+inline void micro_rows(int64_t rows, int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, A* c, int64_t ldc,
+                       Init init, const A* row_scale = nullptr) {
+  if constexpr (MR > 1) {
+    if (rows < MR) return micro_rows<MR - 1>(rows, K, a, lda, b, ldb, c, ldc, init, row_scale);
+  }
+  micro_tile<MR>(K, a, lda, b, ldb, c, ldc, init, row_scale);
 }
 
 // C[M x N] (+)= A[M x K] * B[K x N]; N a multiple of kNR, any M and K.
 template <class A>
 void gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, A* c, int64_t ldc,
           bool accumulate) {
+  const Init init = accumulate ? Init::kLoad : Init::kZero;
   for (int64_t j = 0; j < N; j += kNR) {
-    int64_t i = 0;
-    for (; i + VC_MR <= M; i += VC_MR) {
-      micro_tile<VC_MR>(K, a + i * lda, lda, b + j, ldb, c + i * ldc + j, ldc, accumulate);
+    for (int64_t i = 0; i < M; i += kMR<A>) {
+      micro_rows<kMR<A>>(std::min<int64_t>(kMR<A>, M - i), K, a + i * lda, lda, b + j, ldb, c + i * ldc + j, ldc,
+                         init);
     }
-    if constexpr (VC_MR > 4) {
-      for (; i + 4 <= M; i += 4) micro_tile<4>(K, a + i * lda, lda, b + j, ldb, c + i * ldc + j, ldc, accumulate);
-    }
-    for (; i < M; ++i) micro_tile<1>(K, a + i * lda, lda, b + j, ldb, c + i * ldc + j, ldc, accumulate);
   }
 }
 
@@ -95,7 +117,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t lda, const A* b, 
 // 1.2e-7) times 2^n built in the exponent bits. Inputs below -126 (masked scores are -inf) give exactly 0.
 inline typename VecOf<float>::type exp2_vec(typename VecOf<float>::type x) {
   using V = VecOf<float>::type;
-  using I = VecOf<float>::bits;
+  using I = FloatBits;
   const V lo = V{} - 126.0f;
   const I flush = x < lo;
   x = flush ? lo : x;
@@ -114,47 +136,42 @@ inline typename VecOf<float>::type exp2_vec(typename VecOf<float>::type x) {
   const V r = p * reinterpret_cast<const V&>(scale_bits);
   return flush ? V{} : r;
 }
-
-// row[j] = 2^(row[j] * mul - sub) for j < n (n a multiple of kNR); -inf entries become 0.
-inline void exp2_row(float* row, int64_t n, float mul, float sub) {
-  using V = VecOf<float>::type;
-  constexpr int W = sizeof(V) / 4;
-  for (int64_t j = 0; j < n; j += W) vstore(row + j, exp2_vec(vload<V>(row + j) * mul - sub));
-}
-inline void exp2_row(double* row, int64_t n, double mul, double sub) {
-  for (int64_t j = 0; j < n; ++j) row[j] = std::exp2(row[j] * mul - sub);
+inline typename VecOf<double>::type exp2_vec(typename VecOf<double>::type x) {
+  for (int j = 0; j < VecOf<double>::W; ++j) x[j] = std::exp2(x[j]);
+  return x;
 }
 
+// row[j] = 2^(row[j] * mul - sub) for j < n (n a multiple of the vector width); -inf entries become 0.
 template <class A>
-inline A row_max(const A* row, int64_t n) {
+inline void exp2_row(A* row, int64_t n, A mul, A sub) {
   using V = typename VecOf<A>::type;
-  constexpr int W = sizeof(V) / sizeof(A);
-  V m = vload<V>(row);
-  for (int64_t j = W; j < n; j += W) {
-    const V x = vload<V>(row + j);
-    m = x > m ? x : m;
+  for (int64_t j = 0; j < n; j += VecOf<A>::W) vstore(row + j, exp2_vec(vload<V>(row + j) * mul - sub));
+}
+
+// Horizontal max and sum of an N-lane vector, halving it each step.
+template <class A, int N>
+inline A hmax(typename VecN<A, N>::type v) {
+  if constexpr (N == 2) {
+    return std::max(v[0], v[1]);
+  } else {
+    using H = typename VecN<A, N / 2>::type;
+    H lo, hi;
+    __builtin_memcpy(&lo, &v, sizeof(H));
+    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(H), sizeof(H));
+    return hmax<A, N / 2>(lo > hi ? lo : hi);
   }
-  A out = m[0];
-  for (int j = 1; j < W; ++j) out = std::max(out, A(m[j]));
-  return out;
 }
-
-template <class A>
-inline A row_sum(const A* row, int64_t n) {
-  using V = typename VecOf<A>::type;
-  constexpr int W = sizeof(V) / sizeof(A);
-  V s{};
-  for (int64_t j = 0; j < n; j += W) s += vload<V>(row + j);
-  A out = 0;
-  for (int j = 0; j < W; ++j) out += s[j];
-  return out;
-}
-
-template <class A>
-inline void scale_row(A* row, int64_t n, A s) {
-  using V = typename VecOf<A>::type;
-  constexpr int W = sizeof(V) / sizeof(A);
-  for (int64_t j = 0; j < n; j += W) vstore(row + j, vload<V>(row + j) * s);
+template <class A, int N>
+inline A hsum(typename VecN<A, N>::type v) {
+  if constexpr (N == 2) {
+    return v[0] + v[1];
+  } else {
+    using H = typename VecN<A, N / 2>::type;
+    H lo, hi;
+    __builtin_memcpy(&lo, &v, sizeof(H));
+    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(H), sizeof(H));
+    return hsum<A, N / 2>(lo + hi);
+  }
 }
 
 template <class A>
@@ -218,11 +235,13 @@ inline RowRange rows_seeing(const int64_t* ends, int64_t rows, int64_t k0) {
 // ------------------------------------------------------------------------------------------------ forward
 template <class A>
 struct ForwardWorkspace {
+  static constexpr int W = VecOf<A>::W;
   std::vector<A> kt, v;  // the head's keys as [Dp x kBK] panels, one per key tile, and values as [Lk x Dp] rows
-  std::vector<A> q, o, s, m, l;  // one query tile
+  std::vector<A> q, o, m, l;  // one query tile; l holds a vector of partial row sums per row (summed at the end)
+  std::vector<A> s, alpha;    // one row block: scores then probabilities, and the rescale factor of each row
   ForwardWorkspace(int64_t Lk, int64_t Dp)
-      : kt((Lk + kBK - 1) / kBK * kBK * Dp), v((Lk + kBK - 1) / kBK * kBK * Dp), q(kBQ * Dp), o(kBQ * Dp),
-        s(kBQ * kBK), m(kBQ), l(kBQ) {}
+      : kt((Lk + kBK - 1) / kBK * kBK * Dp), v((Lk + kBK - 1) / kBK * kBK * Dp), q(kBQ * Dp), o(kBQ * Dp), m(kBQ),
+        l(kBQ * W), s(kMR<A> * kBK), alpha(kMR<A>) {}
 };
 
 // Packs the key tiles of head (b, h) that cover keys [0, key_end), once for all the query tiles of a task.
@@ -238,56 +257,102 @@ void pack_keys(const ForwardParams& p, int64_t b, int64_t h, int64_t key_end, Fo
   }
 }
 
-// One online-softmax step for a query row: s holds this key tile's base-2 scores, of which the first `visible`
-// count. On return s holds the unnormalised probabilities (0 where masked) and o, l are rescaled to the new max.
+// One online-softmax step for a block of `rows` query rows against one key tile. s holds their base-2 scores
+// ([rows x kBK]), of which the first visible[i] count in row i. On return s holds the unnormalised probabilities
+// (0 where masked), m the new row maxima, l the row sums (vectors of partial sums) rescaled to them, and alpha the
+// factor by which each row's output accumulator must be rescaled (1 for a row that sees none of the tile).
 template <class A>
-inline void online_softmax_row(A* s, int64_t visible, A& m, A& l, A* o, int64_t Dp) {
-  if (visible <= 0) {
-    std::fill(s, s + kBK, A(0));
-    return;
+void softmax_block(A* s, int64_t rows, const int64_t* visible, A* m, A* l, A* alpha) {
+  using V = typename VecOf<A>::type;
+  constexpr int W = VecOf<A>::W;
+  constexpr int NB = kBK / W;
+  constexpr A kNegInf = -std::numeric_limits<A>::infinity();
+  static_assert(kMR<A> <= W, "one lane per row of a block");
+  V lane{};
+  for (int j = 0; j < W; ++j) lane[j] = A(j);
+  V shift{};  // m_old - m_new per row, one lane each (kMR <= W)
+  for (int64_t i = 0; i < rows; ++i) {
+    A* row = s + i * kBK;
+    const int64_t vis = visible[i];
+    if (vis <= 0) continue;  // m stays, shift 0: alpha 1
+    V x[NB];
+#pragma GCC unroll 16
+    for (int b = 0; b < NB; ++b) x[b] = vload<V>(row + b * W);
+    if (vis < kBK) {  // only a tile holding a row's visible_end needs the mask
+#pragma GCC unroll 16
+      for (int b = 0; b < NB; ++b) {
+        x[b] = lane < A(vis - b * W) ? x[b] : V{} + kNegInf;
+        vstore(row + b * W, x[b]);
+      }
+    }
+    V mx = x[0];
+#pragma GCC unroll 16
+    for (int b = 1; b < NB; ++b) mx = x[b] > mx ? x[b] : mx;
+    const A m_new = std::max(m[i], hmax<A, W>(mx));
+    shift[i] = m[i] - m_new;  // -inf on the row's first visible tile: alpha 0
+    m[i] = m_new;
   }
-  mask_from(s, visible, kBK);
-  const A m_new = std::max(m, row_max(s, kBK));
-  exp2_row(s, kBK, A(1), m_new);
-  const A alpha = std::exp2(m - m_new);  // 0 on the first visible tile (m = -inf)
-  l = l * alpha + row_sum(s, kBK);
-  if (alpha != A(1)) scale_row(o, Dp, alpha);
-  m = m_new;
+  const V a = exp2_vec(shift);
+  for (int64_t i = 0; i < rows; ++i) {
+    A* row = s + i * kBK;
+    alpha[i] = a[i];
+    if (visible[i] <= 0) {
+      std::fill(row, row + kBK, A(0));
+      continue;
+    }
+    V sum{};
+#pragma GCC unroll 16
+    for (int b = 0; b < NB; ++b) {
+      const V p = exp2_vec(vload<V>(row + b * W) - m[i]);
+      vstore(row + b * W, p);
+      sum += p;
+    }
+    vstore(l + i * W, vload<V>(l + i * W) * a[i] + sum);
+  }
 }
 
 // Output rows q0 .. q0 + kBQ of head (b, h).
 template <class T>
 void forward_tile(const ForwardParams& p, int64_t b, int64_t h, int64_t q0, ForwardWorkspace<acc_t<T>>& w) {
   using A = acc_t<T>;
+  constexpr int W = VecOf<A>::W;
+  constexpr int MR = kMR<A>;
   const int64_t D = p.D, Dp = padded_dim(D);
   const int64_t rows = std::min(kBQ, p.Lq - q0);
-  int64_t ends[kBQ];
+  int64_t ends[kBQ], visible[kBQ];
   int64_t tile_end = 0;
   for (int64_t i = 0; i < rows; ++i) tile_end = std::max(tile_end, ends[i] = p.visible_end[q0 + i]);
 
   const A log2e = A(1.4426950408889634);
   pack_rows(w.q.data(), rows, Dp, head_ptr<T>(p.q, b, h) + q0 * p.q.sl, p.q.sl, rows, D, A(p.scale) * log2e);
-  std::fill(w.o.begin(), w.o.end(), A(0));
+  std::fill(w.o.begin(), w.o.begin() + rows * Dp, A(0));
   std::fill(w.m.begin(), w.m.end(), -std::numeric_limits<A>::infinity());
   std::fill(w.l.begin(), w.l.end(), A(0));
 
+  A* s = w.s.data();
   for (int64_t k0 = 0; k0 < tile_end; k0 += kBK) {
     const int64_t kn = std::min(kBK, p.Lk - k0);
+    const A* kt = w.kt.data() + k0 * Dp;
+    const A* v = w.v.data() + k0 * Dp;
     const auto [lo, hi] = rows_seeing(ends, rows, k0);
-    A* s = w.s.data() + lo * kBK;
-    A* o = w.o.data() + lo * Dp;
-    gemm(hi - lo, kBK, Dp, w.q.data() + lo * Dp, Dp, w.kt.data() + k0 * Dp, kBK, s, kBK, false);
-    for (int64_t i = lo; i < hi; ++i) {
-      online_softmax_row(w.s.data() + i * kBK, ends[i] - k0, w.m[i], w.l[i], w.o.data() + i * Dp, Dp);
+    for (int64_t i = lo; i < hi; ++i) visible[i] = ends[i] - k0;
+    for (int64_t r0 = lo; r0 < hi; r0 += MR) {
+      const int64_t nr = std::min<int64_t>(MR, hi - r0);
+      for (int64_t j = 0; j < kBK; j += kNR) {  // S = Q K^T for the block
+        micro_rows<MR>(nr, Dp, w.q.data() + r0 * Dp, Dp, kt + j, kBK, s + j, kBK, Init::kZero);
+      }
+      softmax_block(s, nr, visible + r0, w.m.data() + r0, w.l.data() + r0 * W, w.alpha.data());
+      for (int64_t j = 0; j < Dp; j += kNR) {  // O = alpha O + P V
+        micro_rows<MR>(nr, kn, s, kBK, v + j, Dp, w.o.data() + r0 * Dp + j, Dp, Init::kLoadScaled, w.alpha.data());
+      }
     }
-    gemm(hi - lo, Dp, kn, s, kBK, w.v.data() + k0 * Dp, Dp, o, Dp, true);
   }
 
   T* out = static_cast<T*>(p.out.data) + b * p.out.sb + h * p.out.sh + q0 * p.out.sl;
   A* lse = static_cast<A*>(p.lse) + (b * p.H + h) * p.Lq + q0;
   const A ln2 = A(0.6931471805599453);
   for (int64_t i = 0; i < rows; ++i) {
-    const A l = w.l[i];
+    const A l = hsum<A, W>(vload<typename VecOf<A>::type>(w.l.data() + i * W));
     const A inv = l > 0 ? A(1) / l : A(0);
     const A* o = w.o.data() + i * Dp;
     for (int64_t d = 0; d < D; ++d) out[i * p.out.sl + d] = static_cast<T>(o[d] * inv);
@@ -397,17 +462,20 @@ void backward_head(const BackwardParams& p, int64_t b, int64_t h, BackwardWorksp
 
 // ------------------------------------------------------------------------------------------------ entry points
 // Tasks are (batch, head, run of query tiles): one run per head when there are enough heads to keep every thread
-// busy (the keys are then packed once per head), more when there are few heads.
+// busy (the keys are then packed once per head), more when there are few heads. Threads take tasks from a shared
+// counter, the last runs first (they see the most keys under causal-like masks), so that a thread slowed down by
+// other load on the machine does not hold the others up and the short tasks fill the gaps at the end.
 template <class T>
 void forward(const ForwardParams& p) {
-  const int64_t tiles = (p.Lq + kBQ - 1) / kBQ;
-  const int64_t runs = std::clamp<int64_t>((4 * at::get_num_threads() + p.B * p.H - 1) / (p.B * p.H), 1, tiles);
-  const int64_t per_run = (tiles + runs - 1) / runs;
-  at::parallel_for(0, p.B * p.H * runs, 1, [&](int64_t begin, int64_t end) {
+  const int64_t tiles = (p.Lq + kBQ - 1) / kBQ, heads = p.B * p.H;
+  const int64_t runs = std::clamp<int64_t>((4 * at::get_num_threads() + heads - 1) / heads, 1, tiles);
+  const int64_t per_run = (tiles + runs - 1) / runs, tasks = heads * runs;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     ForwardWorkspace<acc_t<T>> w(p.Lk, padded_dim(p.D));
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t bh = item / runs, first = (item % runs) * per_run * kBQ;
-      const int64_t last = std::min(p.Lq, first + per_run * kBQ);
+    for (int64_t task = next++; task < tasks; task = next++) {
+      const int64_t bh = task % heads, run = runs - 1 - task / heads;
+      const int64_t first = run * per_run * kBQ, last = std::min(p.Lq, first + per_run * kBQ);
       if (first >= last) continue;
       const int64_t key_end = *std::max_element(p.visible_end + first, p.visible_end + last);
       pack_keys<T>(p, bh / p.H, bh % p.H, key_end, w);

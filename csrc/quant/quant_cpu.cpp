@@ -1,51 +1,20 @@
 // CPU kernels of the quantiser: the code of quant_cpu_impl.h compiled for AVX-512, AVX2+FMA and the baseline
-// x86-64 (or the host's default elsewhere), picked at run time by what the CPU supports. VARCORE_CPU_ISA=
-// avx512|avx2|generic caps the choice (tests use it to run every variant), as for the attention kernels.
+// x86-64 (or the host's default elsewhere), picked at run time by what the CPU supports and capped by
+// VARCORE_CPU_ISA (common/cpu_isa.h), as for the attention kernels.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
-#include <string>
 #include <vector>
 
+#include "common/cpu_isa.h"
 #include "quant/quant.h"
 
 namespace varcore::quant {
 
-namespace cpu_generic {
-#define VC_VEC_BYTES 16
-#define VC_MR 4
-#include "quant/quant_cpu_impl.h"
-#undef VC_VEC_BYTES
-#undef VC_MR
-}  // namespace cpu_generic
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define VC_HAVE_X86_VARIANTS 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace cpu_avx2 {
-#define VC_VEC_BYTES 32
-#define VC_MR 6
-#include "quant/quant_cpu_impl.h"
-#undef VC_VEC_BYTES
-#undef VC_MR
-}  // namespace cpu_avx2
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512vl,avx2,fma")
-namespace cpu_avx512 {
-#define VC_VEC_BYTES 64
-#define VC_MR 12
-#include "quant/quant_cpu_impl.h"
-#undef VC_VEC_BYTES
-#undef VC_MR
-}  // namespace cpu_avx512
-#pragma GCC pop_options
-#endif
+#define VC_ISA_IMPL "quant/quant_cpu_impl.h"
+#include "common/cpu_isa_variants.h"
 
 namespace {
 
@@ -58,22 +27,12 @@ struct IsaKernels {
   void (*upsample)(const UpsampleSumParams&, int64_t, float*, float*);
 };
 
-#define VC_ISA_KERNELS(ns) IsaKernels{ns::kNR, ns::kRB, ns::pack_codes, ns::nearest_block, ns::upsample_task}
-
 IsaKernels pick_isa_kernels() {
-  const char* env = std::getenv("VARCORE_CPU_ISA");
-  const std::string cap = env ? env : "";
-#ifdef VC_HAVE_X86_VARIANTS
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                      __builtin_cpu_supports("avx512vl");
-  if (avx512 && cap != "avx2" && cap != "generic") return VC_ISA_KERNELS(cpu_avx512);
-  if (avx2 && cap != "generic") return VC_ISA_KERNELS(cpu_avx2);
-#endif
-  return VC_ISA_KERNELS(cpu_generic);
+  IsaKernels k{};
+  VC_WITH_ISA(cpu::pick_isa(), k = IsaKernels{isa_ns::kNR, isa_ns::kRB, isa_ns::pack_codes, isa_ns::nearest_block,
+                                               isa_ns::upsample_task});
+  return k;
 }
-
-#undef VC_ISA_KERNELS
 
 }  // namespace
 

@@ -1,11 +1,10 @@
 // CPU kernels of the quantiser for one instruction set: the nearest-code search and the bicubic upsample-sum.
-// quant_cpu.cpp includes this file once per ISA, inside its own namespace and `#pragma GCC target` region, with
-// VC_VEC_BYTES (SIMD register width) and VC_MR (rows of a micro tile) defined; hence no include guard and no
-// includes here.
+// quant_cpu.cpp compiles this file once per ISA through common/cpu_isa_variants.h, each copy in its own namespace
+// with VC_VEC_BYTES (the SIMD register width) defined; hence no include guard and no includes here.
 //
 // Nearest code is a GEMM whose epilogue is an argmin. The codes are packed into panels of kNR codes, channel-major
 // ([C][kNR] per panel) and multiplied by -2, with +inf norms in the padding so padded codes never win. A micro
-// tile keeps the VC_MR x kNR products in registers over the C loop (one FMA chain per pair, c ascending: the
+// tile keeps the kMR x kNR products in registers over the C loop (one FMA chain per pair, c ascending: the
 // order of MKL's sgemm, which the reference's addmm runs), then adds the norms and folds the distances into a
 // running (value, index) minimum per row and SIMD lane. Scaling a code by -2 scales every rounded step of the
 // chain by -2 exactly, so the chain yields -2 <z, e> of the official order without a multiply (unless products
@@ -19,7 +18,7 @@ typedef int32_t VecI __attribute__((vector_size(VC_VEC_BYTES)));
 constexpr int kW = VC_VEC_BYTES / 4;  // floats per vector
 constexpr int kNV = 2;                // vectors of codes per micro tile
 constexpr int kNR = kNV * kW;         // codes per micro tile (= per panel)
-constexpr int kMR = VC_MR;
+constexpr int kMR = VC_VEC_BYTES == 64 ? 12 : VC_VEC_BYTES == 32 ? 6 : 4;  // rows per micro tile
 constexpr int64_t kRB = 8 * kMR;      // rows per block (a unit of work for the thread pool)
 
 inline VecF load(const float* p) {
