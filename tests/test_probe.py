@@ -220,3 +220,26 @@ def test_probe_var_rows():
         assert r["gen_plugin"] == pytest.approx(r["gen_h_a"], rel=1e-12)
         assert r["real_plugin"] < r["gen_plugin"]
         assert 0 < r["h_pred"] <= math.log(16) + 1e-6
+
+
+def test_run_probe_and_report_on_saved_random_models(tmp_path):
+    """The runner end to end on the digits architectures with random weights written to a folder."""
+    from varcore.cli.probe import format_report
+    from varcore.digits import recipe
+
+    torch.manual_seed(0)
+    vae = recipe.build("vqvae")
+    recipe.save_weights("vqvae", vae, tmp_path)
+    recipe.save_weights("var-drafter", recipe.build("var-drafter", vae=vae), tmp_path)
+    gpt = recipe.build("gpt-raster")
+    torch.nn.init.normal_(gpt.output.weight, std=0.5)
+    recipe.save_weights("gpt-raster", gpt, tmp_path)
+    report = probe.run_probe(split="test", weights_root=tmp_path, permutations=1, gpt_sequences=3, gpt_sources=2,
+                             resamples=1, max_images=40)
+    assert report["n_images"] == 40
+    assert [r["pn"] for r in report["var"]] == list(recipe.PATCH_NUMS)
+    # the saved VAR's head is zero-initialised: every prediction is uniform over the 512 codes
+    assert all(r["h_pred"] == pytest.approx(math.log(512), rel=1e-4) for r in report["var"])
+    assert report["gpt"]["grid"] == 8 and set(report["gpt"]["by_distance"]) <= {str(d) for d in range(1, 8)}
+    text = format_report(report)
+    assert "(a) raster GPT" in text and "(b) VAR" in text

@@ -276,10 +276,12 @@ def probe_gpt(model, labels: torch.Tensor, tokens: Optional[torch.Tensor] = None
 
 
 def run_probe(split: str = "all", seed: int = 0, permutations: int = 8, gpt_sequences: int = 64,
-              gpt_sources: int = 16, resamples: int = 2, weights_root=None) -> dict:
+              gpt_sources: int = 16, resamples: int = 2, max_images: Optional[int] = None,
+              weights_root=None) -> dict:
     """Run the probe on the bundled digits models: (b) on the VAR (``var-drafter``) with the digits of ``split``
-    tokenised by its VQVAE against as many maps the VAR draws for the same labels, (a) on the raster GPT
-    (``gpt-raster``) over ``gpt_sequences`` sequences it draws, from ``gpt_sources`` evenly spaced source positions.
+    (the first ``max_images`` if given) tokenised by its VQVAE against as many maps the VAR draws for the same
+    labels, (a) on the raster GPT (``gpt-raster``) over ``gpt_sequences`` sequences it draws, from ``gpt_sources``
+    evenly spaced source positions.
     Sampling is unguided and unfiltered (cfg 0 / 1, no top-k/top-p): the models' own distributions. Returns a
     JSON-ready dict (see ``docs/probe.md``)."""
     from varcore.digits.data import load_digits
@@ -287,6 +289,10 @@ def run_probe(split: str = "all", seed: int = 0, permutations: int = 8, gpt_sequ
     from varcore.sampling.var import VARSampler
 
     images, labels = load_digits(split)
+    if max_images is not None:
+        if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
+            raise ValueError(f"max_images must be a positive int or None, got {max_images!r}")
+        images, labels = images[:max_images], labels[:max_images]
     vae = load_weights("vqvae", root=weights_root)
     var = load_weights("var-drafter", vae=vae, root=weights_root)
     with torch.no_grad():

@@ -1,0 +1,116 @@
+"""Images/s against batch size for VAR, CoDe (each N), PAR-4x and raster decoding, and their KV-cache memory.
+
+The models are the bundled digits models (``varcore.digits``: a depth-4 VAR drafter and a depth-2 refiner on a
+4-scale, 512-code tokenizer; two 4-layer GPTs on an 8x8, 256-code grid), with their trained weights when they are
+installed, otherwise with the same architectures and random weights (the time does not depend on the weights,
+and the JSON says which). Every call samples tokens and decodes them to 16x16 images with the model's tokenizer;
+CFG 1.5, no top-k/top-p. Timings are medians after a warm-up call; the KV cache is what each sampler allocates
+for the batch (static caches: VARSampler's, CoDe's peak of drafter and refiner, the GPT's ``setup_caches``).
+
+    python benchmarks/bench_batch.py [--quick] [--batches 1 8 32] [--out FILE.json]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bench, machine_header, print_header, print_table, write_json  # noqa: E402
+
+CFG = 1.5
+
+
+def load_digits_models() -> tuple[dict, bool]:
+    """The digits models by part name, and whether they carry trained weights."""
+    from varcore.digits import recipe
+
+    trained = all(recipe.weights_path(p).is_file() for p in ("vqvae", "var-drafter", "var-refiner", "vq",
+                                                             "gpt-par", "gpt-raster"))
+    if trained:
+        vae = recipe.load_weights("vqvae")
+        models = {"vqvae": vae, **{p: recipe.load_weights(p, vae=vae) for p in ("var-drafter", "var-refiner")},
+                  **{p: recipe.load_weights(p) for p in ("vq", "gpt-par", "gpt-raster")}}
+        return models, True
+    torch.manual_seed(0)
+    vae = recipe.build("vqvae").eval()
+    models = {"vqvae": vae, **{p: recipe.build(p, vae=vae).eval() for p in ("var-drafter", "var-refiner")},
+              **{p: recipe.build(p).eval() for p in ("vq", "gpt-par", "gpt-raster")}}
+    for p in ("gpt-par", "gpt-raster"):  # the official init zeroes the head: give it random weights
+        torch.nn.init.normal_(models[p].output.weight, std=0.02)
+    return models, False
+
+
+def gpt_kv_cache_bytes(model, B: int, cfg: bool = True) -> int:
+    """Bytes of the static KV caches ``setup_caches`` allocates for a batch of B (2B rows under CFG)."""
+    from varcore.models.gpt import find_multiple
+
+    c = model.config
+    kv_heads = c.n_kv_head or c.n_head
+    rows = 2 * B if cfg else B
+    elem = model.tok_embeddings.weight.element_size()
+    return c.n_layer * 2 * rows * find_multiple(model.block_size, 8) * kv_heads * c.head_dim * elem
+
+
+def samplers(models: dict) -> dict:
+    """name -> (sample(B, labels), kv_cache_bytes(B), forward passes)."""
+    from varcore.sampling.par import PARSampler
+    from varcore.sampling.var import VARSampler
+
+    vae, drafter, refiner = models["vqvae"], models["var-drafter"], models["var-refiner"]
+    var_s = VARSampler(drafter, vae)
+    out = {"VAR": (lambda B, y: var_s.sample(B, y, g_seed=0, cfg=CFG), var_s.kv_cache_bytes, var_s.SN)}
+    try:
+        from varcore.sampling.code import CoDeSampler
+    except ImportError:
+        CoDeSampler = None
+    if CoDeSampler is not None:
+        for N in range(1, var_s.SN):
+            code = CoDeSampler(drafter, refiner, N, vae)
+            out[f"CoDe N={N}"] = (lambda B, y, code=code: code.sample(B, y, g_seed=0, cfg=CFG),
+                                  lambda B, code=code: code.kv_cache_bytes(B)["peak"], var_s.SN + 1)
+    for name, part in (("PAR-4x", "gpt-par"), ("raster", "gpt-raster")):
+        ps = PARSampler(models[part], vq=models["vq"])
+
+        def run(B, y, ps=ps):
+            return ps.sample(y, cfg_scale=CFG, generator=torch.Generator().manual_seed(0))
+
+        out[name] = (run, lambda B, m=models[part]: gpt_kv_cache_bytes(m, B), ps.steps)
+    return out
+
+
+def run(batches, repeats: int) -> tuple[list, bool]:
+    models, trained = load_digits_models()
+    rows = []
+    with torch.inference_mode():
+        for name, (sample, kv_bytes, passes) in samplers(models).items():
+            for B in batches:
+                labels = torch.arange(B) % 10
+                t = bench(f"{name} B={B}", lambda: sample(B, labels), warmup=1, repeats=repeats, memory=False)
+                rows.append(dict(sampler=name, B=B, passes=passes, ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
+                                 img_s=B / (t.median_ms * 1e-3), kv_KiB=kv_bytes(B) / 2**10, repeats=t.repeats))
+                print(f"# {name} B={B}: {rows[-1]['img_s']:.1f} images/s", flush=True)
+    return rows, trained
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="batches 1, 8, 32 and 3 repeats")
+    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 4 16 64, quick 1 8 32)")
+    parser.add_argument("--repeats", type=int, help="timed calls per case (default 3 quick, 7 full)")
+    parser.add_argument("--out", help="JSON file (default: bench_results/batch-<date>.json)")
+    args = parser.parse_args()
+    batches = args.batches or ([1, 8, 32] if args.quick else [1, 4, 16, 64])
+    repeats = args.repeats or (3 if args.quick else 7)
+    header = machine_header()
+    rows, trained = run(batches, repeats)
+    header.update(models="digits (trained)" if trained else "digits architectures, random weights", cfg=CFG)
+    print_header(f"images/s against batch size, {header['models']}", header)
+    print_table(rows, ["sampler", "B", "passes", "ms", "p20_ms", "p80_ms", "img_s", "kv_KiB", "repeats"])
+    print("wrote", write_json("batch", header, rows, args.out))
+
+
+if __name__ == "__main__":
+    main()

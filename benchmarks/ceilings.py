@@ -1,0 +1,153 @@
+"""This machine's ceilings (fp32 and bf16 GEMM throughput, memory bandwidth) and GPU floors per image.
+
+* **Ceilings** are measured in the same run as the benchmarks they are compared with: a square GEMM and the
+  (tokens x C) @ (C x 4C) shape of a transformer's linears, in fp32 and bf16, and the bandwidth of a large
+  ``copy_`` (read + write) and of an ``add`` (two reads + one write), on arrays far larger than the caches.
+* **Floors**: the time one image needs at least on a GPU, from the model's FLOPs (worked out from the architecture
+  on the meta device, decoder included) and the card's peak dense bf16 tensor throughput, and from reading the
+  weights once per forward pass at its memory bandwidth (which dominates small-batch raster decoding).
+
+    python benchmarks/ceilings.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bench, machine_header, print_header, print_table  # noqa: E402
+
+# Peak dense bf16 tensor-core throughput (FLOP/s) and memory bandwidth (bytes/s) from the vendors' data sheets.
+GPUS = {
+    "A100-SXM4-80GB": (312e12, 2.039e12),
+    "H100-SXM5": (989e12, 3.35e12),
+}
+
+
+# ---------------------------------------------------------------------------------------------- measured ceilings
+def gemm_gflops(dtype: torch.dtype, m: int, k: int, n: int, repeats: int) -> float:
+    a = torch.randn(m, k).to(dtype)
+    b = torch.randn(k, n).to(dtype)
+    t = bench(f"gemm {m}x{k}x{n} {dtype}", lambda: a @ b, warmup=2, repeats=repeats, memory=False)
+    return 2 * m * k * n / (t.median_ms * 1e-3) / 1e9
+
+
+def bandwidth_gbs(n_floats: int, repeats: int) -> dict:
+    """GB/s of ``y.copy_(x)`` (2 arrays touched) and ``torch.add(x, y, out=z)`` (3 arrays) on float32 arrays."""
+    x, y, z = torch.rand(n_floats), torch.rand(n_floats), torch.empty(n_floats)
+    copy = bench("copy", lambda: y.copy_(x), warmup=2, repeats=repeats, memory=False)
+    add = bench("add", lambda: torch.add(x, y, out=z), warmup=2, repeats=repeats, memory=False)
+    nbytes = n_floats * 4
+    return {"copy": 2 * nbytes / copy.median_ms / 1e6, "add": 3 * nbytes / add.median_ms / 1e6}
+
+
+def measure_ceilings(quick: bool = False) -> dict:
+    """fp32/bf16 GEMM GFLOP/s (the best of a square and a linear-layer shape) and memory GB/s (the best of copy
+    and add), with every individual figure."""
+    n = 1024 if quick else 2048
+    repeats = 5 if quick else 10
+    gemm = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).replace("torch.", "")
+        gemm[name] = {f"{n}^3": gemm_gflops(dtype, n, n, n, repeats),
+                      f"{4 * n}x{n // 2}x{2 * n}": gemm_gflops(dtype, 4 * n, n // 2, 2 * n, repeats)}
+    bw = bandwidth_gbs((8 if quick else 32) * 2**20, repeats)
+    return {"gemm_gflops": gemm, "bandwidth_gbs": bw,
+            "fp32_gflops": max(gemm["float32"].values()), "bf16_gflops": max(gemm["bfloat16"].values()),
+            "mem_gbs": max(bw.values())}
+
+
+# ---------------------------------------------------------------------------------------------- model FLOPs
+def _decoder_flops(run) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return float(counter.get_total_flops())
+
+
+def var_image_cost(name: str) -> dict:
+    """FLOPs of one VAR image with CFG (transformer: both halves of every scale; VQVAE decoder), the parameter
+    bytes in bf16 and the forward passes, for a released config (``d16`` .. ``d36``), on the meta device."""
+    from bench_sampler import flops_per_image
+    from varcore.models import VAR_CONFIGS
+
+    vae, var = VAR_CONFIGS[name].build(torch.device("meta"))
+    pn = var.patch_nums[-1]
+    decode = _decoder_flops(lambda: vae.fhat_to_img(torch.empty(1, var.Cvae, pn, pn, device="meta")))
+    params = sum(p.numel() for p in var.parameters())
+    return {"model": f"VAR-{name}", "px": VAR_CONFIGS[name].resolution, "passes": len(var.patch_nums),
+            "transformer_flops": flops_per_image(var), "decoder_flops": decode, "weight_bytes": 2 * params}
+
+
+def gpt_image_cost(name: str, grid: int = 24, M: int = 1) -> dict:
+    """FLOPs of one LlamaGen/PAR image with CFG (every generated token: the linears, attention over its prefix and
+    the head; both CFG halves) and the VQ-16 decoder, bf16 parameter bytes and forward passes for ``M`` x ``M``
+    parallel decoding (M=1: raster)."""
+    from varcore.models.gpt import GPT_CONFIGS, ModelArgs
+    from varcore.models.vq16 import VQ_16
+    from varcore.sampling.par import num_steps
+
+    n_layer, n_head, dim = GPT_CONFIGS[name]
+    args = ModelArgs(n_layer=n_layer, n_head=n_head, dim=dim, vocab_size=16384, block_size=grid * grid,
+                     ar_token_num=M * M, spe_token_num=M * M - 1)
+    kv_dim = dim * (args.n_kv_head or n_head) // n_head
+    per_token_linear = 2 * (dim * dim + 2 * dim * kv_dim + dim * dim + 3 * dim * args.ffn_hidden)
+    L = grid * grid
+    # token t (0-based) attends to the class token and t earlier tokens: q.k and p.v, 2 * 2 * dim FLOPs each
+    attention = sum(n_layer * 4 * dim * (t + 1) for t in range(L))
+    flops = 2 * (L * (n_layer * per_token_linear + 2 * dim * args.vocab_size) + attention)
+    with torch.device("meta"):
+        vq = VQ_16()
+    decode = _decoder_flops(lambda: vq.decode_code(torch.zeros(1, L, dtype=torch.long, device="meta"),
+                                                   (1, 8, grid, grid)))
+    params = (n_layer * (per_token_linear // 2) + 2 * dim * args.vocab_size)  # linears, embedding + head
+    return {"model": f"{'LlamaGen' if M == 1 else f'PAR-{M * M}x'}-{name[4:]}", "px": 16 * grid,
+            "passes": num_steps(L, M), "transformer_flops": flops, "decoder_flops": decode,
+            "weight_bytes": 2 * params}
+
+
+def gpu_floors(batch_sizes=(1, 64)) -> list:
+    """Per model and card: the compute floor per image (FLOPs / peak) and, per batch size, the floor per image
+    including reading the bf16 weights once per forward pass (KV-cache traffic left out: a lower bound)."""
+    costs = [var_image_cost(n) for n in ("d16", "d20", "d24", "d30")] + [
+        gpt_image_cost("GPT-XL", 24, M) for M in (1, 2, 4)]
+    rows = []
+    for c in costs:
+        total = c["transformer_flops"] + c["decoder_flops"]
+        row = {"model": c["model"], "px": c["px"], "passes": c["passes"], "TFLOP_img": total / 1e12,
+               "transformer_TFLOP": c["transformer_flops"] / 1e12, "decoder_TFLOP": c["decoder_flops"] / 1e12,
+               "weights_GB": c["weight_bytes"] / 1e9}
+        for gpu, (peak, bw) in GPUS.items():
+            compute_ms = total / peak * 1e3
+            row[f"{gpu} compute ms"] = compute_ms
+            for B in batch_sizes:
+                weights_ms = c["passes"] * c["weight_bytes"] / bw * 1e3 / B
+                row[f"{gpu} B={B} ms"] = max(compute_ms, weights_ms)
+        rows.append(row)
+    return rows
+
+
+FLOOR_COLUMNS = ["model", "px", "passes", "TFLOP_img", "weights_GB"] + [
+    f"{g} {k}" for g in GPUS for k in ("compute ms", "B=1 ms", "B=64 ms")]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller GEMMs and arrays")
+    args = parser.parse_args()
+    header = machine_header()
+    print_header("machine ceilings", header)
+    c = measure_ceilings(args.quick)
+    print_table([{"ceiling": f"GEMM {k} {s}", "value": v} for k, d in c["gemm_gflops"].items() for s, v in d.items()]
+                + [{"ceiling": f"memory {k} GB/s", "value": v} for k, v in c["bandwidth_gbs"].items()],
+                ["ceiling", "value"])
+    print("\n# GPU floor per image (ms) with CFG, bf16 peak; B = batch (weights read once per pass)")
+    print_table(gpu_floors(), FLOOR_COLUMNS)
+
+
+if __name__ == "__main__":
+    main()

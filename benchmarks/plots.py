@@ -1,0 +1,168 @@
+"""PNG plots of a ``run_all`` report (matplotlib, an optional dependency: ``pip install varcore[bench]``).
+
+    python benchmarks/plots.py bench_results/run_all-<date>.json [--out docs/bench]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _rows(data: dict, name: str) -> list:
+    res = data.get("results", {}).get(name, {})
+    return [r for r in res.get("json", {}).get("rows", []) if isinstance(r, dict)] if res.get("status") == "ok" else []
+
+
+def _caption(data: dict) -> str:
+    h = data["header"]
+    load = h.get("load_average_start", [None])[0]
+    return (f"{h['cpu']}, {h['torch_threads']} threads, torch {h['torch']}, commit {h['commit']}, {h['date']}"
+            + (f", load avg {load:.1f} on {h['cores']} cores (shared machine)" if load is not None else ""))
+
+
+def _save(fig, data, path: Path) -> Path:
+    fig.text(0.01, 0.005, _caption(data), fontsize=6, color="0.4")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def speedups(data: dict) -> list:
+    """(label, speed-up over the reference measured in the same run) for every kernel case and the samplers."""
+    out = [(f"par_order {r['case']}", r["speedup"]) for r in _rows(data, "par_order")]
+    out += [(f"quant {r['case']}", r["speedup"]) for r in _rows(data, "quant")]
+    out += [(f"attention L={r['L']} {r['mode']} vs SDPA", 1 / r["time_vs_sdpa"])
+            for r in _rows(data, "attention") if r.get("impl") == "kernel"]
+    sampler = _rows(data, "sampler")
+    for r in sampler:
+        base = next((b for b in sampler if b.get("B") == r.get("B") and b.get("path") == "drop-in float32"), None)
+        if r.get("ms") and base and base.get("ms") and r["path"] != base["path"]:
+            out.append((f"VAR sampler {r['path']} B={r['B']} vs drop-in", base["ms"] / r["ms"]))
+    out += [(f"PAR {r['schedule']} {r['grid']} B={r['batch']} vs raster", r["speedup"])
+            for r in _rows(data, "par") if r["schedule"] != "raster"]
+    return out
+
+
+def plot_speedups(data, out: Path):
+    items = speedups(data)
+    if not items:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 0.22 * len(items) + 1.2))
+    labels, values = zip(*items)
+    colors = ["tab:green" if v >= 1 else "tab:red" for v in values]
+    ax.barh(range(len(items)), values, color=colors)
+    ax.set_yticks(range(len(items)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.axvline(1, color="k", lw=0.8)
+    ax.set_xlabel("speed-up over the baseline in the same run (log)")
+    ax.set_title("Kernels and samplers: speed-up per op")
+    return _save(fig, data, out / "speedup.png")
+
+
+def plot_batch(data, out: Path):
+    rows = _rows(data, "batch")
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name in dict.fromkeys(r["sampler"] for r in rows):
+        pts = sorted((r["B"], r["img_s"]) for r in rows if r["sampler"] == name)
+        style = "--" if name.startswith("CoDe") else "-"
+        ax.plot(*zip(*pts), style, marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("images/s (tokens + decode)")
+    models = data["results"]["batch"]["json"]["header"].get("models", "")
+    ax.set_title(f"Images/s against batch size ({models})", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, data, out / "images_per_s.png")
+
+
+def plot_code_quality(data, out: Path):
+    rows = data.get("code_quality")
+    if not rows:
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.8))
+    for ax, key, label in ((a1, "class_consistency", "class consistency"), (a2, "frechet", "Fréchet distance")):
+        xs, ys = [r["images_per_s"] for r in rows], [r[key] for r in rows]
+        ax.plot(xs, ys, "o-")
+        for r, x, y in zip(rows, xs, ys):
+            ax.annotate(r["decoding"].replace("VAR (drafter alone)", "drafter"), (x, y), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))
+        ax.set_xlabel("images/s")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle("CoDe on the digits task: speed against quality over N (drafter draws N scales)", fontsize=9)
+    return _save(fig, data, out / "code_speed_quality.png")
+
+
+def plot_kv_cache(data, out: Path):
+    rows = _rows(data, "batch")
+    sampler = [r for r in _rows(data, "sampler") if r.get("kv_MiB")]
+    if not rows and not sampler:
+        return None
+    fig, axes = plt.subplots(1, 2 if sampler else 1, figsize=(10 if sampler else 5.5, 3.8), squeeze=False)
+    if rows:
+        B = max(r["B"] for r in rows)
+        sel = [r for r in rows if r["B"] == B]
+        ax = axes[0][0]
+        ax.bar(range(len(sel)), [r["kv_KiB"] for r in sel], color="tab:blue")
+        ax.set_xticks(range(len(sel)), [r["sampler"] for r in sel], rotation=30, fontsize=7, ha="right")
+        ax.set_ylabel(f"KV cache at batch {B} (KiB)")
+        ax.set_title("digits models: KV cache per sampler", fontsize=9)
+    if sampler:
+        ax = axes[0][-1]
+        B = max(r["B"] for r in sampler)
+        sel = [r for r in sampler if r["B"] == B]
+        ax.bar(range(len(sel)), [r["kv_MiB"] for r in sel], color="tab:orange")
+        ax.set_xticks(range(len(sel)), [r["path"] for r in sel], rotation=30, fontsize=7, ha="right")
+        ax.set_ylabel(f"KV cache at batch {B} (MiB)")
+        shape = data["results"]["sampler"]["json"]["header"].get("shape", "")
+        ax.set_title(f"VAR {shape}: official concat cache vs static cache", fontsize=9)
+    return _save(fig, data, out / "kv_cache.png")
+
+
+def plot_shares(data, out: Path):
+    rows = data.get("ceiling_shares")
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 0.22 * len(rows) + 1.2))
+    ax.barh(range(len(rows)), [r["share_pct"] for r in rows],
+            color=["tab:purple" if r["unit"] == "GB/s" else "tab:blue" for r in rows])
+    ax.set_yticks(range(len(rows)), [f"{r['benchmark']} {r['case']} ({r['ceiling']})" for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.axvline(100, color="k", lw=0.8)
+    c = data["ceilings"]
+    ax.set_xlabel(f"% of this machine's ceiling (fp32 GEMM {c['fp32_gflops']:.0f}, bf16 GEMM {c['bf16_gflops']:.0f} "
+                  f"GFLOP/s, memory {c['mem_gbs']:.1f} GB/s)", fontsize=8)
+    ax.set_title("Share of the measured ceiling per kernel")
+    return _save(fig, data, out / "ceiling_share.png")
+
+
+def draw_all(data: dict, out: Path) -> list:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [f(data, out) for f in (plot_speedups, plot_batch, plot_code_quality, plot_kv_cache, plot_shares)]
+    return [p for p in paths if p is not None]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("report", help="a run_all JSON file")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs" / "bench"))
+    args = parser.parse_args()
+    for p in draw_all(json.loads(Path(args.report).read_text()), Path(args.out)):
+        print("wrote", p)
+
+
+if __name__ == "__main__":
+    main()
