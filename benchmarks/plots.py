@@ -45,8 +45,12 @@ def speedups(data: dict) -> list:
         base = next((b for b in sampler if b.get("B") == r.get("B") and b.get("path") == "drop-in float32"), None)
         if r.get("ms") and base and base.get("ms") and r["path"] != base["path"]:
             out.append((f"VAR sampler {r['path']} B={r['B']} vs drop-in", base["ms"] / r["ms"]))
-    out += [(f"PAR {r['schedule']} {r['grid']} B={r['batch']} vs raster", r["speedup"])
-            for r in _rows(data, "par") if r["schedule"] != "raster"]
+    out += [(f"CoDe {r['config']} vs drafter alone", r["speedup"]) for r in _rows(data, "code")
+            if r.get("config", "").startswith("CoDe")]
+    for r in _rows(data, "par"):  # older JSON: "speedup"; newer: "vs_raster" per mode (parity / fast)
+        ratio = r.get("vs_raster", r.get("speedup"))
+        if r.get("schedule") != "raster" and ratio:
+            out.append((f"PAR {r.get('mode', '')} {r['schedule']} {r['grid']} B={r['batch']} vs raster", ratio))
     return out
 
 

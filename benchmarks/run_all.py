@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,7 @@ SCRIPTS = {
     "attention": ([], []),
     "sampler": (["--batches", "1", "8", "--repeats", "1"], []),
     "par": (["--grids", "16", "--batches", "1", "8", "--repeats", "1"], ["--vq"]),
-    "code": ([], []),
+    "code": (["--shape", "quick", "--draft-steps", "6", "8", "--repeats", "2"], []),
     "batch": ([], []),
 }
 TIMEOUT_S = {"quick": 600, "full": 3600}
@@ -75,18 +76,24 @@ def run_script(name: str, quick: bool, out_dir: Path, threads: int | None) -> di
     env = dict(os.environ)
     if threads:  # for scripts without --threads
         env["OMP_NUM_THREADS"] = str(threads)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _children_cpu_s()
     print(f"## {' '.join(a if a != sys.executable else 'python' for a in args)}", flush=True)
     try:
         proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=HERE.parent,
                               timeout=TIMEOUT_S["quick" if quick else "full"])
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "seconds": time.perf_counter() - start}
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _children_cpu_s() - cpu_start
     if proc.returncode != 0 or not out.is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        return {"status": "failed", "seconds": seconds, "error": "\n".join(tail)}
-    return {"status": "ok", "seconds": seconds, "json": json.loads(out.read_text())}
+        return {"status": "failed", "seconds": seconds, "cpu_seconds": cpu, "error": "\n".join(tail)}
+    return {"status": "ok", "seconds": seconds, "cpu_seconds": cpu, "json": json.loads(out.read_text())}
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds (user + system) of finished child processes: the work a script did, whatever the load."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # ---------------------------------------------------------------------------------------------- ceiling shares
@@ -161,8 +168,8 @@ def ceiling_shares(results: dict, ceil: dict) -> list:
         per_token = _gpt_flops_per_token(model["n_layer"], model["dim"], model["vocab"])
         for r in _rows(results, "par"):
             if "tokens/s" in r:
-                add("par", f"{r['schedule']} {r['grid']} B={r['batch']}", r["tokens/s"] * per_token / 1e9, "GFLOP/s",
-                    "fp32_gflops")
+                add("par", f"{r.get('mode', '')} {r['schedule']} {r['grid']} B={r['batch']}",
+                    r["tokens/s"] * per_token / 1e9, "GFLOP/s", "fp32_gflops")
     return rows
 
 
@@ -246,7 +253,7 @@ def main(argv=None):
                 continue
             res = run_script(name, args.quick, Path(tmp), args.threads)
             report["results"][name] = res
-            print(f"## {name}: {res['status']} ({res.get('seconds', 0):.0f} s)"
+            print(f"## {name}: {res['status']} ({res.get('seconds', 0):.0f} s, {res.get('cpu_seconds', 0):.0f} CPU s)"
                   + (f"\n{res['error']}" if res.get("error") else ""), flush=True)
     if "ceilings" in report:
         report["ceiling_shares"] = ceiling_shares(report["results"], report["ceilings"])
@@ -288,8 +295,8 @@ def print_summary(report: dict, floor_columns: list):
         print("\n# CoDe on the digits task")
         print_table(report["code_quality"], ["decoding", "N", "images_per_s", "class_consistency", "frechet"])
     print("\n# scripts")
-    print_table([{"script": k, "status": v["status"], "seconds": v.get("seconds")}
-                 for k, v in report["results"].items()], ["script", "status", "seconds"])
+    print_table([{"script": k, "status": v["status"], "seconds": v.get("seconds"), "cpu_seconds": v.get("cpu_seconds")}
+                 for k, v in report["results"].items()], ["script", "status", "seconds", "cpu_seconds"])
 
 
 if __name__ == "__main__":
