@@ -11,9 +11,10 @@ sync-free draws, optional reduced precision or ``torch.compile``), with the sema
 * **Refiner stage**: one prefill pass over scales ``0..N`` with the block-causal mask (the attention kernel's
   ``visible_end`` form) fills its static cache; the head runs on the scale-N tokens only (the official code runs it
   over the whole prefix and discards all but that slice); then scales ``N+1..`` as VARSampler does.
-* **Random numbers**: ``rng_parity=True`` replays the official refiner's discarded draws (the Exp(1) numbers only,
-  no head or filters); ``rng_parity=False`` continues the drafter's generators (same tokens when seeded and
-  ``more_smooth`` is off; see :mod:`varcore.models.code`).
+* **Random numbers**: ``rng_parity=True`` gives the official refiner's stream: its discarded draws are replayed
+  (the Exp(1) numbers only, no head or filters), and skipped altogether when the generators are seeded and
+  ``more_smooth`` is off, where the drafter's generators already end in that state; ``rng_parity=False``
+  continues the drafter's generators (see :mod:`varcore.models.code`).
 
 Peak KV-cache memory is therefore ``max(drafter's N-scale cache, refiner's cache)``, reported by
 :meth:`CoDeSampler.memory_report` next to the drafter alone.
@@ -27,6 +28,7 @@ from varcore.models.code import CoDeResult, check_code_pair, check_draft_steps, 
 from varcore.models.var import VAR
 from varcore.models.vqvae import VQVAE
 from varcore.ops.attention import code_prefill_visible_end
+from varcore.sampling.filters import check_cfg
 from varcore.sampling.var import ScaleOptions, StaticKVCache, VARSampler, _check_batch, _per_scale, _DTYPES
 
 __all__ = ["CoDeSampler"]
@@ -156,8 +158,7 @@ class CoDeSampler:
         refiner's (no decode); ``"both"`` (images, tokens); ``"details"`` a :class:`~varcore.models.code.CoDeResult`.
         """
         _check_batch(B)
-        if isinstance(cfg, bool) or not isinstance(cfg, (int, float)):
-            raise TypeError(f"cfg must be a number, got {type(cfg).__name__}")
+        check_cfg(cfg)
         if not isinstance(more_smooth, bool):
             raise TypeError(f"more_smooth must be a bool, got {type(more_smooth).__name__}")
         if not isinstance(rng_parity, bool):
@@ -165,7 +166,8 @@ class CoDeSampler:
         if output not in ("images", "tokens", "both", "details"):
             raise ValueError(f"output must be 'images', 'tokens', 'both' or 'details', got {output!r}")
         SN = self.SN
-        top_ks = _per_scale("top_k", top_k, SN, int, lambda v: v >= 0, ">= 0")
+        V = self.drafter.V
+        top_ks = _per_scale("top_k", top_k, SN, int, lambda v: 0 <= v <= V, f"in [0, V={V}]")
         top_ps = _per_scale("top_p", top_p, SN, float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
         temps = _per_scale("temperature", temperature, SN, float, lambda v: v > 0 and math.isfinite(v),
                            "> 0 and finite")
@@ -181,7 +183,7 @@ class CoDeSampler:
         try:
             labels, draft_idx, draft_f_hat, hub = self._draft(B, label_B, gens, opts, bar)
             if rng_parity:
-                gens = self._replay(B, label_B, gens, seeding)
+                gens = self._replay(B, label_B, gens, seeding, more_smooth)
             f_hat, refine_idx = self._refine(B, labels, hub, draft_f_hat.clone(), gens, opts, bar)
             tokens = draft_idx + refine_idx
             if output == "tokens":
@@ -219,13 +221,20 @@ class CoDeSampler:
             _tick(bar)
         return labels, idx_Bl_list, f_hat, state.hub
 
-    def _replay(self, B, label_B, gens, seeding):
+    def _replay(self, B, label_B, gens, seeding, more_smooth):
         """The official refiner's random numbers before scale N: its generator is reseeded (or, on the global RNG
         or a caller's generator, keeps going), draws labels again when they were drawn, and replays one draw per
-        drafted scale (Exp(1) numbers of the probabilities' shape). Returns the refiner's generators."""
+        drafted scale (Exp(1) numbers of the probabilities' shape). Returns the refiner's generators.
+
+        With seeded generators and no ``more_smooth`` the drafter has drawn exactly those numbers from the same
+        seeds, so its generators already stand where the replay would leave fresh ones: they are returned as they
+        are and nothing is drawn (the drop-in replays literally; the tests compare the two)."""
         g_seed, generator, per_image_seeds, seeds = seeding
         r = self.refiner_stage
-        if g_seed is not None or seeds is not None:
+        seeded = g_seed is not None or seeds is not None
+        if seeded and not more_smooth:
+            return gens
+        if seeded:
             gens = r._generators(B, *seeding)
         if label_B is None:
             r._labels(B, None, gens)  # discarded: with one seed these are the drafter's labels

@@ -175,8 +175,7 @@ class VARTrainer:
         lr = self._apply_schedule()
         self.var.train()
         with self._autocast():
-            logits_BLV = self.net(label_B, x_BLCv)
-            loss = var_loss(logits_BLV, gt_BL, self.token_weight_1L, self.config.label_smoothing)
+            loss, logits_BLV, gt_BL = self._loss(self.net, label_B, gt_BL, x_BLCv)
         grad_norm = backward_and_step(loss, self.var.parameters(), self.optimizer, self.scaler, self.config.grad_clip)
         self.it += 1
         last_l = self.var.patch_nums[-1] ** 2
@@ -194,12 +193,17 @@ class VARTrainer:
         was_training = self.var.training
         self.var.eval()
         try:
-            with self._autocast():
-                logits_BLV = self.var(label_B.to(self.device), x_BLCv)
+            with self._autocast(), torch.no_grad():
+                loss, logits_BLV, gt_BL = self._loss(self.var, label_B.to(self.device), gt_BL, x_BLCv)
         finally:
             self.var.train(was_training)
-        loss = var_loss(logits_BLV, gt_BL, self.token_weight_1L, self.config.label_smoothing)
         return {"loss": loss.item(), "acc": token_accuracy(logits_BLV, gt_BL)}
+
+    def _loss(self, net: torch.nn.Module, label_B: torch.Tensor, gt_BL: torch.Tensor, x_BLCv: torch.Tensor):
+        """The objective on one batch: (loss, logits, targets), the last two for the accuracy metrics. ``net`` is
+        the model (or its DDP wrapper) to run. Subclasses change the objective (CoDe's drafter and refiner)."""
+        logits_BLV = net(label_B, x_BLCv)
+        return var_loss(logits_BLV, gt_BL, self.token_weight_1L, self.config.label_smoothing), logits_BLV, gt_BL
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict:
@@ -392,7 +396,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
         _distributed.cleanup(env)
 
 
-def _main(args, env: "_distributed.DistEnv") -> List[Dict[str, float]]:
+def _main(args, env: "_distributed.DistEnv", make_trainer=None) -> List[Dict[str, float]]:
+    """The run behind :func:`main`; ``make_trainer(vae, var, config, distributed)`` builds the trainer (default
+    :class:`VARTrainer`; CoDe's entry point passes its drafter/refiner trainers)."""
     from varcore.checkpoints import load_vae, read_state_dict  # deferred: checkpoints imports the models
 
     torch.manual_seed(args.seed)
@@ -412,7 +418,7 @@ def _main(args, env: "_distributed.DistEnv") -> List[Dict[str, float]]:
         schedule=args.sche, grad_clip=args.clip, label_smoothing=args.ls, scale_weights=args.scale_weights,
         amp=args.amp,
     )
-    trainer = VARTrainer(vae, var, config, distributed=env.enabled)
+    trainer = (make_trainer or VARTrainer)(vae, var, config, distributed=env.enabled)
     ckpt_path = Path(args.out) / "ckpt-last.pth"
     if ckpt_path.is_file() and not args.no_resume:
         trainer.load_checkpoint(ckpt_path)
