@@ -34,7 +34,7 @@ from typing import List, NamedTuple, Optional, Sequence, Union
 import torch
 
 from varcore.ops.attention import code_prefill_visible_end
-from varcore.sampling.filters import gumbel_softmax_with_rng, top_k_top_p_filter_
+from varcore.sampling.filters import check_cfg, gumbel_softmax_with_rng, top_k_top_p_filter_
 from varcore.sampling.var import _per_scale
 
 from .var import VAR, _eval_mode
@@ -105,16 +105,16 @@ def check_code_pair(drafter: VAR, refiner: VAR) -> None:
         raise ValueError("drafter and refiner cannot collaborate: " + "; ".join(problems))
 
 
-def _sampling_options(num_scales: int, cfg, top_k, top_p, temp, more_smooth):
-    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)):
-        raise TypeError(f"cfg must be a number, got {type(cfg).__name__}")
+def _sampling_options(num_scales: int, cfg, top_k, top_p, temp, more_smooth, V: Optional[int] = None):
+    check_cfg(cfg)
     if not isinstance(more_smooth, bool):
         raise TypeError(f"more_smooth must be a bool, got {type(more_smooth).__name__}")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)):
         raise TypeError(f"top_p must be a float, got {type(top_p).__name__}")
     if not 0.0 <= top_p <= 1.0:
         raise ValueError(f"top_p must be in [0, 1], got {top_p}")
-    top_ks = _per_scale("top_k", top_k, num_scales, int, lambda v: v >= 0, ">= 0")
+    top_ks = _per_scale("top_k", top_k, num_scales, int, lambda v: v >= 0 and (V is None or v <= V),
+                        ">= 0" if V is None else f"in [0, V={V}]")
     temps = _per_scale("temp", 1.0 if temp is None else temp, num_scales, float,
                        lambda v: v > 0 and math.isfinite(v), "> 0 and finite")
     return float(cfg), top_ks, float(top_p), temps
@@ -192,7 +192,7 @@ def draft(drafter: VAR, B: int, label_B, draft_steps: int, g_seed: Optional[int]
     _check_pos_int("B", B)
     N = check_draft_steps(draft_steps, len(drafter.patch_nums))
     cfg, top_ks, top_p, temps = _checked or _sampling_options(len(drafter.patch_nums), cfg, top_k, top_p, temp,
-                                                             more_smooth)
+                                                             more_smooth, drafter.V)
     quantize = drafter.vae_quant_proxy[0]
     SN = len(drafter.patch_nums)
     with _eval_mode(drafter):
@@ -236,7 +236,7 @@ def refine(refiner: VAR, B: int, label_B, token_hub: torch.Tensor, f_hat: torch.
     """
     N = check_draft_steps(draft_steps, len(refiner.patch_nums))
     SN = len(refiner.patch_nums)
-    cfg, top_ks, top_p, temps = _checked or _sampling_options(SN, cfg, top_k, top_p, temp, more_smooth)
+    cfg, top_ks, top_p, temps = _checked or _sampling_options(SN, cfg, top_k, top_p, temp, more_smooth, refiner.V)
     P = exit_points(refiner.patch_nums)[N]
     hub_shape = (B, P - refiner.first_l, refiner.Cvae)
     if not isinstance(token_hub, torch.Tensor) or tuple(token_hub.shape) != hub_shape:
@@ -306,7 +306,7 @@ def collaborative_infer_cfg(
     check_code_pair(drafter, refiner)
     SN = len(drafter.patch_nums)
     check_draft_steps(draft_steps, SN)
-    checked = _sampling_options(SN, cfg, top_k, top_p, temp, more_smooth)
+    checked = _sampling_options(SN, cfg, top_k, top_p, temp, more_smooth, drafter.V)
     if not isinstance(rng_parity, bool):
         raise TypeError(f"rng_parity must be a bool, got {type(rng_parity).__name__}")
     draft_f_hat, hub, draft_idx, labels, rng = draft(drafter, B, label_B, draft_steps, g_seed, more_smooth=more_smooth,

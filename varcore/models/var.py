@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from varcore.ops.quant import check_patch_nums
-from varcore.sampling.filters import gumbel_softmax_with_rng, sample_with_top_k_top_p_
+from varcore.sampling.filters import check_cfg, check_top_k, gumbel_softmax_with_rng, sample_with_top_k_top_p_
 
 from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn
 from .vqvae import VQVAE
@@ -271,8 +271,8 @@ class VAR(nn.Module):
         ``idx_Bl`` holds the (B, pn^2) tokens drawn at each scale.
         """
         _check_pos_int("B", B)
-        if isinstance(cfg, bool) or not isinstance(cfg, (int, float)):
-            raise TypeError(f"cfg must be a number, got {type(cfg).__name__}")
+        check_cfg(cfg)
+        check_top_k(top_k, self.V)
         vae = self.vae_proxy[0]
         quantize = self.vae_quant_proxy[0]
         with _eval_mode(self, vae):

@@ -3,19 +3,36 @@
 They mirror the official ``models/helpers.py`` semantics, including in-place filtering and the exact sequence of
 random draws, so that the same generator state gives the same tokens.
 """
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["top_k_top_p_filter_", "sample_with_top_k_top_p_", "gumbel_softmax_with_rng"]
+__all__ = ["top_k_top_p_filter_", "sample_with_top_k_top_p_", "gumbel_softmax_with_rng", "check_cfg",
+           "check_top_k"]
 
 
-def _check_top_k_top_p(top_k: int, top_p: float) -> None:
+def check_cfg(cfg, name: str = "cfg") -> float:
+    """A guidance weight: a finite number >= 0 (0 turns guidance off)."""
+    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(cfg).__name__}")
+    if not (math.isfinite(cfg) and cfg >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {cfg}")
+    return float(cfg)
+
+
+def check_top_k(top_k, V: int) -> int:
+    """An int in [0, V] (0 disables top-k; V keeps every code, as official; more is an error there too)."""
     if isinstance(top_k, bool) or not isinstance(top_k, int):
         raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    if not 0 <= top_k <= V:
+        raise ValueError(f"top_k must be in [0, V={V}] (0 disables it), got {top_k}")
+    return top_k
+
+
+def _check_top_k_top_p(top_k: int, top_p: float, V: int) -> None:
+    check_top_k(top_k, V)
     if not isinstance(top_p, (int, float)) or isinstance(top_p, bool):
         raise TypeError(f"top_p must be a float, got {type(top_p).__name__}")
     if not 0.0 <= top_p <= 1.0:
@@ -29,8 +46,8 @@ def top_k_top_p_filter_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float =
     ascending, computes the cumulative softmax of the top-k-filtered logits and removes the positions whose
     cumulative mass is <= 1 - top_p; the largest logit is always kept.
     """
-    _check_top_k_top_p(top_k, top_p)
     V = logits_BlV.shape[-1]
+    _check_top_k_top_p(top_k, top_p, V)
     if 0 < top_k < V:
         kth_largest = logits_BlV.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
         logits_BlV.masked_fill_(logits_BlV < kth_largest, -torch.inf)
@@ -54,6 +71,8 @@ def sample_with_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: fl
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples == 0:
         raise ValueError(f"num_samples must be a non-zero int, got {num_samples!r}")
     B, l, V = logits_BlV.shape
+    if torch.isnan(logits_BlV).any() or torch.isposinf(logits_BlV).any():  # -inf is a filtered-out code
+        raise ValueError("logits_BlV must not hold NaN or +inf (a diverged model or bad weights)")
     top_k_top_p_filter_(logits_BlV, top_k=top_k, top_p=top_p)
     probs_NV = logits_BlV.softmax(dim=-1).view(-1, V)
     idx = torch.multinomial(probs_NV, num_samples=abs(num_samples), replacement=num_samples >= 0, generator=rng)

@@ -132,9 +132,11 @@ class PARSampler:
         _check_number("cfg_scale", cfg_scale, 0.0)
         _check_number("cfg_interval", cfg_interval, -math.inf)
         _check_number("temperature", temperature, 0.0)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         _check_number("top_p", top_p, 0.0, 1.0)
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= model.vocab_size:
+            raise ValueError(f"top_k must be an int in [0, V={model.vocab_size}] (0 disables it), got {top_k!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         labels = self._labels(labels)

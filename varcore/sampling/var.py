@@ -36,7 +36,7 @@ from varcore.models import basic_var
 from varcore.models.var import VAR
 from varcore.models.vqvae import VQVAE
 from varcore.ops import quant as quant_ops
-from varcore.sampling.filters import top_k_top_p_filter_
+from varcore.sampling.filters import check_cfg, top_k_top_p_filter_
 
 __all__ = ["VARSampler", "StaticKVCache", "row_chunks"]
 
@@ -141,6 +141,7 @@ class VARSampler:
         vae = var.vae_proxy[0] if vae is None else vae
         if not isinstance(vae, VQVAE):
             raise TypeError(f"vae must be a VQVAE or None, got {type(vae).__name__}")
+        _check_vae_fits(var, vae)
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype}")
         if not isinstance(compile, (bool, dict)):
@@ -405,13 +406,13 @@ class VARSampler:
         where the draws depend on B). ``progress`` shows a tqdm bar over scales.
         """
         _check_batch(B)
-        if isinstance(cfg, bool) or not isinstance(cfg, (int, float)):
-            raise TypeError(f"cfg must be a number, got {type(cfg).__name__}")
+        check_cfg(cfg)
         if not isinstance(more_smooth, bool):
             raise TypeError(f"more_smooth must be a bool, got {type(more_smooth).__name__}")
         if output not in ("images", "tokens", "both"):
             raise ValueError(f"output must be 'images', 'tokens' or 'both', got {output!r}")
-        top_ks = _per_scale("top_k", top_k, self.SN, int, lambda v: v >= 0, ">= 0")
+        V = self.var.V
+        top_ks = _per_scale("top_k", top_k, self.SN, int, lambda v: 0 <= v <= V, f"in [0, V={V}]")
         top_ps = _per_scale("top_p", top_p, self.SN, float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
         temps = _per_scale("temperature", temperature, self.SN, float, lambda v: v > 0 and math.isfinite(v),
                            "> 0 and finite")
@@ -533,6 +534,16 @@ def _map_tensors(fn, *trees):
     if isinstance(first, (tuple, list)):
         return type(first)(_map_tensors(fn, *items) for items in zip(*trees))
     return fn(*trees)
+
+
+def _check_vae_fits(var: VAR, vae: VQVAE) -> None:
+    """A VAE other than the VAR's own must share its token space: scale schedule, vocabulary, latent channels."""
+    quant = vae.quantize
+    mine = (tuple(var.patch_nums), var.V, var.Cvae)
+    theirs = (tuple(quant.v_patch_nums), quant.vocab_size, quant.Cvae)
+    if mine != theirs:
+        raise ValueError(f"vae does not fit var: (patch_nums, V, Cvae) are {theirs} for the VAE and {mine} for the "
+                         f"VAR")
 
 
 def _check_batch(B, name: str = "B") -> None:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from varcore.models.gpt import GPT_models, Transformer
 from varcore.ops.par_order import par_gather
+from varcore.ops.quant import check_idx
 from varcore.train import distributed as _distributed
 from varcore.train.data import TokenPyramids
 from varcore.train.losses import token_accuracy
@@ -72,6 +73,7 @@ class GPTTrainer:
         return apply_schedule(self.optimizer, self.config, self.it)
 
     def _loss(self, labels: torch.Tensor, codes: torch.Tensor, net=None):
+        check_idx(codes, self.model.config.vocab_size, "codes")
         z = to_par_order(codes.to(self.device).long(), self.model.M)
         if z.shape[1] != self.model.block_size:
             raise ValueError(f"codes hold {z.shape[1]} tokens, the model expects block_size {self.model.block_size}")

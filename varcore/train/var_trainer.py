@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from varcore.models import PATCH_NUMS, VAR, VQVAE
+from varcore.ops.quant import check_idx
 from varcore.train import distributed as _distributed
 from varcore.train.data import ImageFolder, TokenPyramids, split_scales
 from varcore.train.losses import scale_token_weights, token_accuracy, var_loss
@@ -162,6 +163,8 @@ class VARTrainer:
         idx_Bl = [t.to(self.device) for t in idx_Bl]
         if len(idx_Bl) != len(self.var.patch_nums):
             raise ValueError(f"idx_Bl must hold {len(self.var.patch_nums)} scales, got {len(idx_Bl)}")
+        for si, t in enumerate(idx_Bl):  # the loss would index out of range with a bad token
+            check_idx(t, self.var.V, f"idx_Bl[{si}]")
         return torch.cat(idx_Bl, dim=1), self.vae.quantize.idxBl_to_var_input(idx_Bl)
 
     def _apply_schedule(self) -> float:
