@@ -1,22 +1,43 @@
-"""``python -m varcore info`` (and the ``varcore`` console script)."""
+"""The ``varcore`` command line (also ``python -m varcore``): ``info``, ``sample``, ``eval``, ``bench``, ``probe`` and
+``train-digits``; ``varcore COMMAND --help`` describes each."""
 import argparse
 import json
+import sys
+
+from varcore.cli import bench, evaluate, probe, sample, train_digits
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="varcore", description="varcore command line")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_info = sub.add_parser("info", help="torch build, compiled parts and each op's backend")
-    p_info.add_argument("--json", action="store_true", help="print the report as JSON")
-    args = parser.parse_args(argv)
+def _run_info(args) -> int:
+    from varcore._ext import info
 
-    if args.command == "info":
-        from varcore._ext import info
-
-        report = info(print_report=not args.json)
-        if args.json:
-            print(json.dumps(report, indent=2))
+    report = info(print_report=not args.json)
+    if args.json:
+        print(json.dumps(report, indent=2))
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="varcore", description="varcore: VAR, CoDe and PAR image generation. "
+                                     "Run `varcore COMMAND --help` for a command's options.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p_info = sub.add_parser("info", help="torch build, compiled parts and each op's backend",
+                            description="Report the torch build, the compiled parts and each op's backend.")
+    p_info.add_argument("--json", action="store_true", help="print the report as JSON")
+    p_info.set_defaults(run=_run_info)
+    for module in (sample, evaluate, bench, train_digits, probe):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        # bad arguments or missing files: a one-line message, not a traceback
+        print(f"varcore {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
