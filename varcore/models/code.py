@@ -37,7 +37,7 @@ from varcore.ops.attention import code_prefill_visible_end
 from varcore.sampling.filters import check_cfg, gumbel_softmax_with_rng, top_k_top_p_filter_
 from varcore.sampling.var import _per_scale
 
-from .var import VAR, _eval_mode
+from .var import VAR, _check_pos_int, _eval_mode
 
 __all__ = ["collaborative_infer_cfg", "draft", "refine", "check_code_pair", "check_draft_steps", "exit_points",
            "CoDeResult"]
@@ -187,8 +187,6 @@ def draft(drafter: VAR, B: int, label_B, draft_steps: int, g_seed: Optional[int]
     (B, exit_points[N] - first_l, Cvae) next-scale inputs of scales 1..N, the drawn tokens per scale, the labels
     used and the generator used (``drafter.rng`` reseeded with ``g_seed``, the given ``rng``, or None = global).
     """
-    from varcore.models.var import _check_pos_int
-
     _check_pos_int("B", B)
     N = check_draft_steps(draft_steps, len(drafter.patch_nums))
     cfg, top_ks, top_p, temps = _checked or _sampling_options(len(drafter.patch_nums), cfg, top_k, top_p, temp,
