@@ -1,6 +1,6 @@
 """PNG plots of a ``run_all`` report (matplotlib, an optional dependency: ``pip install varcore[bench]``).
 
-    python benchmarks/plots.py bench_results/run_all-<date>.json [--out docs/bench]
+    python benchmarks/plots.py bench_results/run_all-<date>.json [MORE.json ...] [--out docs/bench]
 """
 from __future__ import annotations
 
@@ -159,12 +159,24 @@ def draw_all(data: dict, out: Path) -> list:
     return [p for p in paths if p is not None]
 
 
+def merge(reports: list) -> dict:
+    """One report from several ``run_all`` runs (for example ``--only`` runs): the scripts' results and the
+    top-level figures of later reports win; the header (the caption) is the first report's."""
+    data = dict(reports[0])
+    data["results"] = dict(data.get("results", {}))
+    for other in reports[1:]:
+        data["results"].update(other.get("results", {}))
+        data.update({k: v for k, v in other.items() if k not in ("header", "results") and v})
+    return data
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("report", help="a run_all JSON file")
+    parser.add_argument("reports", nargs="+", help="run_all JSON files (several are merged, later ones win)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs" / "bench"))
     args = parser.parse_args()
-    for p in draw_all(json.loads(Path(args.report).read_text()), Path(args.out)):
+    data = merge([json.loads(Path(r).read_text()) for r in args.reports])
+    for p in draw_all(data, Path(args.out)):
         print("wrote", p)
 
 

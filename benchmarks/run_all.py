@@ -38,8 +38,8 @@ SCRIPTS = {
     "par_order": ([], []),
     "quant": ([], []),
     "attention": ([], []),
-    "sampler": (["--batches", "1", "8", "--repeats", "1"], []),
-    "par": (["--grids", "16", "--batches", "1", "8", "--repeats", "1"], ["--vq"]),
+    "sampler": (["--batches", "2", "--repeats", "1"], []),
+    "par": (["--grids", "16", "--batches", "4", "--repeats", "1"], ["--vq"]),
     "code": (["--shape", "quick", "--draft-steps", "6", "8", "--repeats", "2"], []),
     "batch": ([], []),
 }

@@ -26,14 +26,18 @@ def available() -> Dict[str, Path]:
     root = benchmarks_dir()
     if root is None:
         return {}
-    return {p.stem[len("bench_"):]: p for p in sorted(root.glob("bench_*.py"))}
+    scripts = {p.stem[len("bench_"):]: p for p in sorted(root.glob("bench_*.py"))}
+    if (root / "run_all.py").is_file():  # every benchmark + ceilings in one JSON, and the plots
+        scripts["all"] = root / "run_all.py"
+    return scripts
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run benchmark scripts (from a source checkout)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="*", metavar="NAME",
-                   help="benchmarks to run (bench_NAME.py; default: all); see --list")
+                   help="benchmarks to run (bench_NAME.py; default: every script); 'all' runs run_all.py "
+                   "(every benchmark, the machine's ceilings, one JSON and the plots); see --list")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     p.add_argument("--args", default="", metavar="'ARGS'",
                    help="arguments passed to every script, as one quoted string (e.g. --args '--quick')")
@@ -58,7 +62,7 @@ def run(args) -> int:
         return 2
     extra = shlex.split(args.args)
     failed = []
-    for name in args.names or list(scripts):
+    for name in args.names or [n for n in scripts if n != "all"]:
         cmd = [sys.executable, str(scripts[name]), *extra]
         print(f"=== {name}: {' '.join(cmd)}", flush=True)
         if subprocess.run(cmd, cwd=scripts[name].parent.parent).returncode != 0:
