@@ -221,3 +221,29 @@ def test_killed_run_resumes_to_exactly_the_expected_set(model_spec, tmp_path):
     # exactly the images of an uninterrupted run
     sample_ddp.main(_cli(model_spec, tmp_path / "ref", per_class=8, classes="0,1,2,3,4,5", batch=1))
     np.testing.assert_array_equal(arr, _load(tmp_path / "ref")[0])
+
+
+def test_code_pair_from_paths(tmp_path):
+    """VAE,DRAFTER,REFINER,N samples with CoDe; the shard equals CoDeSampler with the same per-image seeds."""
+    from varcore.sampling.code import CoDeSampler
+
+    vae, drafter = _tiny_models(seed=0)
+    torch.manual_seed(1)
+    refiner = VAR(vae, num_classes=NUM_CLASSES, depth=1, embed_dim=64, num_heads=2, attn_l2_norm=True,
+                  patch_nums=PATCH_NUMS)
+    with torch.no_grad():
+        for p in refiner.parameters():
+            p.normal_(0, 1 / max(p.shape[-1], 1) ** 0.5)
+    for name, module in (("vae", vae), ("drafter", drafter), ("refiner", refiner.eval())):
+        torch.save(module.state_dict(), tmp_path / f"{name}.pth")
+    spec = f"{tmp_path / 'vae.pth'},{tmp_path / 'drafter.pth'},{tmp_path / 'refiner.pth'},2"
+    sample_ddp.main(_cli(spec, tmp_path / "run", per_class=2, classes="1,3", batch=4))
+    arr, labels = _load(tmp_path / "run")
+    assert labels.tolist() == [1, 1, 3, 3]
+    items = [(1, 0), (1, 1), (3, 0), (3, 1)]
+    img = CoDeSampler(drafter, refiner, 2, vae).sample(
+        4, torch.tensor([c for c, _ in items]), cfg=2.0, top_k=20, top_p=0.9,
+        seeds=[sample_ddp.image_seed(7, c, i) for c, i in items])
+    np.testing.assert_array_equal(arr, img.mul(255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    with pytest.raises(ValueError, match="draft step count"):
+        sample_ddp.load_sampler(spec[:-1] + "x", "cpu", top_k=20)

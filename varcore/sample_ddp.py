@@ -24,8 +24,8 @@ How the work is split, and why the result does not depend on the number of proce
 
 ``--model`` is one of: a zoo name (``var-d16`` ... ``var-d36``, files from ``$VARCORE_HOME`` or the hub, see
 :func:`varcore.checkpoints.from_pretrained`); ``VAE_PATH,VAR_PATH`` (official-format checkpoints; the VAE is put on
-the VAR's scale schedule); or the name of a model bundled with varcore (``varcore.digits``) when that module is
-installed.
+the VAR's scale schedule); ``VAE_PATH,DRAFTER_PATH,REFINER_PATH,N`` for CoDe with N drafted scales; or a VAR or
+CoDe model bundled with varcore (``digits-var``, ``digits-var-small``, ``digits-code``; see ``varcore.digits``).
 """
 import argparse
 import json
@@ -131,27 +131,37 @@ def _read_shard(shard: Shard, out_dir: Path) -> Optional[np.ndarray]:
 SampleFn = Callable[[torch.Tensor, List[int]], torch.Tensor]
 
 
-def _load_var_pair(spec: str, device) -> Tuple:
-    from varcore.checkpoints import from_pretrained, infer_var_kwargs, load_vae, load_var, read_state_dict
+def _load_models(spec: str, device) -> Tuple:
+    """``(vae, var)`` for a VAR, or ``(vae, drafter, refiner, draft_steps)`` for a CoDe pair."""
+    from varcore.checkpoints import ZOO_FILES, from_pretrained, infer_var_kwargs, load_vae, load_var, read_state_dict
 
     if "," in spec:
-        vae_path, var_path = (p.strip() for p in spec.split(","))
-        state = read_state_dict(var_path, kind="var")
-        patch_nums = infer_var_kwargs(state)["patch_nums"]
-        vae = load_vae(vae_path, device=device, v_patch_nums=patch_nums)
-        return vae, load_var(state, vae, device=device)
-    from varcore.checkpoints import ZOO_FILES
-
+        paths = [p.strip() for p in spec.split(",")]
+        if len(paths) not in (2, 4):
+            raise ValueError(f"model paths must be VAE,VAR or VAE,DRAFTER,REFINER,N (CoDe), got {spec!r}")
+        state = read_state_dict(paths[1], kind="var")
+        vae = load_vae(paths[0], device=device, v_patch_nums=infer_var_kwargs(state)["patch_nums"])
+        var = load_var(state, vae, device=device)
+        if len(paths) == 2:
+            return vae, var
+        if not paths[3].isdigit():
+            raise ValueError(f"the CoDe draft step count N must be an int, got {paths[3]!r}")
+        return vae, var, load_var(paths[2], vae, device=device), int(paths[3])
     if spec in ZOO_FILES and spec != "vae":
         return from_pretrained(spec, device=device)
     try:
         from varcore import digits
-    except ImportError:
+    except ImportError:  # an installation without the bundled models
         digits = None
-    if digits is not None and hasattr(digits, "load_bundled"):
-        return digits.load_bundled(spec, device=device)
+    if digits is not None and spec in digits.BUNDLED:
+        if digits.BUNDLED[spec].family not in ("var", "code"):
+            raise ValueError(f"model {spec!r} is a {digits.BUNDLED[spec].family.upper()} model; sample_ddp samples "
+                             f"VAR and CoDe models (per-image seeds need their samplers)")
+        return tuple(digits.load_bundled(spec, device=device))
     zoo = sorted(k for k in ZOO_FILES if k != "vae")
-    raise ValueError(f"model must be a zoo name {zoo}, a bundled model name, or 'VAE_PATH,VAR_PATH'; got {spec!r}")
+    bundled = [] if digits is None else [n for n, b in digits.BUNDLED.items() if b.family in ("var", "code")]
+    raise ValueError(f"model must be a zoo name {zoo}, a bundled model {bundled}, 'VAE_PATH,VAR_PATH' or "
+                     f"'VAE_PATH,DRAFTER_PATH,REFINER_PATH,N' (CoDe); got {spec!r}")
 
 
 def load_sampler(spec: str, device, dtype: str = "fp32", cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
@@ -159,21 +169,27 @@ def load_sampler(spec: str, device, dtype: str = "fp32", cfg: float = 1.5, top_k
     """A function ``(labels (B,), seeds [B]) -> uint8 images (B, H, W, 3)`` for the model ``spec`` (see the module
     docstring), each image drawn from its own generator. ``classes`` (the ones to be sampled) are checked against
     the model's."""
+    from varcore.sampling.code import CoDeSampler
     from varcore.sampling.var import VARSampler
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    loaded = _load_var_pair(spec, device)
-    vae, var = loaded if isinstance(loaded, tuple) else (None, loaded)
+    models = _load_models(spec, device)
+    var = models[1]
     bad = [c for c in classes if not 0 <= c < var.num_classes]
     if bad:
         raise ValueError(f"classes must be in [0, {var.num_classes}) for this model, got {bad}")
     if top_k > var.V:
         raise ValueError(f"top_k must be <= the vocabulary size {var.V} (0 disables it), got {top_k}")
-    sampler = VARSampler(var, vae, dtype=_DTYPES[dtype])
+    if len(models) == 2:
+        sampler = VARSampler(var, models[0], dtype=_DTYPES[dtype])
+    else:
+        vae, drafter, refiner, draft_steps = models
+        sampler = CoDeSampler(drafter, refiner, draft_steps, vae, dtype=_DTYPES[dtype])
+    device = var.lvl_1L.device
 
     def sample(labels: torch.Tensor, seeds: List[int]) -> torch.Tensor:
-        img = sampler.sample(len(seeds), labels.to(sampler.device), cfg=cfg, top_k=top_k, top_p=top_p,
+        img = sampler.sample(len(seeds), labels.to(device), cfg=cfg, top_k=top_k, top_p=top_p,
                              more_smooth=more_smooth, temperature=temperature, seeds=seeds)
         # as the official evaluation saves its PNGs: x * 255, truncated
         return img.mul(255).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
@@ -333,8 +349,7 @@ def _num_classes(spec: str) -> int:
         from varcore.checkpoints import read_state_dict
 
         return read_state_dict(spec.split(",")[1].strip(), kind="var")["class_emb.weight"].shape[0] - 1
-    _, var = _load_var_pair(spec, "cpu")
-    return var.num_classes
+    return _load_models(spec, "cpu")[1].num_classes
 
 
 if __name__ == "__main__":
