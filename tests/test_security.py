@@ -68,8 +68,18 @@ def _loaders(tmp_path):
     def ddp_model(path):
         return sample_ddp.load_sampler(f"{path},{path}", "cpu")
 
+    def digits_weights(path):  # bundled models: <root>/<part>.safetensors
+        from varcore.digits.recipe import load_weights
+
+        root = tmp_path / "digits"
+        root.mkdir(exist_ok=True)
+        (root / "vqvae.safetensors").write_bytes(Path(path).read_bytes())
+        return load_weights("vqvae", root=root)
+
     return {
         "read_state_dict": lambda p: checkpoints.read_state_dict(p),
+        "load_code_pair": lambda p: checkpoints.load_code_pair(p, p, vae),
+        "digits.load_weights": digits_weights,
         "read_state_dict(vae)": lambda p: checkpoints.read_state_dict(p, kind="vae"),
         "load_vae": lambda p: checkpoints.load_vae(p),
         "load_var": lambda p: checkpoints.load_var(p, vae),
@@ -84,8 +94,8 @@ def _loaders(tmp_path):
 
 
 LOADER_NAMES = ["read_state_dict", "read_state_dict(vae)", "load_vae", "load_var", "from_pretrained", "load_gpt",
-                "load_vq16", "TokenPyramids", "VARTrainer.load_checkpoint", "GPTTrainer.load_checkpoint",
-                "sample_ddp.load_sampler"]
+                "load_vq16", "load_code_pair", "digits.load_weights", "TokenPyramids", "VARTrainer.load_checkpoint",
+                "GPTTrainer.load_checkpoint", "sample_ddp.load_sampler"]
 FILES = ["bare.pth", "torch.pth", "state_dict.pth", "trainer.pth", "fake.safetensors"]
 
 
