@@ -13,6 +13,7 @@ of one), whose shuffled order is the same on every world size; rank r takes ever
 per-rank batches of a step together hold exactly the global batch one process would see.
 """
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Dict, Optional
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-__all__ = ["DistEnv", "setup", "cleanup", "wrap_ddp", "make_loader", "mean_over_ranks"]
+__all__ = ["DistEnv", "setup", "cleanup", "process_group", "wrap_ddp", "make_loader", "mean_over_ranks"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,16 @@ def setup(device: Optional[str] = None, timeout_min: float = 60.0) -> DistEnv:
 def cleanup(env: DistEnv) -> None:
     if env.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device: Optional[str] = None):
+    """``with process_group(device) as env:`` :func:`setup`, then :func:`cleanup` however the block ends."""
+    env = setup(device)
+    try:
+        yield env
+    finally:
+        cleanup(env)
 
 
 def wrap_ddp(model: torch.nn.Module) -> torch.nn.Module:

@@ -194,11 +194,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
     """Command-line entry point (also under torchrun); returns the per-step metrics of this run."""
     args = build_arg_parser().parse_args(argv)
-    env = _distributed.setup(args.device)
-    try:
+    with _distributed.process_group(args.device) as env:
         return _main(args, env)
-    finally:
-        _distributed.cleanup(env)
 
 
 def _main(args, env: "_distributed.DistEnv") -> List[Dict[str, float]]:
