@@ -30,4 +30,8 @@ TORCH_LIBRARY(varcore, m) {
   // (B, C, next_pn, next_pn) map (empty for next_pn = 0).
   m.def("add_scale_(Tensor(a!) f_hat, Tensor idx, Tensor codebook, Tensor? phi_weight, Tensor? phi_bias, "
         "float resi_ratio, int next_pn, bool rows, bool channels_last) -> Tensor");
+  // Few-row float32 linear layer for cached decoding (CPU): decode_linear_pack packs a weight (N, K) into column
+  // panels once; decode_linear(x (R, K), packed, N) = x @ weight.T, (R, N).
+  m.def("decode_linear_pack(Tensor weight) -> Tensor");
+  m.def("decode_linear(Tensor x, Tensor packed, int out_features) -> Tensor");
 }

@@ -5,3 +5,4 @@ from .par_order import (  # noqa: F401
 )
 from .attention import attend, attention_backends, block_causal_attention  # noqa: F401,E402
 from . import quant  # noqa: F401,E402  (registers the quantizer ops for varcore.info())
+from . import linear  # noqa: F401,E402  (registers the decode linear ops for varcore.info())

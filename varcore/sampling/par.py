@@ -16,6 +16,12 @@ CFG is constant: ``uncond + (cond - uncond) * cfg_scale`` with the batch doubled
 ``cfg_interval > -1`` a step whose counter exceeds it uses the conditional logits alone (the counter runs over the
 single-token steps and then restarts for the parallel steps, advancing by n, as official; the prefill is always
 guided). The KV cache is static and each step attends to the filled prefix only.
+
+Two modes share this loop. The default (``fast=False``) runs the model's own modules and reproduces the official
+draws (RNG parity, checked against golden outputs). ``fast=True`` runs the steps through
+:class:`varcore.sampling.par_fast.FastDecoder` (prepacked weights, fused SwiGLU, CFG mixed before the head): the
+same distribution, logits equal up to float rounding (~1e-5), so the draws follow the same RNG stream but may
+diverge from the parity mode after a near-tie. It is the mode to use for speed, for raster and PAR alike.
 """
 import math
 from typing import Optional, Sequence, Union
@@ -26,6 +32,7 @@ from tqdm import tqdm
 
 from varcore.models.gpt import Transformer
 from varcore.ops.par_order import par_scatter
+from varcore.sampling.par_fast import FastDecoder
 
 __all__ = ["PARSampler", "top_k_top_p_filtering", "num_steps", "to_uint8"]
 
@@ -72,9 +79,12 @@ class PARSampler:
 
     ``M`` defaults to the model's (``sqrt(ar_token_num)``; 1 for LlamaGen's raster models) and must match it: the
     transition tokens and the RoPE layout are trained for one M. ``progress`` shows a bar over the steps.
+    ``fast=True`` selects the fast mode (module docstring); it packs the weights into a decode layout when the
+    sampler is built and again when a call finds that the model's parameters have changed.
     """
 
-    def __init__(self, model: Transformer, vq=None, M: Optional[int] = None, progress: bool = False):
+    def __init__(self, model: Transformer, vq=None, M: Optional[int] = None, progress: bool = False,
+                 fast: bool = False):
         if not isinstance(model, Transformer):
             raise TypeError(f"model must be a varcore.models.gpt.Transformer, got {type(model).__name__}")
         if M is not None and (isinstance(M, bool) or not isinstance(M, int)):
@@ -84,7 +94,10 @@ class PARSampler:
                              f"(ar_token_num={model.ar_token_num})")
         if vq is not None and not hasattr(vq, "decode_code"):
             raise TypeError(f"vq must be a VQ-16 tokenizer (varcore.models.vq16.VQModel), got {type(vq).__name__}")
+        if not isinstance(fast, bool):
+            raise TypeError(f"fast must be a bool, got {type(fast).__name__}")
         self.model, self.vq, self.M, self.progress = model, vq, model.M, progress
+        self.decoder = FastDecoder(model) if fast else None
         self.grid, self.L = model.config.grid, model.block_size
 
     @property
@@ -146,7 +159,10 @@ class PARSampler:
 
         def step(h, start, guided):
             # token inputs are shared by both CFG halves; the prefill brings its own null-class half
-            logits = model.forward_cached(torch.cat([h, h]) if cfg and h.shape[0] == B else h, start)
+            h = torch.cat([h, h]) if cfg and h.shape[0] == B else h
+            if self.decoder is not None:
+                return self._draw(self.decoder.step(h, start, cfg_scale, guided), **draw)
+            logits = model.forward_cached(h, start)
             if cfg:
                 cond, uncond = logits.chunk(2)
                 logits = uncond + (cond - uncond) * cfg_scale if guided else cond
@@ -154,7 +170,12 @@ class PARSampler:
 
         was_training = model.training
         model.eval()
-        model.setup_caches(2 * B if cfg else B, self.L, model.tok_embeddings.weight.dtype)
+        if self.decoder is not None:
+            if not self.decoder.is_current():
+                self.decoder = FastDecoder(model)
+            self.decoder.setup(2 * B if cfg else B, self.L)
+        else:
+            model.setup_caches(2 * B if cfg else B, self.L, model.tok_embeddings.weight.dtype)
         seq = torch.empty(B, self.L, dtype=torch.long, device=labels.device)
         bar = tqdm(total=self.steps, disable=not self.progress, desc=f"PAR M={self.M}", dynamic_ncols=True)
         try:
@@ -175,7 +196,10 @@ class PARSampler:
                 bar.update(1)
         finally:
             bar.close()
-            model.clear_caches()
+            if self.decoder is not None:
+                self.decoder.release()
+            else:
+                model.clear_caches()
             model.train(was_training)
         return seq if order == "par" else par_scatter(seq, self.M)
 
