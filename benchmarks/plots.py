@@ -110,28 +110,34 @@ def plot_code_quality(data, out: Path):
 
 
 def plot_kv_cache(data, out: Path):
+    """One panel per source: the digits samplers at their largest batch (bench_batch), VAR's official concat cache
+    against the static caches (bench_sampler), CoDe against the drafter alone (bench_code)."""
+    panels = []
     rows = _rows(data, "batch")
-    sampler = [r for r in _rows(data, "sampler") if r.get("kv_MiB")]
-    if not rows and not sampler:
-        return None
-    fig, axes = plt.subplots(1, 2 if sampler else 1, figsize=(10 if sampler else 5.5, 3.8), squeeze=False)
     if rows:
         B = max(r["B"] for r in rows)
         sel = [r for r in rows if r["B"] == B]
-        ax = axes[0][0]
-        ax.bar(range(len(sel)), [r["kv_KiB"] for r in sel], color="tab:blue")
-        ax.set_xticks(range(len(sel)), [r["sampler"] for r in sel], rotation=30, fontsize=7, ha="right")
-        ax.set_ylabel(f"KV cache at batch {B} (KiB)")
-        ax.set_title("digits models: KV cache per sampler", fontsize=9)
+        panels.append(([r["sampler"] for r in sel], [r["kv_KiB"] for r in sel], f"KV cache at batch {B} (KiB)",
+                       "digits models: KV cache per sampler"))
+    sampler = [r for r in _rows(data, "sampler") if r.get("kv_MiB")]
     if sampler:
-        ax = axes[0][-1]
         B = max(r["B"] for r in sampler)
         sel = [r for r in sampler if r["B"] == B]
-        ax.bar(range(len(sel)), [r["kv_MiB"] for r in sel], color="tab:orange")
-        ax.set_xticks(range(len(sel)), [r["path"] for r in sel], rotation=30, fontsize=7, ha="right")
-        ax.set_ylabel(f"KV cache at batch {B} (MiB)")
         shape = data["results"]["sampler"]["json"]["header"].get("shape", "")
-        ax.set_title(f"VAR {shape}: official concat cache vs static cache", fontsize=9)
+        panels.append(([r["path"] for r in sel], [r["kv_MiB"] for r in sel], f"KV cache at batch {B} (MiB)",
+                       f"VAR {shape}: official concat cache vs static cache"))
+    code = [r for r in _rows(data, "code") if r.get("kv_MiB")]
+    if code:
+        panels.append(([r["config"] for r in code], [r["kv_MiB"] for r in code], "peak KV cache (MiB)",
+                       "CoDe: drafter + refiner vs the drafter alone"))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (labels, values, ylabel, title) in zip(axes[0], panels):
+        ax.bar(range(len(values)), values, color="tab:blue")
+        ax.set_xticks(range(len(values)), labels, rotation=30, fontsize=7, ha="right")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
     return _save(fig, data, out / "kv_cache.png")
 
 

@@ -39,8 +39,8 @@ SCRIPTS = {
     "quant": ([], []),
     "attention": ([], []),
     "sampler": (["--batches", "2", "--repeats", "1"], []),
-    "par": (["--grids", "16", "--batches", "4", "--repeats", "1"], ["--vq"]),
-    "code": (["--shape", "quick", "--draft-steps", "6", "8", "--repeats", "2"], []),
+    "par": (["--grids", "16", "--batches", "4", "--repeats", "1", "--modes", "fast"], ["--vq"]),
+    "code": (["--shape", "quick", "--draft-steps", "8", "--repeats", "1"], []),
     "batch": ([], []),
 }
 TIMEOUT_S = {"quick": 600, "full": 3600}
