@@ -42,6 +42,7 @@ __all__ = ["VARSampler", "StaticKVCache", "row_chunks"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CHUNK_BYTES = 64 << 20  # bound on a block's FFN hidden per row chunk
+_DRAW_CHUNK_BYTES = 16 << 20  # float32 logits filtered and drawn at once
 _MIN_CHUNK_ROWS = 2048  # GEMM rows per chunk, so that chunking leaves each row's float32 result unchanged
 
 
@@ -278,7 +279,8 @@ class VARSampler:
         B = z.shape[0] // 2
         if self.exact:  # the official order: the head on both halves, then the mix (in place: the same values)
             logits = F.linear(z, self.head_w, self.head_b).float()
-            return logits[:B].mul_(1 + t).sub_(logits[B:].mul_(t))
+            # a new tensor for the mix (not a view), so that the (2B, l, V) logits die here
+            return logits[:B].mul(1 + t).sub_(logits[B:].mul_(t))
         # the head is linear (and the mix weights sum to 1), so mix first and run it on half the rows
         z_mix = (1 + t) * z[:B] - t * z[B:]
         return F.linear(z_mix.to(self.dtype), self.head_w, self.head_b).float()
@@ -302,10 +304,16 @@ class VARSampler:
         pn = self.patch_nums[si]
         logits_BlV = self._guided_logits(x_BlC, state, opts.cfg_t)
         B, l, V = logits_BlV.shape
-        self._filter_(logits_BlV, opts.top_k, opts.top_p)
-        scaled = logits_BlV if opts.temperature == 1.0 else logits_BlV / opts.temperature
-        # torch.multinomial(probs, 1) is argmax(probs / q) with q ~ Exp(1): the same draw, without its host syncs
-        idx_Bl = scaled.softmax(dim=-1).view(-1, V).div_(noise_NV).argmax(dim=-1).view(B, l)
+        logits_NV, idx_N = logits_BlV.view(-1, V), noise_NV.new_empty(B * l, dtype=torch.long)
+        # row by row (in chunks: the sort's values and int64 indices would triple the logits' memory at the big
+        # scales, while the KV cache is full): filter in place, then draw
+        for rows in _draw_chunks(B * l, V):
+            chunk_NV = logits_NV[rows]
+            self._filter_(chunk_NV, opts.top_k, opts.top_p)
+            scaled = chunk_NV if opts.temperature == 1.0 else chunk_NV / opts.temperature
+            # torch.multinomial(probs, 1) is argmax(probs / q) with q ~ Exp(1): the same draw, without host syncs
+            idx_N[rows] = scaled.softmax(dim=-1).div_(noise_NV[rows]).argmax(dim=-1)
+        idx_Bl = idx_N.view(B, l)
         embedding = self.vae.quantize.embedding
         if opts.more_smooth:  # Gumbel softmax of the filtered logits, as official
             ratio = si / (self.SN - 1)
@@ -526,6 +534,12 @@ def row_chunks(B2: int, l: int, C: int, itemsize: int) -> List[slice]:
         return [slice(None)]
     size = -(-B2 // n)
     return [slice(r, min(r + size, B2)) for r in range(0, B2, size)]
+
+
+def _draw_chunks(N: int, V: int) -> List[slice]:
+    """Row chunks of the (N, V) logits for filtering and drawing (each row is independent of the others)."""
+    size = max(1, _DRAW_CHUNK_BYTES // (4 * V))
+    return [slice(r, min(r + size, N)) for r in range(0, N, size)]
 
 
 def _map_tensors(fn, *trees):
