@@ -32,6 +32,9 @@ RECIPE_VERSION = "1"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 PATCH_NUMS = (1, 2, 3, 4)
 
+# Training is a few hundred steps over a few epochs of augmented digits: dropout only slows it down here.
+_NO_DROPOUT = dict(token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
+
 ARCHS: Dict[str, Dict] = {
     "vqvae": dict(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 1, 1), v_patch_nums=PATCH_NUMS,
                   share_quant_resi=4, quant_resi=0.5),
@@ -40,9 +43,9 @@ ARCHS: Dict[str, Dict] = {
     "vq": dict(codebook_size=256, codebook_embed_dim=8, z_channels=32, ch=32, encoder_ch_mult=[1, 1],
                decoder_ch_mult=[1, 1], num_res_blocks=1, codebook_show_usage=False),
     "gpt-par": dict(dim=64, n_layer=4, n_head=2, multiple_of=32, vocab_size=256, block_size=64,
-                    num_classes=NUM_CLASSES, ar_token_num=4, spe_token_num=3),
+                    num_classes=NUM_CLASSES, ar_token_num=4, spe_token_num=3, **_NO_DROPOUT),
     "gpt-raster": dict(dim=64, n_layer=4, n_head=2, multiple_of=32, vocab_size=256, block_size=64,
-                       num_classes=NUM_CLASSES, ar_token_num=1, spe_token_num=0),
+                       num_classes=NUM_CLASSES, ar_token_num=1, spe_token_num=0, **_NO_DROPOUT),
     "classifier": dict(width=32, feature_dim=64),
 }
 

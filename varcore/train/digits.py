@@ -48,12 +48,12 @@ class DigitsRecipe:
     vqvae_iters: int = 600
     vq_iters: int = 600
     var_iters: int = 1200
-    refiner_iters: int = 300
-    gpt_iters: int = 250
+    refiner_iters: int = 1200
+    gpt_iters: int = 700
     classifier_lr: float = 2e-3
     tokenizer_lr: float = 2e-3
     var_lr: float = 1e-3
-    gpt_lr: float = 1e-3
+    gpt_lr: float = 2e-3
     restart_every: int = 100
 
     def __post_init__(self):
