@@ -3,7 +3,7 @@
 # (varcore._simt) with AddressSanitizer + UndefinedBehaviorSanitizer into a separate directory, then run the op
 # tests against that build. Any out-of-bounds access, use-after-free or undefined behaviour aborts the run.
 #
-#   scripts/sanitize.sh [extra pytest args]
+#   scripts/sanitize.sh [extra pytest args]     (e.g. -m "slow and not cuda" for the 500-case fuzz runs)
 #
 # Environment:
 #   SANITIZE_DIR   where the copy is built (default: $TMPDIR/varcore-sanitize); the in-tree build is not touched
@@ -51,5 +51,5 @@ print("sanitized build loaded from", varcore.__file__)
 PY
 echo "=== [$(stamp)] op tests under ASan + UBSan"
 # shellcheck disable=SC2086
-"$PYTHON" -m pytest $TESTS -m "not cuda" -q -p no:cacheprovider "$@"
+"$PYTHON" -m pytest $TESTS -m "not cuda and not slow" -q -p no:cacheprovider "$@"
 echo "=== [$(stamp)] sanitizer run clean"
