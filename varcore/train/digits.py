@@ -306,14 +306,14 @@ def train_digits(recipe: Optional[DigitsRecipe] = None, out_dir=None, parts: Opt
         if stage == "classifier":
             model, metrics = train_classifier(recipe, gen, progress)
         elif stage == "vqvae":
-            vae, metrics = train_vqvae(recipe, gen, progress)
-            model = vae
+            model, metrics = train_vqvae(recipe, gen, progress)
         elif stage.startswith("var-"):
+            # tokenizers are always read back from their (float16) files, also right after training them, so a
+            # stage gives the same weights whether it runs alone or after the tokenizer's stage
             vae = load_weights("vqvae", root=out_dir) if vae is None else vae
             model, metrics = train_var(stage, vae, recipe, gen, progress)
         elif stage == "vq":
-            vq, metrics = train_vq(recipe, gen, progress)
-            model = vq
+            model, metrics = train_vq(recipe, gen, progress)
         else:
             vq = load_weights("vq", root=out_dir) if vq is None else vq
             model, metrics = train_gpt(stage, vq, recipe, gen, progress)
