@@ -2,7 +2,7 @@
 
 The models are the bundled digits models (``varcore.digits``: a depth-4 VAR drafter and a depth-2 refiner on a
 4-scale, 512-code tokenizer; two 4-layer GPTs on an 8x8, 256-code grid), with their trained weights when they are
-installed, otherwise with the same architectures and random weights (the time does not depend on the weights,
+installed (whatever state of training they are in), otherwise with the same architectures and random weights (the time does not depend on the weights,
 and the JSON says which). Every call samples tokens and decodes them to 16x16 images with the model's tokenizer;
 CFG 1.5, no top-k/top-p. Timings are medians after a warm-up call; the KV cache is what each sampler allocates
 for the batch (static caches: VARSampler's, CoDe's peak of drafter and refiner, the GPT's ``setup_caches``).
@@ -97,16 +97,16 @@ def run(batches, repeats: int) -> tuple[list, bool]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="batches 1, 8, 32 and 3 repeats")
-    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 4 16 64, quick 1 8 32)")
-    parser.add_argument("--repeats", type=int, help="timed calls per case (default 3 quick, 7 full)")
+    parser.add_argument("--quick", action="store_true", help="batches 1, 4, 16 and 2 repeats")
+    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 4 16 64, quick 1 4 16)")
+    parser.add_argument("--repeats", type=int, help="timed calls per case (default 2 quick, 7 full)")
     parser.add_argument("--out", help="JSON file (default: bench_results/batch-<date>.json)")
     args = parser.parse_args()
-    batches = args.batches or ([1, 8, 32] if args.quick else [1, 4, 16, 64])
-    repeats = args.repeats or (3 if args.quick else 7)
+    batches = args.batches or ([1, 4, 16] if args.quick else [1, 4, 16, 64])
+    repeats = args.repeats or (2 if args.quick else 7)
     header = machine_header()
     rows, trained = run(batches, repeats)
-    header.update(models="digits (trained)" if trained else "digits architectures, random weights", cfg=CFG)
+    header.update(models="digits, bundled weights" if trained else "digits architectures, random weights", cfg=CFG)
     print_header(f"images/s against batch size, {header['models']}", header)
     print_table(rows, ["sampler", "B", "passes", "ms", "p20_ms", "p80_ms", "img_s", "kv_KiB", "repeats"])
     print("wrote", write_json("batch", header, rows, args.out))

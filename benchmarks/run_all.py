@@ -294,6 +294,8 @@ def print_summary(report: dict, floor_columns: list):
     if report.get("code_quality"):
         print("\n# CoDe on the digits task")
         print_table(report["code_quality"], ["decoding", "N", "images_per_s", "class_consistency", "frechet"])
+    if not report["results"]:
+        return
     print("\n# scripts")
     print_table([{"script": k, "status": v["status"], "seconds": v.get("seconds"), "cpu_seconds": v.get("cpu_seconds")}
                  for k, v in report["results"].items()], ["script", "status", "seconds", "cpu_seconds"])
