@@ -237,6 +237,39 @@ def test_cpu_instruction_set_variants(isa, monkeypatch):
     check_backward(ops, q, k, v, att.var_visible_end((1, 2, 3, 4)), "bhld", torch.bfloat16)
 
 
+def tile_edge_layout(sizes, drop, overrides):
+    """Block-causal ends for blocks of the given sizes, queries the last len - drop positions, then some rows
+    set to other ends ({row: end}: rows that see nothing, only an early prefix, or past their block)."""
+    bounds = torch.tensor(sizes).cumsum(0)
+    ends = torch.repeat_interleave(bounds, torch.tensor(sizes))[drop:].clone()
+    for row, end in overrides.items():
+        ends[row] = end
+    return ends, int(bounds[-1])
+
+
+# Block edges on both sides of the CPU kernel's 64-row / 64-key tiles and inside its row blocks (6 or 4 rows),
+# Lq and Lk multiples of neither; rows that see nothing or little in the middle of a tile's visible range; one
+# case with a single head (the query tiles are then split into several tasks).
+TILE_EDGE_CASES = [
+    ("edges", tile_edge_layout((63, 2, 65, 1, 70, 6), 5, {70: 0, 130: 10, 131: 207, 199: 1}), 2, 3, 64),
+    ("exact-64", tile_edge_layout((64, 64, 1, 127), 0, {}), 1, 2, 100),
+    ("one-head", tile_edge_layout((5, 59, 66, 130, 17), 3, {64: 0, 65: 0, 200: 277}), 1, 1, 40),
+]
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2", "generic"])
+@pytest.mark.parametrize("case", TILE_EDGE_CASES, ids=[c[0] for c in TILE_EDGE_CASES])
+def test_cpu_tile_edges(isa, case, monkeypatch):
+    ops = resolve("cpu", NAMES)
+    if isa != "native":
+        monkeypatch.setenv("VARCORE_CPU_ISA", isa)
+    _, (ends, Lk), B, H, D = case
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = make_qkv(B, H, len(ends), Lk, D, dtype, "blhd", seed=Lk + D)
+        check_forward(ops, q, k, v, ends, "blhd", dtype)
+        check_backward(ops, q, k, v, ends, "blhd", dtype)
+
+
 @pytest.mark.simt
 @pytest.mark.parametrize("smem_kb", ["32", "160"])
 @pytest.mark.parametrize("dtype", DTYPES)

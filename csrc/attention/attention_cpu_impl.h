@@ -484,10 +484,13 @@ void forward(const ForwardParams& p) {
   });
 }
 
+// One task per (batch, head), taken from a shared counter like the forward's.
 template <class T>
 void backward(const BackwardParams& p) {
-  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+  const int64_t heads = p.B * p.H;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(heads, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     BackwardWorkspace<acc_t<T>> w(p.Lq, padded_dim(p.D));
-    for (int64_t bh = begin; bh < end; ++bh) backward_head<T>(p, bh / p.H, bh % p.H, w);
+    for (int64_t bh = next++; bh < heads; bh = next++) backward_head<T>(p, bh / p.H, bh % p.H, w);
   });
 }
