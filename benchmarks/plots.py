@@ -179,9 +179,15 @@ def merge(reports: list) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("reports", nargs="+", help="run_all JSON files (several are merged, later ones win)")
+    parser.add_argument("--script", nargs=2, action="append", default=[], metavar=("NAME", "JSON"),
+                        help="add a benchmark script's own JSON as the result NAME (e.g. batch "
+                             "bench_results/batch-<date>.json), for a script run outside run_all")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs" / "bench"))
     args = parser.parse_args()
-    data = merge([json.loads(Path(r).read_text()) for r in args.reports])
+    reports = [json.loads(Path(r).read_text()) for r in args.reports]
+    reports += [{"results": {name: {"status": "ok", "json": json.loads(Path(path).read_text())}}}
+                for name, path in args.script]
+    data = merge(reports)
     for p in draw_all(data, Path(args.out)):
         print("wrote", p)
 
