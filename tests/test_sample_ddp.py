@@ -200,12 +200,15 @@ def test_killed_run_resumes_to_exactly_the_expected_set(model_spec, tmp_path):
     shards = tmp_path / "run" / "shards"
     proc = _torchrun(2, args)
     deadline = time.time() + 120
+    workers = []
     try:
         while time.time() < deadline and len(list(shards.glob("shard_*.npz"))) < 4:
             assert proc.poll() is None, proc.communicate()[0].decode(errors="replace")[-3000:]
-            time.sleep(0.01)
+            if len(workers) < 2:  # found before the first shard, so that the kill below is immediate
+                workers = _children(proc.pid)
+            time.sleep(0.005)
     finally:  # both workers, mid-run, as a crash would; then the launcher
-        for pid in _children(proc.pid):
+        for pid in workers or _children(proc.pid):
             os.kill(pid, signal.SIGKILL)
         proc.kill()
         proc.communicate()
