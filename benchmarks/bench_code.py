@@ -2,7 +2,10 @@
 
 Shapes (width 64 * depth, heads = depth, V=4096, Cvae=32, the 10-scale 256 px schedule):
 
-* ``bench`` (default, the issue's): drafter depth 20, refiner depth 12 -- the d30/d16 ratio scaled to this machine;
+* ``bench`` (default): drafter depth 20, refiner depth 12 (width 64 * depth): the depth ratio of d30/d16 scaled
+  down, but the refiner costs 0.22 of the drafter per token where d16 costs 0.15 of d30;
+* ``half``: the official depths 30 and 16 at half the width (960 and 512, heads of 64): the same per-token cost
+  ratio as d30/d16 (0.15) with a quarter of the weights, so its speed-ups are the ones to compare with the targets;
 * ``quick``: drafter depth 10, refiner depth 6 (the same 5:3 depth ratio) with a small decoder;
 * ``official``: drafter d30 (2.0 B parameters), refiner d16 (310 M), batch 1 -- about 10 GB of float32 weights.
 
@@ -30,6 +33,7 @@ from varcore.sampling.var import VARSampler
 
 SHAPES = {
     "bench": dict(drafter=20, refiner=12, ch=160, B=4),
+    "half": dict(drafter=30, refiner=16, ch=160, B=4, width=0.5),
     "quick": dict(drafter=10, refiner=6, ch=32, B=4),
     "official": dict(drafter=30, refiner=16, ch=160, B=1),
 }
@@ -41,12 +45,22 @@ KV_TARGET_N8 = 0.45  # peak KV cache at N=8 relative to the drafter alone
 def build(shape: dict):
     """Random-weight drafter and refiner (official init) on one VQVAE."""
     torch.manual_seed(0)
-    vae, drafter = build_vae_var("cpu", depth=shape["drafter"], ch=shape["ch"], patch_nums=PATCH_NUMS[256])
-    d = shape["refiner"]
-    refiner = VAR(vae, depth=d, embed_dim=64 * d, num_heads=d, attn_l2_norm=True, norm_eps=1e-6,
-                  patch_nums=PATCH_NUMS[256])
-    refiner.init_weights(init_std=-1)
-    return vae.eval(), drafter.eval(), refiner.eval()
+    width = shape.get("width", 1.0)
+    # the official builder for the VQVAE (and the drafter at full width); a depth-1 VAR is discarded otherwise
+    vae, drafter = build_vae_var("cpu", depth=shape["drafter"] if width == 1.0 else 1, ch=shape["ch"],
+                                 patch_nums=PATCH_NUMS[256])
+    if width != 1.0:
+        drafter = _var(vae, shape["drafter"], width)
+    return vae.eval(), drafter.eval(), _var(vae, shape["refiner"], width).eval()
+
+
+def _var(vae, depth: int, width: float) -> VAR:
+    """A VAR of ``depth`` blocks, width ``width * 64 * depth`` in heads of 64, official init."""
+    heads = round(depth * width)
+    var = VAR(vae, depth=depth, embed_dim=64 * heads, num_heads=heads, attn_l2_norm=True, norm_eps=1e-6,
+              patch_nums=PATCH_NUMS[256])
+    var.init_weights(init_std=-1)
+    return var
 
 
 def rounds(fns: dict, repeats: int):
