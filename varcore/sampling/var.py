@@ -41,7 +41,7 @@ from varcore.sampling.filters import check_cfg, top_k_top_p_filter_
 __all__ = ["VARSampler", "StaticKVCache", "row_chunks"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_CHUNK_BYTES = 64 << 20  # bound on a block's FFN hidden per row chunk
+_CHUNK_BYTES = 64 << 20  # bound on a block's FFN hidden (or the head's logits) per row chunk
 _DRAW_CHUNK_BYTES = 16 << 20  # float32 logits filtered and drawn at once
 _MIN_CHUNK_ROWS = 2048  # GEMM rows per chunk, so that chunking leaves each row's float32 result unchanged
 
@@ -277,10 +277,17 @@ class VARSampler:
         x = x_BlC.float()
         z = F.layer_norm(x, (x.shape[-1],), eps=self.var.head_nm.ln_wo_grad.eps) * scale1p + shift
         B = z.shape[0] // 2
-        if self.exact:  # the official order: the head on both halves, then the mix (in place: the same values)
-            logits = F.linear(z, self.head_w, self.head_b).float()
-            # a new tensor for the mix (not a view), so that the (2B, l, V) logits die here
-            return logits[:B].mul(1 + t).sub_(logits[B:].mul_(t))
+        if self.exact:  # the official arithmetic: the head on both halves, then the mix (in place: the same values)
+            V = self.head_w.shape[0]
+            chunks = _batch_chunks(B, z.shape[1], 2 * V * 4)  # both halves' float32 logits per token
+            if len(chunks) == 1:
+                logits = F.linear(z, self.head_w, self.head_b).float()
+                return logits[:B].mul(1 + t).sub_(logits[B:].mul_(t))  # a new tensor: the (2B, l, V) one dies
+            mixed_BlV = z.new_empty(B, z.shape[1], V)
+            for rows in chunks:  # the same rows' values: see row_chunks
+                cond = F.linear(z[:B][rows], self.head_w, self.head_b).float()
+                mixed_BlV[rows] = cond.mul_(1 + t).sub_(F.linear(z[B:][rows], self.head_w, self.head_b).mul_(t))
+            return mixed_BlV
         # the head is linear (and the mix weights sum to 1), so mix first and run it on half the rows
         z_mix = (1 + t) * z[:B] - t * z[B:]
         return F.linear(z_mix.to(self.dtype), self.head_w, self.head_b).float()
@@ -529,11 +536,17 @@ def row_chunks(B2: int, l: int, C: int, itemsize: int) -> List[slice]:
     Every row's arithmetic stays the same: each GEMM keeps at least ``_MIN_CHUNK_ROWS`` rows, above which this
     machine's BLAS computes a row independently of the others (the float32 parity tests check it).
     """
-    n = min(-(-B2 * l * 4 * C * itemsize // _CHUNK_BYTES), B2 * l // _MIN_CHUNK_ROWS, B2)
-    if n <= 1:
+    return _batch_chunks(B2, l, 4 * C * itemsize)
+
+
+def _batch_chunks(n: int, l: int, token_bytes: int) -> List[slice]:
+    """Chunks of n batch rows of l tokens each, so that a chunk's ``token_bytes`` per token stay under
+    ``_CHUNK_BYTES`` while its GEMMs keep at least ``_MIN_CHUNK_ROWS`` rows; [slice(None)] when one chunk does."""
+    chunks = min(-(-n * l * token_bytes // _CHUNK_BYTES), n * l // _MIN_CHUNK_ROWS, n)
+    if chunks <= 1:
         return [slice(None)]
-    size = -(-B2 // n)
-    return [slice(r, min(r + size, B2)) for r in range(0, B2, size)]
+    size = -(-n // chunks)
+    return [slice(r, min(r + size, n)) for r in range(0, n, size)]
 
 
 def _draw_chunks(N: int, V: int) -> List[slice]:
