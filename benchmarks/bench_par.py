@@ -174,7 +174,7 @@ def main():
                         torch.manual_seed(0)
                         ogen.generate(official, labels, grid * grid, **kw)
 
-                    cases[("official", name)], steps[("official", name)] = run_official, steps[("parity", name)]
+                    cases[("official", name)], steps[("official", name)] = run_official, steps[(args.modes[0], name)]
             labelled = {f"{mode} {name} {grid}x{grid} B={B}": fn for (mode, name), fn in cases.items()}
             times = run_cases(labelled, args.warmup, args.repeats)
             for (mode, name), label in zip(cases, labelled):
