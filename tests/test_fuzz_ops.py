@@ -423,3 +423,32 @@ def test_fuzz_add_scale(backend, n):
             assert torch.equal(nxt, want)
 
     _fuzz(n, body)
+
+
+# ---------------------------------------------------------------------------------------------- few-row linear
+@pytest.mark.parametrize("n", _examples())
+def test_fuzz_decode_linear(n):
+    """CPU only (the op has no CUDA kernel): the packing bit-exact, the product within float32 rounding, and a
+    wrong ``out_features`` refused."""
+    from varcore.ops import linear as lin
+    ops = _ops("cpu")
+
+    def body(data):
+        R = data.draw(st.integers(0, 70), label="R")
+        K = data.draw(st.integers(1, 150), label="K")
+        N = data.draw(st.integers(1, 200), label="N")
+        seed = data.draw(st.integers(0, 2 ** 31 - 1), label="seed")
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(N, K, generator=g)
+        x = _maybe_strided(data, torch.randn(R, K, generator=g))
+        packed = ops.decode_linear_pack(w)
+        assert torch.equal(packed, lin.decode_linear_pack_ref(w))
+        out_features = N + data.draw(st.sampled_from([0, 0, 0, 0, 64, -N]), label="out_features offset")
+        if not (packed.shape[0] - 1) * lin.PANEL < out_features <= packed.shape[0] * lin.PANEL:
+            with pytest.raises(KERNEL_ERRORS):
+                ops.decode_linear(x, packed, out_features)
+            return
+        got = ops.decode_linear(x, packed, out_features)
+        torch.testing.assert_close(got, x @ w.T, rtol=1e-5, atol=1e-5 * K ** 0.5)
+
+    _fuzz(n, body)
