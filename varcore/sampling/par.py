@@ -122,7 +122,11 @@ class PARSampler:
     def _draw(self, logits, temperature, top_k, top_p, sample_logits, generator):
         """(B, n, V) logits -> (B, n) tokens, one multinomial over B*n rows (the official ``sample_multi``)."""
         B, n, V = logits.shape
-        logits = logits.reshape(B * n, V) / max(temperature, 1e-5)
+        logits = logits.reshape(B * n, V)
+        if temperature != 1.0:  # x / 1.0 == x: skip a pass over the (B * n, V) logits
+            logits = logits / max(temperature, 1e-5)
+        elif top_k > 0 or top_p < 1.0:
+            logits = logits.clone()  # the filters work in place
         if top_k > 0 or top_p < 1.0:
             logits = top_k_top_p_filtering(logits, top_k=top_k, top_p=top_p)
         probs = F.softmax(logits, dim=-1)

