@@ -94,7 +94,7 @@ def run(args):
         labels = torch.arange(B) % 1000
         small = B <= 8 if args.quick else B == 1
         repeats = args.repeats or (3 if args.quick and small else 2 if small else 1)
-        decode = bench(f"decode B={B}", lambda: vae.fhat_to_img(torch.randn(B, var.Cvae, 16, 16)), warmup=0,
+        decode = bench(f"decode B={B}", lambda: vae.fhat_to_img(torch.randn(B, var.Cvae, 16, 16)), warmup=1,
                        repeats=3 if args.quick and small else 1, memory=False)
         configs = [("drop-in", torch.float32, lambda: var.autoregressive_infer_cfg(
                         B, labels, g_seed=0, return_idx_Bl=True, **SAMPLING)[1]),

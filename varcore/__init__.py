@@ -25,6 +25,7 @@ _LAZY = {
     "PARSampler": ("varcore.sampling.par", "PARSampler"),
     "load_gpt": ("varcore.checkpoints", "load_gpt"),
     "load_vq16": ("varcore.checkpoints", "load_vq16"),
+    "keep_freed_memory": ("varcore.memory", "keep_freed_memory"),
 }
 
 __all__ = ["info", "__version__", *_LAZY]
