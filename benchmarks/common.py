@@ -4,10 +4,11 @@ Every figure is a median over repeats after warm-up, with the 20th and 80th perc
 the machine, torch and the git commit, so that the JSON files can be compared across runs. Ratios are only
 ever taken between timings measured in the same run (this machine is shared and noisy).
 
-Importing this module calls :func:`varcore.memory.keep_freed_memory` (glibc keeps freed memory instead of
-mapping it afresh for every large tensor), as a performance-minded user's sampling script would; every path a
-benchmark compares runs in the same process, so all of them get it, and the JSON header records it. Set
-``VARCORE_BENCH_DEFAULT_MALLOC=1`` to measure with glibc's defaults instead.
+With ``VARCORE_BENCH_KEEP_FREED_MEMORY=1`` importing this module calls :func:`varcore.memory.keep_freed_memory`
+(glibc keeps freed memory instead of mapping it afresh for every large tensor); every path a benchmark compares
+runs in the same process, so all of them get it, and the JSON header records it. It is off by default because
+the process then keeps every heap hole it ever made: ``bench_sampler.py``'s batch-32 runs grew to 24 GB and were
+killed with it (see :mod:`varcore.memory`).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import torch
 from varcore.memory import keep_freed_memory
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench_results"
-KEEP_FREED_MEMORY = os.environ.get("VARCORE_BENCH_DEFAULT_MALLOC") != "1" and keep_freed_memory()
+KEEP_FREED_MEMORY = os.environ.get("VARCORE_BENCH_KEEP_FREED_MEMORY") == "1" and keep_freed_memory()
 
 
 @dataclass

@@ -5,7 +5,6 @@ import json
 import sys
 
 from varcore.cli import bench, evaluate, probe, sample, train_digits
-from varcore.memory import keep_freed_memory
 
 
 def _run_info(args) -> int:
@@ -33,8 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("sample", "eval", "probe", "train-digits"):
-        keep_freed_memory()  # this process is ours: no mmap/munmap churn for the big activations (varcore.memory)
     try:
         return args.run(args)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:

@@ -8,9 +8,13 @@ page faults and 4-9 s of system time per call, a sixth of its run time, with ide
 :func:`keep_freed_memory` makes glibc serve large blocks from its heap and keep freed memory for reuse, which is
 what the ``jemalloc``/``tcmalloc`` preloading that CPU inference guides recommend achieves without a preload.
 
-The setting is process-wide and cannot be undone exactly (glibc stops adapting its thresholds once they are set), and
-the process keeps its peak heap until it exits, so it is opt-in: the ``varcore`` command line and the benchmarks
-call it; library users call it once at the start of a sampling script.
+The setting is process-wide and cannot be undone exactly (glibc stops adapting its thresholds once they are set),
+and the heap never shrinks: a hole left by a freed block is reused only by blocks that fit in it. That suits a
+steady loop of same-sized calls (the batch-8 d16 sampler: no growth after the first call), but a workload whose
+buffers keep growing can fragment the heap without bound: ``benchmarks/bench_sampler.py`` with it reached 24 GB and
+was killed by the kernel's OOM killer during its batch-32 runs (the drop-in's ``torch.cat`` KV caches grow at every
+scale), where glibc's defaults peak at 6.6 GB. So it is strictly opt-in (``VARCORE_BENCH_KEEP_FREED_MEMORY=1`` for the benchmarks); use it for
+repeated calls of one size, such as the fast samplers' static-cache loops.
 """
 import ctypes
 import ctypes.util

@@ -40,8 +40,6 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from varcore.memory import keep_freed_memory
-
 __all__ = ["image_seed", "plan_shards", "load_sampler", "run", "main", "Shard"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -324,7 +322,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
     parser = build_arg_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    keep_freed_memory()  # this process is ours (varcore.memory)
     if args.classes is None:
         args.classes = list(range(_num_classes(args.model)))
     out = run(args)
