@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from common import machine_header, peak_memory, print_header, print_table, write_json
+from common import bench, machine_header, peak_memory, print_header, print_table, write_json
 from varcore.models import PATCH_NUMS, VAR, build_vae_var
 from varcore.sampling.code import CoDeSampler
 from varcore.sampling.var import VARSampler
@@ -95,13 +95,8 @@ def run(args):
         fns[f"CoDe N={N}"] = (lambda s: lambda: s.sample(B, labels, g_seed=0, output="tokens", **SAMPLING))(
             samplers[N])
     f_hat = torch.randn(B, drafter.Cvae, 16, 16)
-    decode_runs = []
     with torch.no_grad():
-        for _ in range(3):  # the first call warms up (allocations, oneDNN primitives): median of the last two
-            t0 = time.perf_counter()
-            vae.fhat_to_img(f_hat)
-            decode_runs.append((time.perf_counter() - t0) * 1e3)
-    decode_ms = statistics.median(decode_runs[1:])
+        decode_ms = bench("decode", lambda: vae.fhat_to_img(f_hat), warmup=1, repeats=2, memory=False).median_ms
     res = rounds(fns, args.repeats)
 
     header = machine_header()

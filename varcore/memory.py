@@ -9,12 +9,13 @@ page faults and 4-9 s of system time per call, a sixth of its run time, with ide
 what the ``jemalloc``/``tcmalloc`` preloading that CPU inference guides recommend achieves without a preload.
 
 The setting is process-wide and cannot be undone exactly (glibc stops adapting its thresholds once they are set),
-and the heap never shrinks: a hole left by a freed block is reused only by blocks that fit in it. That suits a
+and the heap keeps what it grew to (its top is trimmed only past 2 GiB of free space): a hole left by a freed
+block is reused only by blocks that fit in it. That suits a
 steady loop of same-sized calls (the batch-8 d16 sampler: no growth after the first call), but a workload whose
 buffers keep growing can fragment the heap without bound: ``benchmarks/bench_sampler.py`` with it reached 24 GB and
 was killed by the kernel's OOM killer during its batch-32 runs (the drop-in's ``torch.cat`` KV caches grow at every
-scale), where glibc's defaults peak at 6.6 GB. So it is strictly opt-in (``VARCORE_BENCH_KEEP_FREED_MEMORY=1`` for the benchmarks); use it for
-repeated calls of one size, such as the fast samplers' static-cache loops.
+scale), where glibc's defaults peak at 6.6 GB. So it is strictly opt-in (``VARCORE_BENCH_KEEP_FREED_MEMORY=1``
+for the benchmarks); use it for repeated calls of one size, such as the fast samplers' static-cache loops.
 """
 import ctypes
 import ctypes.util
@@ -24,7 +25,7 @@ __all__ = ["keep_freed_memory"]
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters from glibc's malloc.h
 _M_MMAP_MAX = -4
-_NEVER_TRIM = 2**31 - 1  # mallopt takes an int: trim only when over 2 GiB of free heap sits at the top
+_TRIM_ABOVE = 2**31 - 1  # mallopt takes an int: trim only when over 2 GiB of free heap sits at the top
 
 _applied = False
 
@@ -45,5 +46,5 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt returns 1 on success
-    _applied = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM) == 1
+    _applied = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_ABOVE) == 1
     return _applied
