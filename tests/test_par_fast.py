@@ -1,6 +1,6 @@
 """PARSampler's fast mode (varcore.sampling.par_fast) against the parity mode and teacher forcing: packed
 projections, every step's logits (raster, PAR-4x, PAR-16x; CFG mixed before the head; grouped-query attention),
-the sampled tokens under every sampling setting, and bad arguments."""
+the sampled tokens under every sampling setting, the inverse-CDF draw, and bad arguments."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +8,8 @@ import torch.nn.functional as F
 import varcore.sampling.par_fast as par_fast
 from varcore import _ext
 from test_gpt import one_thread, tiny  # noqa: F401  (one_thread is an autouse fixture)
+import varcore.sampling.filters as filters
+from varcore.sampling.filters import inverse_cdf_sample
 from varcore.sampling.par import PARSampler
 from varcore.sampling.par_fast import FastDecoder, PackedLinear
 
@@ -60,19 +62,78 @@ def test_fast_steps_match_teacher_forcing(M, grid, kw, cfg_scale, monkeypatch):
     torch.testing.assert_close(torch.cat(logits, dim=1), ref, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("M,cfg_scale,top_k", [(1, 1.0, 0), (2, 2.5, 0), (4, 1.5, 5)])
+def test_fast_mode_draws_by_inverse_cdf(M, cfg_scale, top_k, monkeypatch):
+    """The fast mode's default draw: replaying inverse_cdf_sample over the logits of every step, with a generator
+    seeded alike, gives exactly the tokens the sampler drew (one uniform per row, in step order)."""
+    model = tiny(M=M, grid=8, seed=M)
+    labels = torch.tensor([1, 3, 0])
+    sampler = PARSampler(model, fast=True)
+    assert sampler.draw == "inverse_cdf"
+    logits = []
+    original = sampler.decoder.step
+    monkeypatch.setattr(sampler.decoder, "step", lambda *a, **k: logits.append(original(*a, **k)) or logits[-1])
+    seq = sampler.sample_tokens(labels, cfg_scale=cfg_scale, top_k=top_k, order="par",
+                                generator=torch.Generator().manual_seed(7))
+    gen, replay = torch.Generator().manual_seed(7), []
+    for step_logits in logits:
+        B, n, V = step_logits.shape
+        flat = step_logits.reshape(B * n, V).clone()
+        if top_k:
+            flat.masked_fill_(flat < flat.topk(top_k)[0][:, -1:], -float("inf"))
+        replay.append(inverse_cdf_sample(F.softmax(flat, dim=-1), generator=gen).view(B, n))
+    assert torch.equal(torch.cat(replay, dim=1), seq)
+
+
+def test_inverse_cdf_sample_distribution():
+    """Frequencies over 200k draws match the weights (chi-square), zero-weight entries (first, inner, last) are
+    never drawn, and a fixed generator seed repeats the draws."""
+    weights = torch.tensor([0.0, 1.0, 0.0, 3.0, 0.5, 0.0, 2.5, 0.0])
+    draws = inverse_cdf_sample(weights.expand(200_000, -1), generator=torch.Generator().manual_seed(0))
+    assert draws.shape == (200_000, 1) and draws.dtype == torch.int64
+    counts = torch.bincount(draws.flatten(), minlength=8).double()
+    assert counts[weights == 0].sum() == 0
+    expected = weights.double() / weights.sum() * draws.numel()
+    nz = weights > 0
+    chi2 = ((counts[nz] - expected[nz]) ** 2 / expected[nz]).sum().item()
+    assert chi2 < 16.3, chi2  # 3 degrees of freedom: p = 0.001
+    again = inverse_cdf_sample(weights.expand(200_000, -1), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+    peaked = torch.zeros(3, 16384)
+    peaked[0, 0], peaked[1, 9000], peaked[2, 16383] = 1.0, 1e-30, 5.0
+    assert inverse_cdf_sample(peaked).flatten().tolist() == [0, 9000, 16383]
+
+
+@pytest.mark.parametrize("u,expected", [(0.0, [0, 3, 2]), (1.0, [1, 3, 3])])
+def test_inverse_cdf_sample_edges_land_on_weight(u, expected, monkeypatch):
+    """The extreme uniforms: 0 skips leading zero weights; 1 (a product that rounds up to the row's total) lands
+    on the last entry with weight, not past it."""
+    monkeypatch.setattr(filters.torch, "rand", lambda shape, **kw: torch.full(shape, u, dtype=torch.float64))
+    weights = torch.tensor([[1.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 4.0], [0.0, 0.0, 1.0, 2.0]])
+    assert inverse_cdf_sample(weights).flatten().tolist() == expected
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, float("nan")]]),
+                                 torch.tensor([[1.0, -0.5]]), torch.tensor([[1.0, float("inf")]]),
+                                 torch.ones(2, 0), torch.ones(4)])
+def test_inverse_cdf_sample_bad_weights(bad):
+    with pytest.raises(ValueError, match="weights_NV"):
+        inverse_cdf_sample(bad)
+
+
 @pytest.mark.parametrize("M", [1, 2, 4])
 @pytest.mark.parametrize("settings", [dict(cfg_scale=1.5), dict(cfg_scale=1.0, temperature=0.7),
                                       dict(cfg_scale=3.0, top_k=6, top_p=0.9, cfg_interval=5),
                                       dict(cfg_scale=2.0, sample_logits=False)])
 def test_fast_mode_draws_the_parity_tokens(M, settings):
-    """Same distribution and the same RNG stream: on these models no draw lands within rounding of a boundary,
+    """With the official draw, same distribution and the same RNG stream: on these models no draw lands within rounding of a boundary,
     so the tokens are identical (a wrong CFG mix, RoPE row or cache position changes them)."""
     model = tiny(M=M, grid=8, seed=M)
     labels = torch.tensor([0, 2, 3, 1])
     for seed in range(3):
         parity = PARSampler(model).sample_tokens(labels, generator=torch.Generator().manual_seed(seed), **settings)
-        fast = PARSampler(model, fast=True).sample_tokens(labels, generator=torch.Generator().manual_seed(seed),
-                                                          **settings)
+        fast = PARSampler(model, fast=True, draw="multinomial").sample_tokens(
+            labels, generator=torch.Generator().manual_seed(seed), **settings)
         assert torch.equal(fast, parity), (seed, (fast != parity).sum().item())
 
 
@@ -98,6 +159,8 @@ def test_fast_mode_bad_arguments():
     model = tiny(M=2, grid=8)
     with pytest.raises(TypeError, match="fast must be a bool"):
         PARSampler(model, fast=1)
+    with pytest.raises(ValueError, match="draw must be one of"):
+        PARSampler(model, fast=True, draw="gumbel")
     with pytest.raises(TypeError, match="model must be"):
         FastDecoder(torch.nn.Linear(2, 2))
     decoder = FastDecoder(model)

@@ -9,8 +9,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["top_k_top_p_filter_", "sample_with_top_k_top_p_", "gumbel_softmax_with_rng", "check_cfg",
-           "check_top_k"]
+__all__ = ["top_k_top_p_filter_", "sample_with_top_k_top_p_", "gumbel_softmax_with_rng", "inverse_cdf_sample",
+           "check_cfg", "check_top_k"]
 
 
 def check_cfg(cfg, name: str = "cfg") -> float:
@@ -97,3 +97,22 @@ def gumbel_softmax_with_rng(logits: torch.Tensor, tau: float = 1.0, hard: bool =
     index = y_soft.max(dim, keepdim=True)[1]
     y_hard = torch.zeros_like(logits, memory_format=torch.legacy_contiguous_format).scatter_(dim, index, 1.0)
     return y_hard - y_soft.detach() + y_soft
+
+
+def inverse_cdf_sample(weights_NV: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One draw per row of ``weights_NV`` (N, V) (non-negative, need not sum to 1): (N, 1) int64 indices.
+
+    Same distribution as ``torch.multinomial(weights_NV, 1)`` but a different use of the generator: one uniform
+    float64 per row, inverted through the row's float64 cumulative sum. ``multinomial`` draws one exponential per
+    entry (argmax of p / Exp(1)), which on a CPU costs far more than the rest of a few-row decoding step's draw.
+    """
+    if weights_NV.ndim != 2 or weights_NV.shape[-1] == 0:
+        raise ValueError(f"weights_NV must be (N, V) with V > 0, got {tuple(weights_NV.shape)}")
+    cdf_NV = weights_NV.to(torch.float64).cumsum(dim=-1)
+    total_N1 = cdf_NV[:, -1:]
+    if not (torch.isfinite(total_N1).all() and (total_N1 > 0).all() and (weights_NV >= 0).all()):
+        raise ValueError("weights_NV rows must be finite, non-negative and not all zero (a diverged model?)")
+    u_N1 = torch.rand(total_N1.shape, dtype=torch.float64, device=weights_NV.device, generator=generator) * total_N1
+    # u < total strictly (the product can round up to it), so the first CDF entry above u has positive weight
+    u_N1 = torch.minimum(u_N1, torch.nextafter(total_N1, torch.zeros_like(total_N1)))
+    return torch.searchsorted(cdf_NV, u_N1, right=True)

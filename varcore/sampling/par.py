@@ -9,7 +9,7 @@ Steps for a G x G grid (L = G*G tokens, n = M*M tokens per parallel step), spec 
 
 That is 1 + (n - 1) + (L/n - 1) forward passes: 576 raster, 147 for M=2 and 51 for M=4 on a 24 x 24 grid.
 
-Random draws are those of the official ``generate``: the same filters in the same order (temperature, top-k,
+The parity mode's random draws are those of the official ``generate``: the same filters in the same order (temperature, top-k,
 top-p as HuggingFace, softmax) and one ``torch.multinomial`` per step over the (B * tokens, V) probabilities, from
 ``generator`` or else the global RNG, so ``torch.manual_seed(s)`` before a call reproduces the official tokens.
 CFG is constant: ``uncond + (cond - uncond) * cfg_scale`` with the batch doubled by the null class; with
@@ -19,9 +19,12 @@ guided). The KV cache is static and each step attends to the filled prefix only.
 
 Two modes share this loop. The default (``fast=False``) runs the model's own modules and reproduces the official
 draws (RNG parity, checked against golden outputs). ``fast=True`` runs the steps through
-:class:`varcore.sampling.par_fast.FastDecoder` (prepacked weights, fused SwiGLU, CFG mixed before the head): the
-same distribution, logits equal up to float rounding (~1e-5), so the draws follow the same RNG stream but may
-diverge from the parity mode after a near-tie. It is the mode to use for speed, for raster and PAR alike.
+:class:`varcore.sampling.par_fast.FastDecoder` (prepacked weights, fused SwiGLU, CFG mixed before the head; logits
+equal the parity mode's up to float rounding, ~1e-5) and draws by inverting each row's CDF with one uniform
+(:func:`varcore.sampling.filters.inverse_cdf_sample`): the same distribution without ``multinomial``'s exponential
+per vocabulary entry, which costs more than the whole rest of the draw on a CPU. It is the mode to use for speed,
+for raster and PAR alike. ``draw=`` picks the draw independently of the mode: ``fast=True, draw="multinomial"``
+follows the official RNG stream, so its tokens equal the parity mode's except after a near-tie.
 """
 import math
 from typing import Optional, Sequence, Union
@@ -32,6 +35,7 @@ from tqdm import tqdm
 
 from varcore.models.gpt import Transformer
 from varcore.ops.par_order import par_scatter
+from varcore.sampling.filters import inverse_cdf_sample
 from varcore.sampling.par_fast import FastDecoder
 
 __all__ = ["PARSampler", "top_k_top_p_filtering", "num_steps", "to_uint8"]
@@ -80,11 +84,15 @@ class PARSampler:
     ``M`` defaults to the model's (``sqrt(ar_token_num)``; 1 for LlamaGen's raster models) and must match it: the
     transition tokens and the RoPE layout are trained for one M. ``progress`` shows a bar over the steps.
     ``fast=True`` selects the fast mode (module docstring); it packs the weights into a decode layout when the
-    sampler is built and again when a call finds that the model's parameters have changed.
+    sampler is built and again when a call finds that the model's parameters have changed. ``draw`` is
+    ``"multinomial"`` (the official draw) or ``"inverse_cdf"`` (one uniform per row); None picks the mode's own
+    (multinomial for parity, inverse_cdf for fast).
     """
 
+    DRAWS = ("multinomial", "inverse_cdf")
+
     def __init__(self, model: Transformer, vq=None, M: Optional[int] = None, progress: bool = False,
-                 fast: bool = False):
+                 fast: bool = False, draw: Optional[str] = None):
         if not isinstance(model, Transformer):
             raise TypeError(f"model must be a varcore.models.gpt.Transformer, got {type(model).__name__}")
         if M is not None and (isinstance(M, bool) or not isinstance(M, int)):
@@ -96,6 +104,9 @@ class PARSampler:
             raise TypeError(f"vq must be a VQ-16 tokenizer (varcore.models.vq16.VQModel), got {type(vq).__name__}")
         if not isinstance(fast, bool):
             raise TypeError(f"fast must be a bool, got {type(fast).__name__}")
+        if draw is not None and draw not in self.DRAWS:
+            raise ValueError(f"draw must be one of {self.DRAWS} or None, got {draw!r}")
+        self.draw = draw or ("inverse_cdf" if fast else "multinomial")
         self.model, self.vq, self.M, self.progress = model, vq, model.M, progress
         self.decoder = FastDecoder(model) if fast else None
         self.grid, self.L = model.config.grid, model.block_size
@@ -120,7 +131,8 @@ class PARSampler:
         return labels.to(device=device, dtype=torch.long)
 
     def _draw(self, logits, temperature, top_k, top_p, sample_logits, generator):
-        """(B, n, V) logits -> (B, n) tokens, one multinomial over B*n rows (the official ``sample_multi``)."""
+        """(B, n, V) logits -> (B, n) tokens: one draw over B*n rows (with ``multinomial``, the official
+        ``sample_multi``)."""
         B, n, V = logits.shape
         logits = logits.reshape(B * n, V)
         if temperature != 1.0:  # x / 1.0 == x: skip a pass over the (B * n, V) logits
@@ -130,7 +142,9 @@ class PARSampler:
         if top_k > 0 or top_p < 1.0:
             logits = top_k_top_p_filtering(logits, top_k=top_k, top_p=top_p)
         probs = F.softmax(logits, dim=-1)
-        if sample_logits:
+        if sample_logits and self.draw == "inverse_cdf":
+            idx = inverse_cdf_sample(probs, generator=generator)
+        elif sample_logits:
             idx = torch.multinomial(probs, num_samples=1, generator=generator)
         else:
             idx = torch.topk(probs, k=1, dim=-1)[1]
