@@ -126,8 +126,8 @@ def test_inverse_cdf_sample_bad_weights(bad):
                                       dict(cfg_scale=3.0, top_k=6, top_p=0.9, cfg_interval=5),
                                       dict(cfg_scale=2.0, sample_logits=False)])
 def test_fast_mode_draws_the_parity_tokens(M, settings):
-    """With the official draw, same distribution and the same RNG stream: on these models no draw lands within rounding of a boundary,
-    so the tokens are identical (a wrong CFG mix, RoPE row or cache position changes them)."""
+    """With the official draw, same distribution and the same RNG stream: on these models no draw lands within
+    rounding of a boundary, so the tokens are identical (a wrong CFG mix, RoPE row or cache position changes them)."""
     model = tiny(M=M, grid=8, seed=M)
     labels = torch.tensor([0, 2, 3, 1])
     for seed in range(3):

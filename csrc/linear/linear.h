@@ -17,4 +17,7 @@ void pack_cpu(const float* w, int64_t N, int64_t K, float* packed);
 // row-major and the packed weight.
 void forward_cpu(const float* x, int64_t R, int64_t K, const float* packed, int64_t panels, float* y, int64_t ldy);
 
+// xn (R, K) = x * rsqrt(mean(x^2 over K) + eps) * g, row by row, in float32 (accumulated in double).
+void rmsnorm_cpu(const float* x, int64_t R, int64_t K, const float* g, double eps, float* xn);
+
 }  // namespace varcore::linear

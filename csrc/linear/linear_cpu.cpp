@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "common/cpu_isa.h"
@@ -38,6 +39,16 @@ void forward_cpu(const float* x, int64_t R, int64_t K, const float* packed, int6
   at::parallel_for(0, n_panels, 1, [&](int64_t p0, int64_t p1) {
     VC_WITH_ISA(isa, isa_ns::panels(x, R, K, packed, p0, p1, n_panels, y, ldy));
   });
+}
+
+void rmsnorm_cpu(const float* x, int64_t R, int64_t K, const float* g, double eps, float* xn) {
+  for (int64_t r = 0; r < R; ++r) {  // a few rows of a few thousand features: not worth threads
+    const float* xr = x + r * K;
+    double sum = 0.0;
+    for (int64_t k = 0; k < K; ++k) sum += double(xr[k]) * xr[k];
+    const float scale = float(1.0 / std::sqrt(sum / double(K) + eps));
+    for (int64_t k = 0; k < K; ++k) xn[r * K + k] = xr[k] * scale * g[k];
+  }
 }
 
 }  // namespace varcore::linear

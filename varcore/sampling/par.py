@@ -9,9 +9,10 @@ Steps for a G x G grid (L = G*G tokens, n = M*M tokens per parallel step), spec 
 
 That is 1 + (n - 1) + (L/n - 1) forward passes: 576 raster, 147 for M=2 and 51 for M=4 on a 24 x 24 grid.
 
-The parity mode's random draws are those of the official ``generate``: the same filters in the same order (temperature, top-k,
-top-p as HuggingFace, softmax) and one ``torch.multinomial`` per step over the (B * tokens, V) probabilities, from
-``generator`` or else the global RNG, so ``torch.manual_seed(s)`` before a call reproduces the official tokens.
+The parity mode's random draws are those of the official ``generate``: the same filters in the same order
+(temperature, top-k, top-p as HuggingFace, softmax) and one ``torch.multinomial`` per step over the (B * tokens, V)
+probabilities, from ``generator`` or else the global RNG, so ``torch.manual_seed(s)`` before a call reproduces the
+official tokens.
 CFG is constant: ``uncond + (cond - uncond) * cfg_scale`` with the batch doubled by the null class; with
 ``cfg_interval > -1`` a step whose counter exceeds it uses the conditional logits alone (the counter runs over the
 single-token steps and then restarts for the parallel steps, advancing by n, as official; the prefill is always
