@@ -29,9 +29,12 @@ def test_packed_linear_matches_f_linear(backend, dtype, monkeypatch):
         w = torch.randn(out_f, in_f, dtype=dtype)
         lin = PackedLinear(w)
         assert lin.backend == (backend if dtype == torch.float32 else "dense")
+        g = torch.rand(in_f, dtype=dtype) + 0.5
         for rows in (1, 2, 3, 8, 17, 32):
             x = torch.randn(rows, in_f, dtype=dtype)
             torch.testing.assert_close(lin(x), F.linear(x, w), atol=1e-4 * in_f ** 0.5, rtol=1e-5)
+            torch.testing.assert_close(lin.normed(x, g, 1e-5), F.linear(F.rms_norm(x, (in_f,), g, 1e-5), w),
+                                       atol=1e-4 * in_f ** 0.5, rtol=1e-5)
 
 
 def _teacher_logits(model, labels, seq_par, cfg_scale):
