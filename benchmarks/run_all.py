@@ -43,7 +43,8 @@ SCRIPTS = {
     "code": (["--shape", "quick", "--draft-steps", "8", "--repeats", "1"], []),
     "batch": ([], []),
 }
-TIMEOUT_S = {"quick": 600, "full": 3600}
+# per script; the full bench_par (GPT-B, both grids and batches, VQ-16 decode of every call) took 53 min idle here
+TIMEOUT_S = {"quick": 600, "full": 7200}
 
 
 # ---------------------------------------------------------------------------------------------- running scripts
