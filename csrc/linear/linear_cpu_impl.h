@@ -22,12 +22,11 @@ inline VecF load_vec(const float* p) {
   return v;
 }
 
-// Prefetch of the next panel's cache lines (into L2) while this panel's FMAs run. kSpread = false (few rows: a
-// panel has fewer steps of K than lines): `lines` lines per step from `pf`, advanced by the caller. kSpread = true:
-// one line whenever the counter `acc` passes 1024 after adding `lines` (lines per 1024 steps), so the lines are
-// spread evenly over the whole panel; issuing them faster, early in the panel, stalls the FMAs on full fill
-// buffers (~10% slower at 32 rows on this project's CPU).
-template <bool kSpread>
+// Prefetch of the next panel's cache lines (into L2) while this panel's FMAs run; the schedule is micro_tile's
+// kSpread. kSpread = false (few rows: a panel has fewer steps of K than lines): `lines` lines per step from `pf`,
+// advanced by the caller (`acc` unused). kSpread = true: one line whenever the counter `acc` passes 1024 after
+// adding `lines` (lines per 1024 steps), so the lines are spread evenly over the whole panel; issuing them faster,
+// early in the panel, stalls the FMAs on full fill buffers (~10% slower at 32 rows on this project's CPU).
 struct Prefetch {
   const char* pf;
   int lines;
@@ -38,7 +37,7 @@ struct Prefetch {
 // its share of the next panel (Prefetch).
 template <int MR, bool kSpread>
 inline void micro_tile(int64_t K, const float* a, int64_t lda, const float* b, float* c, int64_t ldc, bool add,
-                       Prefetch<kSpread>& next) {
+                       Prefetch& next) {
   const char* pf = next.pf;
   const int lines = next.lines;
   int acc = next.acc;
@@ -87,7 +86,7 @@ inline void micro_tile(int64_t K, const float* a, int64_t lda, const float* b, f
 
 template <int MR, bool kSpread>
 inline void micro_rows(int64_t rows, int64_t K, const float* a, int64_t lda, const float* b, float* c, int64_t ldc,
-                       bool add, Prefetch<kSpread>& next) {
+                       bool add, Prefetch& next) {
   if constexpr (MR > 1) {
     if (rows < MR) return micro_rows<MR - 1, kSpread>(rows, K, a, lda, b, c, ldc, add, next);
   }
@@ -100,13 +99,14 @@ constexpr int64_t kKC = 128;
 
 template <bool kSpread>
 inline void panels_with(const float* x, int64_t R, int64_t K, const float* packed, int64_t p0, int64_t p1,
-                        int64_t n_panels, float* y, int64_t ldy, int64_t blocks, int64_t steps) {
-  const int64_t tiles = kPanel / kNR, panel_lines = K * kPanel * 4 / 64;
+                        int64_t n_panels, float* y, int64_t ldy, int64_t blocks, int64_t steps,
+                        int64_t panel_lines) {
+  constexpr int64_t tiles = kPanel / kNR;
   const int lines = kSpread ? int((panel_lines * 1024 + steps - 1) / steps) : int((panel_lines + steps - 1) / steps);
   for (int64_t p = p0; p < p1; ++p) {
     const float* w = packed + p * K * kPanel;
     const char* next_panel = p + 1 < n_panels ? reinterpret_cast<const char*>(w + K * kPanel) : nullptr;
-    Prefetch<kSpread> next{next_panel, lines, 0};
+    Prefetch next{next_panel, lines, 0};
     int64_t done = 0;  // steps of K taken in this panel (the few-rows prefetch position)
     for (int64_t k0 = 0; k0 < K; k0 += kKC) {
       const int64_t kc = std::min<int64_t>(kKC, K - k0);
@@ -130,8 +130,8 @@ inline void panels(const float* x, int64_t R, int64_t K, const float* packed, in
   const int64_t blocks = (R + kMR - 1) / kMR;  // row blocks of near-equal size (<= kMR rows each)
   const int64_t steps = blocks * (kPanel / kNR) * K, panel_lines = K * kPanel * 4 / 64;  // steps of K per panel
   if (steps >= panel_lines) {
-    panels_with<true>(x, R, K, packed, p0, p1, n_panels, y, ldy, blocks, steps);
+    panels_with<true>(x, R, K, packed, p0, p1, n_panels, y, ldy, blocks, steps, panel_lines);
   } else {
-    panels_with<false>(x, R, K, packed, p0, p1, n_panels, y, ldy, blocks, steps);
+    panels_with<false>(x, R, K, packed, p0, p1, n_panels, y, ldy, blocks, steps, panel_lines);
   }
 }
