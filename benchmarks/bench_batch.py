@@ -8,11 +8,14 @@ CFG 1.5, no top-k/top-p. Timings are medians after a warm-up call; the KV cache 
 for the batch (static caches: VARSampler's, CoDe's peak of drafter and refiner, the GPT's ``setup_caches``).
 
     python benchmarks/bench_batch.py [--quick] [--batches 1 4 16] [--out FILE.json]
+    python benchmarks/bench_batch.py --par-rounds 20 [--fast] [--batches 1 2 4 8]   # PAR-4x / raster, interleaved
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -54,8 +57,8 @@ def gpt_kv_cache_bytes(model, B: int, cfg: bool = True) -> int:
     return c.n_layer * 2 * rows * find_multiple(model.block_size, 8) * kv_heads * c.head_dim * elem
 
 
-def samplers(models: dict) -> dict:
-    """name -> (sample(B, labels), kv_cache_bytes(B), forward passes)."""
+def samplers(models: dict, fast: bool = False) -> dict:
+    """name -> (sample(B, labels), kv_cache_bytes(B), forward passes); ``fast`` picks PARSampler's fast mode."""
     from varcore.sampling.par import PARSampler
     from varcore.sampling.var import VARSampler
 
@@ -72,7 +75,7 @@ def samplers(models: dict) -> dict:
             out[f"CoDe N={N}"] = (lambda B, y, code=code: code.sample(B, y, g_seed=0, cfg=CFG),
                                   lambda B, code=code: code.kv_cache_bytes(B)["peak"], var_s.SN + 1)
     for name, part in (("PAR-4x", "gpt-par"), ("raster", "gpt-raster")):
-        ps = PARSampler(models[part], vq=models["vq"])
+        ps = PARSampler(models[part], vq=models["vq"], fast=fast)
 
         def run(B, y, ps=ps):
             return ps.sample(y, cfg_scale=CFG, generator=torch.Generator().manual_seed(0))
@@ -95,13 +98,50 @@ def run(batches, repeats: int) -> tuple[list, bool]:
     return rows, trained
 
 
+def par_vs_raster(batches, rounds: int, fast: bool = False) -> tuple[list, bool]:
+    """PAR-4x against raster decoding in interleaved rounds (one call of each per round, so that the machine's drift
+    hits both alike): per batch size the median times and the p20/p50/p80 of the per-round time ratios."""
+    models, trained = load_digits_models()
+    cases = {k: v for k, v in samplers(models, fast).items() if k in ("PAR-4x", "raster")}
+    rows = []
+    with torch.inference_mode():
+        for B in batches:
+            labels = torch.arange(B) % 10
+            times = {k: [] for k in cases}
+            for r in range(rounds + 1):  # round 0 warms up
+                for k, (sample, _, _) in cases.items():
+                    t0 = time.perf_counter()
+                    sample(B, labels)
+                    if r:
+                        times[k].append((time.perf_counter() - t0) * 1e3)
+            ratios = sorted(ras / par for par, ras in zip(times["PAR-4x"], times["raster"]))
+            par_ms, ras_ms = statistics.median(times["PAR-4x"]), statistics.median(times["raster"])
+            rows.append(dict(B=B, mode="fast" if fast else "parity", par_ms=par_ms, raster_ms=ras_ms, ratio=ras_ms / par_ms,
+                             ratio_p20=ratios[len(ratios) // 5], ratio_p50=statistics.median(ratios),
+                             ratio_p80=ratios[4 * len(ratios) // 5], rounds=rounds))
+            print(f"# PAR-4x vs raster B={B}: {rows[-1]['ratio']:.2f}x", flush=True)
+    return rows, trained
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="batches 1, 4, 16 and 2 repeats")
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 4 16 64, quick 1 4 16)")
     parser.add_argument("--repeats", type=int, help="timed calls per case (default 2 quick, 7 full)")
+    parser.add_argument("--par-rounds", type=int, default=0,
+                        help="only PAR-4x against raster, in this many interleaved rounds per batch size")
+    parser.add_argument("--fast", action="store_true", help="with --par-rounds: PARSampler's fast mode")
     parser.add_argument("--out", help="JSON file (default: bench_results/batch-<date>.json)")
     args = parser.parse_args()
+    if args.par_rounds:
+        header = machine_header()
+        rows, trained = par_vs_raster(args.batches or [1, 2, 4, 8], args.par_rounds, args.fast)
+        header.update(models="digits, bundled weights" if trained else "digits architectures, random weights", cfg=CFG)
+        print_header(f"PAR-4x against raster decoding, interleaved rounds (sampling + VQ decode), {header['models']}",
+                     header)
+        print_table(rows, ["B", "mode", "par_ms", "raster_ms", "ratio", "ratio_p20", "ratio_p50", "ratio_p80", "rounds"])
+        print("wrote", write_json("batch-par", header, rows, args.out))
+        return
     batches = args.batches or ([1, 4, 16] if args.quick else [1, 4, 16, 64])
     repeats = args.repeats or (2 if args.quick else 7)
     header = machine_header()

@@ -89,7 +89,8 @@ def test_eval_json_keys_and_ranges():
     for r in rows:
         assert list(r) == ["model", "decoding", "steps", "images_per_s", "class_consistency", "frechet"]
         assert 0.0 <= r["class_consistency"] <= 1.0 and r["images_per_s"] > 0 and r["frechet"] >= 0
-    assert rows[0]["steps"] == 4 and rows[1]["steps"] == 19 and rows[1]["decoding"] == "PAR-4x"
+    # 16x16 codes, 2x2 regions: the class token, 3 more region starts, then 63 groups of 4
+    assert rows[0]["steps"] == 4 and rows[1]["steps"] == 1 + 3 + 63 and rows[1]["decoding"] == "PAR-4x"
 
 
 def test_eval_table(capsys):

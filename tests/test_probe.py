@@ -240,6 +240,6 @@ def test_run_probe_and_report_on_saved_random_models(tmp_path):
     assert [r["pn"] for r in report["var"]] == list(recipe.PATCH_NUMS)
     # the saved VAR's head is zero-initialised: every prediction is uniform over the 512 codes
     assert all(r["h_pred"] == pytest.approx(math.log(512), rel=1e-4) for r in report["var"])
-    assert report["gpt"]["grid"] == 8 and set(report["gpt"]["by_distance"]) <= {str(d) for d in range(1, 8)}
+    assert report["gpt"]["grid"] == 16 and set(report["gpt"]["by_distance"]) <= {str(d) for d in range(1, 16)}
     text = format_report(report)
     assert "(a) raster GPT" in text and "(b) VAR" in text

@@ -6,7 +6,7 @@ Names (:data:`BUNDLED`):
 * ``digits-var-small``: the quarter-size VAR (depth 2) alone, the CoDe refiner;
 * ``digits-code``: CoDe, the depth-4 VAR drafting the first :data:`CODE_DRAFT_STEPS` scales and the small VAR
   refining the rest;
-* ``digits-par``: a PAR-4x GPT (4 tokens per step) on a single-scale VQ tokenizer (8x8 codes);
+* ``digits-par``: a PAR-4x GPT (4 tokens per step) on a single-scale VQ tokenizer (16x16 codes);
 * ``digits-raster``: a GPT of the same size trained for raster decoding (one token per step) on the same codes.
 
 Two entry points:

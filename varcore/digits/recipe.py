@@ -6,7 +6,8 @@ All models work on 16x16 digit images (:mod:`varcore.digits.data`):
   latent) with scales (1, 2, 3, 4) and a 512-code vocabulary;
 * ``var-drafter``: a VAR of depth 4, width 64 on that tokenizer (the bundled VAR model and CoDe's drafter);
 * ``var-refiner``: a VAR of depth 2, width 48, about a quarter of the drafter's parameters (CoDe's refiner);
-* ``vq``: LlamaGen's single-scale VQ tokenizer (``ch_mult`` (1, 1): x2 downsampling to an 8x8 grid, 256 codes);
+* ``vq``: LlamaGen's single-scale VQ tokenizer (``ch_mult`` (1,): no downsampling, a 16x16 grid of codes, one
+  per pixel with the convolutions' context, 256 codes);
 * ``gpt-par`` / ``gpt-raster``: two LlamaGen/PAR GPTs of the same size (4 layers, width 64) on the ``vq`` codes,
   one trained for PAR-4x decoding (M = 2) and one for raster decoding (M = 1);
 * ``classifier``: the small CNN of the quality harness (:mod:`varcore.digits.classifier`).
@@ -28,7 +29,7 @@ from varcore.digits.data import NUM_CLASSES
 __all__ = ["WEIGHTS_DIR", "ARCHS", "build", "save_weights", "load_weights", "weights_path", "PATCH_NUMS",
            "RECIPE_VERSION"]
 
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"  # 2: the GPTs work on a 16x16 code grid (version 1: 8x8, x2 downsampling)
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 PATCH_NUMS = (1, 2, 3, 4)
 
@@ -40,11 +41,11 @@ ARCHS: Dict[str, Dict] = {
                   share_quant_resi=4, quant_resi=0.5),
     "var-drafter": dict(depth=4, embed_dim=64, num_heads=2),
     "var-refiner": dict(depth=2, embed_dim=48, num_heads=2),
-    "vq": dict(codebook_size=256, codebook_embed_dim=8, z_channels=32, ch=32, encoder_ch_mult=[1, 1],
-               decoder_ch_mult=[1, 1], num_res_blocks=1, codebook_show_usage=False),
-    "gpt-par": dict(dim=64, n_layer=4, n_head=2, multiple_of=32, vocab_size=256, block_size=64,
+    "vq": dict(codebook_size=256, codebook_embed_dim=8, z_channels=32, ch=32, encoder_ch_mult=[1],
+               decoder_ch_mult=[1], num_res_blocks=1, codebook_show_usage=False),
+    "gpt-par": dict(dim=64, n_layer=4, n_head=2, multiple_of=32, vocab_size=256, block_size=256,
                     num_classes=NUM_CLASSES, ar_token_num=4, spe_token_num=3, **_NO_DROPOUT),
-    "gpt-raster": dict(dim=64, n_layer=4, n_head=2, multiple_of=32, vocab_size=256, block_size=64,
+    "gpt-raster": dict(dim=64, n_layer=4, n_head=2, multiple_of=32, vocab_size=256, block_size=256,
                        num_classes=NUM_CLASSES, ar_token_num=1, spe_token_num=0, **_NO_DROPOUT),
     "classifier": dict(width=32, feature_dim=64),
 }

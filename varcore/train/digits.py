@@ -49,7 +49,7 @@ class DigitsRecipe:
     vq_iters: int = 600
     var_iters: int = 1200
     refiner_iters: int = 1200
-    gpt_iters: int = 700
+    gpt_iters: int = 2100
     classifier_lr: float = 2e-3
     tokenizer_lr: float = 2e-3
     var_lr: float = 1e-3
