@@ -1,7 +1,7 @@
 """Images/s against batch size for VAR, CoDe (each N), PAR-4x and raster decoding, and their KV-cache memory.
 
 The models are the bundled digits models (``varcore.digits``: a depth-4 VAR drafter and a depth-2 refiner on a
-4-scale, 512-code tokenizer; two 4-layer GPTs on an 8x8, 256-code grid), with the bundled weights when they are
+4-scale, 512-code tokenizer; two 4-layer GPTs on a 16x16, 256-code grid), with the bundled weights when they are
 installed (in whatever state of training), otherwise with the same architectures and random weights (the time
 does not depend on the weights, and the JSON says which). Every call samples tokens and decodes them to 16x16 images with the model's tokenizer;
 CFG 1.5, no top-k/top-p. Timings are medians after a warm-up call; the KV cache is what each sampler allocates
