@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from ceilings import gemm_gflops
 from common import bench, machine_header, peak_memory, print_header, print_table, write_json
 from varcore.models import PATCH_NUMS, build_vae_var
 from varcore.sampling.var import VARSampler
@@ -41,12 +42,9 @@ def flops_per_image(var) -> float:
     return 2 * total
 
 
-def gemm_gflops(dtype, n=2048) -> float:
-    """GFLOP/s of a (2n x n/2) @ (n/2 x 2n) matmul, the shape class of the model's linears."""
-    a = torch.randn(2 * n, n // 2).to(dtype)
-    b = torch.randn(n // 2, 2 * n).to(dtype)
-    t = bench(f"gemm {dtype}", lambda: a @ b, warmup=2, repeats=5, memory=False)
-    return 2 * (2 * n) * (n // 2) * (2 * n) / (t.median_ms * 1e-3) / 1e9
+def linear_gemm_gflops(dtype) -> float:
+    """GFLOP/s of a 4096 x 1024 @ 1024 x 4096 matmul, the shape class of the model's linears."""
+    return gemm_gflops(dtype, 4096, 1024, 4096, repeats=5)
 
 
 def measure(fn, repeats):
@@ -78,7 +76,7 @@ def run(args):
     samplers = {dt: VARSampler(var, dtype=dt, decode_batch=DECODE_BATCH) for dt in (torch.float32, torch.bfloat16)}
     # GEMM throughput before the runs and after each batch size: this machine's speed drifts by up to ~30%, and
     # a single low reading would loosen the FLOP bound; the highest reading (the strictest bound) is used
-    gemm_samples = {dt: [gemm_gflops(dt)] for dt in (torch.float32, torch.bfloat16)}
+    gemm_samples = {dt: [linear_gemm_gflops(dt)] for dt in (torch.float32, torch.bfloat16)}
     flops = flops_per_image(var)
     SN = len(var.patch_nums)
     header = machine_header()
@@ -134,7 +132,7 @@ def run(args):
             print(f"# done {name} B={B}: {ms / 1e3:.1f} s  ({(time.perf_counter() - start) / 60:.1f} min so far)",
                   flush=True)
         for dt, readings in gemm_samples.items():
-            readings.append(gemm_gflops(dt))
+            readings.append(linear_gemm_gflops(dt))
     gemm = {dt: max(readings) for dt, readings in gemm_samples.items()}
     header.update(gemm_gflops_fp32=gemm[torch.float32], gemm_gflops_bf16=gemm[torch.bfloat16],
                   gemm_gflops_fp32_readings=gemm_samples[torch.float32],
