@@ -116,8 +116,8 @@ def par_vs_raster(batches, rounds: int, fast: bool = False) -> tuple[list, bool]
                         times[k].append((time.perf_counter() - t0) * 1e3)
             ratios = sorted(ras / par for par, ras in zip(times["PAR-4x"], times["raster"]))
             par_ms, ras_ms = statistics.median(times["PAR-4x"]), statistics.median(times["raster"])
-            rows.append(dict(B=B, mode="fast" if fast else "parity", par_ms=par_ms, raster_ms=ras_ms, ratio=ras_ms / par_ms,
-                             ratio_p20=ratios[len(ratios) // 5], ratio_p50=statistics.median(ratios),
+            rows.append(dict(B=B, mode="fast" if fast else "parity", par_ms=par_ms, raster_ms=ras_ms,
+                             ratio=ras_ms / par_ms, ratio_p20=ratios[len(ratios) // 5], ratio_p50=statistics.median(ratios),
                              ratio_p80=ratios[4 * len(ratios) // 5], rounds=rounds))
             print(f"# PAR-4x vs raster B={B}: {rows[-1]['ratio']:.2f}x", flush=True)
     return rows, trained
@@ -133,6 +133,8 @@ def main():
     parser.add_argument("--fast", action="store_true", help="with --par-rounds: PARSampler's fast mode")
     parser.add_argument("--out", help="JSON file (default: bench_results/batch-<date>.json)")
     args = parser.parse_args()
+    if args.par_rounds < 0 or (args.fast and not args.par_rounds):
+        parser.error("--par-rounds must be a positive count of rounds, and --fast needs it")
     if args.par_rounds:
         header = machine_header()
         rows, trained = par_vs_raster(args.batches or [1, 2, 4, 8], args.par_rounds, args.fast)
