@@ -117,8 +117,9 @@ def par_vs_raster(batches, rounds: int, fast: bool = False) -> tuple[list, bool]
             ratios = sorted(ras / par for par, ras in zip(times["PAR-4x"], times["raster"]))
             par_ms, ras_ms = statistics.median(times["PAR-4x"]), statistics.median(times["raster"])
             rows.append(dict(B=B, mode="fast" if fast else "parity", par_ms=par_ms, raster_ms=ras_ms,
-                             ratio=ras_ms / par_ms, ratio_p20=ratios[len(ratios) // 5], ratio_p50=statistics.median(ratios),
-                             ratio_p80=ratios[4 * len(ratios) // 5], rounds=rounds))
+                             ratio=ras_ms / par_ms, ratio_p20=ratios[len(ratios) // 5],
+                             ratio_p50=statistics.median(ratios), ratio_p80=ratios[4 * len(ratios) // 5],
+                             rounds=rounds))
             print(f"# PAR-4x vs raster B={B}: {rows[-1]['ratio']:.2f}x", flush=True)
     return rows, trained
 
@@ -141,7 +142,8 @@ def main():
         header.update(models="digits, bundled weights" if trained else "digits architectures, random weights", cfg=CFG)
         print_header(f"PAR-4x against raster decoding, interleaved rounds (sampling + VQ decode), {header['models']}",
                      header)
-        print_table(rows, ["B", "mode", "par_ms", "raster_ms", "ratio", "ratio_p20", "ratio_p50", "ratio_p80", "rounds"])
+        print_table(rows, ["B", "mode", "par_ms", "raster_ms", "ratio", "ratio_p20", "ratio_p50", "ratio_p80",
+                           "rounds"])
         print("wrote", write_json("batch-par", header, rows, args.out))
         return
     batches = args.batches or ([1, 4, 16] if args.quick else [1, 4, 16, 64])
