@@ -57,9 +57,8 @@ def gpt_kv_cache_bytes(model, B: int, cfg: bool = True) -> int:
     return c.n_layer * 2 * rows * find_multiple(model.block_size, 8) * kv_heads * c.head_dim * elem
 
 
-def samplers(models: dict, fast: bool = False) -> dict:
-    """name -> (sample(B, labels), kv_cache_bytes(B), forward passes); ``fast`` picks PARSampler's fast mode."""
-    from varcore.sampling.par import PARSampler
+def samplers(models: dict) -> dict:
+    """name -> (sample(B, labels), kv_cache_bytes(B), forward passes)."""
     from varcore.sampling.var import VARSampler
 
     vae, drafter, refiner = models["vqvae"], models["var-drafter"], models["var-refiner"]
@@ -74,6 +73,14 @@ def samplers(models: dict, fast: bool = False) -> dict:
             code = CoDeSampler(drafter, refiner, N, vae)
             out[f"CoDe N={N}"] = (lambda B, y, code=code: code.sample(B, y, g_seed=0, cfg=CFG),
                                   lambda B, code=code: code.kv_cache_bytes(B)["peak"], var_s.SN + 1)
+    return {**out, **gpt_samplers(models)}
+
+
+def gpt_samplers(models: dict, fast: bool = False) -> dict:
+    """The PAR-4x and raster entries of :func:`samplers`; ``fast`` picks PARSampler's fast mode."""
+    from varcore.sampling.par import PARSampler
+
+    out = {}
     for name, part in (("PAR-4x", "gpt-par"), ("raster", "gpt-raster")):
         ps = PARSampler(models[part], vq=models["vq"], fast=fast)
 
@@ -102,7 +109,7 @@ def par_vs_raster(batches, rounds: int, fast: bool = False) -> tuple[list, bool]
     """PAR-4x against raster decoding in interleaved rounds (one call of each per round, so that the machine's drift
     hits both alike): per batch size the median times and the p20/p50/p80 of the per-round time ratios."""
     models, trained = load_digits_models()
-    cases = {k: v for k, v in samplers(models, fast).items() if k in ("PAR-4x", "raster")}
+    cases = gpt_samplers(models, fast)
     rows = []
     with torch.inference_mode():
         for B in batches:
