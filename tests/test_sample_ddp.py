@@ -250,3 +250,73 @@ def test_code_pair_from_paths(tmp_path):
     np.testing.assert_array_equal(arr, img.mul(255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
     with pytest.raises(ValueError, match="draft step count"):
         sample_ddp.load_sampler(spec[:-1] + "x", "cpu", top_k=20)
+
+
+# ---------------------------------------------------------------------------------------------- never mixing runs
+def _rewrite_shard(path, **changes):
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays.update(changes)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("change", ["other seed", "no settings", "other size"])
+def test_foreign_shards_are_resampled_also_without_run_json(model_spec, tmp_path, change):
+    """A shard written under other settings (or by an older varcore, without them), or holding images of another
+    size, is sampled again, even when run.json is gone; the result equals a clean run's."""
+    sample_ddp.main(_cli(model_spec, tmp_path / "clean", per_class=2, classes="0,1", batch=1))
+    good, _ = _load(tmp_path / "clean")
+    # the same grid under --seed 8 gives other images: put one of its shards into the seed-7 folder
+    sample_ddp.main(_cli(model_spec, tmp_path / "other", per_class=2, classes="0,1", batch=1,
+                         extra=("--seed", "8")))
+    out = tmp_path / "run"
+    sample_ddp.main(_cli(model_spec, out, per_class=2, classes="0,1", batch=1))
+    victim = sorted((out / "shards").glob("shard_*.npz"))[2]
+    if change == "other seed":
+        victim.write_bytes((tmp_path / "other" / "shards" / victim.name).read_bytes())
+        match = "other settings"
+    elif change == "no settings":
+        _rewrite_shard(victim, settings=None, images=np.zeros_like(np.load(victim)["images"]))
+        match = "other settings"
+    else:
+        with np.load(victim) as f:
+            small = f["images"][:, ::2, ::2]
+        _rewrite_shard(victim, images=np.ascontiguousarray(small))
+        match = "sampling it again"
+    (out / "run.json").unlink()
+    (out / "samples.npz").unlink()
+    with pytest.warns(UserWarning, match=match):
+        sample_ddp.main(_cli(model_spec, out, per_class=2, classes="0,1", batch=1))
+    np.testing.assert_array_equal(_load(out)[0], good)
+
+
+def test_refused_settings_leave_no_run_json(model_spec, tmp_path):
+    """A setting the model refuses (top_k above its vocabulary) is refused before run.json is written, so the
+    corrected rerun in the same folder goes through."""
+    with pytest.raises(ValueError, match="top_k"):
+        sample_ddp.main(_cli(model_spec, tmp_path, per_class=1, classes="0", extra=("--top-k", "4000")))
+    assert not (tmp_path / "run.json").exists()
+    sample_ddp.main(_cli(model_spec, tmp_path, per_class=1, classes="0"))
+    assert _load(tmp_path)[0].shape[0] == 1
+
+
+@pytest.mark.parametrize("content", [b"", b"{not json", b"[1, 2]", b"\xff\xfe"])
+def test_damaged_run_json_is_named(model_spec, tmp_path, content, capsys):
+    sample_ddp.main(_cli(model_spec, tmp_path, per_class=1, classes="0"))
+    (tmp_path / "run.json").write_bytes(content)
+    with pytest.raises(ValueError, match="run.json is damaged"):
+        sample_ddp.main(_cli(model_spec, tmp_path, per_class=1, classes="0"))
+    assert sample_ddp.cli(_cli(model_spec, tmp_path, per_class=1, classes="0")) == 2  # no traceback
+    assert "run.json is damaged" in capsys.readouterr().err
+
+
+def test_the_whole_50k_plan_has_distinct_streams():
+    """Every (class, index) of the 50k ImageNet protocol under one base seed gets its own seed and a generator
+    whose first draws differ from every other's on the CPU (where manual_seed would keep 32 bits only)."""
+    from varcore.sampling.rng import seeded_generator
+
+    seeds = [sample_ddp.image_seed(0, c, i) for c in range(1000) for i in range(50)]
+    assert len(set(seeds)) == 50_000
+    first = torch.stack([torch.rand(2, dtype=torch.float64, generator=seeded_generator(s)) for s in seeds])
+    assert torch.unique(first, dim=0).shape[0] == 50_000

@@ -14,11 +14,15 @@ How the work is split, and why the result does not depend on the number of proce
   (``VARSampler(..., seeds=...)``), so its tokens do not depend on its batch neighbours. The batches themselves are
   fixed by ``--batch-size`` alone, so even the float rounding of batched matrix products is the same for any
   world size: one process and N processes give bit-identical files on the same hardware.
-* Each shard is written to ``DIR/shards/shard_XXXXXX.npz`` through a temporary file, fsync and an atomic rename.
-  A rerun with the same arguments skips every shard that is complete and valid (a truncated or foreign file is
-  sampled again), so an interrupted run loses at most the shards in flight and never duplicates an image.
+* Each shard is written to ``DIR/shards/shard_XXXXXX.npz`` through a temporary file, fsync and an atomic rename,
+  with the settings that decided its images. A rerun with the same arguments skips every shard that is complete
+  and valid; a truncated or unreadable file, one of another shard, one written under other settings (another
+  seed, model, sampling setting or seed derivation, also when ``run.json`` is gone) or with images of another
+  size is sampled again, with a warning. An interrupted run loses at most the shards in flight and never
+  duplicates an image.
 * ``DIR/run.json`` records the arguments that decide the images; a rerun with different ones is refused instead of
-  mixing two runs in one folder.
+  overwriting the other run's shards. It is written only after the model is loaded and every setting checked
+  against it, so a refused setting leaves nothing behind.
 * Rank 0 assembles the shards in plan order after a barrier and checks that the count, labels and indices are
   exactly the requested grid before writing ``samples.npz`` (atomically, too).
 
@@ -51,7 +55,8 @@ OUT_FILE = "samples.npz"
 def image_seed(seed: int, cls: int, index: int) -> int:
     """The seed of image ``index`` of class ``cls``: a 63-bit value derived by numpy's SeedSequence from
     ``(seed, cls, index)``, so it is independent of the batch, the class list, ``--per-class`` and the world size,
-    and distinct images get unrelated streams."""
+    and distinct images get unrelated streams. The samplers turn it into a generator with
+    :func:`varcore.sampling.rng.seeded_generator`, whose stream depends on all of its bits on the CPU too."""
     for name, v in (("seed", seed), ("cls", cls), ("index", index)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
             raise ValueError(f"{name} must be an int >= 0, got {v!r}")
@@ -103,19 +108,21 @@ def _atomic_savez(path: Path, **arrays) -> None:
     os.replace(tmp, path)
 
 
-def _write_shard(shard: Shard, out_dir: Path, images: np.ndarray, seeds: Sequence[int]) -> None:
+def _write_shard(shard: Shard, out_dir: Path, images: np.ndarray, seeds: Sequence[int], settings: str) -> None:
     _atomic_savez(shard.path(out_dir), images=images, labels=shard.labels, indices=shard.indices,
-                  seeds=np.array(seeds, dtype=np.uint64))
+                  seeds=np.array(seeds, dtype=np.uint64), settings=np.array(settings))
 
 
-def _read_shard(shard: Shard, out_dir: Path) -> Optional[np.ndarray]:
-    """The shard's images if its file exists and holds exactly this shard's images, else None (to be redone)."""
+def _read_shard(shard: Shard, out_dir: Path, settings: str, image_hw: Tuple[int, int]) -> Optional[np.ndarray]:
+    """The shard's images if its file exists and holds exactly this shard's images, sampled under ``settings``
+    (see :func:`_shard_settings`) at ``image_hw``, else None (to be sampled again)."""
     path = shard.path(out_dir)
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as f:
             images, labels, indices = f["images"], f["labels"], f["indices"]
+            written_under = str(f["settings"]) if "settings" in f.files else None
     except Exception as e:  # truncated or foreign file: sample it again
         warnings.warn(f"sample_ddp: {path} is unreadable ({type(e).__name__}: {e}); sampling it again")
         return None
@@ -123,6 +130,14 @@ def _read_shard(shard: Shard, out_dir: Path) -> Optional[np.ndarray]:
     if (images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != n or images.shape[3] != 3
             or not np.array_equal(labels, shard.labels) or not np.array_equal(indices, shard.indices)):
         warnings.warn(f"sample_ddp: {path} does not hold shard {shard.number}'s images; sampling it again")
+        return None
+    if written_under != settings:
+        warnings.warn(f"sample_ddp: {path} was sampled under other settings ({written_under} instead of "
+                      f"{settings}); sampling it again")
+        return None
+    if tuple(images.shape[1:3]) != tuple(image_hw):
+        warnings.warn(f"sample_ddp: {path} holds {images.shape[1]}x{images.shape[2]} images, the model makes "
+                      f"{image_hw[0]}x{image_hw[1]}; sampling it again")
         return None
     return images
 
@@ -168,7 +183,7 @@ def load_sampler(spec: str, device, dtype: str = "fp32", cfg: float = 1.5, top_k
                  more_smooth: bool = False, temperature: float = 1.0, classes: Sequence[int] = ()) -> SampleFn:
     """A function ``(labels (B,), seeds [B]) -> uint8 images (B, H, W, 3)`` for the model ``spec`` (see the module
     docstring), each image drawn from its own generator. ``classes`` (the ones to be sampled) are checked against
-    the model's."""
+    the model's. The function's ``image_hw`` attribute is the (H, W) of its images."""
     from varcore.sampling.code import CoDeSampler
     from varcore.sampling.var import VARSampler
 
@@ -194,6 +209,8 @@ def load_sampler(spec: str, device, dtype: str = "fp32", cfg: float = 1.5, top_k
         # as the official evaluation saves its PNGs: x * 255, truncated
         return img.mul(255).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
+    side = models[0].downsample * sampler.patch_nums[-1]
+    sample.image_hw = (side, side)
     return sample
 
 
@@ -229,6 +246,16 @@ def _run_record(args) -> dict:
     return {k: getattr(args, k) for k in keys}
 
 
+# Bumped when the same arguments would give other images (the per-image generators of image_seed's values).
+SEEDING = "seeded_generator-1"
+
+
+def _shard_settings(args) -> str:
+    """What decides a shard's images besides its (class, index) items: stored in each shard, compared on reuse."""
+    keys = ("model", "seed", "batch_size", "cfg", "top_k", "top_p", "more_smooth", "temperature", "dtype")
+    return json.dumps({**{k: getattr(args, k) for k in keys}, "seeding": SEEDING}, sort_keys=True)
+
+
 def _check_run_record(out_dir: Path, record: dict, dist: _Dist) -> None:
     path = out_dir / RUN_FILE
     if dist.rank == 0 and not path.is_file():
@@ -236,17 +263,23 @@ def _check_run_record(out_dir: Path, record: dict, dist: _Dist) -> None:
         tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, path)
     dist.barrier()
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text())
+        if not isinstance(old, dict):
+            raise ValueError(f"a JSON {type(old).__name__}, not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged ({e}); delete it to go on (each shard is checked against the "
+                         f"settings on its own) or use another --out") from None
     if old != record:
         diff = {k: (old.get(k), record.get(k)) for k in set(old) | set(record) if old.get(k) != record.get(k)}
         raise ValueError(f"{out_dir} holds a run with other settings (old, new): {diff}; use another --out "
                          f"or delete the folder")
 
 
-def _assemble(out_dir: Path, plan: List[Shard], expected: int) -> Path:
+def _assemble(out_dir: Path, plan: List[Shard], expected: int, settings: str, image_hw: Tuple[int, int]) -> Path:
     images, labels = [], []
     for shard in plan:
-        got = _read_shard(shard, out_dir)
+        got = _read_shard(shard, out_dir, settings, image_hw)
         if got is None:
             raise RuntimeError(f"shard {shard.number} is missing or invalid after sampling ({shard.path(out_dir)})")
         images.append(got)
@@ -267,22 +300,23 @@ def run(args) -> Optional[Path]:
     expected = len(args.classes) * args.per_class
     dist = _Dist(args.timeout_min)
     try:
+        # the model first: every setting is checked against it before anything is written
+        device = torch.device(args.device or (f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu"))
+        sample = load_sampler(args.model, device, args.dtype, args.cfg, args.top_k, args.top_p,
+                              args.more_smooth, args.temperature, args.classes)
+        settings, hw = _shard_settings(args), sample.image_hw
         (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         _check_run_record(out_dir, _run_record(args), dist)
-        mine = [s for s in plan[dist.rank::dist.world] if _read_shard(s, out_dir) is None]
-        if mine:
-            device = torch.device(args.device or (f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu"))
-            sample = load_sampler(args.model, device, args.dtype, args.cfg, args.top_k, args.top_p,
-                                  args.more_smooth, args.temperature, args.classes)
-            from tqdm import tqdm
+        mine = [s for s in plan[dist.rank::dist.world] if _read_shard(s, out_dir, settings, hw) is None]
+        from tqdm import tqdm
 
-            for shard in tqdm(mine, desc=f"rank {dist.rank} shards", disable=args.no_progress or dist.rank != 0,
-                              dynamic_ncols=True):
-                seeds = [image_seed(args.seed, c, i) for c, i in shard.items]
-                images = sample(torch.from_numpy(shard.labels), seeds)
-                _write_shard(shard, out_dir, images.numpy(), seeds)
+        for shard in tqdm(mine, desc=f"rank {dist.rank} shards", disable=args.no_progress or dist.rank != 0,
+                          dynamic_ncols=True):
+            seeds = [image_seed(args.seed, c, i) for c, i in shard.items]
+            images = sample(torch.from_numpy(shard.labels), seeds)
+            _write_shard(shard, out_dir, images.numpy(), seeds, settings)
         dist.barrier()
-        return _assemble(out_dir, plan, expected) if dist.rank == 0 else None
+        return _assemble(out_dir, plan, expected, settings, hw) if dist.rank == 0 else None
     finally:
         dist.close()
 
@@ -352,5 +386,16 @@ def _num_classes(spec: str) -> int:
     return _load_models(spec, "cpu")[1].num_classes
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """:func:`main` for the command line: a user's mistake (a bad value, a missing or damaged file, another run's
+    folder) is one line on stderr and exit status 2, not a traceback."""
+    try:
+        main(argv)
+    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        print(f"sample_ddp: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

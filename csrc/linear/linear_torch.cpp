@@ -34,6 +34,7 @@ void check_forward(const char* op, const at::Tensor& x, const at::Tensor& packed
 // y = xc @ W^T for a contiguous float32 xc (already checked).
 at::Tensor run(const at::Tensor& xc, const at::Tensor& packed, int64_t out_features) {
   const int64_t R = xc.size(0), K = xc.size(1), n_panels = packed.size(0), width = n_panels * kPanel;
+  if (K == 0) return at::zeros({R, out_features}, xc.options());  // an empty sum; the kernel steps over K
   auto y = at::empty({R, width}, xc.options());
   if (R > 0) forward_cpu(xc.data_ptr<float>(), R, K, packed.data_ptr<float>(), n_panels, y.data_ptr<float>(), width);
   return out_features == width ? y : y.narrow(1, 0, out_features).contiguous();

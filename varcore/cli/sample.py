@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from varcore.sampling.rng import seeded_generator
+
 __all__ = ["add_parser", "run", "make_grid", "to_uint8"]
 
 CALL_SEED_STRIDE = 1000003
@@ -106,7 +108,7 @@ def _official_sampler(args) -> Tuple[Callable, int, str]:
     sampler = PARSampler(gpt, vq)
 
     def sample(labels, seed, cfg):
-        gen = torch.Generator(args.device).manual_seed(seed)
+        gen = seeded_generator(seed, args.device)
         img = sampler.sample(labels, cfg_scale=cfg, top_k=args.top_k, top_p=args.top_p, generator=gen)
         return img.clamp(-1, 1).add(1).mul(0.5)
 

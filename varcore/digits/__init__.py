@@ -25,6 +25,8 @@ from typing import Dict, NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from varcore.sampling.rng import seeded_generator
+
 from .data import IMAGE_SIZE, NUM_CLASSES, load_digits
 from .recipe import WEIGHTS_DIR, load_weights
 
@@ -166,7 +168,7 @@ class DigitsSampler:
             # VAR's guidance is (1 + t) cond - t uncond with t ramped to cfg; top_p 0 means off there
             return self._sampler.sample(B, labels, g_seed=seed, cfg=float(cfg), top_k=top_k,
                                         top_p=0.0 if top_p >= 1.0 else float(top_p), progress=progress)
-        gen = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        gen = None if seed is None else seeded_generator(seed, self.device)
         self._sampler.progress = progress
         images = self._sampler.sample(labels, cfg_scale=float(cfg), top_k=top_k, top_p=float(top_p),
                                       generator=gen)

@@ -34,7 +34,8 @@ from typing import List, NamedTuple, Optional, Sequence, Union
 import torch
 
 from varcore.ops.attention import code_prefill_visible_end
-from varcore.sampling.filters import check_cfg, gumbel_softmax_with_rng, top_k_top_p_filter_
+from varcore.sampling.filters import (check_cfg, gumbel_softmax_with_rng, nonfinite_rows, raise_if_nonfinite, temper,
+                                      top_k_top_p_filter_)
 from varcore.sampling.var import _per_scale
 
 from .var import VAR, _check_pos_int, _eval_mode
@@ -125,7 +126,8 @@ def _draw(logits_BlV: torch.Tensor, rng, top_k: int, top_p: float, temp: float) 
     """CoDe's draw: filter ``logits_BlV`` in place (untempered), divide by ``temp``, softmax, one multinomial."""
     B, l, V = logits_BlV.shape
     top_k_top_p_filter_(logits_BlV, top_k=top_k, top_p=top_p)
-    probs_NV = (logits_BlV / temp).softmax(dim=-1).view(-1, V)
+    raise_if_nonfinite(nonfinite_rows(logits_BlV), "CoDe's draw")
+    probs_NV = temper(logits_BlV, temp).softmax(dim=-1).view(-1, V)
     return torch.multinomial(probs_NV, num_samples=1, replacement=True, generator=rng).view(B, l)
 
 

@@ -106,6 +106,9 @@ def _check_nearest_args(z_NC: torch.Tensor, codebook_VC: torch.Tensor) -> None:
     if not isinstance(z_NC, torch.Tensor):
         raise TypeError(f"z_NC must be a torch.Tensor, got {type(z_NC).__name__}")
     _check_codebook(codebook_VC)
+    if codebook_VC.shape[0] == 0 or codebook_VC.shape[1] == 0:
+        raise ValueError(f"codebook_VC must hold at least one code of at least one channel, got "
+                         f"{tuple(codebook_VC.shape)}")
     if z_NC.ndim != 2 or z_NC.shape[1] != codebook_VC.shape[1]:
         raise ValueError(f"z_NC must be (N, {codebook_VC.shape[1]}), got {tuple(z_NC.shape)}")
     if z_NC.device != codebook_VC.device:

@@ -28,7 +28,7 @@ from varcore.models.code import CoDeResult, check_code_pair, check_draft_steps, 
 from varcore.models.var import VAR
 from varcore.models.vqvae import VQVAE
 from varcore.ops.attention import code_prefill_visible_end
-from varcore.sampling.filters import check_cfg
+from varcore.sampling.filters import check_cfg, check_images_finite, raise_if_nonfinite
 from varcore.sampling.var import ScaleOptions, StaticKVCache, VARSampler, _check_batch, _per_scale, _DTYPES
 
 __all__ = ["CoDeSampler"]
@@ -188,7 +188,7 @@ class CoDeSampler:
             tokens = draft_idx + refine_idx
             if output == "tokens":
                 return tokens
-            img = self.refiner_stage._decode(f_hat)
+            img = check_images_finite(self.refiner_stage._decode(f_hat), "CoDe")
         finally:
             for m, mode in zip(modules, was_training):
                 m.train(mode)
@@ -210,15 +210,17 @@ class CoDeSampler:
         state.hub = cond_B2D.new_empty(B, d.hub_len, var.Cvae)
         x_BlC = _first_input(var, cond_B2D, state)
         f_hat = cond_B2D.new_zeros(B, var.Cvae, self.patch_nums[-1], self.patch_nums[-1])
-        idx_Bl_list = []
+        idx_Bl_list, nonfinite = [], torch.zeros((), dtype=torch.bool, device=d.device)
         for si in range(self.draft_steps):
             x_BlC = d._run("forward", opts[si], B, (x_BlC,), state)
             if si == self.draft_steps - 1:
                 state.kv = None  # freed before the refiner's cache is allocated
             noise_NV, gumbel_BlV = d._noise(B, self.patch_nums[si] ** 2, var.V, opts[si].more_smooth, gens)
-            x_BlC, f_hat, idx_Bl = d._run("draw", opts[si], B, (x_BlC, f_hat, noise_NV, gumbel_BlV), state)
+            x_BlC, f_hat, idx_Bl, bad = d._run("draw", opts[si], B, (x_BlC, f_hat, noise_NV, gumbel_BlV), state)
+            nonfinite = nonfinite | bad
             idx_Bl_list.append(idx_Bl)
             _tick(bar)
+        raise_if_nonfinite(nonfinite, "CoDe's drafter", opts[-1].cfg_t)
         return labels, idx_Bl_list, f_hat, state.hub
 
     def _replay(self, B, label_B, gens, seeding, more_smooth):
@@ -252,15 +254,17 @@ class CoDeSampler:
         prefix = var.word_embed(hub) + state.lvl_pos_1LC[:, var.first_l:r.prefill_len]
         x_BlC = torch.cat((_first_input(var, cond_B2D, state), prefix.repeat(2, 1, 1)), dim=1)
         del prefix
-        idx_Bl_list = []
+        idx_Bl_list, nonfinite = [], torch.zeros((), dtype=torch.bool, device=r.device)
         for si in range(N, SN):
             x_BlC = r._run("prefill" if si == N else "forward", opts[si], B, (x_BlC,), state)
             if si == SN - 1:
                 state.kv = None  # nothing reads the cache any more: free it before the head
             noise_NV, gumbel_BlV = r._noise(B, self.patch_nums[si] ** 2, var.V, opts[si].more_smooth, gens)
-            x_BlC, f_hat, idx_Bl = r._run("draw", opts[si], B, (x_BlC, f_hat, noise_NV, gumbel_BlV), state)
+            x_BlC, f_hat, idx_Bl, bad = r._run("draw", opts[si], B, (x_BlC, f_hat, noise_NV, gumbel_BlV), state)
+            nonfinite = nonfinite | bad
             idx_Bl_list.append(idx_Bl)
             _tick(bar)
+        raise_if_nonfinite(nonfinite, "CoDe's refiner", opts[-1].cfg_t)
         return f_hat, idx_Bl_list
 
 

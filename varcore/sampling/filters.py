@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["top_k_top_p_filter_", "sample_with_top_k_top_p_", "gumbel_softmax_with_rng", "inverse_cdf_sample",
-           "check_cfg", "check_top_k"]
+           "check_cfg", "check_top_k", "temper", "nonfinite_rows", "raise_if_nonfinite", "check_images_finite"]
 
 
 def check_cfg(cfg, name: str = "cfg") -> float:
@@ -29,6 +29,51 @@ def check_top_k(top_k, V: int) -> int:
     if not 0 <= top_k <= V:
         raise ValueError(f"top_k must be in [0, V={V}] (0 disables it), got {top_k}")
     return top_k
+
+
+def temper(logits_NV: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits_NV / temperature`` (a new tensor unless the temperature is 1), with the limit where that overflows.
+
+    A small temperature can push a row of finite logits past float32's range (+inf, or -inf everywhere), whose
+    softmax is NaN. Such rows take the value the draw tends to as the temperature goes to 0: ``(logits - max) /
+    temperature``, zero at the row's maximum and -inf (or hugely negative) elsewhere, so the draw is greedy
+    (uniform over exact ties). Rows that do not overflow are the plain quotient, bit for bit.
+    """
+    if temperature == 1.0:
+        return logits_NV
+    scaled = logits_NV / temperature
+    if temperature >= 1.0:  # |x / t| <= |x|: nothing can overflow
+        return scaled
+    max_N1 = logits_NV.amax(dim=-1, keepdim=True)
+    overflow_N1 = torch.isfinite(max_N1) & ~torch.isfinite(scaled.amax(dim=-1, keepdim=True))
+    return torch.where(overflow_N1, (logits_NV - max_N1) / temperature, scaled)
+
+
+def nonfinite_rows(logits_NV: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: rows holding a NaN or a +inf, or nothing but -inf (no code left to draw). -inf alone marks a
+    filtered-out code. One reduction, no host synchronisation (a sampler checks the flags once per call)."""
+    return ~torch.isfinite(logits_NV.amax(dim=-1))
+
+
+NONFINITE_HINT = ("NaN or inf in the model's weights or activations (a diverged or damaged checkpoint), or a cfg "
+                  "scale so large that (1 + cfg) * cond - cfg * uncond overflows float32")
+
+
+def raise_if_nonfinite(flags: torch.Tensor, what: str, cfg: Optional[float] = None) -> None:
+    """Raise a ValueError when any of ``flags`` (bool, any shape) is set: the logits of ``what`` were not finite.
+    The one host synchronisation of a sampler's check; call it once per call, after the loop."""
+    if bool(flags.any()):
+        at = "" if cfg is None else f" (cfg={cfg:g})"
+        raise ValueError(f"the logits of {what} are not finite{at}: {NONFINITE_HINT}. Nothing was returned, "
+                         f"since the draws would be arbitrary tokens (token 0 everywhere).")
+
+
+def check_images_finite(img: torch.Tensor, what: str) -> torch.Tensor:
+    """``img``, or a ValueError when a pixel is NaN or inf (a non-finite code vector or decoder weight)."""
+    if not bool(torch.isfinite(img).all()):
+        raise ValueError(f"the images decoded by {what} hold NaN or inf: a non-finite codebook entry or decoder "
+                         f"weight (check the VQVAE checkpoint)")
+    return img
 
 
 def _check_top_k_top_p(top_k: int, top_p: float, V: int) -> None:
@@ -72,7 +117,7 @@ def sample_with_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: fl
         raise ValueError(f"num_samples must be a non-zero int, got {num_samples!r}")
     B, l, V = logits_BlV.shape
     if torch.isnan(logits_BlV).any() or torch.isposinf(logits_BlV).any():  # -inf is a filtered-out code
-        raise ValueError("logits_BlV must not hold NaN or +inf (a diverged model or bad weights)")
+        raise ValueError(f"logits_BlV must not hold NaN or +inf: {NONFINITE_HINT}")
     top_k_top_p_filter_(logits_BlV, top_k=top_k, top_p=top_p)
     probs_NV = logits_BlV.softmax(dim=-1).view(-1, V)
     idx = torch.multinomial(probs_NV, num_samples=abs(num_samples), replacement=num_samples >= 0, generator=rng)

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from varcore.models.gpt import Transformer
 from varcore.ops.par_order import par_scatter
-from varcore.sampling.filters import inverse_cdf_sample
+from varcore.sampling.filters import check_images_finite, inverse_cdf_sample, nonfinite_rows, raise_if_nonfinite
 from varcore.sampling.par_fast import FastDecoder
 
 __all__ = ["PARSampler", "top_k_top_p_filtering", "num_steps", "to_uint8"]
@@ -131,7 +131,7 @@ class PARSampler:
             raise ValueError(f"labels must be in [0, {self.model.num_classes}), got {labels.tolist()}")
         return labels.to(device=device, dtype=torch.long)
 
-    def _draw(self, logits, temperature, top_k, top_p, sample_logits, generator):
+    def _draw(self, logits, temperature, top_k, top_p, sample_logits, generator, nonfinite):
         """(B, n, V) logits -> (B, n) tokens: one draw over B*n rows (with ``multinomial``, the official
         ``sample_multi``)."""
         B, n, V = logits.shape
@@ -142,7 +142,11 @@ class PARSampler:
             logits = logits.clone()  # the filters work in place
         if top_k > 0 or top_p < 1.0:
             logits = top_k_top_p_filtering(logits, top_k=top_k, top_p=top_p)
-        probs = F.softmax(logits, dim=-1)
+        nonfinite_N = nonfinite_rows(logits)
+        nonfinite.logical_or_(nonfinite_N.any())
+        # a non-finite row would make multinomial raise (a device-side assert on CUDA) or the greedy draw return
+        # token 0: draw it from a uniform row instead, and sample_tokens raises after the loop
+        probs = torch.where(nonfinite_N[:, None], 1.0 / V, F.softmax(logits, dim=-1))
         if sample_logits and self.draw == "inverse_cdf":
             idx = inverse_cdf_sample(probs, generator=generator)
         elif sample_logits:
@@ -196,6 +200,7 @@ class PARSampler:
         else:
             model.setup_caches(2 * B if cfg else B, self.L, model.tok_embeddings.weight.dtype)
         seq = torch.empty(B, self.L, dtype=torch.long, device=labels.device)
+        draw["nonfinite"] = torch.zeros((), dtype=torch.bool, device=labels.device)  # set by any bad row
         bar = tqdm(total=self.steps, disable=not self.progress, desc=f"PAR M={self.M}", dynamic_ncols=True)
         try:
             cond_h = model.cls_embedding(labels, train=False)
@@ -220,6 +225,7 @@ class PARSampler:
             else:
                 model.clear_caches()
             model.train(was_training)
+        raise_if_nonfinite(draw["nonfinite"], "the GPT sampler", cfg_scale if cfg else None)
         return seq if order == "par" else par_scatter(seq, self.M)
 
     @torch.no_grad()
@@ -241,4 +247,4 @@ class PARSampler:
         images = self.vq.decode_code(tokens.reshape(B, -1).to(self.vq.quant_conv.weight.device), shape)
         if image_size is not None and image_size != images.shape[-1]:
             images = F.interpolate(images, size=(image_size, image_size), mode="bicubic")
-        return images
+        return check_images_finite(images, "the GPT sampler")

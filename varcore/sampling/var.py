@@ -36,7 +36,9 @@ from varcore.models import basic_var
 from varcore.models.var import VAR
 from varcore.models.vqvae import VQVAE
 from varcore.ops import quant as quant_ops
-from varcore.sampling.filters import check_cfg, top_k_top_p_filter_
+from varcore.sampling.filters import (check_cfg, check_images_finite, nonfinite_rows, raise_if_nonfinite, temper,
+                                      top_k_top_p_filter_)
+from varcore.sampling.rng import check_seed, seeded_generator
 
 __all__ = ["VARSampler", "StaticKVCache", "row_chunks"]
 
@@ -302,8 +304,10 @@ class VARSampler:
 
     def _draw_step(self, opts: ScaleOptions, x_BlC: torch.Tensor, f_hat: torch.Tensor, noise_NV: torch.Tensor,
                    gumbel_BlV: Optional[torch.Tensor], state: _CallState
-                   ) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Head, CFG, filters and the draw: returns (next scale's input or None, f_hat, idx_Bl).
+                   ) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Head, CFG, filters and the draw: returns (next scale's input or None, f_hat, idx_Bl, nonfinite), the
+        last a 0-dim bool tensor set when a row of logits was not finite (checked once per call, see
+        :func:`~varcore.sampling.filters.raise_if_nonfinite`).
 
         ``noise_NV`` (B*pn^2, V) holds the Exp(1) draws of the multinomial, ``gumbel_BlV`` those of ``more_smooth``.
         """
@@ -312,14 +316,15 @@ class VARSampler:
         logits_BlV = self._guided_logits(x_BlC, state, opts.cfg_t)
         B, l, V = logits_BlV.shape
         logits_NV, idx_N = logits_BlV.view(-1, V), noise_NV.new_empty(B * l, dtype=torch.long)
+        nonfinite_N = noise_NV.new_empty(B * l, dtype=torch.bool)
         # row by row (in chunks: the sort's values and int64 indices would triple the logits' memory at the big
         # scales, while the KV cache is full): filter in place, then draw
         for rows in _draw_chunks(B * l, V):
             chunk_NV = logits_NV[rows]
             self._filter_(chunk_NV, opts.top_k, opts.top_p)
-            scaled = chunk_NV if opts.temperature == 1.0 else chunk_NV / opts.temperature
+            nonfinite_N[rows] = nonfinite_rows(chunk_NV)
             # torch.multinomial(probs, 1) is argmax(probs / q) with q ~ Exp(1): the same draw, without host syncs
-            idx_N[rows] = scaled.softmax(dim=-1).div_(noise_NV[rows]).argmax(dim=-1)
+            idx_N[rows] = temper(chunk_NV, opts.temperature).softmax(dim=-1).div_(noise_NV[rows]).argmax(dim=-1)
         idx_Bl = idx_N.view(B, l)
         embedding = self.vae.quantize.embedding
         if opts.more_smooth:  # Gumbel softmax of the filtered logits, as official
@@ -331,9 +336,10 @@ class VARSampler:
             h_BlC = embedding(idx_Bl)
         h_BChw = h_BlC.transpose(1, 2).reshape(B, var.Cvae, pn, pn)
         f_hat, next_BChw = quant_ops.get_next_autoregressive_input(si, f_hat, h_BChw, self.phis, self.patch_nums)
+        nonfinite = nonfinite_N.any()
         if si == self.SN - 1:
-            return None, f_hat, idx_Bl
-        return self._next_input(si, next_BChw, state), f_hat, idx_Bl
+            return None, f_hat, idx_Bl, nonfinite
+        return self._next_input(si, next_BChw, state), f_hat, idx_Bl, nonfinite
 
     def _next_input(self, si: int, next_BChw: torch.Tensor, state: _CallState) -> Optional[torch.Tensor]:
         """The transformer input (2B, pn^2, C) of scale ``si + 1`` from its (B, Cvae, pn, pn) map."""
@@ -441,7 +447,7 @@ class VARSampler:
                                               progress)
             if output == "tokens":
                 return idx_Bl_list
-            img = self._decode(f_hat)
+            img = check_images_finite(self._decode(f_hat), "the VAR sampler")
         finally:
             var.train(was_training[0])
             self.vae.train(was_training[1])
@@ -464,15 +470,17 @@ class VARSampler:
         x_BlC = (cond_B2D.unsqueeze(1).expand(2 * B, first_l, -1) + var.pos_start.expand(2 * B, first_l, -1)
                  + state.lvl_pos_1LC[:, :first_l])
         f_hat = cond_B2D.new_zeros(B, var.Cvae, self.patch_nums[-1], self.patch_nums[-1])
-        idx_Bl_list = []
+        idx_Bl_list, nonfinite = [], torch.zeros((), dtype=torch.bool, device=self.device)
         for si in _progress(range(self.SN), progress):
             opts = ScaleOptions(si, cfg * (si / (self.SN - 1)), top_ks[si], top_ps[si], temps[si], more_smooth)
             x_BlC = self._run("forward", opts, B, (x_BlC,), state)
             if si == self.SN - 1 and not self.cuda_graphs:
                 state.kv = None  # nothing reads the cache any more: free it before the head
             noise_NV, gumbel_BlV = self._noise(B, self.patch_nums[si] ** 2, var.V, more_smooth, gens)
-            x_BlC, f_hat, idx_Bl = self._run("draw", opts, B, (x_BlC, f_hat, noise_NV, gumbel_BlV), state)
+            x_BlC, f_hat, idx_Bl, bad = self._run("draw", opts, B, (x_BlC, f_hat, noise_NV, gumbel_BlV), state)
+            nonfinite = nonfinite | bad
             idx_Bl_list.append(idx_Bl.clone() if self.cuda_graphs else idx_Bl)
+        raise_if_nonfinite(nonfinite, "the VAR sampler", cfg)
         return idx_Bl_list, f_hat.clone() if self.cuda_graphs else f_hat
 
     # ------------------------------------------------------------------------------------------ randomness
@@ -502,8 +510,8 @@ class VARSampler:
             seeds = list(seeds)
             if len(seeds) != B or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
                 raise ValueError(f"seeds must hold B={B} ints, got {seeds!r}")
-        if seeds is not None:
-            return [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        if seeds is not None:  # the whole seed selects the stream (see varcore.sampling.rng)
+            return [seeded_generator(check_seed(s, "seeds"), self.device) for s in seeds]
         return [None if g_seed is None else torch.Generator(self.device).manual_seed(g_seed)]
 
     def _labels(self, B, label_B, gens) -> torch.Tensor:
