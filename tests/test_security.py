@@ -136,7 +136,7 @@ def test_shard_with_pickled_objects_is_not_unpickled(tmp_path):
     path.parent.mkdir(parents=True)
     np.savez(path, images=np.array([_Payload(marker)], dtype=object), labels=shard.labels, indices=shard.indices)
     with pytest.warns(UserWarning, match="unreadable"):
-        assert sample_ddp._read_shard(shard, tmp_path) is None
+        assert sample_ddp._read_shard(shard, tmp_path, settings="{}", image_hw=(16, 16)) is None
     assert not marker.exists()
 
 

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+    except (ValueError, TypeError, OSError, ImportError, FloatingPointError) as e:
         # bad arguments or missing files: a one-line message, not a traceback
         print(f"varcore {args.command}: error: {e}", file=sys.stderr)
         return 2

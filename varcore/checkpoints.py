@@ -14,6 +14,7 @@ reachable.
 """
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple, Union
 
@@ -22,7 +23,7 @@ import torch.nn as nn
 
 from varcore.models import PATCH_NUMS, VAR, VAR_CONFIGS, VQVAE
 
-__all__ = ["read_state_dict", "load_state_dict_checked", "infer_vae_kwargs", "infer_var_kwargs", "load_vae",
+__all__ = ["read_file", "read_state_dict", "load_state_dict_checked", "infer_vae_kwargs", "infer_var_kwargs", "load_vae",
            "load_var", "from_pretrained", "zoo_path", "ZOO_FILES", "HF_REPO",
            "load_code_pair", "CODE_HF_REPO"]
 
@@ -39,18 +40,33 @@ _WRAPPER_KEYS = ("model", "state_dict")
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 
-def _read_file(path: PathLike):
+def read_file(path: PathLike, map_location="cpu"):
+    """A checkpoint file's contents: safetensors by extension, else ``torch.load(weights_only=True)``. Every
+    failure is a ValueError naming the file and what is wrong with it: empty, truncated or not a checkpoint,
+    not valid safetensors, or objects that only a full unpickler could build (which varcore never runs)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a directory, not a file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device=str(map_location))
+        except Exception as e:  # SafetensorError names neither the file nor always the cause
+            raise ValueError(f"{path} is not a valid safetensors file ({type(e).__name__}: {e}); it may be "
+                             f"truncated or damaged") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # the weights-only unpickler refuses arbitrary objects
-        raise ValueError(f"{path} cannot be read with torch.load(weights_only=True) ({e}); varcore does not "
-                         f"unpickle arbitrary objects. Re-save it as a plain state dict or safetensors.") from e
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # the weights-only unpickler's refusal, or a stream or zip cut short
+        if "Unsupported global" in str(e):
+            raise ValueError(f"{path} holds objects that torch.load(weights_only=True) refuses to build; varcore "
+                             f"does not unpickle arbitrary objects. Re-save it as a plain state dict or "
+                             f"safetensors.") from None
+        detail = next((line.strip() for line in str(e).splitlines() if "error:" in line), str(e)[:200])
+        raise ValueError(f"{path} is truncated or not a checkpoint ({type(e).__name__}: {detail})") from None
 
 
 def read_state_dict(source: Union[PathLike, Mapping], kind: str = "var") -> Dict[str, torch.Tensor]:
@@ -58,7 +74,7 @@ def read_state_dict(source: Union[PathLike, Mapping], kind: str = "var") -> Dict
     selects ``var_wo_ddp`` or ``vae_local``) and ``model`` / ``state_dict`` wrappers."""
     if kind not in _TRAINER_KEYS:
         raise ValueError(f"kind must be 'var' or 'vae', got {kind!r}")
-    obj = source if isinstance(source, Mapping) else _read_file(source)
+    obj = source if isinstance(source, Mapping) else read_file(source)
     if not isinstance(obj, Mapping):
         raise ValueError(f"checkpoint must hold a dict, got {type(obj).__name__}")
     if "trainer" in obj and isinstance(obj["trainer"], Mapping):
@@ -93,7 +109,34 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Ten
     if missing or unexpected or shapes:
         raise ValueError(f"{what} checkpoint does not match the model:\n  missing keys: {missing}\n"
                          f"  unexpected keys: {unexpected}\n  shape mismatches: {shapes}")
-    model.load_state_dict(state_dict, strict=True, assign=assign)
+    params = {name for name, _ in model.named_parameters()}
+    model.load_state_dict(_checked_values(state_dict, own, params, what), strict=True, assign=assign)
+
+
+def _checked_values(state_dict: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], params: set,
+                    what: str) -> Dict[str, torch.Tensor]:
+    """``state_dict`` with floating tensors in the model's dtypes (a float16, bfloat16 or float64 file is
+    converted, with a warning saying so); refuses integer tensors of another dtype, and NaN or inf values: in a
+    parameter any of them, in a buffer NaN or +inf (-inf is how an attention-mask buffer says "hidden")."""
+    converted, nonfinite, out = {}, [], {}
+    for k, v in state_dict.items():
+        want = own[k].dtype
+        if v.dtype != want:
+            if not (v.is_floating_point() and want.is_floating_point):
+                raise ValueError(f"{what} checkpoint: {k} is {v.dtype}, the model's is {want}")
+            converted[str(v.dtype)] = converted.get(str(v.dtype), 0) + 1
+            v = v.to(want)
+        if v.is_floating_point() and not bool(torch.isfinite(v).all() if k in params
+                                              else ~(torch.isnan(v) | torch.isposinf(v)).all()):
+            nonfinite.append(k)
+        out[k] = v
+    if nonfinite:
+        raise ValueError(f"{what} checkpoint holds NaN or inf in {len(nonfinite)} tensor(s): {nonfinite[:8]} "
+                         f"(a diverged or damaged checkpoint); refusing to load it")
+    if converted:
+        counts = ", ".join(f"{n} {dtype}" for dtype, n in sorted(converted.items()))
+        warnings.warn(f"{what} checkpoint: converted {counts} tensor(s) to the model's dtype", stacklevel=3)
+    return out
 
 
 def _block_indices(state: Mapping[str, torch.Tensor], pattern: str) -> list:
@@ -270,7 +313,7 @@ def load_code_pair(drafter: Union[PathLike, Mapping], refiner: Union[PathLike, M
 def _gpt_state_dict(source: Union[PathLike, Mapping]) -> Dict[str, torch.Tensor]:
     """A flat GPT state dict from a raw file (FSDP export) or a ``model`` / ``module`` (DeepSpeed) /
     ``state_dict`` wrapper, as PAR's sampler accepts."""
-    obj = source if isinstance(source, Mapping) else _read_file(source)
+    obj = source if isinstance(source, Mapping) else read_file(source)
     if isinstance(obj, Mapping) and isinstance(obj.get("module"), Mapping):
         obj = obj["module"]
     return read_state_dict(obj, kind="var")

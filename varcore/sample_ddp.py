@@ -44,6 +44,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from varcore.argtypes import device_arg, finite_float, out_dir_arg, positive_float
+
 __all__ = ["image_seed", "plan_shards", "load_sampler", "run", "main", "Shard"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -334,20 +336,20 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="zoo name (var-d16 ...), bundled model name, or VAE_PATH,VAR_PATH")
     p.add_argument("--per-class", type=int, required=True, help="images per class (50 for the 50k FID protocol)")
     p.add_argument("--classes", type=_classes, default=None, help="comma-separated class ids (default: all)")
-    p.add_argument("--out", required=True, help="output folder (shards/, run.json, samples.npz); reruns resume")
+    p.add_argument("--out", type=out_dir_arg, required=True, help="output folder (shards/, run.json, samples.npz); reruns resume")
     s = p.add_argument_group("sampling (defaults: the VAR FID protocol)")
-    s.add_argument("--cfg", type=float, default=1.5)
+    s.add_argument("--cfg", type=finite_float, default=1.5)
     s.add_argument("--top-k", type=int, default=900)
-    s.add_argument("--top-p", type=float, default=0.96)
+    s.add_argument("--top-p", type=finite_float, default=0.96)
     s.add_argument("--more-smooth", action="store_true")
-    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--temperature", type=positive_float, default=1.0)
     s.add_argument("--seed", type=int, default=0, help="base seed; image (c, i) gets image_seed(seed, c, i)")
     s.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="compute dtype of the sampler")
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=int, default=32,
                    help="images per shard (one batch); the output depends on it, not on the number of processes")
-    r.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK with a GPU, else cpu")
-    r.add_argument("--timeout-min", type=float, default=24 * 60, help="collective timeout (minutes)")
+    r.add_argument("--device", type=device_arg, default=None, help="default: cuda:LOCAL_RANK with a GPU, else cpu")
+    r.add_argument("--timeout-min", type=positive_float, default=24 * 60, help="collective timeout (minutes)")
     r.add_argument("--no-progress", action="store_true")
     return p
 

@@ -3,6 +3,8 @@
 ``steps``, ``images_per_s``, ``class_consistency`` (a fraction in [0, 1]) and ``frechet``."""
 import argparse
 
+from varcore.argtypes import device_arg
+
 __all__ = ["add_parser", "run"]
 
 
@@ -17,7 +19,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, default=50, help="images per class and model (default 50)")
     p.add_argument("--batch-size", type=int, default=100, help="images per sampler call (default 100)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_arg, default="cpu")
     p.add_argument("--weights", default=None, metavar="DIR",
                    help="read the weights from DIR (e.g. `varcore train-digits --out DIR`) instead of the package")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

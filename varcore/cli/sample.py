@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from varcore.argtypes import device_arg, finite_float, image_path_arg
 from varcore.sampling.rng import seeded_generator
 
 __all__ = ["add_parser", "run", "make_grid", "to_uint8"]
@@ -40,14 +41,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--classes", type=int, nargs="+", default=None,
                    help="class labels, one grid column each (default: 0..9)")
     s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="seeds, one grid row each")
-    s.add_argument("--cfg", type=float, default=None,
+    s.add_argument("--cfg", type=finite_float, default=None,
                    help="classifier-free guidance scale (default: the bundled model's; 1.5 for checkpoints)")
     s.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
-    s.add_argument("--top-p", type=float, default=1.0, help="nucleus filtering mass in (0, 1] (1: off)")
+    s.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus filtering mass in (0, 1] (1: off)")
     s.add_argument("--batch-size", type=int, default=64, help="images per sampler call (default 64)")
-    s.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    s.add_argument("--device", type=device_arg, default="cpu", help="torch device (default cpu)")
     o = p.add_argument_group("output")
-    o.add_argument("--out", default="samples.png", help="PNG grid path (default samples.png)")
+    o.add_argument("--out", type=image_path_arg, default="samples.png", help="PNG grid path (default samples.png)")
     o.add_argument("--scale", type=int, default=None,
                    help="integer upscaling of the grid (default: 4 for images under 64 px, else 1)")
     o.add_argument("--npz", metavar="PATH", help="also write the images in the ADM evaluator's .npz layout")

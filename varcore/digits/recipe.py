@@ -15,6 +15,7 @@ All models work on 16x16 digit images (:mod:`varcore.digits.data`):
 Weights are safetensors files in ``varcore/digits/weights/`` whose metadata holds the recipe version and the
 architecture, so :func:`load_weights` rebuilds a model from the file alone.
 """
+import copy
 import json
 from pathlib import Path
 from typing import Dict, Optional, Union
@@ -106,16 +107,52 @@ def save_weights(part: str, model: nn.Module, root: Optional[Union[str, Path]] =
     return path
 
 
-def read_metadata(part: str, root: Optional[Union[str, Path]] = None) -> Dict:
-    """The metadata of a weights file: ``arch`` and ``info`` decoded from JSON."""
-    path = weights_path(part, root)
+def _open(path: Path):
+    """``safe_open`` of a weights file, with its failures named (empty, truncated or not safetensors)."""
     if not path.is_file():
-        raise FileNotFoundError(f"no weights for {part!r} at {path}; train them with `varcore train-digits`")
-    with safe_open(str(path), framework="pt") as f:
+        raise FileNotFoundError(f"no weights at {path}; train them with `varcore train-digits`")
+    if path.stat().st_size == 0:
+        raise ValueError(f"weights file {path} is empty (0 bytes)")
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # SafetensorError names neither the file nor always the cause
+        raise ValueError(f"{path} is not a valid safetensors file ({type(e).__name__}: {e}); it may be truncated "
+                         f"or damaged") from None
+
+
+def read_metadata(part: str, root: Optional[Union[str, Path]] = None) -> Dict:
+    """The metadata of a weights file: ``arch`` and ``info`` decoded from JSON, and ``shapes``, the shape of
+    every tensor in the file (read from its header, nothing loaded)."""
+    path = weights_path(part, root)
+    with _open(path) as f:
         meta = dict(f.metadata() or {})
+        meta["shapes"] = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     for key in ("arch", "info"):
-        meta[key] = json.loads(meta.get(key, "{}"))
+        try:
+            meta[key] = json.loads(meta.get(key, "{}"))
+        except ValueError as e:
+            raise ValueError(f"{path}: the metadata entry {key!r} is not valid JSON ({e})") from None
+    if not isinstance(meta["arch"], dict):
+        raise ValueError(f"{path}: the metadata entry 'arch' must be a JSON object, got {meta['arch']!r}")
     return meta
+
+
+def _check_arch(part: str, path: Path, meta: Dict, vae: Optional[nn.Module]) -> None:
+    """The architecture the metadata claims, built on the meta device (no memory), must have exactly the file's
+    tensors and shapes: metadata never makes the loader allocate more than the file holds."""
+    try:
+        with torch.device("meta"):  # a VAR part is built on a meta copy of its VQVAE (it is moved to the VAE's device)
+            meta_vae = None if vae is None else copy.deepcopy(vae).to("meta")
+            own = {k: tuple(v.shape) for k, v in build(part, vae=meta_vae, arch=meta["arch"]).state_dict().items()}
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"{path}: the metadata's architecture {meta['arch']} does not build a {part} "
+                         f"({type(e).__name__}: {e})") from None
+    shapes = meta["shapes"]
+    wrong = [f"{k}: file {shapes.get(k)} vs architecture {s}" for k, s in own.items() if shapes.get(k) != s]
+    extra = sorted(set(shapes) - set(own))
+    if wrong or extra:
+        raise ValueError(f"{path}: the tensors do not match the architecture in its metadata "
+                         f"({meta['arch']}): {wrong[:5]}{' unexpected: ' + str(extra[:5]) if extra else ''}")
 
 
 def load_weights(part: str, vae: Optional[nn.Module] = None, root: Optional[Union[str, Path]] = None,
@@ -123,8 +160,10 @@ def load_weights(part: str, vae: Optional[nn.Module] = None, root: Optional[Unio
     """Rebuild ``part`` from its weights file (architecture from the file's metadata) in eval mode, float32,
     with gradients off."""
     meta = read_metadata(part, root)
+    path = weights_path(part, root)
+    _check_arch(part, path, meta, vae)
     model = build(part, vae=vae, arch=meta["arch"])
-    state = load_file(str(weights_path(part, root)))
+    state = load_file(str(path))
     own = model.state_dict()
     state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
     model.load_state_dict(state, strict=True)

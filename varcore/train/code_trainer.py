@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from varcore.argtypes import finite_float, positive_float
 from varcore.models import VAR, VQVAE
 from varcore.models.code import check_code_pair, check_draft_steps, exit_points
 from varcore.train import distributed as _distributed
@@ -212,11 +213,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     c.add_argument("--role", choices=("drafter", "refiner"), required=True)
     c.add_argument("--draft-steps", type=int, default=8, help="N, the drafter's scales (default 8)")
     c.add_argument("--teacher", default=None, help="refiner: the frozen teacher VAR checkpoint (e.g. var_d30.pth)")
-    c.add_argument("--kd-temp", type=float, default=1.0, help="refiner: distillation temperature T")
-    c.add_argument("--alpha", type=float, default=1.0, help="refiner: KD share, the rest cross-entropy")
+    c.add_argument("--kd-temp", type=positive_float, default=1.0, help="refiner: distillation temperature T")
+    c.add_argument("--alpha", type=finite_float, default=1.0, help="refiner: KD share, the rest cross-entropy")
     c.add_argument("--lambda-schedule", choices=LAMBDA_SCHEDULES, default="linear",
                    help="refiner: decay of the drafter scales' weight from 1 to 0")
-    c.add_argument("--stage1-frac", type=float, default=0.5, help="refiner: 'step' schedule switch point")
+    c.add_argument("--stage1-frac", type=finite_float, default=0.5, help="refiner: 'step' schedule switch point")
     return p
 
 

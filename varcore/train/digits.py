@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from varcore.argtypes import positive_float
 from varcore.digits.data import augment, load_digits
 from varcore.digits.recipe import ARCHS, WEIGHTS_DIR, build, load_weights, save_weights
 
@@ -338,7 +339,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"stages to run (default: all): {', '.join(STAGES)}")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--scale-iters", type=float, default=1.0,
+    p.add_argument("--scale-iters", type=positive_float, default=1.0,
                    help="multiply every stage's iteration count (e.g. 0.1 for a quick smoke run)")
     p.add_argument("--tiny", action="store_true", help="a few steps per stage (tests; the models are useless)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

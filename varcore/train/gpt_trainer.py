@@ -23,6 +23,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 from tqdm import tqdm
 
+from varcore.argtypes import device_arg, finite_float, out_dir_arg
 from varcore.models.gpt import GPT_models, Transformer
 from varcore.ops.par_order import par_gather
 from varcore.ops.quant import check_idx
@@ -32,7 +33,7 @@ from varcore.train.losses import token_accuracy
 from varcore.train.schedule import SCHEDULES
 from varcore.train.var_trainer import (
     AMP_DTYPES, TrainConfig, _batches_forever, _check_distributed, _is_writer, _reseed_per_rank, apply_schedule,
-    backward_and_step, make_optimizer,
+    backward_and_step, checked_iteration, make_optimizer, read_checkpoint,
 )
 
 __all__ = ["GPTTrainer", "train", "to_par_order", "main"]
@@ -120,9 +121,13 @@ class GPTTrainer:
 
     def load_checkpoint(self, path) -> Dict:
         """Resume from :meth:`save_checkpoint` output (weights-only load); returns its contents."""
-        ckpt = torch.load(path, map_location=self.device, weights_only=True)
-        if not isinstance(ckpt, dict) or not {"model", "optimizer", "steps"} <= set(ckpt):
+        ckpt = read_checkpoint(path, self.device)
+        if not isinstance(ckpt, dict) or "model" not in ckpt or "steps" not in ckpt:
             raise ValueError(f"{path} is not a varcore GPT training checkpoint")
+        if not isinstance(ckpt.get("optimizer"), dict):
+            raise ValueError(f"{path} has no optimizer state: it cannot resume training (load the weights alone "
+                             f"with varcore.checkpoints.load_gpt)")
+        checked_iteration(ckpt["steps"], "steps", path)
         self.model.load_state_dict(ckpt["model"], strict=True)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.it = int(ckpt["steps"])
@@ -167,24 +172,24 @@ def build_arg_parser() -> argparse.ArgumentParser:
     d.add_argument("--grid", type=int, default=24, help="token grid side (24 for 384 px with VQ-16)")
     d.add_argument("--vocab-size", type=int, default=16384)
     d.add_argument("--num-classes", type=int, default=1000)
-    d.add_argument("--dropout", type=float, default=0.1, help="token, residual and FFN dropout")
-    d.add_argument("--class-dropout", type=float, default=0.1, help="class-label dropout (for CFG)")
+    d.add_argument("--dropout", type=finite_float, default=0.1, help="token, residual and FFN dropout")
+    d.add_argument("--class-dropout", type=finite_float, default=0.1, help="class-label dropout (for CFG)")
     d.add_argument("--init-gpt", default=None, help="start from these weights (fine-tuning)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--iters", type=int, required=True)
     o.add_argument("--bs", type=int, default=64, help="global batch size (split over the torchrun ranks)")
-    o.add_argument("--lr", type=float, default=1e-4)
-    o.add_argument("--wd", type=float, default=0.05)
+    o.add_argument("--lr", type=finite_float, default=1e-4)
+    o.add_argument("--wd", type=finite_float, default=0.05)
     o.add_argument("--wp", type=int, default=0, help="warm-up steps")
-    o.add_argument("--wpe", type=float, default=1.0, help="final lr fraction (1: constant lr, as official)")
+    o.add_argument("--wpe", type=finite_float, default=1.0, help="final lr fraction (1: constant lr, as official)")
     o.add_argument("--sche", choices=SCHEDULES, default="lin0")
-    o.add_argument("--clip", type=float, default=1.0)
+    o.add_argument("--clip", type=finite_float, default=1.0)
     o.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none")
     r = p.add_argument_group("run")
-    r.add_argument("--out", required=True, help="output folder (ckpt-last.pt; resumed from when present)")
+    r.add_argument("--out", type=out_dir_arg, required=True, help="output folder (ckpt-last.pt; resumed from when present)")
     r.add_argument("--no-resume", action="store_true")
     r.add_argument("--save-every", type=int, default=1000)
-    r.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
+    r.add_argument("--device", type=device_arg, default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
     r.add_argument("--workers", type=int, default=2)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-progress", action="store_true")

@@ -22,6 +22,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from tqdm import tqdm
 
+from varcore.argtypes import device_arg, finite_float, out_dir_arg
 from varcore.models import PATCH_NUMS, VAR, VQVAE
 from varcore.ops.quant import check_idx
 from varcore.train import distributed as _distributed
@@ -45,6 +46,21 @@ def make_optimizer(model: torch.nn.Module, config: "TrainConfig", device: torch.
     return optimizer, AMP_DTYPES[config.amp], scaler
 
 
+def read_checkpoint(path, device):
+    """A trainer checkpoint read with ``torch.load(weights_only=True)``; an empty, truncated or foreign file is
+    named as such (see :func:`varcore.checkpoints.read_file`)."""
+    from varcore.checkpoints import read_file
+
+    return read_file(path, map_location=device)
+
+
+def checked_iteration(value, name: str, path) -> int:
+    """A checkpoint's step counter: an int >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{path}: {name} must be an int >= 0, got {value!r}")
+    return value
+
+
 def apply_schedule(optimizer, config: "TrainConfig", it: int) -> float:
     """Set every group's learning rate and weight decay for iteration ``it``; returns the learning rate."""
     lr = config.lr * lr_factor(it, config.max_iters, config.warmup_iters, config.wp0, config.wpe, config.schedule)
@@ -57,7 +73,13 @@ def apply_schedule(optimizer, config: "TrainConfig", it: int) -> float:
 
 def backward_and_step(loss: torch.Tensor, params, optimizer, scaler, grad_clip: float) -> torch.Tensor:
     """One optimiser step from ``loss``: backward (through the fp16 loss scaler when there is one), gradient
-    clipping at ``grad_clip`` (none when <= 0), step, and the loss-scale cap. Returns the gradient norm."""
+    clipping at ``grad_clip`` (none when <= 0), step, and the loss-scale cap. Returns the gradient norm.
+
+    A non-finite loss raises a FloatingPointError before anything is updated (the weights stay as they were),
+    except under the fp16 loss scaler, whose job is to skip such steps and lower the scale."""
+    if scaler is None and not bool(torch.isfinite(loss.detach())):
+        raise FloatingPointError(f"the training loss is {loss.item()}: stopped before the update (NaN or inf in "
+                                 f"the weights or the data, or a learning rate that made training diverge)")
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -231,10 +253,16 @@ class VARTrainer:
 
     def load_checkpoint(self, path) -> Dict:
         """Resume from a checkpoint written by :meth:`save_checkpoint` (weights-only load); returns its contents."""
-        ckpt = torch.load(path, map_location=self.device, weights_only=True)
-        if not isinstance(ckpt, dict) or "trainer" not in ckpt or "iter" not in ckpt:
+        ckpt = read_checkpoint(path, self.device)
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("trainer"), dict) or "iter" not in ckpt:
             raise ValueError(f"{path} is not a varcore VAR training checkpoint")
         state = ckpt["trainer"]
+        for key, inner in (("var_wo_ddp", None), ("var_opt", "optimizer")):
+            if not isinstance(state.get(key), dict) or (inner is not None and not isinstance(state[key].get(inner),
+                                                                                            dict)):
+                raise ValueError(f"{path} has no {key}{'.' + inner if inner else ''} state: it cannot resume "
+                                 f"training (load the weights alone with varcore.checkpoints.load_var)")
+        checked_iteration(ckpt["iter"], "iter", path)
         self.var.load_state_dict(state["var_wo_ddp"], strict=True)
         self.optimizer.load_state_dict(state["var_opt"]["optimizer"])
         if self.scaler is not None and state["var_opt"].get("scaler") is not None:
@@ -359,30 +387,30 @@ def build_arg_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-classes", type=int, default=1000)
     d.add_argument("--saln", action="store_true", help="shared AdaLN (as the 512 px d36-s model)")
     d.add_argument("--init-var", default=None, help="start from these VAR weights (fine-tuning)")
-    d.add_argument("--alng", type=float, default=1e-3, help="AdaLN gamma init")
+    d.add_argument("--alng", type=finite_float, default=1e-3, help="AdaLN gamma init")
     o = p.add_argument_group("optimisation")
     o.add_argument("--iters", type=int, required=True, help="total optimisation steps")
     o.add_argument("--bs", type=int, default=64, help="global batch size (split over the torchrun ranks)")
-    o.add_argument("--tblr", type=float, default=1e-4, help="base lr per 256 samples (lr = tblr * bs / 256)")
-    o.add_argument("--lr", type=float, default=None, help="peak lr (overrides --tblr)")
-    o.add_argument("--wd", type=float, default=0.05, help="weight decay at the start")
-    o.add_argument("--wde", type=float, default=None, help="weight decay at the end (default --wd)")
+    o.add_argument("--tblr", type=finite_float, default=1e-4, help="base lr per 256 samples (lr = tblr * bs / 256)")
+    o.add_argument("--lr", type=finite_float, default=None, help="peak lr (overrides --tblr)")
+    o.add_argument("--wd", type=finite_float, default=0.05, help="weight decay at the start")
+    o.add_argument("--wde", type=finite_float, default=None, help="weight decay at the end (default --wd)")
     o.add_argument("--wp", type=int, default=None, help="warm-up steps (default iters / 50)")
-    o.add_argument("--wp0", type=float, default=0.005, help="lr fraction at the start of warm-up")
-    o.add_argument("--wpe", type=float, default=0.1, help="final lr fraction")
+    o.add_argument("--wp0", type=finite_float, default=0.005, help="lr fraction at the start of warm-up")
+    o.add_argument("--wpe", type=finite_float, default=0.1, help="final lr fraction")
     o.add_argument("--sche", choices=SCHEDULES, default="lin0", help="lr decay after warm-up")
-    o.add_argument("--clip", type=float, default=2.0, help="gradient-norm clip (0 disables)")
-    o.add_argument("--ls", type=float, default=0.0, help="label smoothing")
+    o.add_argument("--clip", type=finite_float, default=2.0, help="gradient-norm clip (0 disables)")
+    o.add_argument("--ls", type=finite_float, default=0.0, help="label smoothing")
     o.add_argument("--scale-weights", type=_parse_floats, default=None,
                    help="comma-separated loss weight per scale (default: every token equal)")
-    o.add_argument("--cond-drop", type=float, default=0.1, help="class-dropout probability (for CFG)")
-    o.add_argument("--drop-path", type=float, default=None, help="drop-path rate (default 0.1 * depth / 24)")
+    o.add_argument("--cond-drop", type=finite_float, default=0.1, help="class-dropout probability (for CFG)")
+    o.add_argument("--drop-path", type=finite_float, default=None, help="drop-path rate (default 0.1 * depth / 24)")
     o.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast precision")
     r = p.add_argument_group("run")
-    r.add_argument("--out", required=True, help="output folder (ckpt-last.pth; resumed from when present)")
+    r.add_argument("--out", type=out_dir_arg, required=True, help="output folder (ckpt-last.pth; resumed from when present)")
     r.add_argument("--no-resume", action="store_true", help="ignore an existing ckpt-last.pth")
     r.add_argument("--save-every", type=int, default=1000, help="checkpoint interval in steps (0: end only)")
-    r.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
+    r.add_argument("--device", type=device_arg, default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
     r.add_argument("--workers", type=int, default=2, help="data-loader workers")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-progress", action="store_true", help="hide the progress bar")
