@@ -225,7 +225,8 @@ CASES = [
     ("--device cuda", "no CUDA device is available"), ("--device foo", "not a torch device"),
     ("--device meta", "meta tensors hold no data"), ("--out {root}/afile/x.png", "is a file, not a folder"),
     ("--out {root}/noext", "must end in one of"), ("--cfg inf", "a finite number"), ("--top-p nan", "a finite number"),
-    ("--batch-size 0", "--batch-size must be >= 1"),
+    ("--batch-size 0", "argument --batch-size"), ("--seeds -1", "a seed is an int in [0, 2**64)"),
+    ("--npz {root}/afile/x.npz", "is a file, not a folder"), ("--npz {root}/x.png", "must end in .npz"),
 ]
 
 
@@ -253,9 +254,36 @@ def test_varcore_sample_bad_checkpoint_files(files, paths, match):
     (["--timeout-min", "0"], "a number > 0"), (["--top-k", "4000"], "top_k must be <= the vocabulary"),
 ])
 def test_sample_ddp_mistakes(files, extra, match):
+    """Also the values that only the model can check (top_k above its vocabulary): refused before run.json."""
     out_dir = files / "afile" if extra == ["--out-is-file"] else files / "ddp"
     extra = [] if extra == ["--out-is-file"] else extra
     out = _cli("-m", "varcore.sample_ddp", "--model", "digits-var", "--per-class", "1", "--classes", "0",
                "--out", str(out_dir), "--no-progress", *extra)
     assert out.returncode == 2, out.stderr
     assert match in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("extra,match", [(["--batch-size", "0"], "argument --batch-size"),
+                                         (["--seed", "-2"], "a seed is an int"),
+                                         (["--out", "{root}/afile"], "is a file, not a folder")])
+def test_train_digits_mistakes(files, extra, match):
+    """--tiny ignores --batch-size, but a batch of 0 images is refused all the same (it trained silently)."""
+    extra = [e.format(root=files) for e in extra]
+    args = extra if "--out" in extra else [*extra, "--out", str(files / "td")]
+    out = _cli("-m", "varcore", "train-digits", "--tiny", "--parts", "vq", "--no-progress", *args)
+    assert out.returncode == 2, out.stderr
+    assert match in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bundled_weights_with_nan_are_refused(weights_copy):
+    from safetensors.torch import load_file
+    from safetensors import safe_open
+
+    path = weights_copy / "var-drafter.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    state = load_file(str(path))
+    state["head.bias"][1] = math.nan
+    save_file(state, str(path), metadata=meta)
+    with pytest.raises(ValueError, match="NaN or inf in \\['head.bias'\\]"):
+        load_bundled("digits-var", weights_root=weights_copy)

@@ -131,6 +131,8 @@ def test_nonfinite_codebook_or_decoder_gives_no_images(var_bundle):
     with _poisoned(vae, "decoder.conv_out.bias", 0, math.nan):  # the tokens are fine, the decoder is not
         with pytest.raises(ValueError, match="images decoded by the VAR sampler hold NaN"):
             VARSampler(var, vae).sample(2, LABELS, g_seed=0, cfg=2.0)
+        with pytest.raises(ValueError, match="images decoded by autoregressive_infer_cfg hold NaN"):
+            var.autoregressive_infer_cfg(2, LABELS, g_seed=0, cfg=2.0)
 
 
 @pytest.mark.parametrize("fast,draw,sample_logits", [(False, None, True), (False, None, False), (True, None, True),

@@ -4,7 +4,8 @@ import argparse
 import math
 from pathlib import Path
 
-__all__ = ["device_arg", "out_dir_arg", "image_path_arg", "finite_float", "positive_float"]
+__all__ = ["device_arg", "out_dir_arg", "image_path_arg", "npz_path_arg", "finite_float", "positive_float",
+           "positive_int", "seed_arg"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -56,6 +57,39 @@ def image_path_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text} is a folder")
     _parent_is_usable(path)
     return text
+
+
+def npz_path_arg(text: str) -> str:
+    """An .npz file to write, under a parent that is (or can become) a folder."""
+    path = Path(text)
+    if path.suffix.lower() != ".npz":
+        raise argparse.ArgumentTypeError(f"{text}: the name must end in .npz")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder")
+    _parent_is_usable(path)
+    return text
+
+
+def positive_int(text: str) -> int:
+    """An int >= 1 (a count or a size)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: an int >= 1 is needed")
+    return value
+
+
+def seed_arg(text: str) -> int:
+    """A seed: an int in [0, 2**64)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+    if not 0 <= value < 2 ** 64:
+        raise argparse.ArgumentTypeError(f"{text!r}: a seed is an int in [0, 2**64)")
+    return value
 
 
 def finite_float(text: str) -> float:

@@ -23,7 +23,8 @@ import torch.nn as nn
 
 from varcore.models import PATCH_NUMS, VAR, VAR_CONFIGS, VQVAE
 
-__all__ = ["read_file", "read_state_dict", "load_state_dict_checked", "infer_vae_kwargs", "infer_var_kwargs", "load_vae",
+__all__ = ["read_file", "read_state_dict", "nonfinite_entries", "load_state_dict_checked", "infer_vae_kwargs",
+           "infer_var_kwargs", "load_vae",
            "load_var", "from_pretrained", "zoo_path", "ZOO_FILES", "HF_REPO",
            "load_code_pair", "CODE_HF_REPO"]
 
@@ -113,12 +114,22 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Ten
     model.load_state_dict(_checked_values(state_dict, own, params, what), strict=True, assign=assign)
 
 
+def nonfinite_entries(state_dict: Mapping[str, torch.Tensor], params: set) -> list:
+    """Keys of ``state_dict`` with values no trained model holds: in a parameter (a key in ``params``) NaN or
+    +-inf, in a buffer NaN or +inf (-inf is how an attention-mask buffer says "hidden")."""
+    def bad(k, v):
+        if not v.is_floating_point():
+            return False
+        return not bool(torch.isfinite(v).all() if k in params else (~(torch.isnan(v) | torch.isposinf(v))).all())
+    return [k for k, v in state_dict.items() if bad(k, v)]
+
+
 def _checked_values(state_dict: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], params: set,
                     what: str) -> Dict[str, torch.Tensor]:
     """``state_dict`` with floating tensors in the model's dtypes (a float16, bfloat16 or float64 file is
-    converted, with a warning saying so); refuses integer tensors of another dtype, and NaN or inf values: in a
-    parameter any of them, in a buffer NaN or +inf (-inf is how an attention-mask buffer says "hidden")."""
-    converted, nonfinite, out = {}, [], {}
+    converted, with a warning saying so); refuses integer tensors of another dtype and the values of
+    :func:`nonfinite_entries`."""
+    converted, out = {}, {}
     for k, v in state_dict.items():
         want = own[k].dtype
         if v.dtype != want:
@@ -126,10 +137,8 @@ def _checked_values(state_dict: Mapping[str, torch.Tensor], own: Mapping[str, to
                 raise ValueError(f"{what} checkpoint: {k} is {v.dtype}, the model's is {want}")
             converted[str(v.dtype)] = converted.get(str(v.dtype), 0) + 1
             v = v.to(want)
-        if v.is_floating_point() and not bool(torch.isfinite(v).all() if k in params
-                                              else ~(torch.isnan(v) | torch.isposinf(v)).all()):
-            nonfinite.append(k)
         out[k] = v
+    nonfinite = nonfinite_entries(out, params)
     if nonfinite:
         raise ValueError(f"{what} checkpoint holds NaN or inf in {len(nonfinite)} tensor(s): {nonfinite[:8]} "
                          f"(a diverged or damaged checkpoint); refusing to load it")

@@ -44,7 +44,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from varcore.argtypes import device_arg, finite_float, out_dir_arg, positive_float
+from varcore.argtypes import device_arg, finite_float, out_dir_arg, positive_float, seed_arg
 
 __all__ = ["image_seed", "plan_shards", "load_sampler", "run", "main", "Shard"]
 
@@ -343,7 +343,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=finite_float, default=0.96)
     s.add_argument("--more-smooth", action="store_true")
     s.add_argument("--temperature", type=positive_float, default=1.0)
-    s.add_argument("--seed", type=int, default=0, help="base seed; image (c, i) gets image_seed(seed, c, i)")
+    s.add_argument("--seed", type=seed_arg, default=0, help="base seed; image (c, i) gets image_seed(seed, c, i)")
     s.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="compute dtype of the sampler")
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=int, default=32,

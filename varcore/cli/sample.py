@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from varcore.argtypes import device_arg, finite_float, image_path_arg
+from varcore.argtypes import device_arg, finite_float, image_path_arg, npz_path_arg, positive_int, seed_arg
 from varcore.sampling.rng import seeded_generator
 
 __all__ = ["add_parser", "run", "make_grid", "to_uint8"]
@@ -40,18 +40,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s = p.add_argument_group("sampling")
     s.add_argument("--classes", type=int, nargs="+", default=None,
                    help="class labels, one grid column each (default: 0..9)")
-    s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="seeds, one grid row each")
+    s.add_argument("--seeds", type=seed_arg, nargs="+", default=[0, 1, 2, 3], help="seeds, one grid row each")
     s.add_argument("--cfg", type=finite_float, default=None,
                    help="classifier-free guidance scale (default: the bundled model's; 1.5 for checkpoints)")
     s.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     s.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus filtering mass in (0, 1] (1: off)")
-    s.add_argument("--batch-size", type=int, default=64, help="images per sampler call (default 64)")
+    s.add_argument("--batch-size", type=positive_int, default=64, help="images per sampler call (default 64)")
     s.add_argument("--device", type=device_arg, default="cpu", help="torch device (default cpu)")
     o = p.add_argument_group("output")
     o.add_argument("--out", type=image_path_arg, default="samples.png", help="PNG grid path (default samples.png)")
     o.add_argument("--scale", type=int, default=None,
                    help="integer upscaling of the grid (default: 4 for images under 64 px, else 1)")
-    o.add_argument("--npz", metavar="PATH", help="also write the images in the ADM evaluator's .npz layout")
+    o.add_argument("--npz", type=npz_path_arg, metavar="PATH",
+                   help="also write the images in the ADM evaluator's .npz layout")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
     return p
@@ -160,7 +161,7 @@ def sample_grid(args) -> Tuple[torch.Tensor, torch.Tensor, List[int], str]:
     for seed, j, chunk in tqdm(calls, desc="sample", disable=args.no_progress, dynamic_ncols=True):
         lab = torch.tensor(chunk, device=args.device)
         with torch.no_grad():
-            images.append(sample(lab, seed + CALL_SEED_STRIDE * j, cfg).float().cpu())
+            images.append(sample(lab, (seed + CALL_SEED_STRIDE * j) % 2 ** 64, cfg).float().cpu())
         labels.append(lab.cpu())
     return torch.cat(images), torch.cat(labels), classes, what
 

@@ -166,5 +166,10 @@ def load_weights(part: str, vae: Optional[nn.Module] = None, root: Optional[Unio
     state = load_file(str(path))
     own = model.state_dict()
     state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
+    from varcore.checkpoints import nonfinite_entries
+
+    nonfinite = nonfinite_entries(state, {name for name, _ in model.named_parameters()})
+    if nonfinite:
+        raise ValueError(f"{path} holds NaN or inf in {nonfinite[:8]}: damaged weights; refusing to load them")
     model.load_state_dict(state, strict=True)
     return model.to(device).eval().requires_grad_(False)

@@ -34,8 +34,8 @@ from typing import List, NamedTuple, Optional, Sequence, Union
 import torch
 
 from varcore.ops.attention import code_prefill_visible_end
-from varcore.sampling.filters import (check_cfg, gumbel_softmax_with_rng, nonfinite_rows, raise_if_nonfinite, temper,
-                                      top_k_top_p_filter_)
+from varcore.sampling.filters import (check_cfg, check_images_finite, gumbel_softmax_with_rng, nonfinite_rows,
+                                      raise_if_nonfinite, temper, top_k_top_p_filter_)
 from varcore.sampling.var import _per_scale
 
 from .var import VAR, _check_pos_int, _eval_mode
@@ -282,7 +282,7 @@ def refine(refiner: VAR, B: int, label_B, token_hub: torch.Tensor, f_hat: torch.
                     x = (refiner.word_embed(next_BlCv) + lvl_pos[:, begin:end]).repeat(2, 1, 1)
         finally:
             _caching(refiner, False)
-        img = vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
+        img = check_images_finite(vae.fhat_to_img(f_hat).add_(1).mul_(0.5), "collaborative_infer_cfg")
     return img, f_hat, idx_Bl_list
 
 

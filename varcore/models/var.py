@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 
 from varcore.ops.quant import check_patch_nums
-from varcore.sampling.filters import check_cfg, check_top_k, gumbel_softmax_with_rng, sample_with_top_k_top_p_
+from varcore.sampling.filters import (check_cfg, check_images_finite, check_top_k, gumbel_softmax_with_rng,
+                                      sample_with_top_k_top_p_)
 
 from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn
 from .vqvae import VQVAE
@@ -320,7 +321,7 @@ class VAR(nn.Module):
             finally:
                 for block in self.blocks:
                     block.attn.kv_caching(False)
-            img = vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
+            img = check_images_finite(vae.fhat_to_img(f_hat).add_(1).mul_(0.5), "autoregressive_infer_cfg")
         return (img, idx_Bl_per_scale) if return_idx_Bl else img
 
     # ---------------------------------------------------------------- CoDe (official method names)

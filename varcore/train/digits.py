@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from varcore.argtypes import positive_float
+from varcore.argtypes import out_dir_arg, positive_float, positive_int, seed_arg
 from varcore.digits.data import augment, load_digits
 from varcore.digits.recipe import ARCHS, WEIGHTS_DIR, build, load_weights, save_weights
 
@@ -334,11 +334,13 @@ def build_arg_parser(prog: str = "python -m varcore.train.digits") -> argparse.A
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     defaults = DigitsRecipe()
-    p.add_argument("--out", default=None, help=f"output directory (default: the package's {WEIGHTS_DIR})")
+    p.add_argument("--out", type=out_dir_arg, default=None,
+                   help=f"output directory (default: the package's {WEIGHTS_DIR})")
     p.add_argument("--parts", nargs="+", choices=STAGES, default=None, metavar="STAGE",
                    help=f"stages to run (default: all): {', '.join(STAGES)}")
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--seed", type=seed_arg, default=defaults.seed)
+    p.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
+                   help="images per training step (--tiny uses its own)")
     p.add_argument("--scale-iters", type=positive_float, default=1.0,
                    help="multiply every stage's iteration count (e.g. 0.1 for a quick smoke run)")
     p.add_argument("--tiny", action="store_true", help="a few steps per stage (tests; the models are useless)")
