@@ -80,9 +80,9 @@ def _load(out):
 def test_image_seed_is_a_function_of_seed_class_index():
     seeds = {(s, c, i): sample_ddp.image_seed(s, c, i) for s in range(3) for c in range(20) for i in range(20)}
     assert len(set(seeds.values())) == len(seeds)  # all distinct
-    assert all(0 <= v < 2 ** 63 for v in seeds.values())
+    assert all(0 <= v < 2 ** 64 for v in seeds.values())
     assert all(sample_ddp.image_seed(*k) == v for k, v in seeds.items())  # stable
-    for bad in [(-1, 0, 0), (0, -2, 0), (0, 0, 1.5), (True, 0, 0)]:
+    for bad in [(-1, 0, 0), (0, -2, 0), (0, 0, 1.5), (True, 0, 0), (0, 0, 2 ** 20)]:
         with pytest.raises(ValueError, match="seed|cls|index"):
             sample_ddp.image_seed(*bad)
 

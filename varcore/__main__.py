@@ -16,8 +16,16 @@ def _run_info(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command line's one error format: ``varcore COMMAND: error: ...`` on one line (the
+    subcommands' parsers are of this class too)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="varcore", description="varcore: VAR, CoDe and PAR image generation. "
+    parser = _Parser(prog="varcore", description="varcore: VAR, CoDe and PAR image generation. "
                                      "Run `varcore COMMAND --help` for a command's options.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p_info = sub.add_parser("info", help="torch build, compiled parts and each op's backend",
@@ -31,7 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (printed) returns its status; --help exits as argparse does
+        if e.code == 0:
+            raise
+        return e.code
     try:
         return args.run(args)
     except (ValueError, TypeError, OSError, ImportError, FloatingPointError) as e:

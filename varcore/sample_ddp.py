@@ -54,16 +54,33 @@ RUN_FILE = "run.json"
 OUT_FILE = "samples.npz"
 
 
+_INDEX_BITS = 20  # images per class below 2**20: a class's images occupy consecutive positions
+_MASK64 = 2 ** 64 - 1
+
+
+def _mix64(z: int) -> int:
+    """SplitMix64's finaliser: a bijection of 64-bit ints that scatters neighbouring inputs."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
 def image_seed(seed: int, cls: int, index: int) -> int:
-    """The seed of image ``index`` of class ``cls``: a 63-bit value derived by numpy's SeedSequence from
-    ``(seed, cls, index)``, so it is independent of the batch, the class list, ``--per-class`` and the world size,
-    and distinct images get unrelated streams. The samplers turn it into a generator with
-    :func:`varcore.sampling.rng.seeded_generator`, whose stream depends on all of its bits on the CPU too."""
+    """The seed of image ``index`` of class ``cls``: a 64-bit value that depends on ``(seed, cls, index)`` only, so
+    it is independent of the batch, the class list, ``--per-class`` and the world size.
+
+    The image's position ``cls * 2**20 + index`` is added to a 64-bit hash of ``seed`` (numpy's SeedSequence) and
+    scattered by a bijection, so within one run distinct images always get distinct seeds, and the samplers turn
+    each into a generator whose stream depends on all of its bits (:func:`varcore.sampling.rng.seeded_generator`,
+    on the CPU too)."""
     for name, v in (("seed", seed), ("cls", cls), ("index", index)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
             raise ValueError(f"{name} must be an int >= 0, got {v!r}")
-    lo, hi = np.random.SeedSequence([int(seed), int(cls), int(index)]).generate_state(2, np.uint32)
-    return (int(hi) << 32 | int(lo)) & (2 ** 63 - 1)
+    if index >= 2 ** _INDEX_BITS or cls >= 2 ** (64 - _INDEX_BITS):
+        raise ValueError(f"index must be < 2**{_INDEX_BITS} and cls < 2**{64 - _INDEX_BITS}, got {index}, {cls}")
+    lo, hi = np.random.SeedSequence(int(seed)).generate_state(2, np.uint32)
+    base = int(hi) << 32 | int(lo)
+    return _mix64((base + (int(cls) << _INDEX_BITS) + int(index)) & _MASK64)
 
 
 @dataclass(frozen=True)
@@ -249,7 +266,7 @@ def _run_record(args) -> dict:
 
 
 # Bumped when the same arguments would give other images (the per-image generators of image_seed's values).
-SEEDING = "seeded_generator-1"
+SEEDING = "position-bijection+seeded_generator"
 
 
 def _shard_settings(args) -> str:

@@ -422,9 +422,11 @@ class VARSampler:
         ``generator`` if given, else the global RNG. ``top_k``, ``top_p`` and ``temperature`` are scalars or one
         value per scale (CoDe); the temperature divides the filtered logits before the draw (``more_smooth`` uses
         the filtered logits, as official). ``per_image_seeds=True`` gives image i the seed ``g_seed + i``, and
-        ``seeds`` gives each image its own seed: each image's random numbers then come from its own generator, so
-        image i with seed s draws the same numbers whatever the batch size (the default keeps the official order,
-        where the draws depend on B). ``progress`` shows a tqdm bar over scales.
+        ``seeds`` gives each image its own seed (an int in [0, 2**64), every bit of which selects the stream, on the
+        CPU too: :func:`varcore.sampling.rng.seeded_generator`): each image's random numbers then come from its own
+        generator, so image i with seed s draws the same numbers whatever the batch size (the default keeps the
+        official order, where the draws depend on B). ``g_seed`` seeds as the official code does
+        (``manual_seed``: on the CPU only its low 32 bits count). ``progress`` shows a tqdm bar over scales.
         """
         _check_batch(B)
         check_cfg(cfg)
