@@ -49,7 +49,7 @@ def fwd_bwd(fn, q, k, v, grad):
     return run
 
 
-# Targets of issue 5 (float32 on the CPU): kernel time / dense masked SDPA time, at most this.
+# Targets (float32 on the CPU): kernel time / dense masked SDPA time, at most this.
 TARGETS = {(680, "forward"): 0.7, (2240, "forward"): 0.6, (680, "forward+backward"): 0.8,
            (2240, "forward+backward"): 0.8}
 

@@ -118,7 +118,7 @@ def nonfinite_entries(state_dict: Mapping[str, torch.Tensor], params: set) -> li
     """Keys of ``state_dict`` with values no trained model holds: in a parameter (a key in ``params``) NaN or
     +-inf, in a buffer NaN or +inf (-inf is how an attention-mask buffer says "hidden")."""
     def bad(k, v):
-        if not v.is_floating_point():
+        if not v.is_floating_point() or v.is_meta:  # meta tensors (shape checks, planning) hold no values
             return False
         return not bool(torch.isfinite(v).all() if k in params else (~(torch.isnan(v) | torch.isposinf(v))).all())
     return [k for k, v in state_dict.items() if bad(k, v)]
