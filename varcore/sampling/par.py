@@ -142,11 +142,10 @@ class PARSampler:
             logits = logits.clone()  # the filters work in place
         if top_k > 0 or top_p < 1.0:
             logits = top_k_top_p_filtering(logits, top_k=top_k, top_p=top_p)
-        nonfinite_N = nonfinite_rows(logits)
-        nonfinite.logical_or_(nonfinite_N.any())
-        # a non-finite row would make multinomial raise (a device-side assert on CUDA) or the greedy draw return
-        # token 0: draw it from a uniform row instead, and sample_tokens raises after the loop
-        probs = torch.where(nonfinite_N[:, None], 1.0 / V, F.softmax(logits, dim=-1))
+        # a non-finite row makes both random draws refuse (sample_tokens then names the cause) and the greedy one
+        # return token 0 (sample_tokens raises after the loop): flag it, one reduction on the device
+        nonfinite.logical_or_(nonfinite_rows(logits).any())
+        probs = F.softmax(logits, dim=-1)
         if sample_logits and self.draw == "inverse_cdf":
             idx = inverse_cdf_sample(probs, generator=generator)
         elif sample_logits:
@@ -218,6 +217,9 @@ class PARSampler:
                 seq[:, n + i:2 * n + i] = step(h, n + j * n, guided)
                 h = model.tok_embeddings(seq[:, n + i:2 * n + i])
                 bar.update(1)
+        except (RuntimeError, ValueError):  # a draw refused non-finite probabilities: say why
+            raise_if_nonfinite(draw["nonfinite"], "the GPT sampler", cfg_scale if cfg else None)
+            raise
         finally:
             bar.close()
             if self.decoder is not None:
