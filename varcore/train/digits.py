@@ -31,6 +31,7 @@ from tqdm import tqdm
 from varcore.argtypes import out_dir_arg, positive_float, positive_int, seed_arg
 from varcore.digits.data import augment, load_digits
 from varcore.digits.recipe import ARCHS, WEIGHTS_DIR, build, load_weights, save_weights
+from varcore.train.var_trainer import backward_and_step
 
 __all__ = ["DigitsRecipe", "STAGES", "train_digits", "main"]
 
@@ -102,9 +103,7 @@ def train_classifier(recipe: DigitsRecipe, gen: torch.Generator, progress: bool)
     for it in range(recipe.classifier_iters):
         idx = next(batches)
         loss = F.cross_entropy(model(augment(x[idx], gen)), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        backward_and_step(loss, model.parameters(), opt, None, 0.0)  # stops on a non-finite loss
         losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -144,9 +143,7 @@ def _train_tokenizer(model, encode_feats: Callable, step_loss: Callable, codeboo
     for it in range(1, iters + 1):
         xb = augment(x[next(batches)], gen)
         loss, _, idx = step_loss(xb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        backward_and_step(loss, model.parameters(), opt, None, 0.0)  # stops on a non-finite loss
         hits += idx.bincount(minlength=V).float()
         losses.append(loss.item())
         if it % recipe.restart_every == 0 and it < 0.8 * iters:  # leave the last steps to settle
