@@ -50,7 +50,8 @@ def test_every_sampling_function_draws_from_the_new_state():
     """normal, exponential, multinomial and randint all follow the state (no cached normal sample is left over)."""
     g1, g2 = seeded_generator(2 ** 40 + 3), seeded_generator(2 ** 40 + 3)
     for fn in (lambda g: torch.randn(3, generator=g), lambda g: torch.empty(3).exponential_(generator=g),
-               lambda g: torch.multinomial(torch.ones(10), 2, generator=g), lambda g: torch.randint(0, 9, (3,), generator=g)):
+               lambda g: torch.multinomial(torch.ones(10), 2, generator=g),
+               lambda g: torch.randint(0, 9, (3,), generator=g)):
         assert torch.equal(fn(g1), fn(g2))
     assert not torch.equal(torch.randn(64, generator=seeded_generator(2 ** 40 + 3)),
                            torch.randn(64, generator=seeded_generator(2 ** 40 + 4)))

@@ -353,7 +353,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="zoo name (var-d16 ...), bundled model name, or VAE_PATH,VAR_PATH")
     p.add_argument("--per-class", type=int, required=True, help="images per class (50 for the 50k FID protocol)")
     p.add_argument("--classes", type=_classes, default=None, help="comma-separated class ids (default: all)")
-    p.add_argument("--out", type=out_dir_arg, required=True, help="output folder (shards/, run.json, samples.npz); reruns resume")
+    p.add_argument("--out", type=out_dir_arg, required=True,
+                   help="output folder (shards/, run.json, samples.npz); reruns resume")
     s = p.add_argument_group("sampling (defaults: the VAR FID protocol)")
     s.add_argument("--cfg", type=finite_float, default=1.5)
     s.add_argument("--top-k", type=int, default=900)

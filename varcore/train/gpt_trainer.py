@@ -186,10 +186,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     o.add_argument("--clip", type=finite_float, default=1.0)
     o.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none")
     r = p.add_argument_group("run")
-    r.add_argument("--out", type=out_dir_arg, required=True, help="output folder (ckpt-last.pt; resumed from when present)")
+    r.add_argument("--out", type=out_dir_arg, required=True,
+                   help="output folder (ckpt-last.pt; resumed from when present)")
     r.add_argument("--no-resume", action="store_true")
     r.add_argument("--save-every", type=int, default=1000)
-    r.add_argument("--device", type=device_arg, default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
+    r.add_argument("--device", type=device_arg, default=None,
+                   help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
     r.add_argument("--workers", type=int, default=2)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-progress", action="store_true")

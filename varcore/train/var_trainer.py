@@ -407,10 +407,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     o.add_argument("--drop-path", type=finite_float, default=None, help="drop-path rate (default 0.1 * depth / 24)")
     o.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast precision")
     r = p.add_argument_group("run")
-    r.add_argument("--out", type=out_dir_arg, required=True, help="output folder (ckpt-last.pth; resumed from when present)")
+    r.add_argument("--out", type=out_dir_arg, required=True,
+                   help="output folder (ckpt-last.pth; resumed from when present)")
     r.add_argument("--no-resume", action="store_true", help="ignore an existing ckpt-last.pth")
     r.add_argument("--save-every", type=int, default=1000, help="checkpoint interval in steps (0: end only)")
-    r.add_argument("--device", type=device_arg, default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
+    r.add_argument("--device", type=device_arg, default=None,
+                   help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
     r.add_argument("--workers", type=int, default=2, help="data-loader workers")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-progress", action="store_true", help="hide the progress bar")
