@@ -49,6 +49,8 @@ ARCHS: Dict[str, Dict] = {
                        num_classes=NUM_CLASSES, ar_token_num=1, spe_token_num=0, **_NO_DROPOUT),
     "classifier": dict(width=32, feature_dim=64),
 }
+# loaded frozen (the tokenizers, as the official loaders do, and the evaluation classifier); the rest trainable
+FROZEN_PARTS = ("vqvae", "vq", "classifier")
 
 
 def _check_part(part: str) -> None:
@@ -120,12 +122,13 @@ def read_metadata(part: str, root: Optional[Union[str, Path]] = None) -> Dict:
 
 def load_weights(part: str, vae: Optional[nn.Module] = None, root: Optional[Union[str, Path]] = None,
                  device: Union[str, torch.device] = "cpu") -> nn.Module:
-    """Rebuild ``part`` from its weights file (architecture from the file's metadata) in eval mode, float32,
-    with gradients off."""
+    """Rebuild ``part`` from its weights file (architecture from the file's metadata) in eval mode, float32.
+    As with the official checkpoints' loaders, the tokenizers come frozen and the transformers trainable
+    (``requires_grad`` on, :data:`FROZEN_PARTS`), so a bundled model can be fine-tuned like a loaded one."""
     meta = read_metadata(part, root)
     model = build(part, vae=vae, arch=meta["arch"])
     state = load_file(str(weights_path(part, root)))
     own = model.state_dict()
     state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
     model.load_state_dict(state, strict=True)
-    return model.to(device).eval().requires_grad_(False)
+    return model.to(device).eval().requires_grad_(part not in FROZEN_PARTS)
