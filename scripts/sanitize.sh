@@ -39,7 +39,7 @@ export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:abort_on_error=1:halt_on_erro
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 export PYTHONPATH="$DIR/src"
 export VARCORE_REQUIRE_SIMT=1
-export VARCORE_GOLDEN=${VARCORE_GOLDEN:-$ROOT/../shared/golden}
+export VARCORE_GOLDEN=${VARCORE_GOLDEN:-$ROOT/tests/golden}
 
 cd "$DIR/src"
 "$PYTHON" - <<PY

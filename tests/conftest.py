@@ -6,11 +6,13 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+GOLDEN_IN_TREE = Path(__file__).resolve().parent / "golden"
 
 
 def _golden_root() -> Path:
+    """$VARCORE_GOLDEN when set, else the copy that ships with the tests (tests/golden)."""
     env = os.environ.get("VARCORE_GOLDEN")
-    return Path(env) if env else REPO_ROOT.parent / "shared" / "golden"
+    return Path(env) if env else GOLDEN_IN_TREE
 
 
 @pytest.fixture(scope="session")
@@ -18,7 +20,7 @@ def golden_dir():
     """Folder with the official golden data; skips outside CI when absent, fails under CI."""
     root = _golden_root()
     if not root.is_dir():
-        msg = f"golden data not found at {root} (set VARCORE_GOLDEN)"
+        msg = f"golden data not found at {root} (set VARCORE_GOLDEN or restore tests/golden)"
         if os.environ.get("CI") == "true":
             pytest.fail(msg)
         pytest.skip(msg)

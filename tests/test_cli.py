@@ -117,3 +117,16 @@ def test_train_digits_cli_tiny(tmp_path, capsys):
     assert main(["train-digits", "--tiny", "--parts", "classifier", "--out", str(tmp_path), "--no-progress"]) == 0
     assert (tmp_path / "classifier.safetensors").is_file()
     assert "classifier:" in capsys.readouterr().out
+
+
+def test_train_digits_cli_writes_to_the_working_directory_by_default(tmp_path, monkeypatch, capsys):
+    from varcore.digits.recipe import WEIGHTS_DIR
+
+    bundled = {f: f.stat().st_mtime_ns for f in WEIGHTS_DIR.glob("*.safetensors")}
+    monkeypatch.chdir(tmp_path)
+    assert main(["train-digits", "--tiny", "--parts", "classifier", "--no-progress"]) == 0
+    assert (tmp_path / "digits-weights" / "classifier.safetensors").is_file()
+    assert {f: f.stat().st_mtime_ns for f in WEIGHTS_DIR.glob("*.safetensors")} == bundled
+    with pytest.raises(SystemExit):
+        main(["train-digits", "--tiny", "--out", "x", "--into-package"])
+    assert "not allowed with argument" in capsys.readouterr().err

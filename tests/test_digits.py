@@ -179,3 +179,35 @@ def test_bundled_var_draws_the_requested_digits(classifier):
     labels = torch.arange(10).repeat_interleave(10)
     images = DigitsSampler("digits-var").sample(labels, seed=0)
     assert class_consistency(classifier, images, labels) >= 0.8
+
+
+# ---------------------------------------------------------------------------------------------- trainable
+def test_bundled_transformers_train_like_loaded_ones():
+    from varcore.train.var_trainer import TrainConfig, VARTrainer
+
+    vae, var = load_bundled("digits-var")
+    assert not any(p.requires_grad for p in vae.parameters())  # the tokenizer stays frozen, as official
+    assert all(p.requires_grad for p in var.parameters())
+    before = var.head.weight.detach().clone()
+    trainer = VARTrainer(vae, var, TrainConfig(max_iters=2))
+    images, labels = load_digits("train")
+    metrics = trainer.train_step(labels[:4], img_B3HW=images[:4])
+    assert np.isfinite(metrics["loss"]) and not torch.equal(before, var.head.weight)
+    vq, gpt = load_bundled("digits-par")
+    assert not any(p.requires_grad for p in vq.parameters()) and all(p.requires_grad for p in gpt.parameters())
+
+
+def test_a_frozen_model_is_a_clear_error():
+    from varcore.train.var_trainer import TrainConfig, VARTrainer
+
+    vae, var = load_bundled("digits-var")
+    var.requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
+        VARTrainer(vae, var, TrainConfig(max_iters=1))
+
+
+def test_training_never_writes_into_the_package_unless_asked(tmp_path):
+    with pytest.raises(ValueError, match="out_dir is required"):
+        train_digits(DigitsRecipe.tiny(), parts=["classifier"], progress=False)
+    with pytest.raises(FileNotFoundError, match="'vq' tokenizer is not in"):
+        train_digits(DigitsRecipe.tiny(), out_dir=tmp_path, parts=["gpt-par"], progress=False)

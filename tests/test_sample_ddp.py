@@ -1,4 +1,5 @@
 """varcore.sample_ddp: per-image seeds, shards, resume after a kill, world-size independence (2 gloo processes)."""
+import json
 import os
 import signal
 import subprocess
@@ -320,3 +321,23 @@ def test_the_whole_50k_plan_has_distinct_streams():
     assert len(set(seeds)) == 50_000
     first = torch.stack([torch.rand(2, dtype=torch.float64, generator=seeded_generator(s)) for s in seeds])
     assert torch.unique(first, dim=0).shape[0] == 50_000
+
+
+# ---------------------------------------------------------------------------------------------- model defaults
+@pytest.mark.parametrize("name", ["digits-var", "digits-var-small", "digits-code"])
+def test_bundled_models_run_with_their_own_defaults(name, tmp_path):
+    from varcore.digits import BUNDLED
+
+    out = sample_ddp.main(["--model", name, "--per-class", "1", "--classes", "0,3", "--out", str(tmp_path),
+                           "--no-progress"])
+    arr, labels = _load(tmp_path)
+    assert out == tmp_path / "samples.npz" and arr.shape == (2, 16, 16, 3) and labels.tolist() == [0, 3]
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert (record["cfg"], record["top_k"], record["top_p"]) == (BUNDLED[name].cfg, 0, 0.0)
+
+
+def test_default_top_k_is_capped_at_the_vocabulary(model_spec, tmp_path):
+    sample_ddp.main(["--model", model_spec, "--per-class", "1", "--classes", "0", "--out", str(tmp_path),
+                     "--no-progress"])
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert (record["cfg"], record["top_k"], record["top_p"]) == (1.5, 48, 0.96)  # V = 48 < the protocol's 900

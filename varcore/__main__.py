@@ -1,5 +1,5 @@
-"""The ``varcore`` command line (also ``python -m varcore``): ``info``, ``sample``, ``eval``, ``bench``, ``probe`` and
-``train-digits``; ``varcore COMMAND --help`` describes each."""
+"""The ``varcore`` command line (also ``python -m varcore``): ``info``, ``sample``, ``eval``, ``bench``, ``probe``,
+``presets`` and ``train-digits``; ``varcore COMMAND --help`` describes each."""
 import argparse
 import json
 import sys
@@ -24,6 +24,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _run_presets(args) -> int:
+    from varcore.presets import format_presets
+
+    print(format_presets())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="varcore", description="varcore: VAR, CoDe and PAR image generation. "
                                      "Run `varcore COMMAND --help` for a command's options.")
@@ -32,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Report the torch build, the compiled parts and each op's backend.")
     p_info.add_argument("--json", action="store_true", help="print the report as JSON")
     p_info.set_defaults(run=_run_info)
+    p_presets = sub.add_parser("presets", help="the official FID protocols for `python -m varcore.sample_ddp --preset`",
+                               description="List the official FID sampling protocols (sample_ddp --preset NAME) "
+                                           "with their values and the upstream files they come from.")
+    p_presets.set_defaults(run=_run_presets)
     for module in (sample, evaluate, bench, train_digits, probe):
         module.add_parser(sub)
     return parser

@@ -1,7 +1,12 @@
 """Distributed class-conditional sampling for evaluation (FID/IS with the OpenAI ADM evaluator).
 
+    torchrun --nproc_per_node=N -m varcore.sample_ddp --preset var-d16 --root CHECKPOINTS --out DIR
     torchrun --nproc_per_node=N -m varcore.sample_ddp --model NAME_OR_PATHS --per-class K \\
         [--classes 0,1,...] --out DIR [--cfg 1.5 --top-k 900 --top-p 0.96 --seed 0 --batch-size 32 ...]
+
+``--preset`` names an official FID protocol (:mod:`varcore.presets`, ``varcore presets``); without one the
+sampling settings default to the model's (:func:`varcore.presets.model_defaults`). Rank 0 prints the ADM
+evaluator's command for an ImageNet model at the end.
 
 writes ``DIR/samples.npz`` with ``arr_0`` (uint8, count x H x W x 3, ordered by class, then index) and ``labels``
 (int64, count). Without torchrun it runs as one process.
@@ -28,8 +33,9 @@ How the work is split, and why the result does not depend on the number of proce
 
 ``--model`` is one of: a zoo name (``var-d16`` ... ``var-d36``, files from ``$VARCORE_HOME`` or the hub, see
 :func:`varcore.checkpoints.from_pretrained`); ``VAE_PATH,VAR_PATH`` (official-format checkpoints; the VAE is put on
-the VAR's scale schedule); ``VAE_PATH,DRAFTER_PATH,REFINER_PATH,N`` for CoDe with N drafted scales; or a VAR or
-CoDe model bundled with varcore (``digits-var``, ``digits-var-small``, ``digits-code``; see ``varcore.digits``).
+the VAR's scale schedule); ``VAE_PATH,DRAFTER_PATH,REFINER_PATH,N`` for CoDe with N drafted scales; ``code-6``
+... ``code-9`` for CoDe's released pairs; or a VAR or CoDe model bundled with varcore (``digits-var``,
+``digits-var-small``, ``digits-code``; see ``varcore.digits``).
 """
 import argparse
 import json
@@ -39,16 +45,18 @@ import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from varcore.argtypes import device_arg, finite_float, out_dir_arg, positive_float, seed_arg
+from varcore.presets import adm_evaluator_command, get_preset, model_defaults
 
 __all__ = ["image_seed", "plan_shards", "load_sampler", "run", "main", "Shard"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_CODE_ZOO = {f"code-{n}" for n in (6, 7, 8, 9)}  # CoDe's released pairs (varcore.checkpoints.from_pretrained)
 SHARD_DIR = "shards"
 RUN_FILE = "run.json"
 OUT_FILE = "samples.npz"
@@ -181,7 +189,9 @@ def _load_models(spec: str, device) -> Tuple:
         if not paths[3].isdigit():
             raise ValueError(f"the CoDe draft step count N must be an int, got {paths[3]!r}")
         return vae, var, load_var(paths[2], vae, device=device), int(paths[3])
-    if spec in ZOO_FILES and spec != "vae":
+    if spec in _CODE_ZOO:
+        return (*from_pretrained(spec, device=device), int(spec[len("code-"):]))
+    if spec.startswith("var-") and spec in ZOO_FILES:
         return from_pretrained(spec, device=device)
     try:
         from varcore import digits
@@ -192,7 +202,7 @@ def _load_models(spec: str, device) -> Tuple:
             raise ValueError(f"model {spec!r} is a {digits.BUNDLED[spec].family.upper()} model; sample_ddp samples "
                              f"VAR and CoDe models (per-image seeds need their samplers)")
         return tuple(digits.load_bundled(spec, device=device))
-    zoo = sorted(k for k in ZOO_FILES if k != "vae")
+    zoo = sorted(k for k in ZOO_FILES if k.startswith("var-")) + sorted(_CODE_ZOO)
     bundled = [] if digits is None else [n for n, b in digits.BUNDLED.items() if b.family in ("var", "code")]
     raise ValueError(f"model must be a zoo name {zoo}, a bundled model {bundled}, 'VAE_PATH,VAR_PATH' or "
                      f"'VAE_PATH,DRAFTER_PATH,REFINER_PATH,N' (CoDe); got {spec!r}")
@@ -347,22 +357,38 @@ def _classes(text: str) -> List[int]:
         raise argparse.ArgumentTypeError(f"--classes must be comma-separated ints, got {text!r}") from None
 
 
+def _temperature(text: str) -> Union[float, List[float]]:
+    values = [positive_float(t) for t in text.split(",") if t.strip()]  # each finite and > 0
+    if not values:
+        raise argparse.ArgumentTypeError(f"--temperature must be a float or comma-separated floats, got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="torchrun --nproc_per_node=N -m varcore.sample_ddp",
                                 description="Sample K images per class on every rank's share; write DIR/samples.npz.")
-    p.add_argument("--model", required=True, help="zoo name (var-d16 ...), bundled model name, or VAE_PATH,VAR_PATH")
-    p.add_argument("--per-class", type=int, required=True, help="images per class (50 for the 50k FID protocol)")
+    p.add_argument("--preset", default=None, help="an official FID protocol by name (`varcore presets` lists them): "
+                   "sets --model, --per-class and the sampling settings; explicit flags still win")
+    p.add_argument("--model", default=None, help="zoo name (var-d16 ..., code-6 ...), bundled model name, "
+                   "VAE_PATH,VAR_PATH or VAE_PATH,DRAFTER_PATH,REFINER_PATH,N (needed without --preset)")
+    p.add_argument("--root", default=None, help="folder of the zoo checkpoints (default: $VARCORE_HOME or the hub)")
+    p.add_argument("--per-class", type=int, default=None,
+                   help="images per class (the preset's, 50 for the FID protocols; needed without --preset)")
     p.add_argument("--classes", type=_classes, default=None, help="comma-separated class ids (default: all)")
     p.add_argument("--out", type=out_dir_arg, required=True,
                    help="output folder (shards/, run.json, samples.npz); reruns resume")
-    s = p.add_argument_group("sampling (defaults: the VAR FID protocol)")
-    s.add_argument("--cfg", type=finite_float, default=1.5)
-    s.add_argument("--top-k", type=int, default=900)
-    s.add_argument("--top-p", type=finite_float, default=0.96)
-    s.add_argument("--more-smooth", action="store_true")
-    s.add_argument("--temperature", type=positive_float, default=1.0)
+    s = p.add_argument_group("sampling (defaults: the preset's; without one the model's: the VAR FID protocol "
+                             "cfg 1.5, top-k 900 (at most the vocabulary), top-p 0.96, or a bundled model's own)")
+    s.add_argument("--cfg", type=finite_float, default=None)
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=finite_float, default=None)
+    s.add_argument("--more-smooth", action="store_true", default=None)
+    s.add_argument("--temperature", type=_temperature, default=None,
+                   help="one value, or comma-separated values, one per scale (CoDe's 1.1 x 7 then 1.0 x 3)")
     s.add_argument("--seed", type=seed_arg, default=0, help="base seed; image (c, i) gets image_seed(seed, c, i)")
-    s.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="compute dtype of the sampler")
+    s.add_argument("--dtype", choices=sorted(_DTYPES) + ["auto"], default="fp32",
+                   help="compute dtype of the sampler; auto: bf16 where a GEMM measured on the device is faster in "
+                        "it, else fp32 (the resolved dtype is what run.json records)")
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=int, default=32,
                    help="images per shard (one batch); the output depends on it, not on the number of processes")
@@ -375,21 +401,97 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
     parser = build_arg_parser()
     args = parser.parse_args(argv)
+    _apply_defaults(parser, args)
     _check_args(parser, args)
+    if args.root is not None:
+        os.environ["VARCORE_HOME"] = args.root  # read by the zoo loader on every rank
+    num_classes = _num_classes(args.model)
     if args.classes is None:
-        args.classes = list(range(_num_classes(args.model)))
+        args.classes = list(range(num_classes))
+    _fill_model_defaults(args)
+    if args.dtype == "auto":
+        args.dtype = _auto_dtype(args.device)
     out = run(args)
     if out is not None:
         print(f"wrote {out}", file=sys.stderr)
+        if num_classes == 1000:  # ImageNet: the evaluator's reference batches
+            with np.load(out) as f:
+                size = f["arr_0"].shape[1]
+            cmd = adm_evaluator_command(str(out), size)
+            if cmd:
+                print(f"FID/IS with OpenAI's ADM evaluator (github.com/openai/guided-diffusion, evaluations/):\n"
+                      f"  {cmd}", file=sys.stderr)
     return out
+
+
+_SAMPLING = ("cfg", "top_k", "top_p", "more_smooth", "temperature")
+
+
+def _apply_defaults(parser: argparse.ArgumentParser, args) -> None:
+    """The preset's model, images per class and sampling settings where no flag set them."""
+    if args.preset is not None:
+        try:
+            preset = get_preset(args.preset)
+        except ValueError as e:
+            parser.error(f"--preset: {e}")
+        if args.model is None:
+            args.model = preset.model
+        if args.per_class is None:
+            args.per_class = preset.per_class
+        for key in _SAMPLING:
+            if getattr(args, key) is None:
+                value = getattr(preset, key)
+                setattr(args, key, list(value) if isinstance(value, tuple) else value)
+    if args.model is None or args.per_class is None:
+        parser.error("--model and --per-class are required without --preset")
+
+
+def _fill_model_defaults(args) -> None:
+    """Settings no flag or preset gave: the model's defaults (:func:`varcore.presets.model_defaults`)."""
+    if all(getattr(args, key) is not None for key in _SAMPLING):
+        return
+    defaults = model_defaults(_bundled_cfg(args.model), _vocab_size(args.model))
+    for key in _SAMPLING:
+        if getattr(args, key) is None:
+            setattr(args, key, defaults[key])
+
+
+def _auto_dtype(device: Optional[str]) -> str:
+    """``--dtype auto`` resolved on this rank's device (:func:`varcore.sampling.auto_dtype.resolve_dtype`)."""
+    from varcore.sampling.auto_dtype import resolve_dtype
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return {torch.bfloat16: "bf16", torch.float32: "fp32"}[resolve_dtype("auto", device)]
+
+
+def _bundled_cfg(spec: str) -> Optional[float]:
+    try:
+        from varcore import digits
+    except ImportError:
+        return None
+    return digits.BUNDLED[spec].cfg if spec in digits.BUNDLED else None
+
+
+def _vocab_size(spec: str) -> int:
+    """The model's token vocabulary, read without building it where possible."""
+    if "," in spec:
+        from varcore.checkpoints import read_state_dict
+
+        return read_state_dict(spec.split(",")[1].strip(), kind="var")["head.weight"].shape[0]
+    if spec.startswith("var-") or spec in _CODE_ZOO:
+        return 4096  # every released VAR and CoDe model uses vae_ch160v4096z32 (4096 codes)
+    return _load_models(spec, "cpu")[1].V
 
 
 def _check_args(parser: argparse.ArgumentParser, args) -> None:
     """Refuse bad values before any process group or model is set up."""
     checks = [("--per-class", args.per_class >= 1, ">= 1"), ("--batch-size", args.batch_size >= 1, ">= 1"),
-              ("--cfg", args.cfg >= 0, ">= 0"), ("--top-k", args.top_k >= 0, ">= 0 (0 disables it)"),
-              ("--top-p", 0 <= args.top_p <= 1, "in [0, 1] (0 disables it)"),
-              ("--temperature", args.temperature > 0, "> 0"), ("--seed", args.seed >= 0, ">= 0"),
+              ("--cfg", args.cfg is None or args.cfg >= 0, ">= 0"),
+              ("--top-k", args.top_k is None or args.top_k >= 0, ">= 0 (0 disables it)"),
+              ("--top-p", args.top_p is None or 0 <= args.top_p <= 1, "in [0, 1] (0 disables it)"),
+              ("--temperature", args.temperature is None or min(np.atleast_1d(args.temperature)) > 0,
+               "> 0 (each value)"), ("--seed", args.seed >= 0, ">= 0"),
               ("--classes", args.classes is None or (len(args.classes) > 0 and min(args.classes) >= 0),
                "a non-empty list of class ids >= 0")]
     for flag, ok, rule in checks:
@@ -398,7 +500,10 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
 
 
 def _num_classes(spec: str) -> int:
-    """Number of classes of the model ``spec`` without building it (a zoo or bundled model: built on meta)."""
+    """Number of classes of the model ``spec``: a released model's 1000 ImageNet classes, a checkpoint's from its
+    class embedding, a bundled model's from the model."""
+    if spec.startswith("var-") or spec in _CODE_ZOO:
+        return 1000
     if "," in spec:
         from varcore.checkpoints import read_state_dict
 

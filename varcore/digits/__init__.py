@@ -119,26 +119,31 @@ class DigitsSampler:
     """Sampling with a bundled model (``name`` in :data:`BUNDLED`) through one interface.
 
     ``steps`` is the number of transformer forward passes per call (scales for VAR/CoDe, decoding steps for GPTs).
+    ``dtype`` is the VAR and CoDe samplers' compute dtype (``torch.float32``, ``torch.bfloat16``, ``torch.float16``
+    or ``"auto"``, see :class:`~varcore.sampling.var.VARSampler`); the GPTs sample in float32.
     """
 
-    def __init__(self, name: str, device: Union[str, torch.device] = "cpu", weights_root=None):
+    def __init__(self, name: str, device: Union[str, torch.device] = "cpu", weights_root=None,
+                 dtype: Union[str, torch.dtype] = torch.float32):
         self.name, self.info = name, _info(name)
         self.device = torch.device(device)
         self.modules = load_bundled(name, device=self.device, weights_root=weights_root)
         if self.info.family == "var":
             from varcore.sampling.var import VARSampler
 
-            self._sampler = VARSampler(self.modules.var, self.modules.vae)
+            self._sampler = VARSampler(self.modules.var, self.modules.vae, dtype=dtype)
             self.steps = len(self.modules.var.patch_nums)
         elif self.info.family == "code":
             from varcore.sampling.code import CoDeSampler
 
             m = self.modules
-            self._sampler = CoDeSampler(m.drafter, m.refiner, m.draft_steps, m.vae)
+            self._sampler = CoDeSampler(m.drafter, m.refiner, m.draft_steps, m.vae, dtype=dtype)
             self.steps = len(m.drafter.patch_nums)
         else:
             from varcore.sampling.par import PARSampler
 
+            if dtype not in (torch.float32, "auto"):
+                raise ValueError(f"dtype of a GPT model must be torch.float32 or 'auto' (float32), got {dtype}")
             self._sampler = PARSampler(self.modules.gpt, self.modules.vq)
             self.steps = self._sampler.steps
 

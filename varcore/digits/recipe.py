@@ -50,6 +50,8 @@ ARCHS: Dict[str, Dict] = {
                        num_classes=NUM_CLASSES, ar_token_num=1, spe_token_num=0, **_NO_DROPOUT),
     "classifier": dict(width=32, feature_dim=64),
 }
+# loaded frozen (the tokenizers, as the official loaders do, and the evaluation classifier); the rest trainable
+FROZEN_PARTS = ("vqvae", "vq", "classifier")
 
 
 def _check_part(part: str) -> None:
@@ -157,8 +159,9 @@ def _check_arch(part: str, path: Path, meta: Dict, vae: Optional[nn.Module]) -> 
 
 def load_weights(part: str, vae: Optional[nn.Module] = None, root: Optional[Union[str, Path]] = None,
                  device: Union[str, torch.device] = "cpu") -> nn.Module:
-    """Rebuild ``part`` from its weights file (architecture from the file's metadata) in eval mode, float32,
-    with gradients off."""
+    """Rebuild ``part`` from its weights file (architecture from the file's metadata) in eval mode, float32.
+    As with the official checkpoints' loaders, the tokenizers come frozen and the transformers trainable
+    (``requires_grad`` on, :data:`FROZEN_PARTS`), so a bundled model can be fine-tuned like a loaded one."""
     meta = read_metadata(part, root)
     path = weights_path(part, root)
     _check_arch(part, path, meta, vae)
@@ -172,4 +175,4 @@ def load_weights(part: str, vae: Optional[nn.Module] = None, root: Optional[Unio
     if nonfinite:
         raise ValueError(f"{path} holds NaN or inf in {nonfinite[:8]}: damaged weights; refusing to load them")
     model.load_state_dict(state, strict=True)
-    return model.to(device).eval().requires_grad_(False)
+    return model.to(device).eval().requires_grad_(part not in FROZEN_PARTS)

@@ -28,6 +28,7 @@ from varcore.models.code import CoDeResult, check_code_pair, check_draft_steps, 
 from varcore.models.var import VAR
 from varcore.models.vqvae import VQVAE
 from varcore.ops.attention import code_prefill_visible_end
+from varcore.sampling.auto_dtype import resolve_dtype
 from varcore.sampling.filters import check_cfg, check_images_finite, raise_if_nonfinite
 from varcore.sampling.var import ScaleOptions, StaticKVCache, VARSampler, _check_batch, _per_scale, _DTYPES
 
@@ -104,8 +105,9 @@ class CoDeSampler:
         check_code_pair(drafter, refiner)
         self.SN = len(drafter.patch_nums)
         self.draft_steps = check_draft_steps(draft_steps, self.SN)
+        dtype = resolve_dtype(dtype, drafter.lvl_1L.device)
         if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype}")
+            raise ValueError(f"dtype must be one of {_DTYPES} or 'auto', got {dtype}")
         vae = refiner.vae_proxy[0] if vae is None else vae
         kwargs = dict(dtype=dtype, compile=compile, decode_batch=decode_batch)
         self.drafter_stage = _DraftStage(drafter, vae, self.draft_steps, **kwargs)

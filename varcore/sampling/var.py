@@ -36,6 +36,7 @@ from varcore.models import basic_var
 from varcore.models.var import VAR
 from varcore.models.vqvae import VQVAE
 from varcore.ops import quant as quant_ops
+from varcore.sampling.auto_dtype import resolve_dtype
 from varcore.sampling.filters import (check_cfg, check_images_finite, nonfinite_rows, raise_if_nonfinite, temper,
                                       top_k_top_p_filter_)
 from varcore.sampling.rng import check_seed, seeded_generator
@@ -126,7 +127,9 @@ class VARSampler:
         var: the VAR model (put in eval mode for the duration of each call).
         vae: the VQVAE used to decode images (default: the VAR's own ``vae_proxy[0]``).
         dtype: compute dtype of the linear layers and the KV cache: ``torch.float32`` (exact: the official tokens),
-            ``torch.bfloat16`` or ``torch.float16`` (weights cast once here; the rest stays float32).
+            ``torch.bfloat16`` or ``torch.float16`` (weights cast once here; the rest stays float32), or ``"auto"``:
+            bfloat16 where a GEMM measured on the device runs faster in it, else float32
+            (:func:`varcore.sampling.auto_dtype.resolve_dtype`).
         compile: ``True`` (or a dict of ``torch.compile`` keyword arguments) compiles the per-scale step with
             ``torch.compile(fullgraph=True, dynamic=False)``; it is specialised per scale and batch size.
         decode_batch: decode at most this many images at once (None: the whole batch). The decoder's activations
@@ -145,8 +148,9 @@ class VARSampler:
         if not isinstance(vae, VQVAE):
             raise TypeError(f"vae must be a VQVAE or None, got {type(vae).__name__}")
         _check_vae_fits(var, vae)
+        dtype = resolve_dtype(dtype, var.lvl_1L.device)
         if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype}")
+            raise ValueError(f"dtype must be one of {_DTYPES} or 'auto', got {dtype}")
         if not isinstance(compile, (bool, dict)):
             raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {type(compile).__name__}")
         if decode_batch is not None:

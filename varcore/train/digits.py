@@ -13,7 +13,8 @@ need from the output directory):
 6. ``gpt-par`` and 7. ``gpt-raster``: the GPTs trained with :class:`varcore.train.gpt_trainer.GPTTrainer`.
 
 Every stage trains on the fixed train split with random shifts of up to one pixel, and writes
-``<stage>.safetensors`` (float16 weights, architecture and final metrics in the metadata).
+``<stage>.safetensors`` (float16 weights, architecture and final metrics in the metadata) into ``--out``
+(default ``./digits-weights``); only ``--into-package`` replaces the weights bundled in the installed package.
 """
 import argparse
 import dataclasses
@@ -30,11 +31,12 @@ from tqdm import tqdm
 
 from varcore.argtypes import out_dir_arg, positive_float, positive_int, seed_arg
 from varcore.digits.data import augment, load_digits
-from varcore.digits.recipe import ARCHS, WEIGHTS_DIR, build, load_weights, save_weights
+from varcore.digits.recipe import ARCHS, WEIGHTS_DIR, build, load_weights, save_weights, weights_path
 from varcore.train.var_trainer import backward_and_step
 
 __all__ = ["DigitsRecipe", "STAGES", "train_digits", "main"]
 
+DEFAULT_OUT = "digits-weights"
 STAGES = ("classifier", "vqvae", "var-drafter", "var-refiner", "vq", "gpt-par", "gpt-raster")
 
 
@@ -282,10 +284,18 @@ def _stage_generator(recipe: DigitsRecipe, stage: str) -> torch.Generator:
     return torch.Generator().manual_seed(recipe.seed * 1000 + 500 + offset)
 
 
+def _tokenizer(part: str, out_dir: Path):
+    if not weights_path(part, out_dir).is_file():
+        raise FileNotFoundError(f"the {part!r} tokenizer is not in {out_dir}: add the {part!r} stage to the parts, "
+                                f"or copy {weights_path(part)} (the bundled one) there first")
+    return load_weights(part, root=out_dir)
+
+
 def train_digits(recipe: Optional[DigitsRecipe] = None, out_dir=None, parts: Optional[Sequence[str]] = None,
                  progress: bool = True) -> Dict[str, Dict[str, float]]:
-    """Run the recipe (all stages, or ``parts``) and write the weights to ``out_dir`` (default: the package's
-    weights directory). Returns each stage's metrics (also stored in the weights' metadata)."""
+    """Run the recipe (all stages, or ``parts``) and write the weights to ``out_dir`` (required; pass
+    :data:`varcore.digits.recipe.WEIGHTS_DIR` to replace the bundled weights). A VAR or GPT stage reads its
+    tokenizer from ``out_dir``. Returns each stage's metrics (also stored in the weights' metadata)."""
     recipe = DigitsRecipe() if recipe is None else recipe
     if not isinstance(recipe, DigitsRecipe):
         raise TypeError(f"recipe must be a DigitsRecipe, got {type(recipe).__name__}")
@@ -293,7 +303,9 @@ def train_digits(recipe: Optional[DigitsRecipe] = None, out_dir=None, parts: Opt
     unknown = [p for p in parts if p not in STAGES]
     if unknown or not parts:
         raise ValueError(f"parts must be a non-empty subset of {STAGES}, got {parts}")
-    out_dir = Path(WEIGHTS_DIR if out_dir is None else out_dir)
+    if out_dir is None:
+        raise ValueError(f"out_dir is required (the bundled weights are replaced only when it is {WEIGHTS_DIR})")
+    out_dir = Path(out_dir)
     results: Dict[str, Dict[str, float]] = {}
     vae = vq = None
     for stage in STAGES:
@@ -308,12 +320,12 @@ def train_digits(recipe: Optional[DigitsRecipe] = None, out_dir=None, parts: Opt
         elif stage.startswith("var-"):
             # tokenizers are always read back from their (float16) files, also right after training them, so a
             # stage gives the same weights whether it runs alone or after the tokenizer's stage
-            vae = load_weights("vqvae", root=out_dir) if vae is None else vae
+            vae = _tokenizer("vqvae", out_dir) if vae is None else vae
             model, metrics = train_var(stage, vae, recipe, gen, progress)
         elif stage == "vq":
             model, metrics = train_vq(recipe, gen, progress)
         else:
-            vq = load_weights("vq", root=out_dir) if vq is None else vq
+            vq = _tokenizer("vq", out_dir) if vq is None else vq
             model, metrics = train_gpt(stage, vq, recipe, gen, progress)
         metrics = {**metrics, "seconds": round(time.perf_counter() - t0, 1), "seed": recipe.seed,
                    "recipe": dataclasses.asdict(recipe)}
@@ -331,8 +343,12 @@ def build_arg_parser(prog: str = "python -m varcore.train.digits") -> argparse.A
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     defaults = DigitsRecipe()
-    p.add_argument("--out", type=out_dir_arg, default=None,
-                   help=f"output directory (default: the package's {WEIGHTS_DIR})")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", type=out_dir_arg, default=DEFAULT_OUT,
+                       help=f"output directory (default: ./{DEFAULT_OUT}; load it with "
+                            f"varcore.digits.load_bundled(name, weights_root=DIR))")
+    where.add_argument("--into-package", action="store_true",
+                       help=f"replace the bundled weights in the installed package ({WEIGHTS_DIR})")
     p.add_argument("--parts", nargs="+", choices=STAGES, default=None, metavar="STAGE",
                    help=f"stages to run (default: all): {', '.join(STAGES)}")
     p.add_argument("--seed", type=seed_arg, default=defaults.seed)
@@ -356,7 +372,8 @@ def recipe_from_args(args: argparse.Namespace) -> DigitsRecipe:
 
 
 def run(args: argparse.Namespace) -> int:
-    results = train_digits(recipe_from_args(args), out_dir=args.out, parts=args.parts,
+    out = WEIGHTS_DIR if args.into_package else args.out
+    results = train_digits(recipe_from_args(args), out_dir=out, parts=args.parts,
                            progress=not args.no_progress)
     for stage, metrics in results.items():
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))

@@ -39,7 +39,11 @@ MAX_LOSS_SCALE = 2.0 ** 15  # the official fp16 loss-scale cap
 def make_optimizer(model: torch.nn.Module, config: "TrainConfig", device: torch.device):
     """AdamW over the official parameter groups (weight decay set per step by :func:`apply_schedule`), the autocast
     dtype, and a loss scaler for fp16 (None otherwise)."""
-    optimizer = torch.optim.AdamW(param_groups(model), lr=config.lr, betas=config.betas, weight_decay=0.0,
+    groups = param_groups(model)
+    if not groups:
+        raise ValueError(f"the {type(model).__name__} has no parameter with requires_grad=True, nothing to train; "
+                         f"call model.requires_grad_(True) first")
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=0.0,
                                   fused=device.type == "cuda")
     scaler = (torch.amp.GradScaler(device.type, init_scale=2.0 ** 11, growth_interval=1000)
               if config.amp == "fp16" else None)
