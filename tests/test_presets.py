@@ -96,7 +96,7 @@ def test_flags_win_over_the_preset(monkeypatch, tmp_path):
     (["--out", "x"], "--model and --per-class are required"),
     (["--preset", "nope", "--out", "x"], "preset must be one of"),
     (["--preset", "code-8", "--temperature", "1.1,a", "--out", "x"], "--temperature"),
-    (["--preset", "code-8", "--temperature", "1.1,0", "--out", "x"], "--temperature must be > 0"),
+    (["--preset", "code-8", "--temperature", "1.1,0", "--out", "x"], "--temperature: '0': a number > 0"),
 ])
 def test_bad_preset_arguments(argv, match, capsys):
     with pytest.raises(SystemExit):
