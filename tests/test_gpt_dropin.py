@@ -208,3 +208,28 @@ def test_llamagen_short_and_builders():
     par = Transformer(ModelArgs(dim=32, n_layer=1, n_head=2, vocab_size=16, block_size=16, num_classes=4))
     with pytest.raises(ValueError, match="raster"):
         llamagen.generate(par, torch.tensor([1]), 16)
+
+
+# ---------------------------------------------------------------------------------------------- half precision
+# Facts: the official PAR generate with the golden model cast by .to(dtype) (as sample_c2i.py --precision bf16/fp16
+# does), after torch.manual_seed(seed); and official LlamaGen generate on the _fill(100) raster model in bfloat16.
+HALF = {
+    ("bfloat16", 0): (dict(cfg_scale=2.0), [[29, 6, 52, 52, 12, 51, 0, 16, 52, 29, 3, 12, 2, 43, 0, 25, 16, 21, 2, 25, 0, 21, 7, 28, 16, 9, 48, 32, 5, 55, 27, 16, 10, 40, 0, 2, 5, 20, 57, 11, 16, 43, 47, 38, 37, 56, 45, 6, 0, 47, 16, 26, 48, 28, 2, 40, 43, 0, 33, 39, 20, 16, 2, 2], [29, 59, 56, 16, 51, 36, 10, 44, 10, 41, 56, 43, 45, 7, 27, 12, 10, 49, 15, 60, 36, 38, 60, 60, 40, 59, 57, 25, 16, 40, 49, 56, 59, 16, 6, 61, 27, 60, 43, 13, 2, 38, 36, 24, 15, 16, 10, 25, 15, 36, 44, 31, 28, 15, 15, 60, 24, 17, 10, 2, 32, 22, 7, 27]]),
+    ("float16", 5): (dict(cfg_scale=1.0, top_k=10, temperature=0.9), [[63, 3, 3, 60, 0, 61, 3, 3, 59, 44, 39, 3, 43, 45, 36, 7, 0, 0, 16, 36, 43, 3, 36, 16, 0, 9, 16, 7, 49, 16, 7, 39, 61, 16, 0, 8, 2, 16, 27, 9, 63, 3, 16, 61, 30, 59, 3, 44, 59, 61, 16, 36, 36, 9, 7, 3, 0, 59, 32, 31, 0, 46, 7, 8], [16, 15, 35, 2, 16, 63, 61, 2, 16, 26, 43, 12, 32, 36, 21, 59, 7, 45, 45, 19, 39, 33, 35, 18, 0, 2, 45, 40, 45, 43, 10, 2, 29, 44, 30, 43, 43, 43, 10, 39, 32, 32, 48, 20, 63, 7, 2, 0, 57, 15, 43, 8, 26, 61, 29, 20, 26, 10, 15, 6, 54, 25, 61, 20]]),
+    ("bfloat16", 1): (dict(cfg_scale=1.5, top_p=0.9, cfg_interval=8), [[15, 61, 0, 59, 43, 9, 0, 2, 25, 56, 45, 9, 2, 48, 34, 27, 16, 37, 32, 9, 48, 0, 28, 35, 21, 20, 1, 37, 14, 16, 27, 7, 8, 0, 28, 37, 15, 23, 59, 31, 3, 52, 15, 6, 3, 20, 43, 7, 0, 35, 25, 44, 30, 30, 18, 32, 61, 35, 48, 38, 6, 56, 25, 39], [16, 2, 62, 62, 14, 45, 40, 30, 0, 27, 49, 29, 9, 12, 8, 2, 31, 45, 14, 7, 32, 35, 6, 61, 6, 12, 33, 31, 18, 7, 0, 13, 6, 39, 52, 62, 44, 39, 10, 43, 45, 15, 57, 9, 43, 1, 25, 61, 41, 3, 15, 59, 31, 37, 34, 7, 15, 43, 30, 43, 28, 43, 27, 26]]),
+}
+LLAMAGEN_BF16 = [[0, 0, 2, 13, 5, 2, 7, 0, 2, 10, 5, 2, 3, 7, 6, 14], [15, 14, 5, 4, 13, 15, 3, 6, 5, 14, 1, 9, 10, 14, 10, 15]]
+
+
+@pytest.mark.parametrize("dtype, seed", sorted(HALF))
+def test_half_precision_tokens_equal_the_official(golden, dtype, seed):
+    state, expected = golden
+    model = _par(state).to(dtype=getattr(torch, dtype))
+    kw, official = HALF[(dtype, seed)]
+    assert _gen(model, expected["labels"], 64, seed, **kw).tolist() == official
+
+
+def test_llamagen_bfloat16_tokens_equal_the_official():
+    model = _llamagen().to(torch.bfloat16)
+    torch.manual_seed(3)
+    assert llamagen.generate(model, torch.tensor([1, 3]), 16, cfg_scale=1.5).tolist() == LLAMAGEN_BF16

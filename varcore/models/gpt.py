@@ -232,21 +232,35 @@ class Attention(nn.Module):
 
     def forward(self, x, freqs_cis, visible_end=None, cache_start: Optional[int] = None, cache_end: int = 0):
         """``visible_end`` masks a full sequence; with ``cache_start`` the tokens sit at positions
-        [cache_start, cache_start + S) of the KV cache and attend to its prefix [0, cache_end)."""
+        [cache_start, cache_start + S) of the KV cache and attend to its prefix [0, cache_end) (or, with
+        ``visible_end``, query i to [0, visible_end[i])).
+
+        In bfloat16/float16 (a model cast with ``.to(dtype)`` or run under autocast) the attention is the official
+        call: ``scaled_dot_product_attention`` with a boolean (B, 1, S, keys) mask, over the whole KV cache in cached
+        steps. Its half-precision kernels round differently for another key length or without a mask, so this keeps
+        the tokens equal to the official ones; float32 results do not depend on it and take the shorter path.
+        """
         B, S, _ = x.shape
         kv = self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([self.dim, kv, kv], dim=-1)
         q = apply_rotary_emb(q.view(B, S, self.n_head, self.head_dim), freqs_cis).transpose(1, 2)
         k = apply_rotary_emb(k.view(B, S, self.n_kv_head, self.head_dim), freqs_cis).transpose(1, 2)
         v = v.view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
+        official_form = q.dtype in (torch.bfloat16, torch.float16)
         if cache_start is not None:
             k, v = self.kv_cache.update(cache_start, k, v, cache_end)
+            if official_form:
+                k, v = self.kv_cache.k, self.kv_cache.v
+                if visible_end is None:
+                    visible_end = torch.full((S,), cache_end, device=x.device)
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        if self.training and self.attn_dropout_p > 0:
-            mask = None if visible_end is None else torch.arange(k.shape[2], device=x.device) < visible_end[:, None]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_dropout_p)
+        dropout = self.attn_dropout_p if self.training else 0.0
+        if dropout > 0 or official_form:
+            mask = None if visible_end is None else \
+                (torch.arange(k.shape[2], device=x.device) < visible_end[:, None]).repeat(B, 1, 1, 1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         else:
             out = attention(q, k, v, visible_end)
         return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, S, self.dim)))

@@ -28,10 +28,12 @@ for raster and PAR alike. ``draw=`` picks the draw independently of the mode: ``
 follows the official RNG stream, so its tokens equal the parity mode's except after a near-tie.
 """
 import math
+from contextlib import nullcontext
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from varcore.models.gpt import Transformer, unwrap_compiled
@@ -211,6 +213,7 @@ class PARSampler:
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         labels = self._labels(labels)
         B, cfg = labels.shape[0], cfg_scale > 1.0
+        half = model.tok_embeddings.weight.dtype in (torch.bfloat16, torch.float16)
         draw = dict(temperature=temperature, top_k=top_k, top_p=top_p, sample_logits=sample_logits,
                     generator=generator)
 
@@ -219,7 +222,10 @@ class PARSampler:
             h = torch.cat([h, h]) if cfg and h.shape[0] == B else h
             if self.decoder is not None:
                 return self._draw(self.decoder.step(h, start, cfg_scale, guided), **draw)
-            logits = model.forward_cached(h, start)
+            # the official decoding steps (not the prefill) run under sdp_kernel(math only); in half precision
+            # the math kernel rounds differently from the default CPU kernel (float32 attention is our own)
+            with sdpa_kernel(SDPBackend.MATH) if start > 0 and half else nullcontext():
+                logits = model.forward_cached(h, start)
             if cfg:
                 cond, uncond = logits.chunk(2)
                 logits = uncond + (cond - uncond) * cfg_scale if guided else cond
