@@ -1,4 +1,5 @@
 """CoDe: golden parity with czg1225/CoDe, drop-in vs fast sampler, RNG modes, pair checks, memory, checkpoints."""
+import inspect
 import json
 import sys
 import weakref
@@ -9,7 +10,7 @@ from conftest import load_expected
 
 import varcore
 import varcore.checkpoints as ck
-from varcore.models import PATCH_NUMS, VAR, VQVAE, build_vae_var
+from varcore.models import PATCH_NUMS, VAR, VQVAE, build_vae_var, build_vae_var_ctf
 from varcore.models.code import collaborative_infer_cfg, exit_points
 from varcore.sampling import code as code_mod
 from varcore.sampling.code import CoDeSampler
@@ -85,6 +86,73 @@ def test_golden_official_method_names(golden):
                                                   temp=temp, **kw)
     torch.testing.assert_close(img, expected["run0_img"], atol=IMG_ATOL, rtol=0)
     torch.testing.assert_close(f_hat, expected["run0_draft_fhat"], atol=IMG_ATOL, rtol=0)  # not modified
+
+
+# ---------------------------------------------------------------------------------------------- build_vae_var_ctf
+# Facts from czg1225/CoDe models/__init__.py: the parameters in this order with these defaults; one VQVAE
+# (test mode) and two VARs on it, each of width 64 * depth, depth heads, drop-path 0.1 * depth / 24, class dropout
+# 0.1; returns (vae, drafter, refiner). CoDe's scripts call it with keywords only.
+CTF_SIGNATURE = [
+    ("device", inspect.Parameter.empty), ("patch_nums", (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)), ("V", 4096),
+    ("Cvae", 32), ("ch", 160), ("share_quant_resi", 4), ("num_classes", 1000), ("depth_draft", 16),
+    ("depth_refine", 30), ("shared_aln", False), ("attn_l2_norm", True), ("flash_if_available", True),
+    ("fused_if_available", True), ("init_adaln", 0.5), ("init_adaln_gamma", 1e-5), ("init_head", 0.02),
+    ("init_std", -1),
+]
+
+
+def test_build_vae_var_ctf_signature():
+    params = inspect.signature(build_vae_var_ctf).parameters
+    assert [(n, p.default) for n, p in params.items()] == CTF_SIGNATURE
+    assert varcore.build_vae_var_ctf is build_vae_var_ctf
+
+
+def test_build_vae_var_ctf_defaults_on_meta():
+    vae, drafter, refiner = build_vae_var_ctf("meta")
+    assert (drafter.depth, drafter.C, drafter.num_heads) == (16, 1024, 16)
+    assert (refiner.depth, refiner.C, refiner.num_heads) == (30, 1920, 30)
+    assert vae.vocab_size == 4096 and vae.Cvae == 32 and drafter.patch_nums == PATCH_NUMS[256]
+
+
+def test_build_vae_var_ctf_golden_pair(golden, golden_dir):
+    """CoDe's scripts' call on the golden config: one VAE shared by both, official architecture, the golden
+    weights load strictly and give the golden tokens and images through the official method names."""
+    _, _, cfg, expected = golden
+    folder_args = dict(V=cfg["V"], Cvae=cfg["Cvae"], ch=cfg["ch"], share_quant_resi=4, device="cpu",
+                       patch_nums=tuple(cfg["patch_nums"]), num_classes=cfg["num_classes"],
+                       depth_draft=cfg["draft"]["depth"], depth_refine=cfg["refine"]["depth"], shared_aln=False)
+    vae, drafter, refiner = build_vae_var_ctf(**folder_args)
+    assert drafter.vae_proxy[0] is vae and refiner.vae_proxy[0] is vae
+    assert not vae.training and not any(p.requires_grad for p in vae.parameters())
+    for model, role in ((drafter, "draft"), (refiner, "refine")):
+        depth = cfg[role]["depth"]
+        assert (model.depth, model.C, model.num_heads) == (depth, cfg[role]["width"], cfg[role]["heads"])
+        assert model.drop_path_rate == pytest.approx(0.1 * depth / 24) and model.cond_drop_rate == 0.1
+        assert model.num_classes == cfg["num_classes"]
+    folder = golden_dir / "code-small"
+    vae.load_state_dict(torch.load(folder / "vae.pth", weights_only=True), strict=True)
+    drafter.load_state_dict(torch.load(folder / "drafter.pth", weights_only=True), strict=True)
+    refiner.load_state_dict(torch.load(folder / "refiner.pth", weights_only=True), strict=True)
+    vae.eval(), drafter.eval(), refiner.eval()
+    N, kw = _golden_args(cfg)
+    labels, temp = expected["labels"], cfg["runs"][0]["temp"]
+    with torch.inference_mode():
+        f_hat, hub = drafter.autoregressive_infer_cfg_draft(B=len(labels), label_B=labels, more_smooth=False,
+                                                            exit_num=N, temp=temp, **kw)
+        img = refiner.autoregressive_infer_cfg_refine(B=len(labels), label_B=labels, more_smooth=False, draft=hub,
+                                                      f_hat=f_hat, entry_num=N, temp=temp, **kw)
+    torch.testing.assert_close(hub, expected["run0_token_hub"], atol=IMG_ATOL, rtol=0)
+    torch.testing.assert_close(img, expected["run0_img"], atol=IMG_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(depth_draft=0), ValueError, "depth_draft"),
+    (dict(depth_refine=2.0), TypeError, "depth_refine"),
+    (dict(depth_draft=True), TypeError, "depth_draft"),
+])
+def test_build_vae_var_ctf_bad_depths(kw, err, match):
+    with pytest.raises(err, match=match):
+        build_vae_var_ctf("meta", **kw)
 
 
 # ---------------------------------------------------------------------------------------------- random pairs

@@ -306,8 +306,8 @@ def test_trainer_checkpoint_round_trip(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- bad arguments
 @pytest.mark.parametrize("kwargs,exc,name", [
-    (dict(ar_token_num=3, spe_token_num=2), ValueError, "ar_token_num"),
-    (dict(spe_token_num=2), ValueError, "spe_token_num"),
+    (dict(ar_token_num=32, spe_token_num=31), ValueError, "ar_token_num"),
+    (dict(spe_token_num=-1), ValueError, "spe_token_num"),
     (dict(block_size=15), ValueError, "block_size"),
     (dict(model_type="t2i"), ValueError, "model_type"),
     (dict(cls_token_num=120), ValueError, "cls_token_num"),
@@ -343,7 +343,7 @@ def test_bad_sampler_arguments():
         sampler.sample([1])
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, torch.tensor([1]), 15)
-    with pytest.raises(ValueError, match="ar_token_num"):
+    with pytest.raises(ValueError, match="spe_token_num"):
         generate(model, torch.tensor([1]), 16, ar_token_num=16, spe_token_num=15)
     with pytest.raises(TypeError, match="idx"):
         model(idx=torch.zeros(1, 15), cond_idx=torch.tensor([1]))

@@ -15,6 +15,7 @@ _LAZY = {
     "VQVAE": ("varcore.models.vqvae", "VQVAE"),
     "VAR": ("varcore.models.var", "VAR"),
     "build_vae_var": ("varcore.models", "build_vae_var"),
+    "build_vae_var_ctf": ("varcore.models", "build_vae_var_ctf"),
     "load_vae": ("varcore.checkpoints", "load_vae"),
     "load_var": ("varcore.checkpoints", "load_var"),
     "from_pretrained": ("varcore.checkpoints", "from_pretrained"),

@@ -19,8 +19,14 @@ Differences from the official code, all deliberate:
 * KV caches are plain tensors outside the module tree, so ``state_dict()`` never holds them, and cached steps attend
   over the filled prefix of the cache only (the official code attends over the whole cache with a mask).
 * Only ``model_type='c2i'`` is implemented; ``cls_token_num`` must be 1 (as for every released c2i model).
+
+Layouts the official code builds but that are inconsistent (``ar_token_num`` not a square M*M, or
+``spe_token_num != ar_token_num - 1``, e.g. the default ``--ar-token-num 24`` of PAR's demo ``sample_c2i.py``) are
+built as the official code builds them (RoPE laid out for ``M = isqrt(ar_token_num)``, the first ``ar_token_num``
+positions causal, then groups of ``spe_token_num + 1``), with a warning.
 """
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -28,11 +34,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from varcore.ops.attention import attend, par_visible_end
+from varcore.ops.attention import attend, group_visible_end
 from varcore.ops.par_order import par_permutation
 
 __all__ = ["ModelArgs", "Transformer", "GPT_models", "GPT_CONFIGS", "generate", "find_multiple",
-           "precompute_freqs_cis_2d", "apply_rotary_emb", "attention"]
+           "precompute_freqs_cis_2d", "apply_rotary_emb", "attention", "unwrap_compiled"]
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -95,14 +101,19 @@ class ModelArgs:
         G = math.isqrt(self.block_size)
         if G * G != self.block_size:
             raise ValueError(f"block_size must be a square grid G*G, got {self.block_size}")
+        if isinstance(self.spe_token_num, bool) or not isinstance(self.spe_token_num, int) or self.spe_token_num < 0:
+            raise ValueError(f"spe_token_num must be an int >= 0, got {self.spe_token_num!r}")
+        if self.ar_token_num > self.block_size:
+            raise ValueError(f"ar_token_num must be <= block_size={self.block_size}, got {self.ar_token_num}")
         M = math.isqrt(self.ar_token_num)
-        if M * M != self.ar_token_num:
-            raise ValueError(f"ar_token_num must be a square M*M (tokens per parallel step), got {self.ar_token_num}")
         if G % M:
             raise ValueError(f"the grid side {G} must be a multiple of M={M} (ar_token_num={self.ar_token_num})")
-        if self.spe_token_num != self.ar_token_num - 1:
-            raise ValueError(f"spe_token_num must be ar_token_num - 1 = {self.ar_token_num - 1}, "
-                             f"got {self.spe_token_num}")
+        if M * M != self.ar_token_num or self.spe_token_num != self.ar_token_num - 1:
+            warnings.warn(
+                f"ar_token_num={self.ar_token_num}, spe_token_num={self.spe_token_num} is not a PAR layout (M*M "
+                f"tokens per step, M*M - 1 transition tokens); built as the official code builds it (RoPE for "
+                f"M={M}, {self.ar_token_num} causal positions, then groups of {self.spe_token_num + 1}), which no "
+                f"released model uses: the official results with it are dubious", stacklevel=3)
 
     @property
     def grid(self) -> int:
@@ -110,6 +121,7 @@ class ModelArgs:
 
     @property
     def M(self) -> int:
+        """Regions per side of the RoPE layout: ``isqrt(ar_token_num)`` (official ``int(ar_token_num ** 0.5)``)."""
         return math.isqrt(self.ar_token_num)
 
     @property
@@ -220,21 +232,35 @@ class Attention(nn.Module):
 
     def forward(self, x, freqs_cis, visible_end=None, cache_start: Optional[int] = None, cache_end: int = 0):
         """``visible_end`` masks a full sequence; with ``cache_start`` the tokens sit at positions
-        [cache_start, cache_start + S) of the KV cache and attend to its prefix [0, cache_end)."""
+        [cache_start, cache_start + S) of the KV cache and attend to its prefix [0, cache_end) (or, with
+        ``visible_end``, query i to [0, visible_end[i])).
+
+        In bfloat16/float16 (a model cast with ``.to(dtype)`` or run under autocast) the attention is the official
+        call: ``scaled_dot_product_attention`` with a boolean (B, 1, S, keys) mask, over the whole KV cache in cached
+        steps. Its half-precision kernels round differently for another key length or without a mask, so this keeps
+        the tokens equal to the official ones; float32 results do not depend on it and take the shorter path.
+        """
         B, S, _ = x.shape
         kv = self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([self.dim, kv, kv], dim=-1)
         q = apply_rotary_emb(q.view(B, S, self.n_head, self.head_dim), freqs_cis).transpose(1, 2)
         k = apply_rotary_emb(k.view(B, S, self.n_kv_head, self.head_dim), freqs_cis).transpose(1, 2)
         v = v.view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
+        official_form = q.dtype in (torch.bfloat16, torch.float16)
         if cache_start is not None:
             k, v = self.kv_cache.update(cache_start, k, v, cache_end)
+            if official_form:
+                k, v = self.kv_cache.k, self.kv_cache.v
+                if visible_end is None:
+                    visible_end = torch.full((S,), cache_end, device=x.device)
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        if self.training and self.attn_dropout_p > 0:
-            mask = None if visible_end is None else torch.arange(k.shape[2], device=x.device) < visible_end[:, None]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_dropout_p)
+        dropout = self.attn_dropout_p if self.training else 0.0
+        if dropout > 0 or official_form:
+            mask = None if visible_end is None else \
+                (torch.arange(k.shape[2], device=x.device) < visible_end[:, None]).repeat(B, 1, 1, 1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         else:
             out = attention(q, k, v, visible_end)
         return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, S, self.dim)))
@@ -376,11 +402,16 @@ class Transformer(nn.Module):
         h = self.tok_dropout(self.teacher_forcing_embeddings(idx, cond_idx))
         S = h.shape[1]
         freqs = self._rope(0, S, h.device)
-        visible_end = par_visible_end(S, self.M, device=h.device)
+        visible_end = self.visible_end(S, device=h.device)
         for layer in self.layers:
             h = layer(h, freqs, visible_end)
         # the last M*M - 1 outputs would predict tokens past the grid: keep len(idx) + 1
         return self._head(h)[:, :idx.shape[1] + 1]
+
+    def visible_end(self, seq_len: int, device=None) -> torch.Tensor:
+        """The official group-causal mask over ``seq_len`` positions as "position p sees [0, visible_end[p])":
+        causal over the first ``ar_token_num`` positions, then groups of ``spe_token_num + 1``."""
+        return group_visible_end(seq_len, self.ar_token_num, self.spe_token_num + 1, device=device)
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype: torch.dtype) -> None:
         """Allocate static KV caches for ``max_batch_size`` rows (2B under CFG) and ``max_seq_length`` positions
@@ -394,7 +425,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             att = layer.attention
             att.kv_cache = KVCache(max_batch_size, self.max_seq_length, att.n_kv_head, att.head_dim, dtype, device)
-        self._visible_end = par_visible_end(self.max_seq_length, self.M).tolist()
+        self._visible_end = self.visible_end(self.max_seq_length).tolist()
         self._start = False
 
     def clear_caches(self) -> None:
@@ -488,11 +519,11 @@ GPT_CONFIGS = {  # name: (n_layer, n_head, dim)
 }
 
 
-def _builder(name: str):
+def _builder(name: str, args_class=ModelArgs):
     n_layer, n_head, dim = GPT_CONFIGS[name]
 
     def build(**kwargs) -> Transformer:
-        return Transformer(ModelArgs(n_layer=n_layer, n_head=n_head, dim=dim, **kwargs))
+        return Transformer(args_class(n_layer=n_layer, n_head=n_head, dim=dim, **kwargs))
 
     build.__name__ = name.replace("-", "_")
     build.__doc__ = f"{name}: {n_layer} layers, {n_head} heads, width {dim}; keyword arguments go to ModelArgs."
@@ -503,26 +534,63 @@ GPT_models = {name: _builder(name) for name in GPT_CONFIGS}
 GPT_B, GPT_L, GPT_XL, GPT_XXL, GPT_XXXL, GPT_1B, GPT_3B, GPT_7B = GPT_models.values()
 
 
+def unwrap_compiled(model):
+    """The module under a ``torch.compile`` wrapper (``OptimizedModule._orig_mod``), else ``model`` itself."""
+    return getattr(model, "_orig_mod", model) if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) \
+        else model
+
+
 def generate(model: Transformer, cond: torch.Tensor, max_new_tokens: int, emb_masks=None, cfg_scale: float = 1.0,
              cfg_interval: float = -1, ar_token_num: int = 4, spe_token_num: int = 3, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, sample_logits: bool = True) -> torch.Tensor:
     """PAR's ``generate`` (official signature): int32 tokens (B, max_new_tokens) in PAR order.
 
     Draws from the global RNG exactly as the official code does, so ``torch.manual_seed(s)`` before the call gives
-    the official tokens. ``ar_token_num=1, spe_token_num=0`` is LlamaGen's raster decoding. ``emb_masks`` belongs
-    to text-conditional models and must be None.
+    the official tokens. What the official function accepts is accepted:
+
+    * ``max_new_tokens`` below the block size returns the first ``max_new_tokens`` tokens of the sequence
+      (``ar_token_num`` plus whole parallel steps of ``spe_token_num + 1``; other counts fail officially and raise
+      a ValueError here).
+    * a ``torch.compile``'d model runs through its original module (varcore's decoding has its own kernels; the
+      official compiled run may differ from its eager run by the compiler's rounding).
+    * ``ar_token_num``/``spe_token_num`` are the decoding layout, independent of the model's, as official: the
+      official demo ``sample_c2i.py`` builds ``ar_token_num=24`` models and decodes with these defaults (4, 3).
+      A layout other than the model's runs as official, with a warning (the result is dubious);
+      ``spe_token_num`` must be the model's (otherwise the official transition step fails).
+    * ``top_k`` above the vocabulary keeps everything and ``top_k <= 0`` disables it, as official.
+
+    On a raster model (LlamaGen: ``ar_token_num=1, spe_token_num=0``, no transition tokens) the defaults (4, 3),
+    which the official PAR function cannot run there, mean LlamaGen's raster decoding; LlamaGen's own
+    ``generate`` is :func:`varcore.models.llamagen.generate`. ``emb_masks`` belongs to text-conditional models and
+    must be None.
     """
-    from varcore.sampling.par import PARSampler  # the sampler imports this module
+    from varcore.sampling.par import PARSampler, check_num_tokens  # the sampler imports this module
 
     if emb_masks is not None:
         raise ValueError("emb_masks is for text-conditional models; only class-conditional models are supported")
+    model = unwrap_compiled(model)
     if not isinstance(model, Transformer):
         raise TypeError(f"model must be a varcore.models.gpt.Transformer, got {type(model).__name__}")
-    if (ar_token_num, spe_token_num) != (model.ar_token_num, model.spe_token_num):
-        raise ValueError(f"ar_token_num={ar_token_num}, spe_token_num={spe_token_num} do not match the model's "
-                         f"({model.ar_token_num}, {model.spe_token_num})")
-    if max_new_tokens != model.block_size:
-        raise ValueError(f"max_new_tokens must be the model's block_size {model.block_size}, got {max_new_tokens}")
+    for name, value in (("max_new_tokens", max_new_tokens), ("ar_token_num", ar_token_num),
+                        ("spe_token_num", spe_token_num), ("top_k", top_k)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    raster_model = (model.ar_token_num, model.spe_token_num) == (1, 0)
+    if raster_model and (ar_token_num, spe_token_num) == (4, 3):
+        ar_token_num, spe_token_num = 1, 0
+    if spe_token_num != model.spe_token_num:
+        raise ValueError(f"spe_token_num={spe_token_num} must be the model's {model.spe_token_num} (the transition "
+                         f"step feeds the model's transition tokens)")
+    if not 1 <= ar_token_num <= model.block_size:
+        raise ValueError(f"ar_token_num must be in [1, {model.block_size}], got {ar_token_num}")
+    if ar_token_num != model.ar_token_num:
+        warnings.warn(f"generate decodes with ar_token_num={ar_token_num} a model built for ar_token_num="
+                      f"{model.ar_token_num} (as the official code does, e.g. PAR's demo sample_c2i.py with its "
+                      f"defaults): the steps do not follow the model's layout and the official result is dubious; "
+                      f"pass ar_token_num={model.ar_token_num}, spe_token_num={model.spe_token_num}", stacklevel=2)
+    check_num_tokens(max_new_tokens, model.block_size, ar_token_num, spe_token_num + 1, "max_new_tokens")
+    top_k = min(max(top_k, 0), model.vocab_size)
     return PARSampler(model).sample_tokens(cond, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
                                            temperature=temperature, top_k=top_k, top_p=top_p,
-                                           sample_logits=sample_logits, order="par").to(torch.int32)
+                                           sample_logits=sample_logits, order="par", num_tokens=max_new_tokens,
+                                           steps=(ar_token_num, spe_token_num + 1)).to(torch.int32)

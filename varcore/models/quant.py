@@ -116,6 +116,10 @@ class VectorQuantizer2(nn.Module):
     identity phis), ``share_quant_resi`` 0 (one phi per scale), 1 (one phi) or K>1 (K partially shared phis).
 
     Keys: ``embedding.weight`` (V, Cvae), ``ema_vocab_hit_SV`` (SN, V) and ``quant_resi.*``.
+
+    ``prog_si`` (official attribute, -1 by default) is set by progressive training: with ``prog_si = p >= 0``
+    :meth:`f_to_idxBl_or_fhat` (hence ``VQVAE.img_to_idxBl``) returns the first ``p + 1`` scales only and
+    :meth:`idxBl_to_var_input` the inputs of scales ``1..p`` (None when ``p == 0``), as the official code does.
     """
 
     def __init__(
@@ -154,6 +158,7 @@ class VectorQuantizer2(nn.Module):
         # Codebook-usage statistics (only updated in VAE training); persistent, so it is in every checkpoint.
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(v_patch_nums), vocab_size))
         self.record_hit = 0
+        self.prog_si = -1  # progressive training: scales 0..prog_si only (-1: all)
         self.beta = beta
         self.embedding = nn.Embedding(vocab_size, Cvae)
 
@@ -234,17 +239,29 @@ class VectorQuantizer2(nn.Module):
         """Quantise encoder features: per scale the (B, ph*pw) indices, or the accumulated f_hat when ``to_fhat``.
 
         ``v_patch_nums`` (ints or (h, w) pairs) overrides the quantiser's own schedule; its last entry must match
-        the feature size. See :func:`varcore.ops.quant.f_to_idxBl_or_fhat`.
+        the feature size. See :func:`varcore.ops.quant.f_to_idxBl_or_fhat`. With ``prog_si >= 0`` only the first
+        ``prog_si + 1`` entries are returned (later scales do not change earlier ones, so they are the same).
         """
         patch_nums = tuple(v_patch_nums or self.v_patch_nums)
-        return quant_ops.f_to_idxBl_or_fhat(f_BChw, self.embedding.weight, self.phis_for(len(patch_nums)),
-                                            patch_nums, to_fhat=to_fhat, using_znorm=self.using_znorm)
+        out = quant_ops.f_to_idxBl_or_fhat(f_BChw, self.embedding.weight, self.phis_for(len(patch_nums)),
+                                           patch_nums, to_fhat=to_fhat, using_znorm=self.using_znorm)
+        prog_si = self._checked_prog_si()
+        return out if prog_si < 0 else out[:prog_si + 1]
 
     def idxBl_to_var_input(self, gt_ms_idx_Bl: List[torch.Tensor]) -> Optional[torch.Tensor]:
-        """VAR's teacher-forcing input (B, L - pn0^2, Cvae) in float32 from ground-truth indices."""
+        """VAR's teacher-forcing input (B, L - pn0^2, Cvae) in float32 from ground-truth indices; with
+        ``prog_si = p >= 0`` the inputs of scales 1..p, (B, sum of pn^2 over scales 1..p, Cvae), from
+        ``gt_ms_idx_Bl[:p]`` (None when ``p == 0``, as official)."""
         SN = len(self.v_patch_nums)
+        prog_si = self._checked_prog_si()
         return quant_ops.idxBl_to_var_input(gt_ms_idx_Bl, self.embedding.weight, self.phis_for(SN),
-                                            self.v_patch_nums)
+                                            self.v_patch_nums, num_steps=SN - 1 if prog_si < 0 else prog_si)
+
+    def _checked_prog_si(self) -> int:
+        prog_si, SN = self.prog_si, len(self.v_patch_nums)
+        if isinstance(prog_si, bool) or not isinstance(prog_si, int) or not -1 <= prog_si <= SN - 1:
+            raise ValueError(f"prog_si must be an int in [-1, {SN - 1}], got {prog_si!r}")
+        return prog_si
 
     def idxBl_to_fhat(self, ms_idx_Bl: List[torch.Tensor]) -> torch.Tensor:
         """The final f_hat (B, Cvae, H, H) of a token pyramid (one (B, pn^2) tensor per scale): the last partial sum

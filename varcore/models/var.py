@@ -117,6 +117,7 @@ class VAR(nn.Module):
             self.begin_ends.append((cur, cur + pn * pn))
             cur += pn * pn
         self.num_stages_minus_1 = len(patch_nums) - 1
+        self.prog_si = -1  # progressive training: forward on scales 0..prog_si only (-1: all)
         # Sampling generator; re-created on the model's device when the model has moved (see _sampling_rng).
         self.rng = torch.Generator()
 
@@ -177,10 +178,26 @@ class VAR(nn.Module):
         embeddings and the logits are float32. ``mask_l`` (CoDe's argument; None = L) keeps only the first
         ``mask_l`` tokens of the sequence, e.g. 255 for the first 8 scales at 256 px (CoDe's drafter training):
         by the block-causal mask their logits are those of the full sequence, at a fraction of the cost.
+
+        Progressive training (official attribute ``prog_si``, -1 by default): with ``prog_si = p >= 0`` the model
+        runs on scales ``0..p`` only, ``x_BLCv_wo_first_l`` is the truncated input of scales ``1..p`` that
+        ``idxBl_to_var_input`` gives under the same ``prog_si``, and the logits are (B, end of scale p, V). At
+        ``p == 0`` the input is not used (as official, only its batch size is read) and, as official, zero
+        multiples of ``word_embed``'s first weight and bias are added to one logit so that ``word_embed`` gets a
+        (zero) gradient rather than none (DistributedDataParallel and AdamW's weight decay see it).
         """
+        prog_si = self.prog_si
+        if isinstance(prog_si, bool) or not isinstance(prog_si, int) or not -1 <= prog_si <= self.num_stages_minus_1:
+            raise ValueError(f"prog_si must be an int in [-1, {self.num_stages_minus_1}], got {prog_si!r}")
+        ed = self.L if prog_si < 0 else self.begin_ends[prog_si][1]
+        if prog_si >= 0 and mask_l is not None:
+            raise ValueError("mask_l cannot be combined with progressive training (prog_si >= 0)")
         if not isinstance(x_BLCv_wo_first_l, torch.Tensor) or x_BLCv_wo_first_l.ndim != 3 \
-                or tuple(x_BLCv_wo_first_l.shape[1:]) != (self.L - self.first_l, self.Cvae):
-            raise ValueError(f"x_BLCv_wo_first_l must be (B, {self.L - self.first_l}, {self.Cvae}), "
+                or x_BLCv_wo_first_l.shape[2] != self.Cvae \
+                or (prog_si != 0 and x_BLCv_wo_first_l.shape[1] != ed - self.first_l):
+            length = "any" if prog_si == 0 else ed - self.first_l
+            where = "" if prog_si < 0 else f" at prog_si={prog_si}"
+            raise ValueError(f"x_BLCv_wo_first_l must be (B, {length}, {self.Cvae}){where}, "
                              f"got {tuple(getattr(x_BLCv_wo_first_l, 'shape', ()))}")
         B = x_BLCv_wo_first_l.shape[0]
         if not isinstance(label_B, torch.Tensor) or tuple(label_B.shape) != (B,) \
@@ -190,7 +207,7 @@ class VAR(nn.Module):
         if B and not label_B.is_meta and (label_B.min() < 0 or label_B.max() > self.num_classes):
             raise ValueError(f"label_B values must be in [0, {self.num_classes}]")
         if mask_l is None:
-            mask_l = self.L
+            mask_l = ed
         if isinstance(mask_l, bool) or not isinstance(mask_l, int) or not self.first_l <= mask_l <= self.L:
             raise ValueError(f"mask_l must be an int in [{self.first_l}, {self.L}], got {mask_l!r}")
         device = x_BLCv_wo_first_l.device
@@ -203,7 +220,10 @@ class VAR(nn.Module):
                 label_B = torch.where(drop_B, self.num_classes, label_B)
             sos = cond_BD = self.class_emb(label_B)
             sos = sos.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, self.first_l, -1)
-            x_BLC = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l[:, :mask_l - self.first_l].float())), dim=1)
+            if prog_si == 0:
+                x_BLC = sos
+            else:
+                x_BLC = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l[:, :mask_l - self.first_l].float())), dim=1)
             x_BLC += self.lvl_embed(self.lvl_1L[:, :mask_l].expand(B, -1)) + self.pos_1LC[:, :mask_l]
 
         cond_BD_or_gss = self.shared_ada_lin(cond_BD)
@@ -217,7 +237,10 @@ class VAR(nn.Module):
         attn_bias = torch.searchsorted(lvl_L, lvl_L, right=True).to(torch.int32)  # <= mask_l (cut inside a scale)
         for block in self.blocks:
             x_BLC = block(x=x_BLC, cond_BD=cond_BD_or_gss, attn_bias=attn_bias)
-        return self.get_logits(x_BLC.float(), cond_BD)
+        logits_BLV = self.get_logits(x_BLC.float(), cond_BD)
+        if prog_si == 0 and B:
+            logits_BLV[0, 0, 0] += self.word_embed.weight[0, 0] * 0 + self.word_embed.bias[0] * 0
+        return logits_BLV
 
     # ---------------------------------------------------------------- sampling
     def _sampling_rng(self, g_seed: Optional[int]) -> Optional[torch.Generator]:

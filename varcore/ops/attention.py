@@ -29,7 +29,8 @@ from varcore import _ext
 __all__ = [
     "block_causal_attention", "block_causal_attention_ref", "block_causal_attention_backward_ref",
     "attend", "attention_backends", "attention_backend",
-    "scale_visible_end", "var_visible_end", "code_prefill_visible_end", "par_visible_end", "visible_end_mask",
+    "scale_visible_end", "var_visible_end", "code_prefill_visible_end", "par_visible_end", "group_visible_end",
+    "visible_end_mask",
 ]
 
 _FWD = _ext.register_op("block_causal_attention")
@@ -80,10 +81,22 @@ def par_visible_end(seq_len: int, M: int, device=None) -> torch.Tensor:
     blocks of M*M positions that see each other and every earlier position. int32 (seq_len,)."""
     if M < 1 or seq_len < 1:
         raise ValueError(f"M and seq_len must be positive, got M={M}, seq_len={seq_len}")
-    g = M * M
+    return group_visible_end(seq_len, M * M, M * M, device=device)
+
+
+def group_visible_end(seq_len: int, ar_token_num: int, group_size: int, device=None) -> torch.Tensor:
+    """The official PAR mask for any ``ar_token_num`` (causal positions) and ``group_size`` (transition tokens + 1),
+    int32 (seq_len,): position p < ar_token_num sees [0, p]; group i (i < seq_len // group_size) covers positions
+    [ar_token_num + i * group_size, + group_size), which see each other and everything before; positions past the
+    last such group are causal. ``par_visible_end`` is the case ar_token_num = group_size = M * M."""
+    if ar_token_num < 1 or group_size < 1 or seq_len < 1:
+        raise ValueError(f"seq_len, ar_token_num and group_size must be positive, got {seq_len}, {ar_token_num}, "
+                         f"{group_size}")
     pos = torch.arange(seq_len, device=device)
-    block_end = g + ((pos - g) // g + 1) * g
-    return torch.where(pos < g, pos + 1, block_end.clamp(max=seq_len)).to(torch.int32)
+    group = (pos - ar_token_num).div(group_size, rounding_mode="floor")
+    in_group = (pos >= ar_token_num) & (group < seq_len // group_size)
+    group_end = (ar_token_num + (group + 1) * group_size).clamp(max=seq_len)
+    return torch.where(in_group, group_end, pos + 1).to(torch.int32)
 
 
 def visible_end_mask(visible_end: torch.Tensor, Lk: int) -> torch.Tensor:

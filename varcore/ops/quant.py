@@ -388,29 +388,39 @@ def idxBl_to_var_input(
     codebook_VC: torch.Tensor,
     phis: Sequence[Phi],
     patch_nums: Sequence[int],
+    num_steps: Optional[int] = None,
 ) -> Optional[torch.Tensor]:
     """Teacher-forcing input of VAR from ground-truth token maps ``idx_Bl`` (one (B, pn^2) tensor per scale).
 
     Accumulates ``f_hat`` over scales 0..SN-2 at full resolution and, after each, area-downsamples it to the next
     scale. Returns the concatenation (B, L - pn0^2, C) in float32, or None for a single-scale schedule.
+
+    ``num_steps`` (default SN - 1) stops after that many scales: the inputs of scales 1..num_steps, which need only
+    ``idx_Bl[:num_steps]`` (progressive training); None when it is 0.
     """
     _check_codebook(codebook_VC)
     patch_nums = check_patch_nums(patch_nums)
     SN = len(patch_nums)
     _check_phis(phis, SN)
-    if len(idx_Bl) < SN - 1:
-        raise ValueError(f"idx_Bl must hold at least {SN - 1} scales, got {len(idx_Bl)}")
+    if num_steps is None:
+        num_steps = SN - 1
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 0 <= num_steps <= SN - 1:
+        raise ValueError(f"num_steps must be an int in [0, {SN - 1}], got {num_steps!r}")
+    if num_steps == 0:
+        return None
+    if len(idx_Bl) < num_steps:
+        raise ValueError(f"idx_Bl must hold at least {num_steps} scales, got {len(idx_Bl)}")
     B = idx_Bl[0].shape[0]
     C = codebook_VC.shape[1]
     H = patch_nums[-1]
-    for si in range(SN - 1):
+    for si in range(num_steps):
         if tuple(idx_Bl[si].shape) != (B, patch_nums[si] ** 2):
             raise ValueError(f"idx_Bl[{si}] must have shape {(B, patch_nums[si] ** 2)}, got {tuple(idx_Bl[si].shape)}")
         check_idx(idx_Bl[si], codebook_VC.shape[0], f"idx_Bl[{si}]")
 
     f_hat = torch.zeros(B, C, H, H, dtype=torch.float32, device=codebook_VC.device)
-    steps = [_step_phi(phis, si, codebook_VC) for si in range(SN - 1)]
-    if SN > 1 and _add_scale_applies(f_hat, codebook_VC) and all(step is not None for step in steps):
+    steps = [_step_phi(phis, si, codebook_VC) for si in range(num_steps)]
+    if _add_scale_applies(f_hat, codebook_VC) and all(step is not None for step in steps):
         next_scales = []
         for si, (weight, bias, ratio) in enumerate(steps):
             pn = patch_nums[si]
@@ -421,14 +431,14 @@ def idxBl_to_var_input(
                 _interpolates_channels_last(layout)))
         return torch.cat(next_scales, dim=1)
     next_scales = []
-    for si in range(SN - 1):
+    for si in range(num_steps):
         pn = patch_nums[si]
         # transpose + reshape is a view with the official memory layout (matters for bit-exact bicubic)
         h_BChw = F.embedding(idx_Bl[si], codebook_VC).transpose(1, 2).reshape(B, C, pn, pn)
         f_hat.add_(phis[si](F.interpolate(h_BChw, size=(H, H), mode="bicubic")))
         pn_next = patch_nums[si + 1]
         next_scales.append(F.interpolate(f_hat, size=(pn_next, pn_next), mode="area").view(B, C, -1).transpose(1, 2))
-    return torch.cat(next_scales, dim=1) if next_scales else None
+    return torch.cat(next_scales, dim=1)
 
 
 def _embed_to_fhat_fused_applies(ms_h_BChw: Sequence[torch.Tensor], phis: Sequence[Phi],

@@ -28,18 +28,20 @@ for raster and PAR alike. ``draw=`` picks the draw independently of the mode: ``
 follows the official RNG stream, so its tokens equal the parity mode's except after a near-tie.
 """
 import math
-from typing import Optional, Sequence, Union
+from contextlib import nullcontext
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
-from varcore.models.gpt import Transformer
+from varcore.models.gpt import Transformer, unwrap_compiled
 from varcore.ops.par_order import par_scatter
 from varcore.sampling.filters import check_images_finite, inverse_cdf_sample, nonfinite_rows, raise_if_nonfinite
 from varcore.sampling.par_fast import FastDecoder
 
-__all__ = ["PARSampler", "top_k_top_p_filtering", "num_steps", "to_uint8"]
+__all__ = ["PARSampler", "top_k_top_p_filtering", "num_steps", "to_uint8", "check_num_tokens"]
 
 
 def num_steps(L: int, M: int) -> int:
@@ -48,6 +50,17 @@ def num_steps(L: int, M: int) -> int:
     if L % n or L < n:
         raise ValueError(f"L={L} must be a positive multiple of M*M={n}")
     return 1 + (n - 1) + (L // n - 1)
+
+
+def check_num_tokens(N, L: int, a: int, g: int, name: str = "num_tokens") -> int:
+    """A prefix length a sampler can stop at: in [1, L], at most the ``a`` tokens drawn one at a time or those
+    plus whole steps of ``g``. Raises a ValueError naming ``name``."""
+    if isinstance(N, bool) or not isinstance(N, int) or not 1 <= N <= L:
+        raise ValueError(f"{name} must be an int in [1, block_size={L}], got {N!r}")
+    if N > a and (N - a) % g:
+        raise ValueError(f"{name} must be at most {a} or {a} plus a multiple of {g} (tokens per parallel step), "
+                         f"got {N}")
+    return N
 
 
 def top_k_top_p_filtering(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -82,7 +95,8 @@ def _check_number(name: str, value, lo: float, hi: float = math.inf) -> float:
 class PARSampler:
     """Samples tokens (and images through an optional VQ-16 ``vq``) from a PAR or LlamaGen ``model``.
 
-    ``M`` defaults to the model's (``sqrt(ar_token_num)``; 1 for LlamaGen's raster models) and must match it: the
+    A ``torch.compile``'d model is sampled through its original module. ``M`` defaults to the model's
+    (``sqrt(ar_token_num)``; 1 for LlamaGen's raster models) and must match it: the
     transition tokens and the RoPE layout are trained for one M. ``progress`` shows a bar over the steps.
     ``fast=True`` selects the fast mode (module docstring); it packs the weights into a decode layout when the
     sampler is built and again when a call finds that the model's parameters have changed. ``draw`` is
@@ -94,6 +108,7 @@ class PARSampler:
 
     def __init__(self, model: Transformer, vq=None, M: Optional[int] = None, progress: bool = False,
                  fast: bool = False, draw: Optional[str] = None):
+        model = unwrap_compiled(model)
         if not isinstance(model, Transformer):
             raise TypeError(f"model must be a varcore.models.gpt.Transformer, got {type(model).__name__}")
         if M is not None and (isinstance(M, bool) or not isinstance(M, int)):
@@ -154,16 +169,41 @@ class PARSampler:
             idx = torch.topk(probs, k=1, dim=-1)[1]
         return idx.view(B, n)
 
+    def _layout(self, num_tokens: Optional[int], steps: Optional[Tuple[int, int]]) -> Tuple[int, int, int]:
+        """(N, a, g): N tokens, the first a drawn one at a time, then g per step; checked against the model."""
+        model = self.model
+        a, g = (model.ar_token_num, model.spe_token_num + 1) if steps is None else steps
+        for name, v in (("tokens drawn one at a time", a), ("tokens per parallel step", g)):
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= self.L:
+                raise ValueError(f"steps: {name} must be an int in [1, {self.L}], got {v!r}")
+        N = check_num_tokens(self.L if num_tokens is None else num_tokens, self.L, a, g)
+        if N > a and g != model.spe_token_num + 1:
+            raise ValueError(f"{g} tokens per parallel step need {g - 1} transition tokens; the model has "
+                             f"spe_token_num={model.spe_token_num}")
+        return N, a, g
+
     @torch.no_grad()
     def sample_tokens(self, labels: Union[torch.Tensor, Sequence[int], int], cfg_scale: float = 1.5,
                       cfg_interval: float = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                       sample_logits: bool = True, generator: Optional[torch.Generator] = None,
-                      order: str = "raster") -> torch.Tensor:
+                      order: str = "raster", num_tokens: Optional[int] = None,
+                      steps: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """Tokens for ``labels`` (B,): (B, G, G) int64 in raster order, or (B, L) in PAR order with
-        ``order="par"``. ``cfg_scale`` <= 1 disables guidance (no doubled batch)."""
+        ``order="par"``. ``cfg_scale`` <= 1 disables guidance (no doubled batch).
+
+        ``num_tokens`` (PAR order only) stops after the first tokens of the sequence, as the official ``generate``
+        does for ``max_new_tokens`` below the block size: at most the tokens drawn one at a time, or those plus
+        whole parallel steps. ``steps`` = (a, g) overrides the model's layout (a = ``ar_token_num`` tokens drawn
+        one at a time, then g = ``spe_token_num + 1`` per step); the official ``generate`` decodes with its own
+        ``ar_token_num`` whatever the model was built with, and :func:`varcore.models.gpt.generate` passes it here.
+        """
         model = self.model
         if order not in ("raster", "par"):
             raise ValueError(f"order must be 'raster' or 'par', got {order!r}")
+        if order == "raster" and (num_tokens is not None or steps is not None):
+            raise ValueError("num_tokens and steps need order='par' (a raster grid needs every token of the model's "
+                             "layout)")
+        N, a, g = self._layout(num_tokens, steps)
         _check_number("cfg_scale", cfg_scale, 0.0)
         _check_number("cfg_interval", cfg_interval, -math.inf)
         _check_number("temperature", temperature, 0.0)
@@ -175,7 +215,8 @@ class PARSampler:
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         labels = self._labels(labels)
-        B, n, cfg = labels.shape[0], self.M * self.M, cfg_scale > 1.0
+        B, cfg = labels.shape[0], cfg_scale > 1.0
+        half = model.tok_embeddings.weight.dtype in (torch.bfloat16, torch.float16)
         draw = dict(temperature=temperature, top_k=top_k, top_p=top_p, sample_logits=sample_logits,
                     generator=generator)
 
@@ -184,7 +225,10 @@ class PARSampler:
             h = torch.cat([h, h]) if cfg and h.shape[0] == B else h
             if self.decoder is not None:
                 return self._draw(self.decoder.step(h, start, cfg_scale, guided), **draw)
-            logits = model.forward_cached(h, start)
+            # the official decoding steps (not the prefill) run under sdp_kernel(math only); in half precision
+            # the math kernel rounds differently from the default CPU kernel (float32 attention is our own)
+            with sdpa_kernel(SDPBackend.MATH) if start > 0 and half else nullcontext():
+                logits = model.forward_cached(h, start)
             if cfg:
                 cond, uncond = logits.chunk(2)
                 logits = uncond + (cond - uncond) * cfg_scale if guided else cond
@@ -195,27 +239,29 @@ class PARSampler:
         if self.decoder is not None:
             if not self.decoder.is_current():
                 self.decoder = FastDecoder(model)
-            self.decoder.setup(2 * B if cfg else B, self.L)
-        else:
-            model.setup_caches(2 * B if cfg else B, self.L, model.tok_embeddings.weight.dtype)
-        seq = torch.empty(B, self.L, dtype=torch.long, device=labels.device)
+            self.decoder.setup(2 * B if cfg else B, N + 1)
+        else:  # the class token and N tokens, as official
+            model.setup_caches(2 * B if cfg else B, N + 1, model.tok_embeddings.weight.dtype)
+        seq = torch.empty(B, N, dtype=torch.long, device=labels.device)
         draw["nonfinite"] = torch.zeros((), dtype=torch.bool, device=labels.device)  # set by any bad row
-        bar = tqdm(total=self.steps, disable=not self.progress, desc=f"PAR M={self.M}", dynamic_ncols=True)
+        total = min(N, a) + (N - a) // g if N > a else N
+        bar = tqdm(total=total, disable=not self.progress, desc=f"PAR M={self.M}", dynamic_ncols=True)
         try:
             cond_h = model.cls_embedding(labels, train=False)
             if cfg:
                 cond_h = torch.cat([cond_h, model.cls_embedding(torch.full_like(labels, model.num_classes), False)])
             seq[:, :1] = step(cond_h, 0, True)
             bar.update(1)
-            for i in range(n - 1):  # first token of every region, one at a time
+            for i in range(min(N, a) - 1):  # first token of every region, one at a time
                 guided = not (cfg_interval > -1 and i > cfg_interval)
                 seq[:, i + 1:i + 2] = step(model.tok_embeddings(seq[:, i:i + 1]), i + 1, guided)
                 bar.update(1)
-            h = model.transition_embeddings(seq[:, n - 1:n])
-            for j, i in enumerate(range(0, self.L - n, n)):  # one group (n tokens) per step
+            if N > a:
+                h = model.transition_embeddings(seq[:, a - 1:a])
+            for j, i in enumerate(range(0, N - a, g)):  # one group (g tokens) per step
                 guided = not (cfg_interval > -1 and i > cfg_interval)
-                seq[:, n + i:2 * n + i] = step(h, n + j * n, guided)
-                h = model.tok_embeddings(seq[:, n + i:2 * n + i])
+                seq[:, a + i:a + g + i] = step(h, a + j * g, guided)
+                h = model.tok_embeddings(seq[:, a + i:a + g + i])
                 bar.update(1)
         except (RuntimeError, ValueError):  # a draw refused non-finite probabilities: say why
             raise_if_nonfinite(draw["nonfinite"], "the GPT sampler", cfg_scale if cfg else None)

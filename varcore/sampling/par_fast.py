@@ -107,7 +107,6 @@ class FastDecoder:
         # (positions, head_dim / 2) complex rotations; zero rows for the class and transition tokens
         self.rope = torch.view_as_complex(model.freqs_cis.to(self.device, torch.float32).contiguous())
         self._visible_end = None
-        self.M = model.M
         self.model = model
         self._fingerprint = self._weights_fingerprint(model)
         self.rows = self.max_seq = 0
@@ -130,9 +129,7 @@ class FastDecoder:
                 layer.k = torch.zeros(rows, layer.n_kv_head, max_seq, layer.head_dim, dtype=self.dtype,
                                       device=self.device)
                 layer.v = torch.zeros_like(layer.k)
-        from varcore.ops.attention import par_visible_end
-
-        self._visible_end = par_visible_end(max_seq, self.M).tolist()
+        self._visible_end = self.model.visible_end(max_seq).tolist()
         self.rows, self.max_seq = rows, max_seq
 
     def release(self) -> None:

@@ -3,7 +3,8 @@
 Recipe of the official trainer (spec section 3): tokens from the frozen VQVAE, teacher-forcing input from
 ``idxBl_to_var_input``, token cross-entropy, AdamW with betas (0.9, 0.95) and no weight decay on 1-D parameters,
 biases and embeddings, linear warm-up then the ``lin0`` decay, weight decay cosine-annealed, gradient clipping at 2,
-optional bf16/fp16 autocast (fp16 with a gradient scaler). Progressive (scale-by-scale) training is not supported.
+optional bf16/fp16 autocast (fp16 with a gradient scaler), and the official progressive training (``pg``, ``pg0``,
+``pgwp``: scales added one by one over the first fraction ``pg`` of training, see :class:`TrainConfig`).
 
 Command line::
 
@@ -14,6 +15,7 @@ import argparse
 import math
 import os
 import sys
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +30,8 @@ from varcore.ops.quant import check_idx
 from varcore.train import distributed as _distributed
 from varcore.train.data import ImageFolder, TokenPyramids, split_scales
 from varcore.train.losses import scale_token_weights, token_accuracy, var_loss
-from varcore.train.schedule import SCHEDULES, lr_factor, param_groups, weight_decay_at
+from varcore.train.schedule import (SCHEDULES, check_schedule, lr_factor, param_groups, prog_si_at, prog_warmup,
+                                    progressive_schedule, weight_decay_at)
 
 __all__ = ["TrainConfig", "VARTrainer", "train", "build_var_for_training", "main"]
 
@@ -105,7 +108,17 @@ def backward_and_step(loss: torch.Tensor, params, optimizer, scaler, grad_clip: 
 class TrainConfig:
     """Optimisation settings. ``lr`` is the peak learning rate; ``weight_decay_end`` defaults to ``weight_decay``;
     ``wp0``/``wpe`` are the warm-up start and final learning-rate fractions; ``scale_weights`` (one per scale)
-    re-weights the loss per scale (None: a plain token mean, as official); ``amp`` is 'none', 'bf16' or 'fp16'."""
+    re-weights the loss per scale (None: a plain token mean, as official); ``amp`` is 'none', 'bf16' or 'fp16'.
+
+    Progressive training (the official ``--pg``, ``--pg0``, ``--pgwp``): with ``pg`` in (0, 1) the model is trained
+    on scales ``0..prog_si`` only, ``prog_si`` going from ``pg0`` (up to the end of the lr warm-up) to the last
+    scale (from ``pg * max_iters`` on), see :func:`varcore.train.schedule.prog_si_at`. The loss weights stay the
+    full schedule's (1/L per token by default), cut to the trained tokens, and the newest scale's weight is
+    ramped up over ``pgwp`` iterations after each change (not in the first stage). ``pgwp`` defaults to
+    ``max_iters / 300`` (official: ``ep / 300`` epochs). ``schedule`` defaults to ``"lin0"``, and to
+    ``f"lin{pg:g}"`` under progressive training, which is what the official train.py forces; another explicit
+    schedule is kept, with a warning.
+    """
 
     max_iters: int
     lr: float = 1e-4
@@ -115,11 +128,14 @@ class TrainConfig:
     warmup_iters: int = 0
     wp0: float = 0.005
     wpe: float = 0.1
-    schedule: str = "lin0"
+    schedule: Optional[str] = None
     grad_clip: float = 2.0
     label_smoothing: float = 0.0
     scale_weights: Optional[Tuple[float, ...]] = None
     amp: str = "none"
+    pg: float = 0.0
+    pg0: int = 4
+    pgwp: Optional[float] = None
 
     def __post_init__(self):
         if isinstance(self.max_iters, bool) or not isinstance(self.max_iters, int) or self.max_iters < 1:
@@ -130,8 +146,20 @@ class TrainConfig:
             raise ValueError("weight_decay and weight_decay_end must be >= 0")
         if not isinstance(self.warmup_iters, int) or self.warmup_iters < 0:
             raise ValueError(f"warmup_iters must be an int >= 0, got {self.warmup_iters!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if isinstance(self.pg, bool) or not isinstance(self.pg, (int, float)) or not 0 <= self.pg < 1:
+            raise ValueError(f"pg must be a number in [0, 1) (0: no progressive training), got {self.pg!r}")
+        if isinstance(self.pg0, bool) or not isinstance(self.pg0, int) or self.pg0 < 0:
+            raise ValueError(f"pg0 must be an int >= 0 (a scale index), got {self.pg0!r}")
+        if self.pgwp is None:
+            self.pgwp = self.max_iters / 300
+        if isinstance(self.pgwp, bool) or not isinstance(self.pgwp, (int, float)) or not self.pgwp > 0:
+            raise ValueError(f"pgwp must be > 0 (warm-up iterations of a new scale), got {self.pgwp!r}")
+        if self.schedule is None:
+            self.schedule = progressive_schedule(self.pg) if self.pg else "lin0"
+        elif self.pg and self.schedule != progressive_schedule(self.pg):
+            warnings.warn(f"progressive training: the official train.py replaces the lr schedule by "
+                          f"{progressive_schedule(self.pg)!r}; keeping the given {self.schedule!r}", stacklevel=3)
+        check_schedule(self.schedule)
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -172,6 +200,16 @@ class VARTrainer:
         self.token_weight_1L = scale_token_weights(var.patch_nums, config.scale_weights, device=self.device)
         self.optimizer, self.amp_dtype, self.scaler = make_optimizer(var, config, self.device)
         self.it = 0
+        if config.pg:
+            if config.pg0 > len(var.patch_nums) - 1:
+                raise ValueError(f"pg0 must be <= {len(var.patch_nums) - 1} for {len(var.patch_nums)} scales, "
+                                 f"got {config.pg0}")
+            if type(self)._loss is not VARTrainer._loss:
+                raise ValueError(f"progressive training (pg > 0) is only supported with VAR's token loss, not by "
+                                 f"{type(self).__name__}")
+        # progressive training state, as the official trainer keeps it (saved in checkpoints)
+        self.prog_it, self.last_prog_si, self.first_prog = 0, -1, True
+        self._step_weight_1L = self.token_weight_1L
 
     # ------------------------------------------------------------------ steps
     def _autocast(self):
@@ -182,37 +220,85 @@ class VARTrainer:
     @torch.no_grad()
     def _teacher_forcing(self, idx_Bl: Optional[Sequence[torch.Tensor]], img_B3HW: Optional[torch.Tensor]
                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Targets (B, l) and inputs (B, l - first_l, Cvae) of the scales the quantiser's ``prog_si`` selects."""
         if (idx_Bl is None) == (img_B3HW is None):
             raise ValueError("pass exactly one of idx_Bl and img_B3HW")
         if img_B3HW is not None:
-            idx_Bl = self.vae.img_to_idxBl(img_B3HW.to(self.device))
+            idx_Bl = self.vae.img_to_idxBl(img_B3HW.to(self.device))  # already cut to the trained scales
         idx_Bl = [t.to(self.device) for t in idx_Bl]
-        if len(idx_Bl) != len(self.var.patch_nums):
-            raise ValueError(f"idx_Bl must hold {len(self.var.patch_nums)} scales, got {len(idx_Bl)}")
+        SN, prog_si = len(self.var.patch_nums), self.vae.quantize.prog_si
+        if len(idx_Bl) != SN and not (prog_si >= 0 and len(idx_Bl) == prog_si + 1):
+            raise ValueError(f"idx_Bl must hold {SN} scales, got {len(idx_Bl)}")
+        if prog_si >= 0:
+            idx_Bl = idx_Bl[:prog_si + 1]
         for si, t in enumerate(idx_Bl):  # the loss would index out of range with a bad token
             check_idx(t, self.var.V, f"idx_Bl[{si}]")
-        return torch.cat(idx_Bl, dim=1), self.vae.quantize.idxBl_to_var_input(idx_Bl)
+        x_BLCv = self.vae.quantize.idxBl_to_var_input(idx_Bl)
+        if x_BLCv is None:  # prog_si == 0: only the start token (the official trainer fails here)
+            x_BLCv = torch.zeros(idx_Bl[0].shape[0], 0, self.var.Cvae, device=self.device)
+        return torch.cat(idx_Bl, dim=1), x_BLCv
 
     def _apply_schedule(self) -> float:
         return apply_schedule(self.optimizer, self.config, self.it)
 
     def train_step(self, label_B: torch.Tensor, idx_Bl: Optional[Sequence[torch.Tensor]] = None,
-                   img_B3HW: Optional[torch.Tensor] = None) -> Dict[str, float]:
-        """One optimisation step; returns loss, token accuracy (all and last scale, %), gradient norm and lr."""
-        gt_BL, x_BLCv = self._teacher_forcing(idx_Bl, img_B3HW)
-        label_B = label_B.to(self.device)
-        lr = self._apply_schedule()
-        self.var.train()
-        with self._autocast():
-            loss, logits_BLV, gt_BL = self._loss(self.net, label_B, gt_BL, x_BLCv)
-        grad_norm = backward_and_step(loss, self.var.parameters(), self.optimizer, self.scaler, self.config.grad_clip)
+                   img_B3HW: Optional[torch.Tensor] = None, prog_si: Optional[int] = None) -> Dict[str, float]:
+        """One optimisation step; returns loss, token accuracy (all and last scale, %), gradient norm, lr, and the
+        progressive stage ``prog_si`` (-1: all scales) with the newest scale's loss weight ``prog_wp``.
+
+        ``prog_si`` (the official trainer's argument) trains scales ``0..prog_si`` only; None takes it from the
+        config's progressive schedule at this iteration (-1 without ``pg``). As official, ``acc_tail`` is -1 while
+        not all scales are trained, and the last scale's index counts as all scales.
+        """
+        SN = len(self.var.patch_nums)
+        if prog_si is None:
+            prog_si = prog_si_at(self.it, self.config.max_iters, self.config.warmup_iters, self.config.pg,
+                                 self.config.pg0, SN)
+        if isinstance(prog_si, bool) or not isinstance(prog_si, int) or not -1 <= prog_si <= SN - 1:
+            raise ValueError(f"prog_si must be an int in [-1, {SN - 1}], got {prog_si!r}")
+        prog_wp = self._advance_prog(prog_si)
+        self.var.prog_si = self.vae.quantize.prog_si = prog_si
+        try:
+            gt_BL, x_BLCv = self._teacher_forcing(idx_Bl, img_B3HW)
+            label_B = label_B.to(self.device)
+            lr = self._apply_schedule()
+            self.var.train()
+            prog_si = -1 if prog_si == SN - 1 else prog_si  # the last stage is plain training
+            self._step_weight_1L = self._prog_weights(prog_si, prog_wp)
+            with self._autocast():
+                loss, logits_BLV, gt_BL = self._loss(self.net, label_B, gt_BL, x_BLCv)
+            grad_norm = backward_and_step(loss, self.var.parameters(), self.optimizer, self.scaler,
+                                          self.config.grad_clip)
+        finally:
+            self.var.prog_si = self.vae.quantize.prog_si = -1
+            self._step_weight_1L = self.token_weight_1L
         self.it += 1
         last_l = self.var.patch_nums[-1] ** 2
         metrics = {"loss": loss.item(), "acc": token_accuracy(logits_BLV, gt_BL),
-                   "acc_tail": token_accuracy(logits_BLV[:, -last_l:], gt_BL[:, -last_l:])}
+                   "acc_tail": -1.0 if prog_si >= 0 else token_accuracy(logits_BLV[:, -last_l:], gt_BL[:, -last_l:])}
         if self.distributed:
             metrics = _distributed.mean_over_ranks(metrics, self.device)
-        return {**metrics, "grad_norm": grad_norm.item(), "lr": lr}
+        return {**metrics, "grad_norm": grad_norm.item(), "lr": lr, "prog_si": prog_si, "prog_wp": float(prog_wp)}
+
+    def _advance_prog(self, prog_si: int) -> float:
+        """Update the progressive stage counters as the official trainer does; returns the newest scale's weight."""
+        if self.last_prog_si != prog_si:
+            if self.last_prog_si != -1:
+                self.first_prog = False
+            self.last_prog_si = prog_si
+            self.prog_it = 0
+        self.prog_it += 1
+        return prog_warmup(self.prog_it, self.config.pgwp, self.first_prog)
+
+    def _prog_weights(self, prog_si: int, prog_wp: float) -> torch.Tensor:
+        """Token weights of a step: the full schedule's, cut to scales 0..prog_si with the last one times
+        ``prog_wp`` (not renormalised, as official)."""
+        if prog_si < 0:
+            return self.token_weight_1L
+        bg, ed = self.var.begin_ends[prog_si]
+        weight_1l = self.token_weight_1L[:, :ed].clone()
+        weight_1l[:, bg:ed] *= min(max(prog_wp, 0), 1)
+        return weight_1l
 
     @torch.no_grad()
     def eval_step(self, label_B: torch.Tensor, idx_Bl: Optional[Sequence[torch.Tensor]] = None,
@@ -232,14 +318,16 @@ class VARTrainer:
         """The objective on one batch: (loss, logits, targets), the last two for the accuracy metrics. ``net`` is
         the model (or its DDP wrapper) to run. Subclasses change the objective (CoDe's drafter and refiner)."""
         logits_BLV = net(label_B, x_BLCv)
-        return var_loss(logits_BLV, gt_BL, self.token_weight_1L, self.config.label_smoothing), logits_BLV, gt_BL
+        return var_loss(logits_BLV, gt_BL, self._step_weight_1L, self.config.label_smoothing), logits_BLV, gt_BL
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict:
         """Trainer state in the official nesting (``var_wo_ddp`` is VAR's state dict)."""
         var_opt = {"optimizer": self.optimizer.state_dict(),
                    "scaler": None if self.scaler is None else self.scaler.state_dict()}
-        return {"config": asdict(self.config), "var_wo_ddp": self.var.state_dict(), "var_opt": var_opt}
+        config = {**asdict(self.config), "prog_it": self.prog_it, "last_prog_si": self.last_prog_si,
+                  "first_prog": self.first_prog}
+        return {"config": config, "var_wo_ddp": self.var.state_dict(), "var_opt": var_opt}
 
     def save_checkpoint(self, path, args: Optional[Dict] = None) -> None:
         """Write ``{"iter", "trainer", "args", "rng"}`` to ``path`` atomically (a temporary file, then a rename).
@@ -272,6 +360,10 @@ class VARTrainer:
         if self.scaler is not None and state["var_opt"].get("scaler") is not None:
             self.scaler.load_state_dict(state["var_opt"]["scaler"])
         self.it = int(ckpt["iter"])
+        config = state.get("config", {})
+        self.prog_it = int(config.get("prog_it", 0))
+        self.last_prog_si = int(config.get("last_prog_si", -1))
+        self.first_prog = bool(config.get("first_prog", True))
         if self.distributed:  # the file holds rank 0's RNG only: give each rank its own stream
             _reseed_per_rank(self.it)
         elif "rng" in ckpt:
@@ -402,7 +494,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     o.add_argument("--wp", type=int, default=None, help="warm-up steps (default iters / 50)")
     o.add_argument("--wp0", type=finite_float, default=0.005, help="lr fraction at the start of warm-up")
     o.add_argument("--wpe", type=finite_float, default=0.1, help="final lr fraction")
-    o.add_argument("--sche", choices=SCHEDULES, default="lin0", help="lr decay after warm-up")
+    o.add_argument("--sche", choices=SCHEDULES, default=None,
+                   help="lr decay after warm-up (default lin0; lin<pg> with --pg, as the official train.py)")
     o.add_argument("--clip", type=finite_float, default=2.0, help="gradient-norm clip (0 disables)")
     o.add_argument("--ls", type=finite_float, default=0.0, help="label smoothing")
     o.add_argument("--scale-weights", type=_parse_floats, default=None,
@@ -410,6 +503,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     o.add_argument("--cond-drop", type=finite_float, default=0.1, help="class-dropout probability (for CFG)")
     o.add_argument("--drop-path", type=finite_float, default=None, help="drop-path rate (default 0.1 * depth / 24)")
     o.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast precision")
+    o.add_argument("--pg", type=finite_float, default=0.0,
+                   help="progressive training during the first fraction pg of the steps (0: off)")
+    o.add_argument("--pg0", type=int, default=4, help="progressive training: the last scale of the first stage")
+    o.add_argument("--pgwp", type=finite_float, default=None,
+                   help="progressive training: warm-up steps of each newly added scale (default iters / 300)")
     r = p.add_argument_group("run")
     r.add_argument("--out", type=out_dir_arg, required=True,
                    help="output folder (ckpt-last.pth; resumed from when present)")
@@ -430,6 +528,16 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
         return _main(args, env)
 
 
+def _config_from_args(args) -> TrainConfig:
+    return TrainConfig(
+        max_iters=args.iters, lr=args.lr if args.lr is not None else args.tblr * args.bs / 256,
+        weight_decay=args.wd, weight_decay_end=args.wde,
+        warmup_iters=args.wp if args.wp is not None else args.iters // 50, wp0=args.wp0, wpe=args.wpe,
+        schedule=args.sche, grad_clip=args.clip, label_smoothing=args.ls, scale_weights=args.scale_weights,
+        amp=args.amp, pg=args.pg, pg0=args.pg0, pgwp=args.pgwp,
+    )
+
+
 def _main(args, env: "_distributed.DistEnv", make_trainer=None) -> List[Dict[str, float]]:
     """The run behind :func:`main`; ``make_trainer(vae, var, config, distributed)`` builds the trainer (default
     :class:`VARTrainer`; CoDe's entry point passes its drafter/refiner trainers)."""
@@ -445,14 +553,10 @@ def _main(args, env: "_distributed.DistEnv", make_trainer=None) -> List[Dict[str
         var.load_state_dict(read_state_dict(args.init_var, kind="var"), strict=True)
     if env.enabled:  # same initial weights everywhere (DDP broadcasts rank 0's), own dropout draws per rank
         torch.manual_seed(args.seed + env.rank)
-    config = TrainConfig(
-        max_iters=args.iters, lr=args.lr if args.lr is not None else args.tblr * args.bs / 256,
-        weight_decay=args.wd, weight_decay_end=args.wde,
-        warmup_iters=args.wp if args.wp is not None else args.iters // 50, wp0=args.wp0, wpe=args.wpe,
-        schedule=args.sche, grad_clip=args.clip, label_smoothing=args.ls, scale_weights=args.scale_weights,
-        amp=args.amp,
-    )
-    trainer = (make_trainer or VARTrainer)(vae, var, config, distributed=env.enabled)
+    try:
+        trainer = (make_trainer or VARTrainer)(vae, var, _config_from_args(args), distributed=env.enabled)
+    except ValueError as e:  # a user's mistake on the command line: a message, not a traceback
+        sys.exit(f"error: {e}")
     ckpt_path = Path(args.out) / "ckpt-last.pth"
     if ckpt_path.is_file() and not args.no_resume:
         trainer.load_checkpoint(ckpt_path)
