@@ -48,48 +48,47 @@ def out_dir_arg(text: str) -> str:
     return text
 
 
-def image_path_arg(text: str) -> str:
-    """An image file to write: a known image extension, and a parent that is (or can become) a folder."""
+def _file_to_write(text: str, suffixes) -> str:
+    """A file to write: one of ``suffixes``, not a folder, under a parent that is (or can become) a folder."""
     path = Path(text)
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise argparse.ArgumentTypeError(f"{text}: the name must end in one of {', '.join(IMAGE_SUFFIXES)}")
+    if path.suffix.lower() not in suffixes:
+        ends = suffixes[0] if len(suffixes) == 1 else f"one of {', '.join(suffixes)}"
+        raise argparse.ArgumentTypeError(f"{text}: the name must end in {ends}")
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder")
     _parent_is_usable(path)
     return text
+
+
+def image_path_arg(text: str) -> str:
+    """An image file to write (a known image extension)."""
+    return _file_to_write(text, IMAGE_SUFFIXES)
 
 
 def npz_path_arg(text: str) -> str:
-    """An .npz file to write, under a parent that is (or can become) a folder."""
-    path = Path(text)
-    if path.suffix.lower() != ".npz":
-        raise argparse.ArgumentTypeError(f"{text}: the name must end in .npz")
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a folder")
-    _parent_is_usable(path)
-    return text
+    """An .npz file to write."""
+    return _file_to_write(text, (".npz",))
+
+
+def _int_in(text: str, low: int, high: float, rule: str) -> int:
+    """``int(text)`` in [low, high), else argparse's error saying ``rule``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+    if not low <= value < high:
+        raise argparse.ArgumentTypeError(f"{text!r}: {rule}")
+    return value
 
 
 def positive_int(text: str) -> int:
     """An int >= 1 (a count or a size)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: an int >= 1 is needed")
-    return value
+    return _int_in(text, 1, math.inf, "an int >= 1 is needed")
 
 
 def seed_arg(text: str) -> int:
     """A seed: an int in [0, 2**64)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
-    if not 0 <= value < 2 ** 64:
-        raise argparse.ArgumentTypeError(f"{text!r}: a seed is an int in [0, 2**64)")
-    return value
+    return _int_in(text, 0, 2 ** 64, "a seed is an int in [0, 2**64)")
 
 
 def finite_float(text: str) -> float:
