@@ -17,7 +17,7 @@ from varcore.models.code import collaborative_infer_cfg
 from varcore.models.gpt import ModelArgs, Transformer, generate
 from varcore.ops import attention as att, par_order as po, quant as q
 from varcore.sampling.code import CoDeSampler
-from varcore.sampling.filters import gumbel_softmax_with_rng, sample_with_top_k_top_p_, top_k_top_p_filter_
+from varcore.sampling.draw import gumbel_softmax_with_rng, sample_with_top_k_top_p_, top_k_top_p_filter_
 from varcore.sampling.par import PARSampler
 from varcore.sampling.var import VARSampler
 from varcore.train.gpt_trainer import GPTTrainer, to_par_order

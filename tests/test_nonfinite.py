@@ -8,7 +8,7 @@ import torch
 
 from varcore.digits import load_bundled
 from varcore.sampling.code import CoDeSampler
-from varcore.sampling.filters import nonfinite_rows, temper
+from varcore.sampling.draw import nonfinite_rows, temper
 from varcore.sampling.par import PARSampler
 from varcore.sampling.var import VARSampler
 

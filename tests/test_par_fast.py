@@ -8,8 +8,8 @@ import torch.nn.functional as F
 import varcore.sampling.par_fast as par_fast
 from varcore import _ext
 from test_gpt import one_thread, tiny  # noqa: F401  (one_thread is an autouse fixture)
-import varcore.sampling.filters as filters
-from varcore.sampling.filters import inverse_cdf_sample
+import varcore.sampling.draw as draw
+from varcore.sampling.draw import inverse_cdf_sample
 from varcore.sampling.par import PARSampler
 from varcore.sampling.par_fast import FastDecoder, PackedLinear
 
@@ -111,7 +111,7 @@ def test_inverse_cdf_sample_distribution():
 def test_inverse_cdf_sample_edges_land_on_weight(u, expected, monkeypatch):
     """The extreme uniforms: 0 skips leading zero weights; 1 (a product that rounds up to the row's total) lands
     on the last entry with weight, not past it."""
-    monkeypatch.setattr(filters.torch, "rand", lambda shape, **kw: torch.full(shape, u, dtype=torch.float64))
+    monkeypatch.setattr(draw.torch, "rand", lambda shape, **kw: torch.full(shape, u, dtype=torch.float64))
     weights = torch.tensor([[1.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 4.0], [0.0, 0.0, 1.0, 2.0]])
     assert inverse_cdf_sample(weights).flatten().tolist() == expected
 

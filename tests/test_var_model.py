@@ -6,7 +6,7 @@ import torch.nn as nn
 import varcore
 from varcore.models import PATCH_NUMS, VAR, VAR_CONFIGS, VQVAE, build_vae_var
 from varcore.models.basic_var import attention
-from varcore.sampling.filters import gumbel_softmax_with_rng, sample_with_top_k_top_p_, top_k_top_p_filter_
+from varcore.sampling.draw import gumbel_softmax_with_rng, sample_with_top_k_top_p_, top_k_top_p_filter_
 
 # spec/var.md 2.2: parameter counts in millions (two decimals), worked out from the official architecture
 SPEC_PARAMS_M = {"d16": 310.28, "d20": 600.92, "d24": 1033.40, "d30": 2010.02, "d36": 2353.89}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from varcore.models import VAR, VQVAE
-from varcore.sampling.filters import top_k_top_p_filter_
+from varcore.sampling.draw import top_k_top_p_filter_
 from varcore.sampling.var import StaticKVCache, VARSampler, row_chunks
 
 

@@ -34,7 +34,7 @@ from typing import List, NamedTuple, Optional, Sequence, Union
 import torch
 
 from varcore.ops.attention import code_prefill_visible_end
-from varcore.sampling.filters import (check_cfg, check_images_finite, gumbel_softmax_with_rng, nonfinite_rows,
+from varcore.sampling.draw import (check_cfg, check_images_finite, gumbel_softmax_with_rng, nonfinite_rows,
                                       raise_if_nonfinite, temper, top_k_top_p_filter_)
 from varcore.sampling.var import _per_scale
 

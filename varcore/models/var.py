@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from varcore.ops.quant import check_patch_nums
-from varcore.sampling.filters import (check_cfg, check_images_finite, check_top_k, gumbel_softmax_with_rng,
+from varcore.sampling.draw import (check_cfg, check_images_finite, check_top_k, gumbel_softmax_with_rng,
                                       sample_with_top_k_top_p_)
 
 from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn

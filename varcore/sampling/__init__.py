@@ -1,1 +1,1 @@
-"""Sampling: logit filters and random draws shared by the samplers (``varcore.sampling.filters``)."""
+"""Sampling: logit filters and random draws shared by the samplers (``varcore.sampling.draw``)."""

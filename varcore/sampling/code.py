@@ -29,7 +29,7 @@ from varcore.models.var import VAR
 from varcore.models.vqvae import VQVAE
 from varcore.ops.attention import code_prefill_visible_end
 from varcore.sampling.auto_dtype import resolve_dtype
-from varcore.sampling.filters import check_cfg, check_images_finite, raise_if_nonfinite
+from varcore.sampling.draw import check_cfg, check_images_finite, raise_if_nonfinite
 from varcore.sampling.var import ScaleOptions, StaticKVCache, VARSampler, _check_batch, _per_scale, _DTYPES
 
 __all__ = ["CoDeSampler"]

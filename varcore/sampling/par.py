@@ -22,7 +22,7 @@ Two modes share this loop. The default (``fast=False``) runs the model's own mod
 draws (RNG parity, checked against golden outputs). ``fast=True`` runs the steps through
 :class:`varcore.sampling.par_fast.FastDecoder` (prepacked weights, fused SwiGLU, CFG mixed before the head; logits
 equal the parity mode's up to float rounding, ~1e-5) and draws by inverting each row's CDF with one uniform
-(:func:`varcore.sampling.filters.inverse_cdf_sample`): the same distribution without ``multinomial``'s exponential
+(:func:`varcore.sampling.draw.inverse_cdf_sample`): the same distribution without ``multinomial``'s exponential
 per vocabulary entry, which costs more than the whole rest of the draw on a CPU. It is the mode to use for speed,
 for raster and PAR alike. ``draw=`` picks the draw independently of the mode: ``fast=True, draw="multinomial"``
 follows the official RNG stream, so its tokens equal the parity mode's except after a near-tie.
@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from varcore.models.gpt import Transformer, unwrap_compiled
 from varcore.ops.par_order import par_scatter
-from varcore.sampling.filters import check_images_finite, inverse_cdf_sample, nonfinite_rows, raise_if_nonfinite
+from varcore.sampling.draw import check_images_finite, inverse_cdf_sample, nonfinite_rows, raise_if_nonfinite
 from varcore.sampling.par_fast import FastDecoder
 
 __all__ = ["PARSampler", "top_k_top_p_filtering", "num_steps", "to_uint8", "check_num_tokens"]

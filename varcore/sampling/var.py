@@ -37,7 +37,7 @@ from varcore.models.var import VAR
 from varcore.models.vqvae import VQVAE
 from varcore.ops import quant as quant_ops
 from varcore.sampling.auto_dtype import resolve_dtype
-from varcore.sampling.filters import (check_cfg, check_images_finite, nonfinite_rows, raise_if_nonfinite, temper,
+from varcore.sampling.draw import (check_cfg, check_images_finite, nonfinite_rows, raise_if_nonfinite, temper,
                                       top_k_top_p_filter_)
 from varcore.sampling.rng import check_seed, seeded_generator
 
@@ -311,7 +311,7 @@ class VARSampler:
                    ) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
         """Head, CFG, filters and the draw: returns (next scale's input or None, f_hat, idx_Bl, nonfinite), the
         last a 0-dim bool tensor set when a row of logits was not finite (checked once per call, see
-        :func:`~varcore.sampling.filters.raise_if_nonfinite`).
+        :func:`~varcore.sampling.draw.raise_if_nonfinite`).
 
         ``noise_NV`` (B*pn^2, V) holds the Exp(1) draws of the multinomial, ``gumbel_BlV`` those of ``more_smooth``.
         """

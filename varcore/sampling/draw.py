@@ -1,4 +1,5 @@
-"""Logit filters and random draws of VAR's sampler (top-k, top-p, multinomial, Gumbel softmax).
+"""The draws of every sampler: logit filters (top-k, top-p), multinomial and inverse-CDF draws, Gumbel softmax,
+guidance and temperature, and the checks of their arguments.
 
 They mirror the official ``models/helpers.py`` semantics, including in-place filtering and the exact sequence of
 random draws, so that the same generator state gives the same tokens.
