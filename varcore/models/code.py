@@ -35,8 +35,7 @@ import torch
 
 from varcore.ops.attention import code_prefill_visible_end
 from varcore.sampling.draw import (check_cfg, check_images_finite, gumbel_softmax_with_rng, nonfinite_rows,
-                                      raise_if_nonfinite, temper, top_k_top_p_filter_)
-from varcore.sampling.var import _per_scale
+                                      per_scale, raise_if_nonfinite, temper, top_k_top_p_filter_)
 
 from .var import VAR, _check_pos_int, _eval_mode
 
@@ -114,9 +113,9 @@ def _sampling_options(num_scales: int, cfg, top_k, top_p, temp, more_smooth, V: 
         raise TypeError(f"top_p must be a float, got {type(top_p).__name__}")
     if not 0.0 <= top_p <= 1.0:
         raise ValueError(f"top_p must be in [0, 1], got {top_p}")
-    top_ks = _per_scale("top_k", top_k, num_scales, int, lambda v: v >= 0 and (V is None or v <= V),
+    top_ks = per_scale("top_k", top_k, num_scales, int, lambda v: v >= 0 and (V is None or v <= V),
                         ">= 0" if V is None else f"in [0, V={V}]")
-    temps = _per_scale("temp", 1.0 if temp is None else temp, num_scales, float,
+    temps = per_scale("temp", 1.0 if temp is None else temp, num_scales, float,
                        lambda v: v > 0 and math.isfinite(v), "> 0 and finite")
     return float(cfg), top_ks, float(top_p), temps
 

@@ -29,8 +29,8 @@ from varcore.models.var import VAR
 from varcore.models.vqvae import VQVAE
 from varcore.ops.attention import code_prefill_visible_end
 from varcore.sampling.auto_dtype import resolve_dtype
-from varcore.sampling.draw import check_cfg, check_images_finite, raise_if_nonfinite
-from varcore.sampling.var import ScaleOptions, StaticKVCache, VARSampler, _check_batch, _per_scale, _DTYPES
+from varcore.sampling.draw import check_batch, check_cfg, check_images_finite, per_scale, raise_if_nonfinite
+from varcore.sampling.var import ScaleOptions, StaticKVCache, VARSampler, _DTYPES
 
 __all__ = ["CoDeSampler"]
 
@@ -48,7 +48,7 @@ class _DraftStage(VARSampler):
                              self.patch_nums[:self.draft_steps], self.dtype, self.device)
 
     def kv_cache_bytes(self, B: int) -> int:
-        _check_batch(B)
+        check_batch(B)
         T = StaticKVCache.positions(len(self.var.blocks), self.patch_nums[:self.draft_steps])
         return 2 * 2 * B * self.heads * T * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
@@ -159,7 +159,7 @@ class CoDeSampler:
         ``output``: ``"images"`` (B, 3, H, W) in [0, 1]; ``"tokens"`` the SN (B, pn^2) token maps, drafter's then
         refiner's (no decode); ``"both"`` (images, tokens); ``"details"`` a :class:`~varcore.models.code.CoDeResult`.
         """
-        _check_batch(B)
+        check_batch(B)
         check_cfg(cfg)
         if not isinstance(more_smooth, bool):
             raise TypeError(f"more_smooth must be a bool, got {type(more_smooth).__name__}")
@@ -169,9 +169,9 @@ class CoDeSampler:
             raise ValueError(f"output must be 'images', 'tokens', 'both' or 'details', got {output!r}")
         SN = self.SN
         V = self.drafter.V
-        top_ks = _per_scale("top_k", top_k, SN, int, lambda v: 0 <= v <= V, f"in [0, V={V}]")
-        top_ps = _per_scale("top_p", top_p, SN, float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
-        temps = _per_scale("temperature", temperature, SN, float, lambda v: v > 0 and math.isfinite(v),
+        top_ks = per_scale("top_k", top_k, SN, int, lambda v: 0 <= v <= V, f"in [0, V={V}]")
+        top_ps = per_scale("top_p", top_p, SN, float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+        temps = per_scale("temperature", temperature, SN, float, lambda v: v > 0 and math.isfinite(v),
                            "> 0 and finite")
         seeding = (g_seed, generator, per_image_seeds, seeds)
         gens = self.drafter_stage._generators(B, *seeding)

@@ -10,8 +10,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["top_k_top_p_filter_", "sample_with_top_k_top_p_", "gumbel_softmax_with_rng", "inverse_cdf_sample",
-           "check_cfg", "check_top_k", "temper", "nonfinite_rows", "raise_if_nonfinite", "check_images_finite"]
+__all__ = ["top_k_top_p_filter_", "top_k_top_p_filtering", "sample_with_top_k_top_p_", "gumbel_softmax_with_rng",
+           "inverse_cdf_sample", "check_cfg", "check_top_k", "check_top_p", "check_number", "check_batch",
+           "per_scale", "temper", "nonfinite_rows", "raise_if_nonfinite", "check_images_finite"]
 
 
 def check_cfg(cfg, name: str = "cfg") -> float:
@@ -77,32 +78,110 @@ def check_images_finite(img: torch.Tensor, what: str) -> torch.Tensor:
     return img
 
 
-def _check_top_k_top_p(top_k: int, top_p: float, V: int) -> None:
-    check_top_k(top_k, V)
-    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool):
-        raise TypeError(f"top_p must be a float, got {type(top_p).__name__}")
+def check_top_p(top_p, name: str = "top_p") -> float:
+    """A float in [0, 1]."""
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(top_p).__name__}")
     if not 0.0 <= top_p <= 1.0:
-        raise ValueError(f"top_p must be in [0, 1] (0 disables it), got {top_p}")
+        raise ValueError(f"{name} must be in [0, 1], got {top_p}")
+    return float(top_p)
 
 
-def top_k_top_p_filter_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
-    """Set filtered-out logits to -inf in place and return ``logits_BlV``.
+def check_number(name: str, value, lo: float, hi: float = math.inf) -> float:
+    """A real number in [lo, hi] (a TypeError for anything else, a ValueError naming ``name`` outside)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
 
-    top-k keeps every logit >= the k-th largest (ties at the threshold survive; k >= V keeps all). top-p then sorts
-    ascending, computes the cumulative softmax of the top-k-filtered logits and removes the positions whose
-    cumulative mass is <= 1 - top_p; the largest logit is always kept.
+
+def check_batch(B, name: str = "B") -> int:
+    """A batch size: an int >= 1."""
+    if isinstance(B, bool) or not isinstance(B, int):
+        raise TypeError(f"{name} must be an int, got {type(B).__name__}")
+    if B < 1:
+        raise ValueError(f"{name} must be >= 1, got {B}")
+    return B
+
+
+def per_scale(name: str, value, SN: int, kind: type, ok, rule: str) -> list:
+    """A scalar broadcast to SN scales, or a sequence of exactly SN values; each checked by ``ok`` (``rule`` says
+    what ``ok`` accepts, for the error message). ``kind`` is int or float."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * SN
+    if len(values) != SN:
+        raise ValueError(f"{name} must be a scalar or hold one value per scale ({SN}), got {len(values)}")
+    for v in values:
+        valid_type = isinstance(v, int) if kind is int else isinstance(v, (int, float))
+        if isinstance(v, bool) or not valid_type:
+            raise TypeError(f"{name} must be {'an int' if kind is int else 'a float'} or a sequence of them, "
+                            f"got {type(v).__name__}")
+        if not ok(v):
+            raise ValueError(f"{name} values must be {rule}, got {v}")
+    return [kind(v) for v in values]
+
+
+CONVENTIONS = ("var", "llamagen")
+
+
+def top_k_top_p_filter_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0, *, convention: str = "var",
+                        sort_top_k_only: bool = False) -> torch.Tensor:
+    """Set filtered-out logits (any shape, codes last) to -inf in place and return ``logits_BlV``.
+
+    top-k keeps every logit >= the k-th largest (ties at the threshold survive). The two official conventions
+    differ in top-p and in the values that disable a filter:
+
+    * ``"var"`` (VAR, CoDe): ``top_k`` in [0, V] (0 or V keep all), ``top_p`` in [0, 1] with 0 disabling it. top-p
+      sorts ascending, takes the cumulative softmax of the top-k-filtered logits and removes the positions whose
+      cumulative mass is <= 1 - top_p; the largest logit always stays.
+    * ``"llamagen"`` (LlamaGen, PAR; HuggingFace-style): ``top_k`` >= 0 (clamped to V), ``top_p`` in [0, 1] with 1
+      disabling it. top-p sorts descending and removes the positions after the first whose cumulative mass (the
+      position's own included) exceeds ``top_p``: the smallest prefix holding more than ``top_p`` stays.
+
+    ``sort_top_k_only`` (``"var"`` only, with both filters on): top-p sorts just the k candidates that top-k keeps
+    rather than the whole vocabulary. The kept set is the same up to rounding (the candidates' softmax is
+    normalised over k values instead of V), so it is for reduced-precision sampling, not for parity.
     """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     V = logits_BlV.shape[-1]
-    _check_top_k_top_p(top_k, top_p, V)
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
+    check_top_p(top_p)
+    if convention == "llamagen":
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+        top_k, top_p = min(top_k, V), (0.0 if top_p >= 1.0 else top_p)
+    else:
+        check_top_k(top_k, V)
+    if sort_top_k_only and convention == "var" and top_p > 0 and 0 < top_k < V:
+        top_Blk = logits_BlV.topk(top_k, dim=-1, sorted=True)[0].flip(-1)  # ascending
+        remove_Blk = top_Blk.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        remove_Blk[..., -1] = False  # the largest logit always stays
+        keep_from = top_Blk.masked_fill(remove_Blk, torch.inf).amin(dim=-1, keepdim=True)
+        return logits_BlV.masked_fill_(logits_BlV < keep_from, -torch.inf)
     if 0 < top_k < V:
         kth_largest = logits_BlV.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
         logits_BlV.masked_fill_(logits_BlV < kth_largest, -torch.inf)
-    if top_p > 0:
+    if top_p <= 0:
+        return logits_BlV
+    if convention == "var":
         sorted_logits, sorted_idx = logits_BlV.sort(dim=-1, descending=False)
         sorted_to_remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
         sorted_to_remove[..., -1:] = False
-        logits_BlV.masked_fill_(sorted_to_remove.scatter(-1, sorted_idx, sorted_to_remove), -torch.inf)
-    return logits_BlV
+    else:
+        sorted_logits, sorted_idx = logits_BlV.sort(dim=-1, descending=True)
+        crossed = sorted_logits.softmax(dim=-1).cumsum(dim=-1) > top_p
+        # shifted right: the position that crosses the threshold stays, and so does the top one
+        sorted_to_remove = torch.zeros_like(crossed)
+        sorted_to_remove[..., 1:] = crossed[..., :-1]
+    return logits_BlV.masked_fill_(sorted_to_remove.scatter(-1, sorted_idx, sorted_to_remove), -torch.inf)
+
+
+def top_k_top_p_filtering(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """LlamaGen's official filter (``top_p=1`` disables top-p): :func:`top_k_top_p_filter_` with
+    ``convention="llamagen"``, in place."""
+    return top_k_top_p_filter_(logits, top_k, top_p, convention="llamagen")
 
 
 def sample_with_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0,

@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 from varcore.models.gpt import Transformer, unwrap_compiled
 from varcore.ops.par_order import par_scatter
-from varcore.sampling.draw import check_images_finite, inverse_cdf_sample, nonfinite_rows, raise_if_nonfinite
+from varcore.sampling.draw import (check_images_finite, check_number, inverse_cdf_sample, nonfinite_rows,
+                                   raise_if_nonfinite, top_k_top_p_filtering)
 from varcore.sampling.par_fast import FastDecoder
 
 __all__ = ["PARSampler", "top_k_top_p_filtering", "num_steps", "to_uint8", "check_num_tokens"]
@@ -63,33 +64,9 @@ def check_num_tokens(N, L: int, a: int, g: int, name: str = "num_tokens") -> int
     return N
 
 
-def top_k_top_p_filtering(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Official (HuggingFace-style) filtering of (N, V) logits in place: top-k keeps logits >= the k-th largest;
-    top-p keeps the smallest prefix of the sorted distribution whose mass exceeds ``top_p`` (at least one)."""
-    if top_k > 0:
-        k = min(top_k, logits.shape[-1])
-        logits.masked_fill_(logits < torch.topk(logits, k)[0][..., -1, None], -math.inf)
-    if top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, descending=True)
-        remove = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1) > top_p
-        # shift right so the token that crosses the threshold stays; the top token always stays
-        remove[..., 1:] = remove[..., :-1].clone()
-        remove[..., 0] = False
-        logits.masked_fill_(remove.scatter(1, sorted_idx, remove), -math.inf)
-    return logits
-
-
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3) as the official sampler saves them."""
     return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
-
-
-def _check_number(name: str, value, lo: float, hi: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not lo <= value <= hi:
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
-    return value
 
 
 class PARSampler:
@@ -204,12 +181,12 @@ class PARSampler:
             raise ValueError("num_tokens and steps need order='par' (a raster grid needs every token of the model's "
                              "layout)")
         N, a, g = self._layout(num_tokens, steps)
-        _check_number("cfg_scale", cfg_scale, 0.0)
-        _check_number("cfg_interval", cfg_interval, -math.inf)
-        _check_number("temperature", temperature, 0.0)
+        check_number("cfg_scale", cfg_scale, 0.0)
+        check_number("cfg_interval", cfg_interval, -math.inf)
+        check_number("temperature", temperature, 0.0)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        _check_number("top_p", top_p, 0.0, 1.0)
+        check_number("top_p", top_p, 0.0, 1.0)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= model.vocab_size:
             raise ValueError(f"top_k must be an int in [0, V={model.vocab_size}] (0 disables it), got {top_k!r}")
         if generator is not None and not isinstance(generator, torch.Generator):

@@ -37,8 +37,8 @@ from varcore.models.var import VAR
 from varcore.models.vqvae import VQVAE
 from varcore.ops import quant as quant_ops
 from varcore.sampling.auto_dtype import resolve_dtype
-from varcore.sampling.draw import (check_cfg, check_images_finite, nonfinite_rows, raise_if_nonfinite, temper,
-                                      top_k_top_p_filter_)
+from varcore.sampling.draw import (check_batch, check_cfg, check_images_finite, nonfinite_rows, per_scale,
+                                   raise_if_nonfinite, temper, top_k_top_p_filter_)
 from varcore.sampling.rng import check_seed, seeded_generator
 
 __all__ = ["VARSampler", "StaticKVCache", "row_chunks"]
@@ -154,7 +154,7 @@ class VARSampler:
         if not isinstance(compile, (bool, dict)):
             raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {type(compile).__name__}")
         if decode_batch is not None:
-            _check_batch(decode_batch, "decode_batch")
+            check_batch(decode_batch, "decode_batch")
         if not isinstance(cuda_graphs, bool):
             raise TypeError(f"cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
         self.var, self.vae, self.dtype, self.decode_batch = var, vae, dtype, decode_batch
@@ -196,13 +196,13 @@ class VARSampler:
 
     def kv_cache_bytes(self, B: int) -> int:
         """Bytes of the KV cache for a batch of B images (2B rows with CFG)."""
-        _check_batch(B)
+        check_batch(B)
         T = StaticKVCache.positions(len(self.var.blocks), self.patch_nums)
         return 2 * 2 * B * self.heads * T * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
     def concat_kv_cache_bytes(self, B: int) -> int:
         """Bytes the official ``torch.cat`` cache holds at the end of a call (float32), for comparison."""
-        _check_batch(B)
+        check_batch(B)
         return 2 * 2 * B * len(self.var.blocks) * self.var.L * self.var.C * 4
 
     def _call_state(self, B: int, cond_B2D: torch.Tensor) -> _CallState:
@@ -325,7 +325,7 @@ class VARSampler:
         # scales, while the KV cache is full): filter in place, then draw
         for rows in _draw_chunks(B * l, V):
             chunk_NV = logits_NV[rows]
-            self._filter_(chunk_NV, opts.top_k, opts.top_p)
+            top_k_top_p_filter_(chunk_NV, opts.top_k, opts.top_p, sort_top_k_only=not self.exact)
             nonfinite_N[rows] = nonfinite_rows(chunk_NV)
             # torch.multinomial(probs, 1) is argmax(probs / q) with q ~ Exp(1): the same draw, without host syncs
             idx_N[rows] = temper(chunk_NV, opts.temperature).softmax(dim=-1).div_(noise_NV[rows]).argmax(dim=-1)
@@ -356,18 +356,6 @@ class VARSampler:
         """Attention mask of the ``l`` queries starting at token ``begin``: None (each scale sees the whole cache).
         CoDe's refiner overrides it for its block-causal prefill."""
         return None
-
-    def _filter_(self, logits_BlV: torch.Tensor, top_k: int, top_p: float) -> None:
-        """Top-k/top-p in place. Float32 uses the official filter; otherwise top-p after top-k sorts only k."""
-        V = logits_BlV.shape[-1]
-        if self.exact or top_p <= 0 or not 0 < top_k < V:
-            top_k_top_p_filter_(logits_BlV, top_k=top_k, top_p=top_p)
-            return
-        top_Blk = logits_BlV.topk(top_k, dim=-1, sorted=True)[0].flip(-1)  # ascending
-        remove_Blk = top_Blk.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
-        remove_Blk[..., -1] = False  # the largest logit always stays
-        keep_from = top_Blk.masked_fill(remove_Blk, torch.inf).amin(dim=-1, keepdim=True)
-        logits_BlV.masked_fill_(logits_BlV < keep_from, -torch.inf)
 
     def _run(self, phase: str, opts: ScaleOptions, B: int, inputs: tuple, state: _CallState):
         """Run ``phase`` ("forward" or "draw") eagerly, compiled, or as a CUDA graph replay."""
@@ -432,16 +420,16 @@ class VARSampler:
         official order, where the draws depend on B). ``g_seed`` seeds as the official code does
         (``manual_seed``: on the CPU only its low 32 bits count). ``progress`` shows a tqdm bar over scales.
         """
-        _check_batch(B)
+        check_batch(B)
         check_cfg(cfg)
         if not isinstance(more_smooth, bool):
             raise TypeError(f"more_smooth must be a bool, got {type(more_smooth).__name__}")
         if output not in ("images", "tokens", "both"):
             raise ValueError(f"output must be 'images', 'tokens' or 'both', got {output!r}")
         V = self.var.V
-        top_ks = _per_scale("top_k", top_k, self.SN, int, lambda v: 0 <= v <= V, f"in [0, V={V}]")
-        top_ps = _per_scale("top_p", top_p, self.SN, float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
-        temps = _per_scale("temperature", temperature, self.SN, float, lambda v: v > 0 and math.isfinite(v),
+        top_ks = per_scale("top_k", top_k, self.SN, int, lambda v: 0 <= v <= V, f"in [0, V={V}]")
+        top_ps = per_scale("top_p", top_p, self.SN, float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+        temps = per_scale("temperature", temperature, self.SN, float, lambda v: v > 0 and math.isfinite(v),
                            "> 0 and finite")
         gens = self._generators(B, g_seed, generator, per_image_seeds, seeds)
         var = self.var
@@ -585,28 +573,6 @@ def _check_vae_fits(var: VAR, vae: VQVAE) -> None:
     if mine != theirs:
         raise ValueError(f"vae does not fit var: (patch_nums, V, Cvae) are {theirs} for the VAE and {mine} for the "
                          f"VAR")
-
-
-def _check_batch(B, name: str = "B") -> None:
-    if isinstance(B, bool) or not isinstance(B, int):
-        raise TypeError(f"{name} must be an int, got {type(B).__name__}")
-    if B < 1:
-        raise ValueError(f"{name} must be >= 1, got {B}")
-
-
-def _per_scale(name: str, value, SN: int, kind: type, ok, rule: str) -> list:
-    """A scalar broadcast to SN scales, or a sequence of exactly SN values; each checked by ``ok``."""
-    values = list(value) if isinstance(value, (list, tuple)) else [value] * SN
-    if len(values) != SN:
-        raise ValueError(f"{name} must be a scalar or hold one value per scale ({SN}), got {len(values)}")
-    for v in values:
-        valid_type = isinstance(v, int) if kind is int else isinstance(v, (int, float))
-        if isinstance(v, bool) or not valid_type:
-            raise TypeError(f"{name} must be {'an int' if kind is int else 'a float'} or a sequence of them, "
-                            f"got {type(v).__name__}")
-        if not ok(v):
-            raise ValueError(f"{name} values must be {rule}, got {v}")
-    return [kind(v) for v in values]
 
 
 def _progress(iterable, enabled: bool):

@@ -1,0 +1,68 @@
+"""The one top-k/top-p filter against plain per-row references of the two official conventions."""
+import numpy as np
+import pytest
+import torch
+
+from varcore.sampling.draw import top_k_top_p_filter_, top_k_top_p_filtering
+
+
+def _softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def _var_ref(row, top_k, top_p):
+    """VAR/CoDe: keep >= k-th largest; then drop ascending positions whose cumulative mass is <= 1 - top_p."""
+    row = row.copy()
+    if 0 < top_k < row.size:
+        row[row < np.sort(row)[-top_k]] = -np.inf
+    if top_p > 0:
+        order = np.argsort(row, kind="stable")
+        cum = np.cumsum(_softmax(row[order]))
+        remove = cum <= 1 - top_p
+        remove[-1] = False
+        row[order[remove]] = -np.inf
+    return row
+
+
+def _llamagen_ref(row, top_k, top_p):
+    """LlamaGen: keep >= k-th largest; keep the descending prefix up to the first position whose mass passes top_p."""
+    row = row.copy()
+    if top_k > 0:
+        row[row < np.sort(row)[-min(top_k, row.size)]] = -np.inf
+    if top_p < 1.0:
+        order = np.argsort(-row, kind="stable")
+        cum = np.cumsum(_softmax(row[order]))
+        crossed = np.nonzero(cum > top_p)[0]
+        if crossed.size:
+            row[order[crossed[0] + 1:]] = -np.inf
+    return row
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.0), (5, 0.0), (0, 0.7), (8, 0.9), (3, 0.3), (40, 0.95)])
+def test_var_convention(seed, top_k, top_p):
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 3
+    ours = top_k_top_p_filter_(logits.clone(), top_k, top_p)
+    ref = np.stack([_var_ref(r, top_k, top_p) for r in logits.numpy()])
+    assert np.array_equal(np.isinf(ours.numpy()), np.isinf(ref))
+    assert torch.equal(ours[ours.isfinite()], logits[ours.isfinite()])  # kept logits are untouched
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.7), (8, 0.9), (3, 0.3), (100, 0.5)])
+def test_llamagen_convention(seed, top_k, top_p):
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 3
+    ours = top_k_top_p_filtering(logits.clone(), top_k=top_k, top_p=top_p)
+    ref = np.stack([_llamagen_ref(r, top_k, top_p) for r in logits.numpy()])
+    assert np.array_equal(np.isinf(ours.numpy()), np.isinf(ref))
+
+
+def test_conventions_differ_only_in_top_p_and_disabling():
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(3)) * 2
+    assert torch.equal(top_k_top_p_filter_(logits.clone(), 7, 0.0),
+                       top_k_top_p_filter_(logits.clone(), 7, 1.0, convention="llamagen"))
+    with pytest.raises(ValueError, match="convention"):
+        top_k_top_p_filter_(logits.clone(), convention="hf")
+    with pytest.raises(ValueError, match="top_k"):
+        top_k_top_p_filtering(logits.clone(), top_k=-1)
