@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import varcore.models.gpt as gpt
-from varcore import _ext
+from varcore.ops import extension
 from test_gpt import one_thread, tiny  # noqa: F401  (one_thread is an autouse fixture)
 import varcore.sampling.draw as draw
 from varcore.sampling.draw import inverse_cdf_sample
@@ -17,11 +17,11 @@ from varcore.models.gpt import PackedLinear
 @pytest.mark.parametrize("backend", ["kernel", "onednn", "dense"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_packed_linear_matches_f_linear(backend, dtype, monkeypatch):
-    kernel = _ext.use_kernel("decode_linear", torch.device("cpu"))
+    kernel = extension.use_kernel("decode_linear", torch.device("cpu"))
     if backend == "kernel" and not kernel or backend == "onednn" and not gpt.onednn_linear_available():
         pytest.skip(f"{backend} is not available in this build")
     if backend != "kernel":
-        monkeypatch.setattr(_ext, "use_kernel", lambda op, device: False)
+        monkeypatch.setattr(extension, "use_kernel", lambda op, device: False)
     if backend == "dense":
         monkeypatch.setattr(gpt, "onednn_linear_available", lambda: False)
     torch.manual_seed(0)

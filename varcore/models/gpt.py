@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from varcore import _ext
+from varcore.ops import extension
 from varcore.ops.attention import attend, group_visible_end
 from varcore.ops.linear import decode_linear_pack
 from varcore.ops.par_order import par_permutation
@@ -213,7 +213,7 @@ class PackedLinear:
         weight = weight.detach()
         self.out_features, self.in_features = weight.shape
         cpu_f32 = weight.device.type == "cpu" and weight.dtype == torch.float32
-        if cpu_f32 and _ext.use_kernel("decode_linear", weight.device):
+        if cpu_f32 and extension.use_kernel("decode_linear", weight.device):
             self.backend, self.weight = "kernel", decode_linear_pack(weight)
         elif cpu_f32 and onednn_linear_available():
             self.backend = "onednn"
