@@ -1,5 +1,6 @@
 """Host emulation of CUDA (csrc/simt/): the self-test kernels of csrc/simt/selftest_kernels.cu against PyTorch,
-and the bugs the emulator must catch (a missing barrier, a barrier in divergent code, bad launch configurations).
+the bugs the emulator must catch (a missing barrier, a barrier in divergent code, bad launch configurations), and
+that the emulated op families (torch.ops.varcore_simt) have the schemas of the real ones (torch.ops.varcore).
 
 The kernels run through the extension ``varcore._simt``. Without it the tests skip, unless
 ``VARCORE_REQUIRE_SIMT=1`` (as in CI), which turns the missing extension into a failure.
@@ -14,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends import require_simt
+from backends import require_compiled, require_simt
 
 pytestmark = pytest.mark.simt
 
@@ -444,3 +445,26 @@ def test_stack_size_variable(ops, kib, expected):
     env = dict(os.environ, VARCORE_SIMT_STACK_KB=kib, PYTHONPATH=path)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert expected in out.stdout, out
+
+
+# ---- the emulated op families ----------------------------------------------------------------------------------
+
+# Ops without a CUDA kernel, and so without an emulated one.
+CPU_ONLY_OPS = {"decode_linear_pack", "decode_linear", "decode_linear_rmsnorm"}
+
+
+def _schemas(namespace):
+    """Every op of torch.ops.<namespace> (with its overload name) -> its schema without the namespace."""
+    prefix = namespace + "::"
+    return {s.name[len(prefix):] + (f".{s.overload_name}" if s.overload_name else ""): str(s)[len(prefix):]
+            for s in torch._C._jit_get_all_schemas() if s.name.startswith(prefix)}
+
+
+def test_emulated_schemas_are_the_real_ones(ops):
+    library = require_compiled()
+    real = _schemas("varcore")
+    emulated = {name: s for name, s in _schemas("varcore_simt").items() if not name.startswith("selftest_")}
+    assert emulated == {name: s for name, s in real.items() if name not in CPU_ONLY_OPS}
+    if library.WITH_CUDA:
+        with_cuda = {name for name in real if torch._C._dispatch_has_kernel_for_dispatch_key(f"varcore::{name}", "CUDA")}
+        assert with_cuda == set(emulated)

@@ -10,6 +10,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/backend.h"
+
 namespace varcore::attention {
 
 enum class DType : int { kFloat32, kFloat16, kBFloat16, kFloat64 };
@@ -30,28 +32,33 @@ struct ForwardParams {
   std::size_t smem_limit;       // CUDA: dynamic shared memory a block may use (bytes)
 };
 
-struct BackwardParams {
-  View q, k, v, dout, dq, dk, dv;
-  const void* lse;              // (B, H, Lq) from the forward; float32 (float64 for float64 inputs)
+// The forward's fields describe the forward call being differentiated (lse is read, not written).
+struct BackwardParams : ForwardParams {
+  View dout, dq, dk, dv;
   const void* delta;            // (B, H, Lq), same dtype as lse: rowsum(dout * out) - grad_lse
-  const int32_t* visible_end;
   float* dq_accum;              // CUDA: (B, H, Lq, D) float32, zeroed; dq is accumulated here across key tiles
-  int64_t B, H, Lq, Lk, D;
-  double scale;
-  DType dtype;
-  std::size_t smem_limit;
 };
 
 constexpr int64_t kMaxHeadDim = 256;
 
-void forward_cpu(const ForwardParams& p);
-void backward_cpu(const BackwardParams& p);
-
-// attention_cuda.cu, built by nvcc (stream is a cudaStream_t) and, as *_simt, against the host emulation.
-// float32, float16 and bfloat16 only.
-void forward_cuda(const ForwardParams& p, void* stream);
-void backward_cuda(const BackwardParams& p, void* stream);
-void forward_simt(const ForwardParams& p, void* stream);
-void backward_simt(const BackwardParams& p, void* stream);
+// The kernels on one backend (common/backend.h): attention_cpu.cpp defines Cpu's (no stream), attention_cuda.cu
+// Cuda's (nvcc; stream is a cudaStream_t) and Simt's (the host emulation), which take float32, float16 and
+// bfloat16 only.
+template <class Backend>
+void run_forward(const ForwardParams& p, void* stream);
+template <class Backend>
+void run_backward(const BackwardParams& p, void* stream);
+template <>
+void run_forward<Cpu>(const ForwardParams& p, void* stream);
+template <>
+void run_forward<Cuda>(const ForwardParams& p, void* stream);
+template <>
+void run_forward<Simt>(const ForwardParams& p, void* stream);
+template <>
+void run_backward<Cpu>(const BackwardParams& p, void* stream);
+template <>
+void run_backward<Cuda>(const BackwardParams& p, void* stream);
+template <>
+void run_backward<Simt>(const BackwardParams& p, void* stream);
 
 }  // namespace varcore::attention

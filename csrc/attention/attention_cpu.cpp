@@ -37,7 +37,8 @@ void dispatch(const Params& p, Fn&& fn) {
 
 }  // namespace
 
-void forward_cpu(const ForwardParams& p) {
+template <>
+void run_forward<Cpu>(const ForwardParams& p, void*) {
   const cpu::Isa isa = cpu::pick_isa();
   dispatch(p, [&](auto tag) {
     using T = decltype(tag);
@@ -45,7 +46,8 @@ void forward_cpu(const ForwardParams& p) {
   });
 }
 
-void backward_cpu(const BackwardParams& p) {
+template <>
+void run_backward<Cpu>(const BackwardParams& p, void*) {
   const cpu::Isa isa = cpu::pick_isa();
   dispatch(p, [&](auto tag) {
     using T = decltype(tag);

@@ -1,11 +1,10 @@
-// Launchers of the block-causal attention kernels. Built by nvcc as *_cuda and, through attention_simt.cpp, as
-// *_simt against the host emulation.
+// Launchers of the block-causal attention kernels. Built by nvcc as run_*<Cuda> and, through attention_simt.cpp,
+// as run_*<Simt> against the host emulation.
 #include <stdexcept>
 #include <string>
 #include <utility>
 
 #include "attention/attention_kernel.cuh"
-#include "common/host_device.h"
 
 namespace varcore::attention {
 namespace {
@@ -73,13 +72,15 @@ void dispatch(const Params& p, const char* op, Fn&& fn) {
 
 }  // namespace
 
-void VC_CUDA_FN(forward)(const ForwardParams& p, void* stream) {
+template <>
+void run_forward<VC_CUDA_BACKEND>(const ForwardParams& p, void* stream) {
   dispatch(p, "block_causal_attention", [&](auto tag) {
     launch_forward<decltype(tag)>(p, static_cast<cudaStream_t>(stream));
   });
 }
 
-void VC_CUDA_FN(backward)(const BackwardParams& p, void* stream) {
+template <>
+void run_backward<VC_CUDA_BACKEND>(const BackwardParams& p, void* stream) {
   dispatch(p, "block_causal_attention_backward", [&](auto tag) {
     launch_backward<decltype(tag)>(p, static_cast<cudaStream_t>(stream));
   });

@@ -1,9 +1,10 @@
-// ATen glue shared by the CPU, CUDA and emulated implementations of block-causal attention: argument checks
-// (all before any output is allocated or any kernel runs), the (B, H, L, D) views of both layouts, and params
-// construction. `launch` runs one ForwardParams / BackwardParams on a backend.
+// The ATen bindings of block-causal attention, each templated over the backend (common/backend_torch.h):
+// argument checks (all before any output is allocated or any kernel runs), the (B, H, L, D) views of both layouts,
+// params construction and the launch. impl<Backend> registers them.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <array>
 #include <cmath>
@@ -14,15 +15,9 @@
 #include <tuple>
 
 #include "attention/attention.h"
+#include "common/backend_torch.h"
 
 namespace varcore::attention {
-
-// What a backend supports and needs.
-struct Backend {
-  bool float64;            // accepts float64 inputs (the CPU kernel, for gradcheck)
-  bool dq_accum;           // accumulates dq in a float32 buffer (the CUDA kernel)
-  std::size_t smem_limit;  // dynamic shared memory per block (CUDA)
-};
 
 // Inputs as (B, H, L, D) views with a contiguous head dimension, and the mask as int32.
 struct Inputs {
@@ -60,9 +55,10 @@ inline at::ScalarType acc_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// float64: the backend accepts float64 inputs (the CPU kernels, for gradcheck).
 inline Inputs check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const at::Tensor& visible_end, double scale, std::string_view layout,
-                           const Backend& backend, const char* op) {
+                           const at::Tensor& visible_end, double scale, std::string_view layout, bool float64,
+                           const char* op) {
   const bool blhd = parse_layout(layout, op);
   const char* shape = blhd ? "(B, L, H, D)" : "(B, H, L, D)";
   for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
@@ -70,8 +66,8 @@ inline Inputs check_inputs(const at::Tensor& q, const at::Tensor& k, const at::T
     TORCH_CHECK_VALUE(t->device() == q.device(), op, ": ", name, " is on ", t->device(), " but q on ", q.device());
   }
   const auto st = q.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || (st == at::kDouble && backend.float64),
-                   op, ": q must be float32, float16 or bfloat16", backend.float64 ? " (or float64)" : "",
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || (st == at::kDouble && float64),
+                   op, ": q must be float32, float16 or bfloat16", float64 ? " (or float64)" : "",
                    ", got ", st);
   TORCH_CHECK_TYPE(k.scalar_type() == st && v.scalar_type() == st, op, ": q, k and v must share a dtype, got ", st,
                    ", ", k.scalar_type(), ", ", v.scalar_type());
@@ -115,18 +111,10 @@ inline std::pair<at::Tensor, at::Tensor> new_output(const Inputs& in, int64_t L,
   return {t, t};
 }
 
-template <class Launch>
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           const at::Tensor& visible_end, double scale, std::string_view layout,
-                                           const Backend& backend, Launch&& launch) {
-  const Inputs in = check_inputs(q, k, v, visible_end, scale, layout, backend, "block_causal_attention");
-  auto [out, out_view] = new_output(in, in.Lq, q.scalar_type(), q);
-  at::Tensor lse = at::empty({in.B, in.H, in.Lq}, q.options().dtype(acc_type(q)));
-  if (out.numel() == 0) {
-    lse.fill_(-std::numeric_limits<double>::infinity());
-    return {out, lse};
-  }
-  ForwardParams p;
+// The fields the forward and the backward share: the checked inputs, the forward's output (out_view, its
+// (B, H, L, D) view) and lse.
+template <class Backend>
+void set_params(ForwardParams& p, const Inputs& in, const at::Tensor& out_view, const at::Tensor& lse, double scale) {
   p.q = view_of(in.q);
   p.k = view_of(in.k);
   p.v = view_of(in.v);
@@ -139,19 +127,40 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
   p.Lk = in.Lk;
   p.D = in.D;
   p.scale = scale;
-  p.dtype = dtype_of(q);
-  p.smem_limit = backend.smem_limit;
-  launch(p);
+  p.dtype = dtype_of(in.q);
+  if constexpr (Backend::kCudaKernels) {
+    p.smem_limit = Backend::smem_limit(in.q);
+  } else {
+    p.smem_limit = 0;
+  }
+}
+
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const at::Tensor& visible_end, double scale, c10::string_view layout) {
+  const Inputs in = check_inputs(q, k, v, visible_end, scale, layout, !Backend::kCudaKernels,
+                                 "block_causal_attention");
+  auto [out, out_view] = new_output(in, in.Lq, q.scalar_type(), q);
+  at::Tensor lse = at::empty({in.B, in.H, in.Lq}, q.options().dtype(acc_type(q)));
+  if (out.numel() == 0) {
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+  ForwardParams p;
+  set_params<Backend>(p, in, out_view, lse, scale);
+  Backend::launch(q, [&](void* stream) { run_forward<Backend>(p, stream); });
   return {out, lse};
 }
 
-template <class Launch>
+template <class Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& visible_end, double scale, std::string_view layout,
-    const std::optional<at::Tensor>& grad_lse, const Backend& backend, Launch&& launch) {
+    const at::Tensor& lse, const at::Tensor& visible_end, double scale, c10::string_view layout,
+    const std::optional<at::Tensor>& grad_lse) {
   const char* op = "block_causal_attention_backward";
-  const Inputs in = check_inputs(q, k, v, visible_end, scale, layout, backend, op);
+  // The CUDA kernels accumulate dq in a float32 buffer.
+  constexpr bool accumulate_dq = Backend::kCudaKernels;
+  const Inputs in = check_inputs(q, k, v, visible_end, scale, layout, !Backend::kCudaKernels, op);
   for (const auto& [t, name] : {std::pair{&grad_out, "grad_out"}, std::pair{&out, "out"}}) {
     TORCH_CHECK_VALUE(t->sizes() == q.sizes(), op, ": ", name, " must have the shape of q ", q.sizes(), ", got ",
                       t->sizes());
@@ -187,31 +196,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   delta = delta.contiguous();
   const at::Tensor lse_c = lse.contiguous();
   at::Tensor dq_accum;
-  if (backend.dq_accum) dq_accum = at::zeros({in.B, in.H, in.Lq, in.D}, q.options().dtype(at::kFloat));
+  if (accumulate_dq) dq_accum = at::zeros({in.B, in.H, in.Lq, in.D}, q.options().dtype(at::kFloat));
 
   BackwardParams p;
-  p.q = view_of(in.q);
-  p.k = view_of(in.k);
-  p.v = view_of(in.v);
+  set_params<Backend>(p, in, out_view, lse_c, scale);
   p.dout = view_of(dout_view);
   p.dq = view_of(dq_view);
   p.dk = view_of(dk_view);
   p.dv = view_of(dv_view);
-  p.lse = lse_c.data_ptr();
   p.delta = delta.data_ptr();
-  p.visible_end = in.visible_end.data_ptr<int32_t>();
-  p.dq_accum = backend.dq_accum ? dq_accum.data_ptr<float>() : nullptr;
-  p.B = in.B;
-  p.H = in.H;
-  p.Lq = in.Lq;
-  p.Lk = in.Lk;
-  p.D = in.D;
-  p.scale = scale;
-  p.dtype = dtype_of(q);
-  p.smem_limit = backend.smem_limit;
-  launch(p);
-  if (backend.dq_accum) dq_view.copy_(dq_accum);
+  p.dq_accum = accumulate_dq ? dq_accum.data_ptr<float>() : nullptr;
+  Backend::launch(q, [&](void* stream) { run_backward<Backend>(p, stream); });
+  if (accumulate_dq) dq_view.copy_(dq_accum);
   return {dq, dk, dv};
+}
+
+// The ops on one backend, for a TORCH_LIBRARY_IMPL block (schemas: attention_schema.h).
+template <class Backend>
+void impl(torch::Library& m) {
+  m.impl("block_causal_attention", &forward<Backend>);
+  m.impl("block_causal_attention_backward", &backward<Backend>);
 }
 
 }  // namespace varcore::attention

@@ -1,5 +1,5 @@
 // Few-row float32 linear layer for cached decoding (PARSampler's fast mode): y (R, N) = x (R, K) @ W^T for R of
-// about 1-64 rows, with W (N, K) packed once into column panels. Schemas: csrc/ops.cpp.
+// about 1-64 rows, with W (N, K) packed once into column panels. Schemas: linear_schema.h.
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,4 @@
-// ATen bindings of the few-row linear layer for the CPU dispatch key (schemas: csrc/ops.cpp).
+// ATen bindings of the few-row linear layer for the CPU dispatch key (schemas: linear_schema.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

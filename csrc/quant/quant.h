@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/backend.h"
 #include "common/host_device.h"
 
 namespace varcore::quant {
@@ -113,15 +114,31 @@ VC_HD float area_average(const float* plane, int64_t W, int64_t y0, int64_t y1, 
   return sum / float(y1 - y0) / float(x1 - x0);
 }
 
-void nearest_code_cpu(const NearestParams& p);
-void upsample_sum_cpu(const UpsampleSumParams& p);
-void area_cpu(const AreaParams& p);
-// quant_cuda.cu, built by nvcc (stream is a cudaStream_t) and, as *_simt, against the host emulation.
-void nearest_code_cuda(const NearestParams& p, void* stream);
-void nearest_code_simt(const NearestParams& p, void* stream);
-void upsample_sum_cuda(const UpsampleSumParams& p, void* stream);
-void upsample_sum_simt(const UpsampleSumParams& p, void* stream);
-void area_cuda(const AreaParams& p, void* stream);
-void area_simt(const AreaParams& p, void* stream);
+// The kernels on one backend (common/backend.h): quant_cpu.cpp defines Cpu's (no stream), quant_cuda.cu Cuda's
+// (nvcc; stream is a cudaStream_t) and Simt's (the host emulation).
+template <class Backend>
+void run_nearest_code(const NearestParams& p, void* stream);
+template <class Backend>
+void run_upsample_sum(const UpsampleSumParams& p, void* stream);
+template <class Backend>
+void run_area(const AreaParams& p, void* stream);
+template <>
+void run_nearest_code<Cpu>(const NearestParams& p, void* stream);
+template <>
+void run_nearest_code<Cuda>(const NearestParams& p, void* stream);
+template <>
+void run_nearest_code<Simt>(const NearestParams& p, void* stream);
+template <>
+void run_upsample_sum<Cpu>(const UpsampleSumParams& p, void* stream);
+template <>
+void run_upsample_sum<Cuda>(const UpsampleSumParams& p, void* stream);
+template <>
+void run_upsample_sum<Simt>(const UpsampleSumParams& p, void* stream);
+template <>
+void run_area<Cpu>(const AreaParams& p, void* stream);
+template <>
+void run_area<Cuda>(const AreaParams& p, void* stream);
+template <>
+void run_area<Simt>(const AreaParams& p, void* stream);
 
 }  // namespace varcore::quant

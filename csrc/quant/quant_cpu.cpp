@@ -36,7 +36,8 @@ IsaKernels pick_isa_kernels() {
 
 }  // namespace
 
-void upsample_sum_cpu(const UpsampleSumParams& p) {
+template <>
+void run_upsample_sum<Cpu>(const UpsampleSumParams& p, void*) {
   const IsaKernels k = pick_isa_kernels();
   int max_pn = 0;
   for (int si = 0; si < p.scales; ++si) max_pn = std::max(max_pn, p.pn[si]);
@@ -49,7 +50,8 @@ void upsample_sum_cpu(const UpsampleSumParams& p) {
   });
 }
 
-void area_cpu(const AreaParams& p) {
+template <>
+void run_area<Cpu>(const AreaParams& p, void*) {
   // Each output row reads (H / ph) input rows of every channel: split only maps of more than ~2^18 inputs.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / (p.C * p.W * std::max<int64_t>(1, p.H / p.ph)));
   at::parallel_for(0, p.B * p.ph, grain, [&](int64_t begin, int64_t end) {
@@ -67,7 +69,8 @@ void area_cpu(const AreaParams& p) {
   });
 }
 
-void nearest_code_cpu(const NearestParams& p) {
+template <>
+void run_nearest_code<Cpu>(const NearestParams& p, void*) {
   if (p.N == 0) return;
   const IsaKernels k = pick_isa_kernels();
   const int64_t panels = (p.V + k.panel_codes - 1) / k.panel_codes;

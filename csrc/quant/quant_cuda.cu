@@ -1,5 +1,5 @@
-// Launchers of the quantiser kernels. Built by nvcc as *_cuda and, through quant_simt.cpp, as *_simt against the
-// host emulation.
+// Launchers of the quantiser kernels. Built by nvcc as run_*<Cuda> and, through quant_simt.cpp, as run_*<Simt>
+// against the host emulation.
 #include <algorithm>
 #include <stdexcept>
 #include <string>
@@ -8,7 +8,8 @@
 
 namespace varcore::quant {
 
-void VC_CUDA_FN(nearest_code)(const NearestParams& p, void* stream) {
+template <>
+void run_nearest_code<VC_CUDA_BACKEND>(const NearestParams& p, void* stream) {
   if (p.N == 0) return;
   // Codes per shared-memory tile: as many as fit in 48 KiB next to the rows, a multiple of kLanes, at most 128.
   const int64_t stride = p.C + 1;
@@ -25,7 +26,8 @@ void VC_CUDA_FN(nearest_code)(const NearestParams& p, void* stream) {
   VC_CHECK_LAUNCH();
 }
 
-void VC_CUDA_FN(upsample_sum)(const UpsampleSumParams& p, void* stream) {
+template <>
+void run_upsample_sum<VC_CUDA_BACKEND>(const UpsampleSumParams& p, void* stream) {
   constexpr int kThreads = 256;
   const int64_t total = p.B * p.K * p.C * p.H * p.H;
   if (total == 0) return;
@@ -34,7 +36,8 @@ void VC_CUDA_FN(upsample_sum)(const UpsampleSumParams& p, void* stream) {
   VC_CHECK_LAUNCH();
 }
 
-void VC_CUDA_FN(area)(const AreaParams& p, void* stream) {
+template <>
+void run_area<VC_CUDA_BACKEND>(const AreaParams& p, void* stream) {
   constexpr int kThreads = 256;
   const int64_t total = p.B * p.ph * p.pw * p.C;
   if (total == 0) return;

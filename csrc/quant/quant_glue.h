@@ -1,17 +1,18 @@
-// ATen glue shared by the CPU, CUDA and emulated implementations of the quantiser ops: argument checks (before any
-// memory is touched) and params construction. `launch` runs one params struct on a backend.
+// The ATen bindings of the quantiser ops, each templated over the backend (common/backend_torch.h): argument
+// checks (before any memory is touched), params construction and the launches. impl<Backend> registers them.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <functional>
 #include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
 
+#include "common/backend_torch.h"
 #include "quant/quant.h"
 
 namespace varcore::quant {
@@ -39,11 +40,14 @@ inline void check_nearest_args(const at::Tensor& z, const at::Tensor& codebook, 
                     codebook.size(1));
 }
 
+// The most channels a backend's nearest-code kernel takes.
+template <class Backend>
+constexpr int64_t kNearestMaxC = Backend::kCudaKernels ? kNearestCudaMaxC : std::numeric_limits<int32_t>::max();
+
 // Index (N,) int64 of the nearest code of every row of z (see quant.h for the arithmetic and tie rule).
-template <typename Launch>
-at::Tensor nearest_code(const at::Tensor& z, const at::Tensor& codebook, bool using_znorm, int64_t max_channels,
-                        Launch&& launch) {
-  check_nearest_args(z, codebook, max_channels);
+template <class Backend>
+at::Tensor nearest_code(const at::Tensor& z, const at::Tensor& codebook, bool using_znorm) {
+  check_nearest_args(z, codebook, kNearestMaxC<Backend>);
   at::Tensor rows = z.contiguous(), codes = codebook.contiguous();
   at::Tensor z_norm, code_norm;
   if (using_znorm) {
@@ -65,7 +69,7 @@ at::Tensor nearest_code(const at::Tensor& z, const at::Tensor& codebook, bool us
   p.N = rows.size(0);
   p.V = codes.size(0);
   p.C = codes.size(1);
-  launch(p);
+  Backend::launch(z, [&](void* stream) { run_nearest_code<Backend>(p, stream); });
   return idx;
 }
 
@@ -100,9 +104,9 @@ inline void check_upsample_sum_args(const at::Tensor& idx, const at::Tensor& tab
 
 // Per phi group, the sum of the group's bicubic-upsampled token maps: (B, K*C, H, H) with H the last patch size
 // and K = max(groups) + 1 (see quant.h).
-template <typename Launch>
+template <class Backend>
 at::Tensor upsample_sum(const at::Tensor& idx, const at::Tensor& table, at::IntArrayRef patch_nums,
-                        at::IntArrayRef groups, Launch&& launch) {
+                        at::IntArrayRef groups) {
   check_upsample_sum_args(idx, table, patch_nums, groups);
   const at::Tensor tokens = idx.contiguous(), rows = table.contiguous();
   UpsampleSumParams p;
@@ -125,35 +129,28 @@ at::Tensor upsample_sum(const at::Tensor& idx, const at::Tensor& table, at::IntA
   p.idx = tokens.const_data_ptr<int64_t>();
   p.table = rows.const_data_ptr<float>();
   p.out = out.mutable_data_ptr<float>();
-  launch(p);
+  Backend::launch(idx, [&](void* stream) { run_upsample_sum<Backend>(p, stream); });
   return out;
 }
 
 // ---------------------------------------------------------------------------------------------- encode
-// The kernels of one backend, for the encode loop.
-struct Launchers {
-  std::function<void(const NearestParams&)> nearest;
-  std::function<void(const UpsampleSumParams&)> upsample;
-  std::function<void(const AreaParams&)> area;
-  int64_t max_channels;  // of the nearest-code kernel
-};
-
 // f (B, C, H, W) contiguous, area-downsampled to pn x pn: token rows (B*pn*pn, C) or a (B, C, pn, pn) map.
-inline at::Tensor area_downsample(const at::Tensor& f, int64_t pn, bool rows, const Launchers& launch) {
+template <class Backend>
+at::Tensor area_downsample(const at::Tensor& f, int64_t pn, bool rows) {
   const int64_t B = f.size(0), C = f.size(1);
   // ATen's adaptive average pooling to 1 x 1 is a mean (a different summation order): take that one.
   if (pn == 1) return rows ? f.mean({2, 3}) : f.mean({2, 3}, /*keepdim=*/true);
   at::Tensor out = rows ? at::empty({B * pn * pn, C}, f.options()) : at::empty({B, C, pn, pn}, f.options());
   AreaParams a{f.const_data_ptr<float>(), out.mutable_data_ptr<float>(), B, C, f.size(2), f.size(3), pn, pn,
                pn * pn * C, rows ? 1 : pn * pn, rows ? pn * C : pn, rows ? C : 1};
-  if (out.numel() > 0) launch.area(a);
+  if (out.numel() > 0) Backend::launch(f, [&](void* stream) { run_area<Backend>(a, stream); });
   return out;
 }
 
 // The code maps table[idx] (idx (B, pn*pn), contiguous) bicubic-upsampled to (B, C, H, H) (copied when pn == H),
 // in channels-last memory if asked (the layout decides which path, and so which rounding, phi's conv takes).
-inline at::Tensor upsample_codes(const at::Tensor& idx, const at::Tensor& table, int64_t pn, int64_t H,
-                                 bool channels_last, const Launchers& launch) {
+template <class Backend>
+at::Tensor upsample_codes(const at::Tensor& idx, const at::Tensor& table, int64_t pn, int64_t H, bool channels_last) {
   at::Tensor out = at::empty({idx.size(0), table.size(1), H, H},
                              table.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
                                                                          : at::MemoryFormat::Contiguous));
@@ -170,7 +167,7 @@ inline at::Tensor upsample_codes(const at::Tensor& idx, const at::Tensor& table,
   u.scales = 1;
   u.pn[0] = int(pn);
   u.channels_last = channels_last;
-  if (out.numel() > 0) launch.upsample(u);
+  if (out.numel() > 0) Backend::launch(out, [&](void* stream) { run_upsample_sum<Backend>(u, stream); });
   return out;
 }
 
@@ -221,11 +218,13 @@ inline at::Tensor apply_phi(const at::Tensor& h, at::TensorList weights, at::Ten
 // and f_hat after every scale (partial_fhat) or after the last one only. Per scale: area-downsample the residual
 // straight into token rows (the last scale reads it as is), nearest code, then the code map gathered and
 // bicubic-upsampled in one kernel, phi, and the residual update.
-inline std::tuple<at::Tensor, std::vector<at::Tensor>> msrq_encode(
-    const at::Tensor& f, const at::Tensor& codebook, at::TensorList phi_weights, at::TensorList phi_biases,
-    at::IntArrayRef phi_index, double resi_ratio, at::IntArrayRef patch_nums, bool using_znorm, bool partial_fhat,
-    const Launchers& launch) {
-  check_msrq_args(f, codebook, phi_weights, phi_biases, phi_index, patch_nums, launch.max_channels);
+template <class Backend>
+std::tuple<at::Tensor, std::vector<at::Tensor>> msrq_encode(const at::Tensor& f, const at::Tensor& codebook,
+                                                            at::TensorList phi_weights, at::TensorList phi_biases,
+                                                            at::IntArrayRef phi_index, double resi_ratio,
+                                                            at::IntArrayRef patch_nums, bool using_znorm,
+                                                            bool partial_fhat) {
+  check_msrq_args(f, codebook, phi_weights, phi_biases, phi_index, patch_nums, kNearestMaxC<Backend>);
   const int64_t B = f.size(0), C = f.size(1), H = f.size(2);
   const int SN = int(patch_nums.size());
   int64_t L = 0;
@@ -241,11 +240,10 @@ inline std::tuple<at::Tensor, std::vector<at::Tensor>> msrq_encode(
     const bool last = si == SN - 1;
     // The last scale reads the residual as it is (and its code map is copied, not resized, below).
     const at::Tensor rows =
-        last ? f_rest.permute({0, 2, 3, 1}).reshape({-1, C}) : area_downsample(f_rest, pn, true, launch);
-    const at::Tensor idx_si =
-        nearest_code(rows, table, using_znorm, launch.max_channels, launch.nearest).view({B, pn * pn});
+        last ? f_rest.permute({0, 2, 3, 1}).reshape({-1, C}) : area_downsample<Backend>(f_rest, pn, true);
+    const at::Tensor idx_si = nearest_code<Backend>(rows, table, using_znorm).view({B, pn * pn});
     idx.narrow(1, offset, pn * pn).copy_(idx_si);
-    at::Tensor h = upsample_codes(idx_si, table, pn, H, /*channels_last=*/false, launch);  // as .contiguous()
+    at::Tensor h = upsample_codes<Backend>(idx_si, table, pn, H, /*channels_last=*/false);  // as .contiguous()
     h = apply_phi(h, phi_weights, phi_biases, phi_weights.empty() ? 0 : phi_index[si], resi_ratio);
     f_hat.add_(h);
     f_rest.sub_(h);
@@ -261,10 +259,10 @@ inline std::tuple<at::Tensor, std::vector<at::Tensor>> msrq_encode(
 // in place (idx (B, pn^2), bicubic to f_hat's size, a copy when pn is that size; up in channels-last memory when
 // channels_last, as the reference's interpolation of a transposed embedding is), then f_hat area-downsampled to
 // next_pn: token rows (B, next_pn^2, C) or a (B, C, next_pn, next_pn) map (empty when next_pn is 0, the last scale).
-inline at::Tensor add_scale_(at::Tensor& f_hat, const at::Tensor& idx, const at::Tensor& table,
-                             const std::optional<at::Tensor>& phi_weight, const std::optional<at::Tensor>& phi_bias,
-                             double resi_ratio, int64_t next_pn, bool rows, bool channels_last,
-                             const Launchers& launch) {
+template <class Backend>
+at::Tensor add_scale_(at::Tensor& f_hat, const at::Tensor& idx, const at::Tensor& table,
+                      const std::optional<at::Tensor>& phi_weight, const std::optional<at::Tensor>& phi_bias,
+                      double resi_ratio, int64_t next_pn, bool rows, bool channels_last) {
   constexpr const char* op = "add_scale_";
   TORCH_CHECK_VALUE(f_hat.dim() == 4 && f_hat.size(2) == f_hat.size(3) && f_hat.is_contiguous(), op,
                     ": f_hat must be a contiguous (B, C, H, H) map (it is written in place), got shape ",
@@ -285,12 +283,22 @@ inline at::Tensor add_scale_(at::Tensor& f_hat, const at::Tensor& idx, const at:
     weights.push_back(*phi_weight);
     biases.push_back(*phi_bias);
   }
-  check_msrq_args(f_hat, table, weights, biases, at::IntArrayRef{0}, at::IntArrayRef{H}, launch.max_channels, op);
+  check_msrq_args(f_hat, table, weights, biases, at::IntArrayRef{0}, at::IntArrayRef{H}, kNearestMaxC<Backend>, op);
   check_upsample_sum_args(idx, table, at::IntArrayRef{pn}, at::IntArrayRef{0}, op);
   const at::Tensor tokens = idx.contiguous(), codes = table.contiguous();
-  f_hat.add_(apply_phi(upsample_codes(tokens, codes, pn, H, channels_last, launch), weights, biases, 0, resi_ratio));
-  at::Tensor next = area_downsample(f_hat, next_pn, rows, launch);
+  f_hat.add_(
+      apply_phi(upsample_codes<Backend>(tokens, codes, pn, H, channels_last), weights, biases, 0, resi_ratio));
+  at::Tensor next = area_downsample<Backend>(f_hat, next_pn, rows);
   return rows ? next.view({B, next_pn * next_pn, C}) : next;
+}
+
+// The ops on one backend, for a TORCH_LIBRARY_IMPL block (schemas: quant_schema.h).
+template <class Backend>
+void impl(torch::Library& m) {
+  m.impl("nearest_code", &nearest_code<Backend>);
+  m.impl("upsample_sum", &upsample_sum<Backend>);
+  m.impl("msrq_encode", &msrq_encode<Backend>);
+  m.impl("add_scale_", &add_scale_<Backend>);
 }
 
 }  // namespace varcore::quant

@@ -7,9 +7,10 @@
 
 #include <cstdint>
 
+#include "common/backend.h"
 #include "common/host_device.h"
 
-namespace varcore::par {
+namespace varcore::par_order {
 
 // Raster index (r*G + c) of PAR index n.
 VC_HD int64_t raster_index(int64_t n, int64_t G, int64_t M) {
@@ -35,9 +36,15 @@ struct CopyParams {
   bool to_raster;  // true: src is PAR-ordered, dst raster (scatter); false: gather
 };
 
-void copy_cpu(const CopyParams& p);
-// par_cuda.cu, built by nvcc (stream is a cudaStream_t) and, as copy_simt, against the host emulation.
-void copy_cuda(const CopyParams& p, void* stream);
-void copy_simt(const CopyParams& p, void* stream);
+// The copy on one backend (common/backend.h): par_order_cpu.cpp defines Cpu's (no stream), par_order_cuda.cu
+// Cuda's (nvcc; stream is a cudaStream_t) and Simt's (the host emulation).
+template <class Backend>
+void run_copy(const CopyParams& p, void* stream);
+template <>
+void run_copy<Cpu>(const CopyParams& p, void* stream);
+template <>
+void run_copy<Cuda>(const CopyParams& p, void* stream);
+template <>
+void run_copy<Simt>(const CopyParams& p, void* stream);
 
-}  // namespace varcore::par
+}  // namespace varcore::par_order

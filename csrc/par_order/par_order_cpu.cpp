@@ -5,9 +5,9 @@
 #include <algorithm>
 #include <cstring>
 
-#include "par/par.h"
+#include "par_order/par_order.h"
 
-namespace varcore::par {
+namespace varcore::par_order {
 namespace {
 
 template <typename Unit>
@@ -44,7 +44,8 @@ void copy_groups(const CopyParams& p) {
 
 }  // namespace
 
-void copy_cpu(const CopyParams& p) {
+template <>
+void run_copy<Cpu>(const CopyParams& p, void*) {
   switch (p.unit_bytes) {
     case 1: copy_groups<uint8_t>(p); break;
     case 2: copy_groups<uint16_t>(p); break;
@@ -53,4 +54,4 @@ void copy_cpu(const CopyParams& p) {
   }
 }
 
-}  // namespace varcore::par
+}  // namespace varcore::par_order

@@ -1,10 +1,10 @@
-// Launcher for the PAR token-order copies. Built by nvcc as copy_cuda and, through par_simt.cpp, as
-// copy_simt against the host emulation.
+// Launcher for the PAR token-order copies. Built by nvcc as run_copy<Cuda> and, through par_order_simt.cpp, as
+// run_copy<Simt> against the host emulation.
 #include <algorithm>
 
-#include "par/par_kernel.cuh"
+#include "par_order/par_order_kernel.cuh"
 
-namespace varcore::par {
+namespace varcore::par_order {
 namespace {
 
 template <typename Unit>
@@ -21,7 +21,8 @@ void launch(const CopyParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-void VC_CUDA_FN(copy)(const CopyParams& p, void* stream) {
+template <>
+void run_copy<VC_CUDA_BACKEND>(const CopyParams& p, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   switch (p.unit_bytes) {
     case 1: launch<uint8_t>(p, s); break;
@@ -31,4 +32,4 @@ void VC_CUDA_FN(copy)(const CopyParams& p, void* stream) {
   }
 }
 
-}  // namespace varcore::par
+}  // namespace varcore::par_order

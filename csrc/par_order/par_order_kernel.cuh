@@ -2,9 +2,9 @@
 #pragma once
 
 #include "common/cuda_compat.h"
-#include "par/par.h"
+#include "par_order/par_order.h"
 
-namespace varcore::par {
+namespace varcore::par_order {
 
 // One thread per unit of payload, grid-stride; consecutive threads touch consecutive units of a token,
 // so rows with many channels are read and written coalesced.
@@ -25,4 +25,4 @@ __global__ void copy_kernel(CopyParams p) {
   }
 }
 
-}  // namespace varcore::par
+}  // namespace varcore::par_order

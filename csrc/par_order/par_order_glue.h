@@ -1,14 +1,16 @@
-// ATen glue shared by the CPU, CUDA and emulated implementations of the PAR order ops: argument checks
-// (before any memory is touched) and CopyParams construction. `launch` runs one CopyParams on a backend.
+// The ATen bindings of the PAR order ops, each templated over the backend (common/backend_torch.h): argument
+// checks (before any memory is touched), CopyParams construction and the launch. impl<Backend> registers them.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <cstdint>
 
-#include "par/par.h"
+#include "common/backend_torch.h"
+#include "par_order/par_order.h"
 
-namespace varcore::par {
+namespace varcore::par_order {
 
 inline int64_t region_side(int64_t G, int64_t M, const char* op) {
   TORCH_CHECK_VALUE(M >= 1, op, ": M (regions per side) must be >= 1, got ", M);
@@ -31,9 +33,9 @@ inline int64_t channels(const at::Tensor& t, int64_t token_dims) {
   return t.dim() == token_dims + 1 ? t.size(-1) : 1;
 }
 
-template <typename Launch>
-void run_copy(const at::Tensor& src, at::Tensor& dst, int64_t G, int64_t M, int64_t group_begin, int64_t group_count,
-              int64_t src_batch_stride, int64_t dst_batch_stride, int64_t C, bool to_raster, Launch&& launch) {
+template <class Backend>
+void copy_tokens(const at::Tensor& src, at::Tensor& dst, int64_t G, int64_t M, int64_t group_begin,
+                 int64_t group_count, int64_t src_batch_stride, int64_t dst_batch_stride, int64_t C, bool to_raster) {
   const int64_t token_bytes = C * int64_t(src.element_size());
   if (src.numel() == 0 || dst.numel() == 0) return;
   CopyParams p;
@@ -49,12 +51,12 @@ void run_copy(const at::Tensor& src, at::Tensor& dst, int64_t G, int64_t M, int6
   p.unit_bytes = pick_unit(token_bytes, p.src, p.dst);
   p.token_units = token_bytes / p.unit_bytes;
   p.to_raster = to_raster;
-  launch(p);
+  Backend::launch(dst, [&](void* stream) { run_copy<Backend>(p, stream); });
 }
 
 // raster (B, G, G[, C]) -> PAR order (B, G*G[, C]); any strides (a contiguous copy is made when needed).
-template <typename Launch>
-at::Tensor gather(const at::Tensor& x, int64_t M, Launch&& launch) {
+template <class Backend>
+at::Tensor par_gather(const at::Tensor& x, int64_t M) {
   TORCH_CHECK_VALUE(x.dim() == 3 || x.dim() == 4, "par_gather: x must be (B, G, G) or (B, G, G, C), got shape ",
                     x.sizes());
   TORCH_CHECK_VALUE(x.size(1) == x.size(2), "par_gather: x must hold a square G x G grid, got shape ", x.sizes());
@@ -64,13 +66,13 @@ at::Tensor gather(const at::Tensor& x, int64_t M, Launch&& launch) {
   std::vector<int64_t> shape{x.size(0), G * G};
   if (x.dim() == 4) shape.push_back(x.size(3));
   at::Tensor out = at::empty(shape, x.options());
-  run_copy(src, out, G, M, 0, (G / M) * (G / M), G * G, G * G, channels(x, 3), false, launch);
+  copy_tokens<Backend>(src, out, G, M, 0, (G / M) * (G / M), G * G, G * G, channels(x, 3), false);
   return out;
 }
 
 // PAR order (B, L[, C]) with L = G*G -> raster (B, G, G[, C]).
-template <typename Launch>
-at::Tensor scatter(const at::Tensor& x, int64_t M, Launch&& launch) {
+template <class Backend>
+at::Tensor par_scatter(const at::Tensor& x, int64_t M) {
   TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, "par_scatter: x must be (B, L) or (B, L, C), got shape ",
                     x.sizes());
   const int64_t L = x.size(1);
@@ -82,13 +84,13 @@ at::Tensor scatter(const at::Tensor& x, int64_t M, Launch&& launch) {
   std::vector<int64_t> shape{x.size(0), G, G};
   if (x.dim() == 3) shape.push_back(x.size(2));
   at::Tensor out = at::empty(shape, x.options());
-  run_copy(src, out, G, M, 0, (G / M) * (G / M), L, L, channels(x, 2), true, launch);
+  copy_tokens<Backend>(src, out, G, M, 0, (G / M) * (G / M), L, L, channels(x, 2), true);
   return out;
 }
 
 // Writes the M*M tokens of parallel step `group` (B, M*M[, C]) into a contiguous raster canvas in place.
-template <typename Launch>
-void group_scatter_(at::Tensor& canvas, const at::Tensor& tokens, int64_t group, int64_t M, Launch&& launch) {
+template <class Backend>
+void par_group_scatter_(at::Tensor& canvas, const at::Tensor& tokens, int64_t group, int64_t M) {
   TORCH_CHECK_VALUE(canvas.dim() == 3 || canvas.dim() == 4,
                     "par_group_scatter_: canvas must be (B, G, G) or (B, G, G, C), got shape ", canvas.sizes());
   TORCH_CHECK_VALUE(canvas.size(1) == canvas.size(2), "par_group_scatter_: canvas must be a square grid, got shape ",
@@ -107,7 +109,15 @@ void group_scatter_(at::Tensor& canvas, const at::Tensor& tokens, int64_t group,
   TORCH_CHECK_VALUE(tokens.sizes() == at::IntArrayRef(want), "par_group_scatter_: tokens must have shape ",
                     at::IntArrayRef(want), " for this canvas and M, got ", tokens.sizes());
   const at::Tensor src = tokens.contiguous();
-  run_copy(src, canvas, G, M, group, 1, M * M, G * G, channels(canvas, 3), true, launch);
+  copy_tokens<Backend>(src, canvas, G, M, group, 1, M * M, G * G, channels(canvas, 3), true);
 }
 
-}  // namespace varcore::par
+// The ops on one backend, for a TORCH_LIBRARY_IMPL block (schemas: par_order_schema.h).
+template <class Backend>
+void impl(torch::Library& m) {
+  m.impl("par_gather", &par_gather<Backend>);
+  m.impl("par_scatter", &par_scatter<Backend>);
+  m.impl("par_group_scatter_", &par_group_scatter_<Backend>);
+}
+
+}  // namespace varcore::par_order
