@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from ceilings import gemm_gflops
+from costs import flops_per_image, gemm_gflops
 from common import bench, machine_header, peak_memory, print_header, print_table, write_json
 from varcore.models import PATCH_NUMS, build_vae_var
 from varcore.sampling.var import VARSampler
@@ -29,17 +29,6 @@ SHAPES = {
 }
 SAMPLING = dict(cfg=1.5, top_k=900, top_p=0.96)  # the official FID protocol
 DECODE_BATCH = 8  # the fast sampler decodes 8 images at a time (bounds the decoder's memory at batch 32)
-
-
-def flops_per_image(var) -> float:
-    """Forward FLOPs of one image (both CFG halves): block linears 24 C^2 per token, attention 4 l L_prefix C per
-    block and scale, the head 2 C V per token. The VQVAE decode is timed separately."""
-    C, V, depth = var.C, var.V, len(var.blocks)
-    total = 0.0
-    for begin, end in var.begin_ends:
-        l = end - begin
-        total += l * (depth * 24 * C * C + 2 * C * V) + depth * 4 * l * end * C
-    return 2 * total
 
 
 def linear_gemm_gflops(dtype) -> float:

@@ -7,7 +7,7 @@
 Each benchmark script runs in its own process at the chosen size (``--quick`` passed when it has one), writes its
 JSON into the run's folder, and a failure or time-out is recorded, not fatal. Then, in this process:
 
-* **ceilings** (:mod:`ceilings`): fp32/bf16 GEMM GFLOP/s and memory GB/s measured now, each kernel's achieved
+* **ceilings** (:mod:`costs`): fp32/bf16 GEMM GFLOP/s and memory GB/s measured now, each kernel's achieved
   rate as a share of its ceiling (work models in :func:`ceiling_shares`), and the GPU floor per image;
 * **quality** of CoDe over N (and VAR alone) on the digits task, with the quality harness of ``varcore eval``
   (:mod:`varcore.digits.quality`), when the bundled weights are installed;
@@ -233,7 +233,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ceilings import FLOOR_COLUMNS, gpu_floors, measure_ceilings
+    from costs import FLOOR_COLUMNS, gpu_floors, measure_ceilings
 
     size = "quick" if args.quick else "full"
     parts = args.only or list(SCRIPTS) + ["quality"]

@@ -6,7 +6,7 @@ import pytest
 
 from varcore import sample_ddp
 from varcore.__main__ import build_parser
-from varcore.train import digits
+from varcore.digits import training
 
 # ``literal``, :role:`target`, `interpreted text`, *emphasis* and **strong**, .. directives
 REST_MARKUP = re.compile(r"``|:[a-z]+:`|`[^`\s][^`]*`|(?<![\w*])\*{1,2}[^\s*][^*]*\*{1,2}(?![\w*])|^\s*\.\. ",
@@ -23,7 +23,7 @@ def _varcore_parsers():
 
 PARSERS = dict(_varcore_parsers())
 PARSERS["sample_ddp"] = sample_ddp.build_arg_parser()
-PARSERS["python -m varcore.train.digits"] = digits.build_arg_parser()
+PARSERS["python -m varcore.digits.training"] = training.build_arg_parser()
 
 
 def test_every_subcommand_is_checked():

@@ -8,7 +8,7 @@ from varcore.cli import bench, evaluate, probe, sample, train_digits
 
 
 def _run_info(args) -> int:
-    from varcore._ext import info
+    from varcore.ops.extension import info
 
     report = info(print_report=not args.json)
     if args.json:

@@ -15,9 +15,7 @@ __all__ = ["add_parser", "run", "benchmarks_dir", "available"]
 
 def benchmarks_dir() -> Optional[Path]:
     """The ``benchmarks`` folder beside the imported ``varcore`` package, or None (installed from a wheel)."""
-    import varcore
-
-    root = Path(varcore.__file__).resolve().parent.parent / "benchmarks"
+    root = Path(__file__).resolve().parents[2] / "benchmarks"  # varcore/cli/bench.py -> the checkout
     return root if (root / "common.py").is_file() else None
 
 

@@ -1,4 +1,4 @@
-"""varcore train-digits: the training recipe of the bundled digits models (varcore.train.digits)."""
+"""varcore train-digits: the training recipe of the bundled digits models (varcore.digits.training)."""
 import argparse
 
 __all__ = ["add_parser", "run"]
@@ -18,7 +18,7 @@ for the data: pip install 'varcore[digits]'. The recipe in full: docs/digits.md.
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from varcore.train import digits
+    from varcore.digits import training as digits
 
     p = sub.add_parser("train-digits", help="train the bundled digits models on this CPU (minutes)",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,6 +28,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from varcore.train import digits
+    from varcore.digits import training as digits
 
     return digits.run(args)
