@@ -12,7 +12,7 @@ JSON into the run's folder, and a failure or time-out is recorded, not fatal. Th
 * **quality** of CoDe over N (and VAR alone) on the digits task, with the quality harness of ``varcore eval``
   (:mod:`varcore.digits.quality`), when the bundled weights are installed;
 * one JSON ``bench_results/run_all-<date>.json`` (machine, load average, torch, commit, every figure), and PNG plots
-  (``--plots``, default ``docs/bench``; needs matplotlib: ``pip install varcore[bench]``).
+  (``--plots``, default ``docs/bench``; needs matplotlib: ``pip install 'varcore[plots]'``).
 """
 from __future__ import annotations
 
@@ -272,13 +272,13 @@ def main(argv=None):
     print()
     print_summary(report, FLOOR_COLUMNS)
     if not args.no_plots:
+        from plots import draw_all
+
         try:
-            from plots import draw_all
-        except ImportError as e:
-            print(f"# no plots: {e} (pip install varcore[bench])")
-        else:
             for p in draw_all(data, Path(args.plots)):
                 print("plot", p)
+        except ImportError as e:
+            print(f"# no plots: {e}")
     print(f"wrote {path} ({header['seconds'] / 60:.1f} min, load average {header['load_average_start'][0]:.1f} -> "
           f"{header['load_average_end'][0]:.1f})")
     return 0

@@ -1,7 +1,7 @@
-"""``varcore bench``: run the benchmark scripts of a source checkout (``benchmarks/bench_*.py``).
+"""varcore bench: run the benchmark scripts of a source checkout (benchmarks/bench_*.py).
 
 The scripts are not part of the installed package: run this from a clone of the repository (an editable
-install), where ``benchmarks/`` sits next to the ``varcore`` package.
+install), where benchmarks/ sits next to the varcore package.
 """
 import argparse
 import shlex

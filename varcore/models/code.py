@@ -15,7 +15,7 @@ part A.3), float32 CPU parity checked against the golden ``code-small`` data:
 
 Random numbers. The official refiner re-seeds its own generator with ``g_seed`` and, inside the prefill step,
 *replays* one draw for every drafted scale (on its own unguided logits, results discarded) before drawing scale N,
-so its stream is where single-model VAR's would be (the maintainer's reason, CoDe issue #8). With
+so its stream is where single-model VAR's would be (the reason CoDe's maintainer gives). With
 ``rng_parity=True`` (default) we replay the draws as well, but only their random numbers (``torch.multinomial``
 with one sample is ``argmax(p / q)``, ``q ~ Exp(1)`` over the probabilities' shape, so the numbers consumed do not
 depend on the logits): the head, the filters and the softmax over the prefix are skipped. With ``rng_parity=False``
