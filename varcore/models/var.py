@@ -113,7 +113,8 @@ class VAR(nn.Module):
 
         init_std = math.sqrt(1 / self.C / 3)
         self.num_classes = num_classes
-        # a plain tensor as official (not a buffer); moved to the model's device when labels are drawn
+        # the official attribute, a plain tensor (not a buffer): the uniform class distribution that the samplers
+        # draw labels from (varcore.sampling.draw.class_labels)
         self.uniform_prob = torch.full((1, num_classes), fill_value=1.0 / num_classes, dtype=torch.float32,
                                        device="cpu")
         self.class_emb = nn.Embedding(num_classes + 1, self.C)

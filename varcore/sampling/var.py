@@ -43,8 +43,8 @@ from varcore.models.vqvae import VQVAE
 from varcore.ops import quant as quant_ops
 from varcore.ops.attention import code_prefill_visible_end
 from varcore.sampling.auto_dtype import resolve_dtype
-from varcore.sampling.draw import (check_batch, check_images_finite, class_labels, nonfinite_rows, raise_if_nonfinite,
-                                   scale_options, temper, top_k_top_p_filter_)
+from varcore.sampling.draw import (check_batch, check_bool, check_images_finite, class_labels, nonfinite_rows,
+                                   raise_if_nonfinite, scale_options, temper, top_k_top_p_filter_)
 from varcore.sampling.rng import generators, model_generator
 
 __all__ = ["VARSampler", "StaticKVCache", "ScaleOptions", "autoregressive_infer_cfg", "row_chunks"]
@@ -114,8 +114,7 @@ class VARSampler:
             raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {type(compile).__name__}")
         if decode_batch is not None:
             check_batch(decode_batch, "decode_batch")
-        if not isinstance(cuda_graphs, bool):
-            raise TypeError(f"cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
+        check_bool(cuda_graphs, "cuda_graphs")
         self.var, self.vae, self.dtype, self.decode_batch = var, vae, dtype, decode_batch
         self.exact = dtype == torch.float32
         self.device = var.lvl_1L.device
