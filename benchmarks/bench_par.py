@@ -4,7 +4,7 @@ official PAR ``generate()`` on the same weights.
 The three schedules share the transformer weights (PAR adds only its transition tokens), so the comparison isolates
 the decoding schedule: 576 / 147 / 51 forward passes on a 24 x 24 grid, 256 / 67 / 31 on 16 x 16. Each schedule runs
 in both sampler modes: ``parity`` (the model's modules, the official random draws) and ``fast`` (prepacked weights,
-CFG mixed before the head; ``varcore.sampling.par_fast``). Speed-ups are over raster decoding *in the same mode*, so
+CFG mixed before the head; ``Transformer.pack_for_decoding``). Speed-ups are over raster decoding *in the same mode*, so
 the fast mode speeds up the baseline too. Reported per (grid, batch, mode, schedule): forward passes, median seconds
 per call, tokens/s (images/s with ``--vq``, which adds a random-weight VQ-16 decode) and the speed-up. CFG is on
 (scale 1.5, the official default), so every step runs a doubled batch.

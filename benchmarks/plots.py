@@ -1,4 +1,4 @@
-"""PNG plots of a ``run_all`` report (matplotlib, an optional dependency: ``pip install varcore[bench]``).
+"""PNG plots of a ``run_all`` report (matplotlib, the optional extra: ``pip install 'varcore[plots]'``).
 
     python benchmarks/plots.py bench_results/run_all-<date>.json [MORE.json ...] [--out docs/bench]
 """
@@ -6,12 +6,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-import matplotlib
+PLOTS_EXTRA_HINT = "the benchmark plots need matplotlib: pip install 'varcore[plots]'"
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display), imported when a plot is drawn."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError(PLOTS_EXTRA_HINT) from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _rows(data: dict, name: str) -> list:
@@ -30,7 +40,7 @@ def _save(fig, data, path: Path) -> Path:
     fig.text(0.01, 0.005, _caption(data), fontsize=6, color="0.4")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
@@ -58,6 +68,7 @@ def plot_speedups(data, out: Path):
     items = speedups(data)
     if not items:
         return None
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 0.22 * len(items) + 1.2))
     labels, values = zip(*items)
     colors = ["tab:green" if v >= 1 else "tab:red" for v in values]
@@ -75,6 +86,7 @@ def plot_batch(data, out: Path):
     rows = _rows(data, "batch")
     if not rows:
         return None
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name in dict.fromkeys(r["sampler"] for r in rows):
         pts = sorted((r["B"], r["img_s"]) for r in rows if r["sampler"] == name)
@@ -95,6 +107,7 @@ def plot_code_quality(data, out: Path):
     rows = data.get("code_quality")
     if not rows:
         return None
+    plt = _pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.8))
     for ax, key, label in ((a1, "class_consistency", "class consistency"), (a2, "frechet", "Fréchet distance")):
         xs, ys = [r["images_per_s"] for r in rows], [r[key] for r in rows]
@@ -132,6 +145,7 @@ def plot_kv_cache(data, out: Path):
                        "CoDe: drafter + refiner vs the drafter alone"))
     if not panels:
         return None
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
     for ax, (labels, values, ylabel, title) in zip(axes[0], panels):
         ax.bar(range(len(values)), values, color="tab:blue")
@@ -145,6 +159,7 @@ def plot_shares(data, out: Path):
     rows = data.get("ceiling_shares")
     if not rows:
         return None
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 0.22 * len(rows) + 1.2))
     ax.barh(range(len(rows)), [r["share_pct"] for r in rows],
             color=["tab:purple" if r["unit"] == "GB/s" else "tab:blue" for r in rows])
@@ -160,6 +175,9 @@ def plot_shares(data, out: Path):
 
 
 def draw_all(data: dict, out: Path) -> list:
+    """Every plot that ``data`` has figures for, as PNG files in ``out``; ImportError naming the extra without
+    matplotlib."""
+    _pyplot()
     out.mkdir(parents=True, exist_ok=True)
     paths = [f(data, out) for f in (plot_speedups, plot_batch, plot_code_quality, plot_kv_cache, plot_shares)]
     return [p for p in paths if p is not None]
@@ -188,9 +206,15 @@ def main():
     reports += [{"results": {name: {"status": "ok", "json": json.loads(Path(path).read_text())}}}
                 for name, path in args.script]
     data = merge(reports)
-    for p in draw_all(data, Path(args.out)):
+    try:
+        paths = draw_all(data, Path(args.out))
+    except ImportError as e:
+        print(f"plots.py: error: {e}", file=sys.stderr)
+        return 2
+    for p in paths:
         print("wrote", p)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -7,12 +7,12 @@
 Each benchmark script runs in its own process at the chosen size (``--quick`` passed when it has one), writes its
 JSON into the run's folder, and a failure or time-out is recorded, not fatal. Then, in this process:
 
-* **ceilings** (:mod:`ceilings`): fp32/bf16 GEMM GFLOP/s and memory GB/s measured now, each kernel's achieved
+* **ceilings** (:mod:`costs`): fp32/bf16 GEMM GFLOP/s and memory GB/s measured now, each kernel's achieved
   rate as a share of its ceiling (work models in :func:`ceiling_shares`), and the GPU floor per image;
 * **quality** of CoDe over N (and VAR alone) on the digits task, with the quality harness of ``varcore eval``
   (:mod:`varcore.digits.quality`), when the bundled weights are installed;
 * one JSON ``bench_results/run_all-<date>.json`` (machine, load average, torch, commit, every figure), and PNG plots
-  (``--plots``, default ``docs/bench``; needs matplotlib: ``pip install varcore[bench]``).
+  (``--plots``, default ``docs/bench``; needs matplotlib: ``pip install 'varcore[plots]'``).
 """
 from __future__ import annotations
 
@@ -233,7 +233,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ceilings import FLOOR_COLUMNS, gpu_floors, measure_ceilings
+    from costs import FLOOR_COLUMNS, gpu_floors, measure_ceilings
 
     size = "quick" if args.quick else "full"
     parts = args.only or list(SCRIPTS) + ["quality"]
@@ -272,13 +272,13 @@ def main(argv=None):
     print()
     print_summary(report, FLOOR_COLUMNS)
     if not args.no_plots:
+        from plots import draw_all
+
         try:
-            from plots import draw_all
-        except ImportError as e:
-            print(f"# no plots: {e} (pip install varcore[bench])")
-        else:
             for p in draw_all(data, Path(args.plots)):
                 print("plot", p)
+        except ImportError as e:
+            print(f"# no plots: {e}")
     print(f"wrote {path} ({header['seconds'] / 60:.1f} min, load average {header['load_average_start'][0]:.1f} -> "
           f"{header['load_average_end'][0]:.1f})")
     return 0

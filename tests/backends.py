@@ -12,13 +12,13 @@ BACKENDS = ["reference", "cpu", "simt", "cuda"]
 
 def require_compiled():
     """The compiled extension, or a skip (a failure under CI, where it must have been built)."""
-    from varcore import _ext
+    from varcore.ops import extension
 
-    if _ext._C is None:
+    if extension.LIBRARY is None:
         if os.environ.get("CI") == "true":
-            pytest.fail(f"varcore._C must be built under CI: {_ext.LOAD_ERROR}")
-        pytest.skip(f"varcore._C not built: {_ext.LOAD_ERROR}")
-    return _ext._C
+            pytest.fail(f"varcore._C must be built under CI: {extension.LOAD_ERROR}")
+        pytest.skip(f"varcore._C not built: {extension.LOAD_ERROR}")
+    return extension.LIBRARY
 
 
 def require_simt():

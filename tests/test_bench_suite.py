@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import ceilings  # noqa: E402
+import costs  # noqa: E402
 import run_all  # noqa: E402
 
 from varcore.ops import attention as att  # noqa: E402
@@ -48,10 +48,10 @@ def test_ceiling_shares_from_rows():
 def test_gpu_floor_var_d30_matches_the_known_figure():
     """VAR-d30 at 256 px with CFG: about 3.76 TFLOP in the transformer (3.8 ms at 989 TFLOP/s), computed here from
     the architecture."""
-    cost = ceilings.var_image_cost("d30")
+    cost = costs.var_image_cost("d30")
     assert cost["transformer_flops"] / 1e12 == pytest.approx(3.76, abs=0.03)
     assert cost["weight_bytes"] == pytest.approx(2 * 2.01e9, rel=0.01)
-    gpt = ceilings.gpt_image_cost("GPT-B", grid=16, M=2)
+    gpt = costs.gpt_image_cost("GPT-B", grid=16, M=2)
     assert gpt["passes"] == 1 + 3 + (256 // 4 - 1)
     # linear FLOPs dominate: at least 2 * 2 (CFG) * tokens * parameters of the blocks
     assert gpt["transformer_flops"] > 2 * 2 * 256 * 12 * 12 * 768 * 768

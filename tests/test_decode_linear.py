@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from backends import require_compiled
-from varcore import _ext
+from varcore.ops import extension
 from varcore.ops.linear import (PANEL, decode_linear, decode_linear_pack, decode_linear_pack_ref, decode_linear_ref,
                                 decode_linear_rmsnorm, decode_linear_rmsnorm_ref)
 
@@ -31,7 +31,7 @@ def test_reference_matches_f_linear():
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
 def test_kernel_matches_the_reference_on_every_isa(isa, monkeypatch):
     require_compiled()
-    if not _ext.use_kernel("decode_linear", torch.device("cpu")):
+    if not extension.use_kernel("decode_linear", torch.device("cpu")):
         pytest.skip("varcore._C predates decode_linear")
     monkeypatch.setenv("VARCORE_CPU_ISA", isa)
     for N, K in SHAPES:
@@ -112,7 +112,7 @@ def test_rmsnorm_variant_bad_arguments():
         decode_linear_rmsnorm(x, packed, 96, g, float("nan"))
     with pytest.raises(ValueError, match="x has 41 input features"):
         decode_linear_rmsnorm(torch.zeros(2, 41), packed, 96, g, 1e-5)
-    if _ext.use_kernel("decode_linear_rmsnorm", torch.device("cpu")):  # the C++ checks, called directly
+    if extension.use_kernel("decode_linear_rmsnorm", torch.device("cpu")):  # the C++ checks, called directly
         with pytest.raises(RuntimeError, match="norm_weight must be float32 of shape"):
             torch.ops.varcore.decode_linear_rmsnorm(x, packed, 96, torch.ones(41), 1e-5)
         with pytest.raises(RuntimeError, match="eps must be finite"):

@@ -9,7 +9,7 @@ from varcore.digits.data import augment, load_digits
 from varcore.digits.quality import (class_consistency, classifier_features, frechet_distance, load_classifier,
                                     reference_features)
 from varcore.digits.recipe import ARCHS, WEIGHTS_DIR, weights_path
-from varcore.train.digits import DigitsRecipe, train_digits
+from varcore.digits.training import DigitsRecipe, train_digits
 
 
 # ---------------------------------------------------------------------------------------------- data

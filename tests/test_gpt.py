@@ -214,10 +214,10 @@ def test_cfg_interval_follows_the_official_counters(cfg_interval, monkeypatch):
         return torch.cat([torch.zeros(B2 // 2, n, 16), torch.ones(B2 // 2, n, 16)])
 
     seen = []
-    original_draw = sampler._draw
+    original = sampler.step_logits
     monkeypatch.setattr(model, "forward_cached", fake_cached)
-    monkeypatch.setattr(sampler, "_draw", lambda logits, **kw: seen.append(logits[0, 0, 0].item()) or
-                        original_draw(logits, **kw))
+    monkeypatch.setattr(sampler, "step_logits", lambda *a: seen.append(original(*a)[0, 0, 0].item()) or
+                        original(*a))
     sampler.sample_tokens([1], cfg_scale=3.0, cfg_interval=cfg_interval)
 
     def on(i):

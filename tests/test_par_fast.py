@@ -1,29 +1,29 @@
-"""PARSampler's fast mode (varcore.sampling.par_fast) against the parity mode and teacher forcing: packed
-projections, every step's logits (raster, PAR-4x, PAR-16x; CFG mixed before the head; grouped-query attention),
+"""PARSampler's fast mode (the model's decode layout, Transformer.pack_for_decoding) against the parity mode and
+teacher forcing: packed projections, every step's logits (raster, PAR-4x, PAR-16x; CFG mixed before the head; grouped-query attention),
 the sampled tokens under every sampling setting, the inverse-CDF draw, and bad arguments."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-import varcore.sampling.par_fast as par_fast
-from varcore import _ext
+import varcore.models.gpt as gpt
+from varcore.ops import extension
 from test_gpt import one_thread, tiny  # noqa: F401  (one_thread is an autouse fixture)
 import varcore.sampling.draw as draw
 from varcore.sampling.draw import inverse_cdf_sample
 from varcore.sampling.par import PARSampler
-from varcore.sampling.par_fast import FastDecoder, PackedLinear
+from varcore.models.gpt import PackedLinear
 
 
 @pytest.mark.parametrize("backend", ["kernel", "onednn", "dense"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_packed_linear_matches_f_linear(backend, dtype, monkeypatch):
-    kernel = _ext.use_kernel("decode_linear", torch.device("cpu"))
-    if backend == "kernel" and not kernel or backend == "onednn" and not par_fast.onednn_linear_available():
+    kernel = extension.use_kernel("decode_linear", torch.device("cpu"))
+    if backend == "kernel" and not kernel or backend == "onednn" and not gpt.onednn_linear_available():
         pytest.skip(f"{backend} is not available in this build")
     if backend != "kernel":
-        monkeypatch.setattr(_ext, "use_kernel", lambda op, device: False)
+        monkeypatch.setattr(extension, "use_kernel", lambda op, device: False)
     if backend == "dense":
-        monkeypatch.setattr(par_fast, "onednn_linear_available", lambda: False)
+        monkeypatch.setattr(gpt, "onednn_linear_available", lambda: False)
     torch.manual_seed(0)
     for out_f, in_f in [(96, 64), (130, 48), (2048, 768)]:
         w = torch.randn(out_f, in_f, dtype=dtype)
@@ -56,8 +56,8 @@ def test_fast_steps_match_teacher_forcing(M, grid, kw, cfg_scale, monkeypatch):
     labels = torch.tensor([1, 3, 0])
     sampler = PARSampler(model, fast=True)
     logits = []
-    original = sampler.decoder.step
-    monkeypatch.setattr(sampler.decoder, "step", lambda *a, **k: logits.append(original(*a, **k)) or logits[-1])
+    original = sampler.step_logits
+    monkeypatch.setattr(sampler, "step_logits", lambda *a, **k: logits.append(original(*a, **k)) or logits[-1])
     seq = sampler.sample_tokens(labels, cfg_scale=cfg_scale, order="par", generator=torch.Generator().manual_seed(1))
     assert len(logits) == sampler.steps
     with torch.no_grad():
@@ -74,8 +74,8 @@ def test_fast_mode_draws_by_inverse_cdf(M, cfg_scale, top_k, monkeypatch):
     sampler = PARSampler(model, fast=True)
     assert sampler.draw == "inverse_cdf"
     logits = []
-    original = sampler.decoder.step
-    monkeypatch.setattr(sampler.decoder, "step", lambda *a, **k: logits.append(original(*a, **k)) or logits[-1])
+    original = sampler.step_logits
+    monkeypatch.setattr(sampler, "step_logits", lambda *a, **k: logits.append(original(*a, **k)) or logits[-1])
     seq = sampler.sample_tokens(labels, cfg_scale=cfg_scale, top_k=top_k, order="par",
                                 generator=torch.Generator().manual_seed(7))
     gen, replay = torch.Generator().manual_seed(7), []
@@ -145,11 +145,11 @@ def test_fast_decoder_follows_weight_changes_and_frees_caches():
     model, other = tiny(M=2, grid=8), tiny(M=2, grid=8, seed=5)
     sampler = PARSampler(model, fast=True)
     before = sampler.sample_tokens([1, 2], sample_logits=False)
-    assert all(layer.k is None for layer in sampler.decoder.layers)
-    assert sampler.decoder.is_current()
+    assert all(layer.attention.kv_cache is None for layer in model.layers)
+    assert sampler.packed.is_current(model)
     with torch.no_grad():
         model.layers[1].feed_forward.w2.weight.mul_(-1.5)
-    assert not sampler.decoder.is_current()
+    assert not sampler.packed.is_current(model)
     changed = sampler.sample_tokens([1, 2], sample_logits=False)
     assert torch.equal(changed, PARSampler(model).sample_tokens([1, 2], sample_logits=False))
     assert not torch.equal(changed, before)
@@ -164,16 +164,32 @@ def test_fast_mode_bad_arguments():
         PARSampler(model, fast=1)
     with pytest.raises(ValueError, match="draw must be one of"):
         PARSampler(model, fast=True, draw="gumbel")
-    with pytest.raises(TypeError, match="model must be"):
-        FastDecoder(torch.nn.Linear(2, 2))
-    decoder = FastDecoder(model)
-    with pytest.raises(ValueError, match="max_seq"):
-        decoder.setup(2, 10_000)
-    decoder.setup(2, 64)
+    model.setup_caches(2, 64, torch.float32)
+    packed = model.pack_for_decoding()
     h = torch.zeros(2, 4, 32)
-    with pytest.raises(ValueError, match="rows"):
-        decoder.step(torch.zeros(4, 4, 32), 4)
+    with pytest.raises(ValueError, match="batch"):
+        model.hidden_cached(torch.zeros(4, 4, 32), 4, packed)
     with pytest.raises(ValueError, match="exceed"):
-        decoder.step(h, 62)
-    with pytest.raises(ValueError, match="different prefixes"):
-        decoder.step(h, 2)  # positions 2..5 straddle the single-token steps and the first group
+        model.hidden_cached(h, 62, packed)
+    model.clear_caches()
+    with pytest.raises(RuntimeError, match="setup_caches"):
+        model.hidden_cached(h, 0, packed)
+
+
+@pytest.mark.parametrize("M", [2, 4])
+def test_packed_layout_masks_steps_across_groups(M):
+    """A multi-position call whose positions see different prefixes (the single-token steps and a group) is masked
+    in the decode layout as in the model's modules: both give the teacher-forced hidden states."""
+    model = tiny(M=M, grid=8, seed=3).eval()
+    n = M * M
+    seq = torch.randint(0, model.vocab_size, (2, 3 * n))
+    labels = torch.tensor([1, 2])
+    with torch.no_grad():
+        h = model.teacher_forcing_embeddings(seq, labels)
+        for packed in (None, model.pack_for_decoding()):
+            model.setup_caches(2, h.shape[1], torch.float32)
+            logits = model.logits(model.hidden_cached(h, 0, packed), packed)  # one call over every position
+            ref = model.forward_teacher(seq, labels)
+            k = ref.shape[1]
+            torch.testing.assert_close(logits[:, :k], ref, atol=2e-5, rtol=2e-5)
+            model.clear_caches()

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import varcore
-from varcore.models.quant import phi_index_table
+from varcore.models.quant import VectorQuantizer2, phi_index_table
+from varcore.ops import extension
 from varcore.ops import quant as q
 
 from backends import backend_params, require_compiled, resolve
@@ -342,8 +343,8 @@ def _msrq_op(backend):
 
 def _phi_args(vq, SN):
     """(weights, biases, phi_index, ratio) of a quantizer's phi table, as msrq_encode takes them."""
-    affine = q._affine_phis(vq.phis_for(SN), vq.embedding.weight)
-    return affine.weights, affine.biases, affine.groups, affine.ratio
+    table = vq.phis_for(SN).detached()
+    return table.weights, table.biases, table.groups, table.ratio
 
 
 def _reference_encode(monkeypatch, vq, f, patch_nums, to_fhat):
@@ -522,3 +523,32 @@ def test_add_scale_opcheck():
             torch.randn(4), 0.5)
     torch.library.opcheck(torch.ops.varcore.add_scale_, (*args, 4, True, True))
     torch.library.opcheck(torch.ops.varcore.add_scale_, (*args, 0, False, False))
+
+
+@pytest.mark.parametrize("share", [0, 1, 2, 4])
+def test_phi_table_gives_the_fused_path_the_quantizer_parameters(share, monkeypatch):
+    """The fused kernels take the phi parameters from the PhiTable, not from the modules: a table whose tensors
+    differ from its callables changes the fused decode and not the reference; a plain list of the same modules
+    runs the reference."""
+    torch.manual_seed(share)
+    vq = VectorQuantizer2(16, 8, using_znorm=False, beta=0.25, default_qresi_counts=0, v_patch_nums=(1, 2, 3, 4),
+                          quant_resi=0.5, share_quant_resi=share)
+    SN = 4
+    table = vq.phis_for(SN)
+    assert list(table) == [vq.quant_resi[si / (SN - 1)] for si in range(SN)]
+    assert len(table.weights) == table.num_groups and table.ratio == 0.5
+    idx_Bl = [torch.randint(0, 16, (2, pn * pn)) for pn in (1, 2, 3, 4)]
+    with torch.no_grad():
+        fused = q.upsample_sum(idx_Bl, vq.embedding.weight, table, (1, 2, 3, 4))
+        plain = q.upsample_sum(idx_Bl, vq.embedding.weight, list(table), (1, 2, 3, 4))
+        ref = q.upsample_sum_ref(idx_Bl, vq.embedding.weight, table, (1, 2, 3, 4))
+        torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
+        assert torch.equal(plain, ref)
+        zeroed = q.PhiTable(table, table.groups, [torch.zeros_like(w) for w in table.weights], table.biases, 0.5)
+        changed = q.upsample_sum(idx_Bl, vq.embedding.weight, zeroed, (1, 2, 3, 4))
+    if extension.use_kernel("upsample_sum", torch.device("cpu")):
+        assert not torch.allclose(changed, ref, atol=1e-3)
+    with pytest.raises(ValueError, match="groups"):
+        q.PhiTable(table, [0, 2, 2, 2], table.weights, table.biases, 0.5)
+    with pytest.raises(ValueError, match="one tensor per group"):
+        q.PhiTable(table, table.groups, table.weights[:1] * (table.num_groups + 1), table.biases, 0.5)

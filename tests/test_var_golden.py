@@ -137,7 +137,7 @@ def test_code_small_fhat_and_token_hub(code_small):
 def test_code_small_tie_break_is_pinned_by_golden(code_small):
     """The golden f_hat tells the tie-break apart: resolving the si=2 tie the other way changes it."""
     vae, _, expected, idx_Bl = code_small
-    phis = vae.quantize.phis_for(10)
+    phis = list(vae.quantize.phis_for(10))  # a plain list of callables: the reference path
     phis[2] = vae.quantize.quant_resi.qresi_ls[0]
     f_hat = embed_to_fhat(_embed(vae, idx_Bl), phis, vae.quantize.v_patch_nums, last_one=True)
     assert (f_hat - expected["run0_final_fhat"]).abs().max() > 1e-3

@@ -5,7 +5,7 @@ reference that is used when the extension is missing. ``varcore.info()`` reports
 """
 from importlib import import_module
 
-from ._ext import info
+from .ops.extension import info
 
 __version__ = "0.1.0"
 

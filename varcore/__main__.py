@@ -1,5 +1,5 @@
-"""The ``varcore`` command line (also ``python -m varcore``): ``info``, ``sample``, ``eval``, ``bench``, ``probe``,
-``presets`` and ``train-digits``; ``varcore COMMAND --help`` describes each."""
+"""The varcore command line (also python -m varcore): info, sample, eval, bench, probe, presets and train-digits;
+varcore COMMAND --help describes each."""
 import argparse
 import json
 import sys
@@ -8,7 +8,7 @@ from varcore.cli import bench, evaluate, probe, sample, train_digits
 
 
 def _run_info(args) -> int:
-    from varcore._ext import info
+    from varcore.ops.extension import info
 
     report = info(print_report=not args.json)
     if args.json:
@@ -33,13 +33,13 @@ def _run_presets(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="varcore", description="varcore: VAR, CoDe and PAR image generation. "
-                                     "Run `varcore COMMAND --help` for a command's options.")
+                                     "Run 'varcore COMMAND --help' for a command's options.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p_info = sub.add_parser("info", help="torch build, compiled parts and each op's backend",
                             description="Report the torch build, the compiled parts and each op's backend.")
     p_info.add_argument("--json", action="store_true", help="print the report as JSON")
     p_info.set_defaults(run=_run_info)
-    p_presets = sub.add_parser("presets", help="the official FID protocols for `python -m varcore.sample_ddp --preset`",
+    p_presets = sub.add_parser("presets", help="the official FID protocols for python -m varcore.sample_ddp --preset",
                                description="List the official FID sampling protocols (sample_ddp --preset NAME) "
                                            "with their values and the upstream files they come from.")
     p_presets.set_defaults(run=_run_presets)

@@ -319,7 +319,7 @@ def load_code_pair(drafter: Union[PathLike, Mapping], refiner: Union[PathLike, M
 
 
 # ---------------------------------------------------------------------------------------------- LlamaGen / PAR
-def _gpt_state_dict(source: Union[PathLike, Mapping]) -> Dict[str, torch.Tensor]:
+def gpt_state_dict(source: Union[PathLike, Mapping]) -> Dict[str, torch.Tensor]:
     """A flat GPT state dict from a raw file (FSDP export) or a ``model`` / ``module`` (DeepSpeed) /
     ``state_dict`` wrapper, as PAR's sampler accepts."""
     obj = source if isinstance(source, Mapping) else read_file(source)
@@ -339,7 +339,7 @@ def load_gpt(path: Union[PathLike, Mapping], block_size: int = 576, device: Unio
     """
     from varcore.models.gpt import GPT_CONFIGS, ModelArgs, Transformer
 
-    state = _gpt_state_dict(path)
+    state = gpt_state_dict(path)
     try:
         vocab_size, dim = state["tok_embeddings.weight"].shape
         num_classes = state["cls_embedding.embedding_table.weight"].shape[0] - 1
@@ -365,7 +365,7 @@ def load_vq16(path: Union[PathLike, Mapping], device: Union[str, torch.device] =
     codebook size and dimension are read off the file, ``overrides`` (ModelArgs fields) win. Eval mode, frozen."""
     from varcore.models.vq16 import ModelArgs as VQArgs, VQModel
 
-    state = _gpt_state_dict(path)
+    state = gpt_state_dict(path)
     if "quantize.embedding.weight" not in state:
         raise ValueError("not a LlamaGen VQ state dict: missing 'quantize.embedding.weight'")
     n_e, e_dim = state["quantize.embedding.weight"].shape

@@ -367,7 +367,7 @@ def _temperature(text: str) -> Union[float, List[float]]:
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="torchrun --nproc_per_node=N -m varcore.sample_ddp",
                                 description="Sample K images per class on every rank's share; write DIR/samples.npz.")
-    p.add_argument("--preset", default=None, help="an official FID protocol by name (`varcore presets` lists them): "
+    p.add_argument("--preset", default=None, help="an official FID protocol by name (varcore presets lists them): "
                    "sets --model, --per-class and the sampling settings; explicit flags still win")
     p.add_argument("--model", default=None, help="zoo name (var-d16 ..., code-6 ...), bundled model name, "
                    "VAE_PATH,VAR_PATH or VAE_PATH,DRAFTER_PATH,REFINER_PATH,N (needed without --preset)")

@@ -1,7 +1,7 @@
-"""``varcore bench``: run the benchmark scripts of a source checkout (``benchmarks/bench_*.py``).
+"""varcore bench: run the benchmark scripts of a source checkout (benchmarks/bench_*.py).
 
 The scripts are not part of the installed package: run this from a clone of the repository (an editable
-install), where ``benchmarks/`` sits next to the ``varcore`` package.
+install), where benchmarks/ sits next to the varcore package.
 """
 import argparse
 import shlex
@@ -15,9 +15,7 @@ __all__ = ["add_parser", "run", "benchmarks_dir", "available"]
 
 def benchmarks_dir() -> Optional[Path]:
     """The ``benchmarks`` folder beside the imported ``varcore`` package, or None (installed from a wheel)."""
-    import varcore
-
-    root = Path(varcore.__file__).resolve().parent.parent / "benchmarks"
+    root = Path(__file__).resolve().parents[2] / "benchmarks"  # varcore/cli/bench.py -> the checkout
     return root if (root / "common.py").is_file() else None
 
 

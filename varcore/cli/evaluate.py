@@ -1,6 +1,6 @@
-"""``varcore eval``: quality and speed of the bundled digits models on this machine (see
-:mod:`varcore.digits.evaluate`). ``--json`` prints a JSON list of objects with the keys ``model``, ``decoding``,
-``steps``, ``images_per_s``, ``class_consistency`` (a fraction in [0, 1]) and ``frechet``."""
+"""varcore eval: quality and speed of the bundled digits models on this machine (see varcore.digits.evaluate and
+docs/digits.md). --json prints a JSON list of objects with the keys model, decoding, steps, images_per_s,
+class_consistency (a fraction in [0, 1]) and frechet. Needs scikit-learn: pip install 'varcore[digits]'."""
 import argparse
 
 from varcore.argtypes import device_arg
@@ -21,7 +21,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=device_arg, default="cpu")
     p.add_argument("--weights", default=None, metavar="DIR",
-                   help="read the weights from DIR (e.g. `varcore train-digits --out DIR`) instead of the package")
+                   help="read the weights from DIR (e.g. the output of varcore train-digits --out DIR) instead of the package")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
     return p

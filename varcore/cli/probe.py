@@ -1,8 +1,9 @@
-"""``varcore probe``: do the tokens that VAR and PAR draw in parallel depend on each other? (see
-:mod:`varcore.probe` and ``docs/probe.md``). On the bundled digits models: (a) for the raster GPT, the mean KL
+"""varcore probe: do the tokens that VAR and PAR draw in parallel depend on each other? (see varcore.probe and
+docs/probe.md). On the bundled digits models: (a) for the raster GPT, the mean KL
 between its prediction of token j with an earlier token i as drawn and with i resampled, against the Chebyshev
 distance of i and j; (b) for the VAR, per scale, the mutual information between neighbouring tokens in real and in
-generated token maps, and the entropy of its per-token predictions given the coarser scales. All in nats."""
+generated token maps, and the entropy of its per-token predictions given the coarser scales. All in nats.
+Needs scikit-learn for the real digits: pip install 'varcore[digits]'."""
 import argparse
 import json
 

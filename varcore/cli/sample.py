@@ -1,11 +1,11 @@
-"""``varcore sample``: images from a bundled digits model or official checkpoints, as a PNG grid (and an .npz).
+"""varcore sample: images from a bundled digits model or official checkpoints, as a PNG grid (and an .npz).
 
-The grid has one row per seed and one column per class. Row ``s`` is drawn in calls of at most ``--batch-size``
-images; call ``j`` of seed ``s`` is seeded with ``s + 1000003 * j`` (one call per row whenever ``--batch-size`` is
-at least the number of classes, the default case), so the same command always gives the same images.
+The grid has one row per seed and one column per class. Row s is drawn in calls of at most --batch-size images;
+call j of seed s is seeded with s + 1000003 * j (one call per row whenever --batch-size is at least the number of
+classes, the default case), so the same command always gives the same images.
 
-``--npz`` writes the layout of OpenAI's ADM evaluator (``guided-diffusion/evaluations``) used for FID:
-``arr_0`` uint8 (N, H, W, 3) and ``arr_1`` int64 labels (N,), rows in grid order.
+--npz writes the layout of OpenAI's ADM evaluator (guided-diffusion/evaluations) used for FID: arr_0 uint8
+(N, H, W, 3) and arr_1 int64 labels (N,), rows in grid order.
 """
 import argparse
 from pathlib import Path

@@ -18,7 +18,7 @@ Two entry points:
   the matching varcore sampler (:class:`~varcore.sampling.var.VARSampler`, :class:`~varcore.sampling.code.
   CoDeSampler` or :class:`~varcore.sampling.par.PARSampler`), with one interface.
 
-The recipe that produced the weights is :mod:`varcore.train.digits` (``varcore train-digits``).
+The recipe that produced the weights is :mod:`varcore.digits.training` (``varcore train-digits``).
 """
 from dataclasses import dataclass
 from typing import Dict, NamedTuple, Optional, Sequence, Union

@@ -1,7 +1,8 @@
 """The digits data set: scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), upscaled.
 
-It ships inside scikit-learn, so it is available offline on any machine where ``pip install varcore`` worked: no
-download is ever needed to train or evaluate the bundled models.
+It ships inside scikit-learn (the optional extra ``pip install 'varcore[digits]'``), so no download is ever needed
+to train or evaluate the bundled models. Sampling them needs no scikit-learn: only the training recipe, the quality
+harness and the probe read the data.
 
 Images are returned as float tensors (N, 3, size, size) in [-1, 1] (the grey value repeated in three channels, as
 the VAR and LlamaGen tokenizers expect RGB), with ink bright on a dark background. The split is fixed: a
@@ -20,13 +21,15 @@ NUM_CLASSES = 10
 SPLITS = ("train", "test", "all")
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
+DIGITS_EXTRA_HINT = ("the digits data set (training, quality harness, probe) comes from scikit-learn: "
+                     "pip install 'varcore[digits]'")
 
 
 def _raw_digits() -> Tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits as sk_load_digits
-    except ImportError as e:  # a dependency of varcore, but give a clear message if someone removed it
-        raise ImportError("the digits data set comes from scikit-learn: pip install scikit-learn") from e
+    except ImportError as e:
+        raise ImportError(DIGITS_EXTRA_HINT) from e
     bunch = sk_load_digits()
     return bunch.images.astype(np.float32) / 16.0, bunch.target.astype(np.int64)
 

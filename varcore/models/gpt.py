@@ -28,17 +28,20 @@ positions causal, then groups of ``spe_token_num + 1``), with a warning.
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from varcore.ops import extension
 from varcore.ops.attention import attend, group_visible_end
+from varcore.ops.linear import decode_linear_pack
 from varcore.ops.par_order import par_permutation
 
 __all__ = ["ModelArgs", "Transformer", "GPT_models", "GPT_CONFIGS", "generate", "find_multiple",
-           "precompute_freqs_cis_2d", "apply_rotary_emb", "attention", "unwrap_compiled"]
+           "precompute_freqs_cis_2d", "apply_rotary_emb", "rotate_complex", "attention", "unwrap_compiled",
+           "KVCache", "PackedLinear", "PackedWeights", "onednn_linear_available"]
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -167,6 +170,14 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     return out.flatten(3).type_as(x)
 
 
+def rotate_complex(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """RoPE of the decode layout: interleaved pairs of x (B, S, H, D) times the complex rotations rot (S, D/2),
+    one complex multiplication in x's dtype (:func:`apply_rotary_emb` up to rounding)."""
+    B, S, H, D = x.shape
+    xc = torch.view_as_complex(x.reshape(B, S, H, D // 2, 2))
+    return torch.view_as_real(xc * rot[None, :, None]).reshape(B, S, H, D)
+
+
 def attention(q, k, v, visible_end: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The one attention call of the model, (B, H, L, D) layout: query i sees keys [0, visible_end[i]), or every
     key when ``visible_end`` is None. Swap the backend here."""
@@ -187,6 +198,82 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
+def onednn_linear_available() -> bool:
+    """Whether this torch has oneDNN's prepacked linear (``mkldnn._reorder_linear_weight`` / ``_linear_pointwise``)."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+class PackedLinear:
+    """``x @ weight.T`` for 2-D ``x``, the weight (out, in) packed once. ``backend``: ``'kernel'`` (varcore's
+    few-row CPU kernel, :mod:`varcore.ops.linear`) for float32 CPU weights when it is built, else ``'onednn'``
+    (oneDNN's prepacked linear) when torch has it, else ``'dense'`` (a contiguous copy through ``F.linear``)."""
+
+    def __init__(self, weight: torch.Tensor):
+        weight = weight.detach()
+        self.out_features, self.in_features = weight.shape
+        cpu_f32 = weight.device.type == "cpu" and weight.dtype == torch.float32
+        if cpu_f32 and extension.use_kernel("decode_linear", weight.device):
+            self.backend, self.weight = "kernel", decode_linear_pack(weight)
+        elif cpu_f32 and onednn_linear_available():
+            self.backend = "onednn"
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
+        else:
+            self.backend, self.weight = "dense", weight.contiguous().clone()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "kernel":
+            return torch.ops.varcore.decode_linear(x, self.weight, self.out_features)
+        if self.backend == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+        return F.linear(x, self.weight)
+
+    def normed(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """``self(F.rms_norm(x, (in,), norm_weight, eps))``, one fused call on the kernel backend."""
+        if self.backend == "kernel":
+            return torch.ops.varcore.decode_linear_rmsnorm(x, self.weight, self.out_features, norm_weight, eps)
+        return self(F.rms_norm(x, (self.in_features,), norm_weight, eps))
+
+
+class PackedBlock:
+    """One block in the decode layout: the q|k|v and w1|w3 products packed with their RMSNorm fused in, wo, w2."""
+
+    def __init__(self, block: "TransformerBlock"):
+        att, ffn = block.attention, block.feed_forward
+        self.attn_norm, self.attn_eps = block.attention_norm.weight.detach(), block.attention_norm.eps
+        self.ffn_norm, self.ffn_eps = block.ffn_norm.weight.detach(), block.ffn_norm.eps
+        self.wqkv, self.wo = PackedLinear(att.wqkv.weight), PackedLinear(att.wo.weight)
+        self.w13 = PackedLinear(torch.cat([ffn.w1.weight, ffn.w3.weight]))
+        self.w2, self.hidden = PackedLinear(ffn.w2.weight), ffn.w1.weight.shape[0]
+
+
+class PackedWeights:
+    """The decode layout of a :class:`Transformer` (:meth:`Transformer.pack_for_decoding`): a copy of the weights
+    for steps of few rows, passed as ``packed=`` to the model's cached passes. A sampler step feeds 2-32 rows
+    through the whole model, so a step costs about one read of the weights plus per-op overhead: every projection
+    is packed once for a few-row product (:class:`PackedLinear`), SwiGLU's w1 and w3 are one product, the RMSNorm
+    before each product is fused into it, RoPE is one complex multiplication for q and k, and attention is SDPA
+    over the filled cache prefix. The arithmetic is the model's up to rounding (logits agree to ~1e-5)."""
+
+    def __init__(self, model: "Transformer"):
+        self.blocks: List[PackedBlock] = [PackedBlock(block) for block in model.layers]
+        self.norm, self.norm_eps = model.norm.weight.detach(), model.norm.eps
+        self.head = PackedLinear(model.output.weight)
+        device = model.tok_embeddings.weight.device
+        # (positions, head_dim / 2) complex rotations; zero rows for the class and transition tokens
+        self.rope = torch.view_as_complex(model.freqs_cis.to(device, torch.float32).contiguous())
+        self._fingerprint = self._weights_fingerprint(model)
+
+    @staticmethod
+    def _weights_fingerprint(model: "Transformer") -> tuple:
+        # every in-place change (optimizer steps, load_state_dict, p.mul_) bumps a tensor's version counter
+        return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+    def is_current(self, model: "Transformer") -> bool:
+        """Whether these still are ``model``'s weights (no parameter replaced or changed in place since packing)."""
+        return self._weights_fingerprint(model) == self._fingerprint
+
+
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
@@ -198,12 +285,17 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, config.dim, bias=False)
         self.ffn_dropout = nn.Dropout(config.ffn_dropout_p)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+    def forward(self, x: torch.Tensor, packed: Optional[PackedBlock] = None) -> torch.Tensor:
+        """With ``packed`` (the decode layout) ``x`` is the un-normed residual: the norm is fused into w1|w3."""
+        if packed is None:
+            return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        a, b = packed.w13.normed(x.reshape(-1, x.shape[-1]), packed.ffn_norm, packed.ffn_eps).split(packed.hidden, -1)
+        return packed.w2(F.silu(a).mul_(b)).view_as(x)
 
 
 class KVCache:
-    """Static keys and values of one layer, (batch, n_kv_head, max_seq, head_dim), written by position."""
+    """Static keys and values of one layer, (batch, n_kv_head, max_seq, head_dim), written by position. Plain
+    tensors outside the module tree, so ``state_dict()`` never holds them."""
 
     def __init__(self, batch: int, max_seq: int, n_kv_head: int, head_dim: int, dtype, device):
         self.k = torch.zeros(batch, n_kv_head, max_seq, head_dim, dtype=dtype, device=device)
@@ -230,7 +322,8 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.resid_dropout_p)
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x, freqs_cis, visible_end=None, cache_start: Optional[int] = None, cache_end: int = 0):
+    def forward(self, x, freqs_cis, visible_end=None, cache_start: Optional[int] = None, cache_end: int = 0,
+                packed: Optional[PackedBlock] = None):
         """``visible_end`` masks a full sequence; with ``cache_start`` the tokens sit at positions
         [cache_start, cache_start + S) of the KV cache and attend to its prefix [0, cache_end) (or, with
         ``visible_end``, query i to [0, visible_end[i])).
@@ -239,31 +332,42 @@ class Attention(nn.Module):
         call: ``scaled_dot_product_attention`` with a boolean (B, 1, S, keys) mask, over the whole KV cache in cached
         steps. Its half-precision kernels round differently for another key length or without a mask, so this keeps
         the tokens equal to the official ones; float32 results do not depend on it and take the shorter path.
+
+        With ``packed`` (the decode layout, cached steps only) ``x`` is the un-normed residual (the norm is fused
+        into the packed q|k|v product), ``freqs_cis`` the complex rotations (S, D/2) and the attention is SDPA
+        over the cache prefix.
         """
         B, S, _ = x.shape
-        kv = self.n_kv_head * self.head_dim
-        q, k, v = self.wqkv(x).split([self.dim, kv, kv], dim=-1)
-        q = apply_rotary_emb(q.view(B, S, self.n_head, self.head_dim), freqs_cis).transpose(1, 2)
-        k = apply_rotary_emb(k.view(B, S, self.n_kv_head, self.head_dim), freqs_cis).transpose(1, 2)
-        v = v.view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
-        official_form = q.dtype in (torch.bfloat16, torch.float16)
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        if packed is None:
+            q, k, v = self.wqkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+            q = apply_rotary_emb(q.view(B, S, H, D), freqs_cis).transpose(1, 2)
+            k = apply_rotary_emb(k.view(B, S, Hkv, D), freqs_cis).transpose(1, 2)
+        else:
+            qkv = packed.wqkv.normed(x.reshape(B * S, -1), packed.attn_norm, packed.attn_eps).view(B, S, -1, D)
+            qk = rotate_complex(qkv[:, :, :H + Hkv], freqs_cis)  # q and k in one rotation
+            q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), qkv[:, :, H + Hkv:]
+        v = v.reshape(B, S, Hkv, D).transpose(1, 2)
+        official_form = packed is None and q.dtype in (torch.bfloat16, torch.float16)
         if cache_start is not None:
             k, v = self.kv_cache.update(cache_start, k, v, cache_end)
             if official_form:
                 k, v = self.kv_cache.k, self.kv_cache.v
                 if visible_end is None:
                     visible_end = torch.full((S,), cache_end, device=x.device)
-        if self.n_kv_head != self.n_head:
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        if Hkv != H:
+            k, v = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))
         dropout = self.attn_dropout_p if self.training else 0.0
-        if dropout > 0 or official_form:
+        if dropout > 0 or official_form or packed is not None:
             mask = None if visible_end is None else \
                 (torch.arange(k.shape[2], device=x.device) < visible_end[:, None]).repeat(B, 1, 1, 1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         else:
             out = attention(q, k, v, visible_end)
-        return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, S, self.dim)))
+        out = out.transpose(1, 2).reshape(B * S, self.dim)
+        if packed is not None:
+            return packed.wo(out).view(B, S, -1)
+        return self.resid_dropout(self.wo(out.view(B, S, -1)))
 
 
 class DropPath(nn.Module):
@@ -291,7 +395,11 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x, freqs_cis, visible_end=None, cache_start=None, cache_end=0):
+    def forward(self, x, freqs_cis, visible_end=None, cache_start=None, cache_end=0,
+                packed: Optional[PackedBlock] = None):
+        if packed is not None:  # the decode layout: norms fused into the packed products, inference only
+            h = x + self.attention(x, freqs_cis, visible_end, cache_start, cache_end, packed)
+            return h + self.feed_forward(h, packed)
         h = x + self.drop_path(self.attention(self.attention_norm(x), freqs_cis, visible_end, cache_start, cache_end))
         return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
 
@@ -385,9 +493,17 @@ class Transformer(nn.Module):
         parts.append(tok[:, self.ar_token_num:])
         return torch.cat(parts, dim=1)
 
+    def pack_for_decoding(self) -> PackedWeights:
+        """The weights in the decode layout (:class:`PackedWeights`), for ``packed=`` of the cached passes."""
+        return PackedWeights(self)
+
     # ------------------------------------------------------------------ passes
-    def _head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.output(self.norm(h)).float()
+    def logits(self, z: torch.Tensor, packed: Optional[PackedWeights] = None) -> torch.Tensor:
+        """Float32 logits (B, n, V) of final-normed hidden states ``z`` (B, n, dim)."""
+        if packed is None:
+            return self.output(z).float()
+        B, n, _ = z.shape
+        return packed.head(z.reshape(B * n, -1)).view(B, n, -1).float()
 
     def forward_teacher(self, idx: torch.Tensor, cond_idx: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (B, len(idx) + 1, V): output i predicts token i in PAR order."""
@@ -406,7 +522,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h = layer(h, freqs, visible_end)
         # the last M*M - 1 outputs would predict tokens past the grid: keep len(idx) + 1
-        return self._head(h)[:, :idx.shape[1] + 1]
+        return self.logits(self.norm(h))[:, :idx.shape[1] + 1]
 
     def visible_end(self, seq_len: int, device=None) -> torch.Tensor:
         """The official group-causal mask over ``seq_len`` positions as "position p sees [0, visible_end[p])":
@@ -434,9 +550,10 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = None
         self.max_batch_size = self.max_seq_length = -1
 
-    def forward_cached(self, h: torch.Tensor, start: int) -> torch.Tensor:
-        """Logits (B, n, V) of the embeddings ``h`` (B, n, dim) at positions [start, start + n), attending to
-        the KV cache. A sampler step's queries all see the same prefix and need no mask; positions that see
+    def hidden_cached(self, h: torch.Tensor, start: int, packed: Optional[PackedWeights] = None) -> torch.Tensor:
+        """Final-normed hidden states (B, n, dim) of the embeddings ``h`` (B, n, dim) at positions
+        [start, start + n), attending to the KV cache, through the model's modules or, with ``packed``, their
+        decode layout. A sampler step's queries all see the same prefix and need no mask; positions that see
         different prefixes (a multi-position call across groups) are masked."""
         if self.layers[0].attention.kv_cache is None:
             raise RuntimeError("call setup_caches() before cached inference")
@@ -448,10 +565,19 @@ class Transformer(nn.Module):
         ends = self._visible_end[start:start + n]
         end = max(ends)
         visible_end = None if min(ends) == end else torch.tensor(ends, device=h.device)
-        freqs = self._rope(start, start + n, h.device)
-        for layer in self.layers:
-            h = layer(h, freqs, visible_end, start, end)
-        return self._head(h)
+        if packed is None:
+            freqs = self._rope(start, start + n, h.device)
+            for layer in self.layers:
+                h = layer(h, freqs, visible_end, start, end)
+            return self.norm(h)
+        rot = packed.rope[start:start + n]
+        for layer, block in zip(self.layers, packed.blocks):
+            h = layer(h, rot, visible_end, start, end, block)
+        return F.rms_norm(h, (h.shape[-1],), packed.norm, packed.norm_eps)
+
+    def forward_cached(self, h: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits (B, n, V) of :meth:`hidden_cached` through the model's modules."""
+        return self.logits(self.hidden_cached(h, start))
 
     def forward(self, idx: Optional[torch.Tensor], cond_idx: Optional[torch.Tensor],
                 input_pos: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None,
@@ -543,54 +669,10 @@ def unwrap_compiled(model):
 def generate(model: Transformer, cond: torch.Tensor, max_new_tokens: int, emb_masks=None, cfg_scale: float = 1.0,
              cfg_interval: float = -1, ar_token_num: int = 4, spe_token_num: int = 3, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, sample_logits: bool = True) -> torch.Tensor:
-    """PAR's ``generate`` (official signature): int32 tokens (B, max_new_tokens) in PAR order.
+    """PAR's ``generate`` (official signature): int32 tokens (B, max_new_tokens) in PAR order; the sampling loop
+    is :func:`varcore.sampling.par.generate`."""
+    from varcore.sampling import par  # the sampler builds on this module
 
-    Draws from the global RNG exactly as the official code does, so ``torch.manual_seed(s)`` before the call gives
-    the official tokens. What the official function accepts is accepted:
-
-    * ``max_new_tokens`` below the block size returns the first ``max_new_tokens`` tokens of the sequence
-      (``ar_token_num`` plus whole parallel steps of ``spe_token_num + 1``; other counts fail officially and raise
-      a ValueError here).
-    * a ``torch.compile``'d model runs through its original module (varcore's decoding has its own kernels; the
-      official compiled run may differ from its eager run by the compiler's rounding).
-    * ``ar_token_num``/``spe_token_num`` are the decoding layout, independent of the model's, as official: the
-      official demo ``sample_c2i.py`` builds ``ar_token_num=24`` models and decodes with these defaults (4, 3).
-      A layout other than the model's runs as official, with a warning (the result is dubious);
-      ``spe_token_num`` must be the model's (otherwise the official transition step fails).
-    * ``top_k`` above the vocabulary keeps everything and ``top_k <= 0`` disables it, as official.
-
-    On a raster model (LlamaGen: ``ar_token_num=1, spe_token_num=0``, no transition tokens) the defaults (4, 3),
-    which the official PAR function cannot run there, mean LlamaGen's raster decoding; LlamaGen's own
-    ``generate`` is :func:`varcore.models.llamagen.generate`. ``emb_masks`` belongs to text-conditional models and
-    must be None.
-    """
-    from varcore.sampling.par import PARSampler, check_num_tokens  # the sampler imports this module
-
-    if emb_masks is not None:
-        raise ValueError("emb_masks is for text-conditional models; only class-conditional models are supported")
-    model = unwrap_compiled(model)
-    if not isinstance(model, Transformer):
-        raise TypeError(f"model must be a varcore.models.gpt.Transformer, got {type(model).__name__}")
-    for name, value in (("max_new_tokens", max_new_tokens), ("ar_token_num", ar_token_num),
-                        ("spe_token_num", spe_token_num), ("top_k", top_k)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    raster_model = (model.ar_token_num, model.spe_token_num) == (1, 0)
-    if raster_model and (ar_token_num, spe_token_num) == (4, 3):
-        ar_token_num, spe_token_num = 1, 0
-    if spe_token_num != model.spe_token_num:
-        raise ValueError(f"spe_token_num={spe_token_num} must be the model's {model.spe_token_num} (the transition "
-                         f"step feeds the model's transition tokens)")
-    if not 1 <= ar_token_num <= model.block_size:
-        raise ValueError(f"ar_token_num must be in [1, {model.block_size}], got {ar_token_num}")
-    if ar_token_num != model.ar_token_num:
-        warnings.warn(f"generate decodes with ar_token_num={ar_token_num} a model built for ar_token_num="
-                      f"{model.ar_token_num} (as the official code does, e.g. PAR's demo sample_c2i.py with its "
-                      f"defaults): the steps do not follow the model's layout and the official result is dubious; "
-                      f"pass ar_token_num={model.ar_token_num}, spe_token_num={model.spe_token_num}", stacklevel=2)
-    check_num_tokens(max_new_tokens, model.block_size, ar_token_num, spe_token_num + 1, "max_new_tokens")
-    top_k = min(max(top_k, 0), model.vocab_size)
-    return PARSampler(model).sample_tokens(cond, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
-                                           temperature=temperature, top_k=top_k, top_p=top_p,
-                                           sample_logits=sample_logits, order="par", num_tokens=max_new_tokens,
-                                           steps=(ar_token_num, spe_token_num + 1)).to(torch.int32)
+    return par.generate(model, cond, max_new_tokens, emb_masks=emb_masks, cfg_scale=cfg_scale,
+                        cfg_interval=cfg_interval, ar_token_num=ar_token_num, spe_token_num=spe_token_num,
+                        temperature=temperature, top_k=top_k, top_p=top_p, sample_logits=sample_logits)

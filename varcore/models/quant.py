@@ -166,11 +166,21 @@ class VectorQuantizer2(nn.Module):
         return (f"{self.v_patch_nums}, znorm={self.using_znorm}, beta={self.beta}  |  S={len(self.v_patch_nums)}, "
                 f"quant_resi={self.quant_resi_ratio}")
 
-    def phis_for(self, SN: int) -> List[nn.Module]:
-        """The phi module used at each of SN scales (scale si sits at si / (SN - 1) in the phi table)."""
+    def phis_for(self, SN: int) -> quant_ops.PhiTable:
+        """The phi module used at each of SN scales (scale si sits at si / (SN - 1) in the phi table), with their
+        parameters for the fused kernels (:class:`varcore.ops.quant.PhiTable`)."""
         if not isinstance(SN, int) or SN < 2:
             raise ValueError(f"SN must be an int >= 2, got {SN!r}")
-        return [self.quant_resi[si / (SN - 1)] for si in range(SN)]
+        phis = [self.quant_resi[si / (SN - 1)] for si in range(SN)]
+        distinct: List[nn.Module] = []
+        groups = []
+        for phi in phis:
+            if not any(phi is d for d in distinct):
+                distinct.append(phi)
+            groups.append(next(k for k, d in enumerate(distinct) if d is phi))
+        convs = [d for d in distinct if isinstance(d, Phi)]  # all or none: _make_phi shares one quant_resi
+        return quant_ops.PhiTable(phis, groups, [d.weight for d in convs], [d.bias for d in convs],
+                                  convs[0].resi_ratio if convs else 0.0)
 
     # ---------------------------------------------------------------- VQVAE training
     def forward(self, f_BChw: torch.Tensor, ret_usages: bool = False

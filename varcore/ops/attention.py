@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from varcore import _ext
+from varcore.ops import extension
 
 __all__ = [
     "block_causal_attention", "block_causal_attention_ref", "block_causal_attention_backward_ref",
@@ -33,8 +33,8 @@ __all__ = [
     "visible_end_mask",
 ]
 
-_FWD = _ext.register_op("block_causal_attention")
-_BWD = _ext.register_op("block_causal_attention_backward")
+_FWD = extension.register_op("block_causal_attention")
+_BWD = extension.register_op("block_causal_attention_backward")
 
 MAX_HEAD_DIM = 256
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -216,11 +216,11 @@ def block_causal_attention(q, k, v, visible_end, scale=None, layout="bhld"):
 
 
 def _kernel_for(q: torch.Tensor) -> bool:
-    return _ext.use_kernel("block_causal_attention", q.device) and (
+    return extension.use_kernel("block_causal_attention", q.device) and (
         q.device.type == "cpu" or q.dtype != torch.float64)
 
 
-if _ext.has_schema("block_causal_attention"):
+if extension.has_schema("block_causal_attention"):
     @torch.library.register_fake(_FWD)
     def _(q, k, v, visible_end, scale, layout="bhld"):
         l_dim, h_dim = (1, 2) if layout == "blhd" else (2, 1)
@@ -266,7 +266,7 @@ def attention_backend(device, masked: bool, dtype=torch.float32) -> str:
     """
     device = torch.device(device)
     if masked:
-        if _ext.use_kernel("block_causal_attention", device) and (device.type == "cpu" or dtype != torch.float64):
+        if extension.use_kernel("block_causal_attention", device) and (device.type == "cpu" or dtype != torch.float64):
             return "kernel"
         if device.type == "cuda" and _flex_available():
             return "flex"

@@ -16,15 +16,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from varcore import _ext
+from varcore.ops import extension
 
 __all__ = ["PANEL", "decode_linear_pack", "decode_linear", "decode_linear_rmsnorm", "decode_linear_pack_ref",
            "decode_linear_ref", "decode_linear_rmsnorm_ref"]
 
 PANEL = 64  # columns per packed panel (csrc/linear/linear.h kPanel)
-_PACK = _ext.register_op("decode_linear_pack")
-_LINEAR = _ext.register_op("decode_linear")
-_LINEAR_RMSNORM = _ext.register_op("decode_linear_rmsnorm")
+_PACK = extension.register_op("decode_linear_pack")
+_LINEAR = extension.register_op("decode_linear")
+_LINEAR_RMSNORM = extension.register_op("decode_linear_rmsnorm")
 
 
 def _check(name: str, t, ndim: int) -> None:
@@ -59,7 +59,7 @@ def decode_linear_rmsnorm_ref(x: torch.Tensor, packed: torch.Tensor, out_feature
 def decode_linear_pack(weight: torch.Tensor) -> torch.Tensor:
     """Pack a float32 weight (N, K) for :func:`decode_linear`."""
     _check("weight", weight, 2)
-    if _ext.use_kernel("decode_linear_pack", weight.device):
+    if extension.use_kernel("decode_linear_pack", weight.device):
         return torch.ops.varcore.decode_linear_pack(weight)
     return decode_linear_pack_ref(weight)
 
@@ -78,7 +78,7 @@ def _check_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> N
 def decode_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """``x @ weight.T`` (R, out_features) for x (R, K) and ``packed = decode_linear_pack(weight)``."""
     _check_linear(x, packed, out_features)
-    if _ext.use_kernel("decode_linear", x.device):
+    if extension.use_kernel("decode_linear", x.device):
         return torch.ops.varcore.decode_linear(x, packed, out_features)
     return decode_linear_ref(x, packed, out_features)
 
@@ -93,6 +93,6 @@ def decode_linear_rmsnorm(x: torch.Tensor, packed: torch.Tensor, out_features: i
         raise ValueError(f"norm_weight must have x's {x.shape[1]} features, got {tuple(norm_weight.shape)}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < float("inf")):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    if _ext.use_kernel("decode_linear_rmsnorm", x.device):
+    if extension.use_kernel("decode_linear_rmsnorm", x.device):
         return torch.ops.varcore.decode_linear_rmsnorm(x, packed, out_features, norm_weight, float(eps))
     return decode_linear_rmsnorm_ref(x, packed, out_features, norm_weight, eps)

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import torch
 
-from varcore import _ext
+from varcore.ops import extension
 
 __all__ = [
     "par_permutation", "par_gather", "par_scatter", "par_group_scatter_",
     "par_gather_ref", "par_scatter_ref", "par_group_scatter_ref_",
 ]
 
-_GATHER = _ext.register_op("par_gather")
-_SCATTER = _ext.register_op("par_scatter")
-_GROUP_SCATTER = _ext.register_op("par_group_scatter_")
+_GATHER = extension.register_op("par_gather")
+_SCATTER = extension.register_op("par_scatter")
+_GROUP_SCATTER = extension.register_op("par_group_scatter_")
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -122,7 +122,7 @@ def par_gather(x: torch.Tensor, M: int) -> torch.Tensor:
     """Raster (B, G, G[, C]) -> PAR order (B, G*G[, C]) for M x M regions. Differentiable for float payloads."""
     G = _check_grid(x, "par_gather", "x")
     _check_M(M, G, "par_gather")
-    if _ext.use_kernel("par_gather", x.device):
+    if extension.use_kernel("par_gather", x.device):
         return torch.ops.varcore.par_gather(x, M)
     return par_gather_ref(x, M)
 
@@ -133,7 +133,7 @@ def par_scatter(x: torch.Tensor, M: int) -> torch.Tensor:
     if x.dim() not in (2, 3):
         raise ValueError(f"par_scatter: x must be (B, L) or (B, L, C), got shape {tuple(x.shape)}")
     _check_M(M, _side_of(x.shape[1], "par_scatter"), "par_scatter")
-    if _ext.use_kernel("par_scatter", x.device):
+    if extension.use_kernel("par_scatter", x.device):
         return torch.ops.varcore.par_scatter(x, M)
     return par_scatter_ref(x, M)
 
@@ -144,14 +144,14 @@ def par_group_scatter_(canvas: torch.Tensor, tokens: torch.Tensor, group: int, M
     ``tokens[:, a*M + e]`` lands at raster (a*R + b, e*R + d) where (b, d) = divmod(group, R). Not differentiable.
     """
     _check_group_scatter(canvas, tokens, group, M)
-    if _ext.use_kernel("par_group_scatter_", canvas.device):
+    if extension.use_kernel("par_group_scatter_", canvas.device):
         torch.ops.varcore.par_group_scatter_(canvas, tokens, group, M)
         return canvas
     return par_group_scatter_ref_(canvas, tokens, group, M)
 
 
 # ---------------------------------------------------------------------------------------------- fake + autograd
-if _ext.has_schema("par_gather"):
+if extension.has_schema("par_gather"):
     @torch.library.register_fake(_GATHER)
     def _(x, M):
         G = x.shape[1]

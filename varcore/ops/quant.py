@@ -29,12 +29,13 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from varcore import _ext
+from varcore.ops import extension
 
 Phi = Callable[[torch.Tensor], torch.Tensor]
 PatchNum = Union[int, Tuple[int, int]]
 
 __all__ = [
+    "PhiTable",
     "nearest_code_idx_N",
     "nearest_code_idx_N_ref",
     "upsample_sum",
@@ -97,7 +98,7 @@ def _check_phis(phis: Sequence[Phi], num_scales: int) -> None:
         raise TypeError("phis must be callables mapping (B, C, H, W) -> (B, C, H, W)")
 
 
-_NEAREST_CODE = _ext.register_op("nearest_code")
+_NEAREST_CODE = extension.register_op("nearest_code")
 # The CUDA kernel stages rows of C + 1 floats in 48 KiB of shared memory (csrc/quant/quant.h).
 _NEAREST_CODE_CUDA_MAX_C = 306
 
@@ -127,7 +128,7 @@ def nearest_code_idx_N_ref(z_NC: torch.Tensor, codebook_VC: torch.Tensor, using_
 
 
 def _nearest_code_kernel_applies(z_NC: torch.Tensor, codebook_VC: torch.Tensor) -> bool:
-    if not _ext.use_kernel("nearest_code", z_NC.device):
+    if not extension.use_kernel("nearest_code", z_NC.device):
         return False
     if z_NC.dtype != torch.float32 or codebook_VC.dtype != torch.float32:
         return False  # the kernels are float32 (VAR's quantiser always runs in float32)
@@ -148,7 +149,7 @@ def nearest_code_idx_N(z_NC: torch.Tensor, codebook_VC: torch.Tensor, using_znor
     return nearest_code_idx_N_ref(z_NC, codebook_VC, using_znorm)
 
 
-if _ext._C is not None and hasattr(torch.ops.varcore, "nearest_code"):  # absent from an older build
+if extension.has_schema("nearest_code"):  # absent from an older build
     @torch.library.register_fake(_NEAREST_CODE)
     def _(z, codebook, using_znorm=False):
         torch._check(z.dim() == 2 and codebook.dim() == 2, lambda: "nearest_code: z and codebook must be 2-D")
@@ -157,20 +158,44 @@ if _ext._C is not None and hasattr(torch.ops.varcore, "nearest_code"):  # absent
 
 
 # ---------------------------------------------------------------------------------------------- upsample-sum
-_UPSAMPLE_SUM = _ext.register_op("upsample_sum")
+_UPSAMPLE_SUM = extension.register_op("upsample_sum")
 
 
-class _AffinePhis:
-    """The phi table as the fused decode needs it: the group (distinct phi) of every scale, and per group the conv
-    weight (C, C, 3, 3) and bias (C,) of phi(h) = (1 - r) h + r (W * h + b); no convs when every phi is the
-    identity."""
+class PhiTable(tuple):
+    """The phi of every scale (callables (B, C, H, W) -> (B, C, H, W), what the references call) together with
+    their parameters, given explicitly for the fused kernels: phi_si(h) = (1 - ratio) h + ratio (W_g * h + b_g),
+    a 3x3 conv with padding 1, for the group g = ``groups[si]`` (scales sharing one phi share a group), with
+    ``weights[g]`` (C, C, 3, 3) and ``biases[g]`` (C,); every phi is the identity when ``weights`` is empty.
+    ``VectorQuantizer2.phis_for`` builds one; a plain list of callables always runs the references. Immutable,
+    so that the callables and the parameters cannot drift apart."""
 
-    def __init__(self, groups: List[int], weights: List[torch.Tensor], biases: List[torch.Tensor], ratio: float):
-        self.groups, self.weights, self.biases, self.ratio = groups, weights, biases, ratio
+    def __new__(cls, phis: Sequence[Phi], groups: Sequence[int], weights: Sequence[torch.Tensor],
+                biases: Sequence[torch.Tensor], ratio: float):
+        return super().__new__(cls, phis)
+
+    def __init__(self, phis: Sequence[Phi], groups: Sequence[int], weights: Sequence[torch.Tensor],
+                 biases: Sequence[torch.Tensor], ratio: float):
+        self.groups, self.weights, self.biases, self.ratio = list(groups), list(weights), list(biases), float(ratio)
+        if len(self.groups) != len(self) or sorted(set(self.groups)) != list(range(max(self.groups, default=-1) + 1)):
+            raise ValueError(f"groups must give every scale's group, numbered from 0, got {self.groups}")
+        if self.weights and not len(self.weights) == len(self.biases) == self.num_groups:
+            raise ValueError(f"weights and biases must hold one tensor per group ({self.num_groups}), got "
+                             f"{len(self.weights)} and {len(self.biases)}")
 
     @property
     def num_groups(self) -> int:
         return max(self.groups) + 1
+
+    def detached(self) -> "PhiTable":
+        return PhiTable(self, self.groups, [w.detach() for w in self.weights], [b.detach() for b in self.biases],
+                        self.ratio)
+
+    def scale(self, si: int):
+        """(weight, bias, ratio) of scale ``si`` for ``add_scale_``; (None, None, 0.0) for the identity."""
+        if not self.weights:
+            return None, None, 0.0
+        g = self.groups[si]
+        return self.weights[g], self.biases[g], self.ratio
 
     def apply(self, sums_BKChw: torch.Tensor) -> torch.Tensor:
         """sum over scales of phi(h) from the per-group sums (B, K*C, H, W) of the upsampled code maps."""
@@ -185,34 +210,19 @@ class _AffinePhis:
         return total_BChw.mul(1 - r) + F.conv2d(sums_BKChw, weight, bias, padding=1).mul_(r)
 
 
-def _affine_phis(phis: Sequence[Phi], *tensors: torch.Tensor, needs_grad: bool = True) -> Optional[_AffinePhis]:
-    """The affine structure of ``phis`` when a fused kernel applies to it: every phi is varcore's ``Phi`` (one
-    shared ratio, float32 weights on the tensors' device) or every phi is ``nn.Identity``, and, if the result
-    ``needs_grad``, no gradient is required (the fused paths have no autograd). Otherwise None (the reference)."""
-    from varcore.models.quant import Phi as PhiConv  # models.quant imports this module
-
-    grad = needs_grad and torch.is_grad_enabled()
-    if grad and any(t.requires_grad for t in tensors):
+def _fused_phis(phis: Sequence[Phi], *tensors: torch.Tensor, needs_grad: bool = True) -> Optional[PhiTable]:
+    """``phis`` with detached parameters when a fused kernel applies to them: a :class:`PhiTable` with float32
+    parameters on the tensors' device and, if the result ``needs_grad``, no gradient required (the fused paths
+    have no autograd). Otherwise None (the reference)."""
+    if not isinstance(phis, PhiTable):
         return None
-    distinct: List = []
-    groups = []
-    for phi in phis:
-        if not any(phi is d for d in distinct):
-            distinct.append(phi)
-        groups.append(next(k for k, d in enumerate(distinct) if d is phi))
-    if all(isinstance(d, torch.nn.Identity) for d in distinct):
-        return _AffinePhis([0] * len(groups), [], [], 0.0)
-    if not all(type(d) is PhiConv and d.bias is not None for d in distinct):
+    params = phis.weights + phis.biases
+    if needs_grad and torch.is_grad_enabled() and any(t.requires_grad for t in (*tensors, *params)):
         return None
-    ratios = {d.resi_ratio for d in distinct}
-    params = [t for d in distinct for t in (d.weight, d.bias)]
     device = tensors[0].device
-    if len(ratios) != 1 or any(t.dtype != torch.float32 or t.device != device for t in params):
+    if any(t.dtype != torch.float32 or t.device != device for t in params):
         return None
-    if grad and any(t.requires_grad for t in params):
-        return None
-    return _AffinePhis(groups, [d.weight.detach() for d in distinct], [d.bias.detach() for d in distinct],
-                       ratios.pop())
+    return phis.detached()
 
 
 def _check_idx_pyramid(idx_Bl: Sequence[torch.Tensor], vocab_size: int, patch_nums: Tuple[int, ...]) -> int:
@@ -239,7 +249,7 @@ def upsample_sum_ref(idx_Bl: Sequence[torch.Tensor], codebook_VC: torch.Tensor, 
     return embed_to_fhat_ref(ms_h, phis, patch_nums, all_to_max_scale=True, last_one=True)
 
 
-def _fused_upsample_sum(idx_BL: torch.Tensor, table_VC: torch.Tensor, affine: _AffinePhis,
+def _fused_upsample_sum(idx_BL: torch.Tensor, table_VC: torch.Tensor, affine: PhiTable,
                         patch_nums: Tuple[int, ...]) -> torch.Tensor:
     sums = torch.ops.varcore.upsample_sum(idx_BL, table_VC, list(patch_nums), affine.groups)
     return affine.apply(sums)
@@ -250,20 +260,20 @@ def upsample_sum(idx_Bl: Sequence[torch.Tensor], codebook_VC: torch.Tensor, phis
     """Decode a token pyramid to the final ``f_hat`` (B, C, H, H), H = ``patch_nums[-1]``: the sum over scales of
     ``phis[si]`` applied to the bicubic-upsampled code map of scale si (``idx_Bl[si]``: (B, pn^2) indices into
     ``codebook_VC``). Equal to the last entry of :func:`embed_to_fhat` up to float rounding; fused (one gather +
-    bicubic kernel and one conv) when the kernel is built and ``phis`` are varcore's ``Phi`` convs or identities.
+    bicubic kernel and one conv) when the kernel is built and ``phis`` is a :class:`PhiTable`.
     """
     _check_codebook(codebook_VC)
     patch_nums = check_patch_nums(patch_nums)
     _check_phis(phis, len(patch_nums))
     _check_idx_pyramid(idx_Bl, codebook_VC.shape[0], patch_nums)
-    affine = _affine_phis(phis, codebook_VC)
+    affine = _fused_phis(phis, codebook_VC)
     if (affine is None or codebook_VC.dtype != torch.float32
-            or not _ext.use_kernel("upsample_sum", codebook_VC.device)):
+            or not extension.use_kernel("upsample_sum", codebook_VC.device)):
         return upsample_sum_ref(idx_Bl, codebook_VC, phis, patch_nums)
     return _fused_upsample_sum(torch.cat(list(idx_Bl), dim=1), codebook_VC, affine, patch_nums)
 
 
-if _ext._C is not None and hasattr(torch.ops.varcore, "upsample_sum"):  # absent from an older build
+if extension.has_schema("upsample_sum"):  # absent from an older build
     @torch.library.register_fake(_UPSAMPLE_SUM)
     def _(idx, codebook, patch_nums, groups):
         torch._check(len(groups) == len(patch_nums), lambda: "upsample_sum: one group per scale")
@@ -272,14 +282,14 @@ if _ext._C is not None and hasattr(torch.ops.varcore, "upsample_sum"):  # absent
 
 
 # ---------------------------------------------------------------------------------------------- encode
-_MSRQ_ENCODE = _ext.register_op("msrq_encode")
+_MSRQ_ENCODE = extension.register_op("msrq_encode")
 
 
 def _square_schedule(patch_hws: List[Tuple[int, int]]) -> Optional[List[int]]:
     return [h for h, _ in patch_hws] if all(h == w for h, w in patch_hws) else None
 
 
-if _ext._C is not None and hasattr(torch.ops.varcore, "msrq_encode"):  # absent from an older build
+if extension.has_schema("msrq_encode"):  # absent from an older build
     @torch.library.register_fake(_MSRQ_ENCODE)
     def _(f, codebook, phi_weights, phi_biases, phi_index, resi_ratio, patch_nums, using_znorm=False,
           partial_fhat=False):
@@ -318,8 +328,8 @@ def f_to_idxBl_or_fhat(
     _check_phis(phis, SN)
     square = _square_schedule(patch_hws)
     if (square is not None and H == W and f_BChw.dtype == torch.float32 and codebook_VC.dtype == torch.float32
-            and _nearest_code_kernel_applies(f_BChw, codebook_VC) and _ext.use_kernel("msrq_encode", f_BChw.device)):
-        affine = _affine_phis(phis, codebook_VC, needs_grad=to_fhat)
+            and _nearest_code_kernel_applies(f_BChw, codebook_VC) and extension.use_kernel("msrq_encode", f_BChw.device)):
+        affine = _fused_phis(phis, codebook_VC, needs_grad=to_fhat)
         if affine is not None:
             idx_BL, f_hats = torch.ops.varcore.msrq_encode(
                 f_BChw.detach(), codebook_VC.detach(), affine.weights, affine.biases, affine.groups, affine.ratio,
@@ -347,10 +357,10 @@ def f_to_idxBl_or_fhat(
 
 
 # ---------------------------------------------------------------------------------------------- decode steps
-_ADD_SCALE = _ext.register_op("add_scale_")
+_ADD_SCALE = extension.register_op("add_scale_")
 
 
-if _ext._C is not None and hasattr(torch.ops.varcore, "add_scale_"):  # absent from an older build
+if extension.has_schema("add_scale_"):  # absent from an older build
     @torch.library.register_fake(_ADD_SCALE)
     def _(f_hat, idx, codebook, phi_weight, phi_bias, resi_ratio, next_pn, rows, channels_last):
         B, C = f_hat.shape[:2]
@@ -359,14 +369,9 @@ if _ext._C is not None and hasattr(torch.ops.varcore, "add_scale_"):  # absent f
 
 
 def _step_phi(phis: Sequence[Phi], si: int, *tensors: torch.Tensor):
-    """(weight, bias, ratio) of phis[si] for add_scale_ ((None, None, 0.0) for the identity), or None when the fused
-    step does not apply to it (see _affine_phis)."""
-    affine = _affine_phis([phis[si]], *tensors)
-    if affine is None:
-        return None
-    if not affine.weights:
-        return None, None, 0.0
-    return affine.weights[0], affine.biases[0], affine.ratio
+    """(weight, bias, ratio) of phis[si] for add_scale_, or None when the fused step does not apply (_fused_phis)."""
+    fused = _fused_phis(phis, *tensors)
+    return None if fused is None else fused.scale(si)
 
 
 def _interpolates_channels_last(h_BChw: torch.Tensor) -> bool:
@@ -378,7 +383,7 @@ def _interpolates_channels_last(h_BChw: torch.Tensor) -> bool:
 
 
 def _add_scale_applies(f_hat_BChw: torch.Tensor, codebook_VC: torch.Tensor) -> bool:
-    return (_ext.use_kernel("add_scale_", f_hat_BChw.device) and f_hat_BChw.dtype == torch.float32
+    return (extension.use_kernel("add_scale_", f_hat_BChw.device) and f_hat_BChw.dtype == torch.float32
             and codebook_VC.dtype == torch.float32 and f_hat_BChw.is_contiguous()
             and f_hat_BChw.shape[-1] == f_hat_BChw.shape[-2] and codebook_VC.device == f_hat_BChw.device)
 
@@ -444,11 +449,11 @@ def idxBl_to_var_input(
 def _embed_to_fhat_fused_applies(ms_h_BChw: Sequence[torch.Tensor], phis: Sequence[Phi],
                                  patch_nums: Tuple[int, ...]) -> bool:
     h0 = ms_h_BChw[0]
-    if not _ext.use_kernel("upsample_sum", h0.device):
+    if not extension.use_kernel("upsample_sum", h0.device):
         return False
     shapes_ok = all(isinstance(h, torch.Tensor) and h.dtype == torch.float32 and h.device == h0.device
                     and tuple(h.shape) == (*h0.shape[:2], pn, pn) for h, pn in zip(ms_h_BChw, patch_nums))
-    return shapes_ok and _affine_phis(phis, *ms_h_BChw) is not None
+    return shapes_ok and _fused_phis(phis, *ms_h_BChw) is not None
 
 
 def embed_to_fhat(
@@ -471,7 +476,7 @@ def embed_to_fhat(
         B, C = ms_h_BChw[0].shape[:2]
         table_VC = torch.cat([h.flatten(2).transpose(1, 2) for h in ms_h_BChw], dim=1).reshape(-1, C)
         idx_BL = torch.arange(table_VC.shape[0], device=table_VC.device).view(B, -1)
-        return _fused_upsample_sum(idx_BL, table_VC, _affine_phis(phis, *ms_h_BChw), patch_nums)
+        return _fused_upsample_sum(idx_BL, table_VC, _fused_phis(phis, *ms_h_BChw), patch_nums)
     return embed_to_fhat_ref(ms_h_BChw, phis, patch_nums, all_to_max_scale, last_one)
 
 

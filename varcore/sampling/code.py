@@ -23,7 +23,7 @@ part A.3), float32 CPU parity checked against the golden ``code-small`` data:
 
 Random numbers. The official refiner re-seeds its own generator with ``g_seed`` and, inside the prefill step,
 *replays* one draw for every drafted scale (on its own unguided logits, results discarded) before drawing scale N,
-so its stream is where single-model VAR's would be (the maintainer's reason, CoDe issue #8). With
+so its stream is where single-model VAR's would be (the reason CoDe's maintainer gives). With
 ``rng_parity=True`` (default) we replay the draws as well, but only their random numbers (``torch.multinomial``
 with one sample is ``argmax(p / q)``, ``q ~ Exp(1)`` over the probabilities' shape, so the numbers consumed do not
 depend on the logits): the head, the filters and the softmax over the prefix are skipped. With ``rng_parity=False``
@@ -40,13 +40,14 @@ stream stays official) but keep the drafter's labels.
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
+from tqdm import tqdm
 
 from varcore.models.code import CoDeResult, check_code_pair, check_draft_steps, exit_points
 from varcore.models.var import VAR
 from varcore.models.vqvae import VQVAE
 from varcore.sampling.draw import check_batch, check_bool, check_images_finite, class_labels
 from varcore.sampling.rng import generators, model_generator
-from varcore.sampling.var import ScaleOptions, VARSampler, _eval_mode, _progress_bar
+from varcore.sampling.var import ScaleOptions, VARSampler
 
 __all__ = ["CoDeSampler", "collaborative_infer_cfg", "draft", "refine", "draft_stage", "refine_stage",
            "replay_draws"]
@@ -96,7 +97,7 @@ def draft(drafter: VAR, B: int, label_B, draft_steps: int, g_seed: Optional[int]
     sampler = VARSampler(drafter)
     N = check_draft_steps(draft_steps, sampler.SN)
     opts = _options(sampler, cfg, top_k, top_p, more_smooth, temp)
-    with _eval_mode(drafter):
+    with sampler.eval_mode():
         gens = [model_generator(drafter, g_seed, sampler.device) if rng is None else rng]
         labels = class_labels(B, label_B, drafter.num_classes, sampler.device, gens)
         idx_Bl_list, f_hat, hub = draft_stage(sampler, labels, gens, opts, N)
@@ -128,7 +129,7 @@ def refine(refiner: VAR, B: int, label_B, token_hub: torch.Tensor, f_hat: torch.
     if not isinstance(f_hat, torch.Tensor) or tuple(f_hat.shape) != fhat_shape:
         raise ValueError(f"f_hat must be a tensor of shape {fhat_shape}, got {tuple(getattr(f_hat, 'shape', ()))}")
     check_bool(rng_parity, "rng_parity")
-    with _eval_mode(refiner, sampler.vae):
+    with sampler.eval_mode():
         gens = [model_generator(refiner, g_seed, sampler.device) if rng_parity and g_seed is not None else rng]
         labels = class_labels(B, label_B, refiner.num_classes, sampler.device, gens)  # None: drawn, as official
         if rng_parity:
@@ -161,7 +162,7 @@ def collaborative_infer_cfg(
     N = check_draft_steps(draft_steps, d.SN)
     opts = _options(d, cfg, top_k, top_p, more_smooth, temp)
     check_bool(rng_parity, "rng_parity")
-    with _eval_mode(drafter, refiner, r.vae):
+    with d.eval_mode(), r.eval_mode():
         gens = [model_generator(drafter, g_seed, d.device)]
         labels = class_labels(B, label_B, drafter.num_classes, d.device, gens)
         draft_idx, draft_f_hat, hub = draft_stage(d, labels, gens, opts, N)
@@ -254,7 +255,8 @@ class CoDeSampler:
         seeding = (g_seed, generator, per_image_seeds, seeds)
         gens = generators(B, self.device, *seeding)
         N, seeded = self.draft_steps, g_seed is not None or seeds is not None
-        with _eval_mode(self.drafter, self.refiner, self.vae), _progress_bar(self.SN, progress, "CoDe scales") as bar:
+        bar = tqdm(total=self.SN, desc="CoDe scales", unit="scale", disable=not progress)
+        with self.drafter_stage.eval_mode(), self.refiner_stage.eval_mode(), bar:
             labels = class_labels(B, label_B, self.drafter.num_classes, self.device, gens)
             draft_idx, draft_f_hat, hub = draft_stage(self.drafter_stage, labels, gens, opts, N, bar)
             # the official refiner's stream; with seeds and no more_smooth the drafter's generators stand where the

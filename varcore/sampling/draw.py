@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 __all__ = ["top_k_top_p_filter_", "top_k_top_p_filtering", "sample_with_top_k_top_p_", "gumbel_softmax_with_rng",
            "inverse_cdf_sample", "check_cfg", "check_top_k", "check_top_p", "check_number", "check_batch",
-           "per_scale", "temper", "nonfinite_rows", "raise_if_nonfinite", "check_images_finite", "check_bool",
-           "scale_options", "class_labels"]
+           "per_scale", "temper", "nonfinite_rows", "raise_if_nonfinite", "check_images_finite", "DRAWS",
+           "draw_llamagen", "check_bool", "scale_options", "class_labels"]
 
 
 def check_cfg(cfg, name: str = "cfg") -> float:
@@ -242,6 +242,43 @@ def inverse_cdf_sample(weights_NV: torch.Tensor, generator: Optional[torch.Gener
     # u < total strictly (the product can round up to it), so the first CDF entry above u has positive weight
     u_N1 = torch.minimum(u_N1, torch.nextafter(total_N1, torch.zeros_like(total_N1)))
     return torch.searchsorted(cdf_NV, u_N1, right=True)
+
+
+DRAWS = ("multinomial", "inverse_cdf")
+
+
+def draw_llamagen(logits_BnV: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  sample_logits: bool = True, method: str = "multinomial",
+                  generator: Optional[torch.Generator] = None,
+                  nonfinite: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """LlamaGen's draw (the official ``sample``/``sample_multi``): (B, n, V) logits -> (B, n) tokens.
+
+    Temperature, top-k and top-p (:func:`top_k_top_p_filtering`), softmax, then one draw over all B*n rows:
+    ``method="multinomial"`` (the official draw and RNG stream) or ``"inverse_cdf"`` (:func:`inverse_cdf_sample`,
+    the same distribution from one uniform per row); ``sample_logits=False`` takes the most likely token.
+    ``nonfinite`` (a bool scalar tensor) is or-ed with whether any row is non-finite, on the device: the random
+    draws refuse such rows and the greedy one would return token 0, so the caller can say why afterwards.
+    """
+    if method not in DRAWS:
+        raise ValueError(f"method must be one of {DRAWS}, got {method!r}")
+    B, n, V = logits_BnV.shape
+    logits = logits_BnV.reshape(B * n, V)
+    if temperature != 1.0:  # x / 1.0 == x: skip a pass over the (B * n, V) logits
+        logits = logits / max(temperature, 1e-5)
+    elif top_k > 0 or top_p < 1.0:
+        logits = logits.clone()  # the filters work in place
+    if top_k > 0 or top_p < 1.0:
+        logits = top_k_top_p_filtering(logits, top_k=top_k, top_p=top_p)
+    if nonfinite is not None:
+        nonfinite.logical_or_(nonfinite_rows(logits).any())
+    probs = F.softmax(logits, dim=-1)
+    if not sample_logits:
+        idx = torch.topk(probs, k=1, dim=-1)[1]
+    elif method == "inverse_cdf":
+        idx = inverse_cdf_sample(probs, generator=generator)
+    else:
+        idx = torch.multinomial(probs, num_samples=1, generator=generator)
+    return idx.view(B, n)
 
 
 def check_bool(value, name: str) -> bool:

@@ -18,16 +18,20 @@ CFG is constant: ``uncond + (cond - uncond) * cfg_scale`` with the batch doubled
 single-token steps and then restarts for the parallel steps, advancing by n, as official; the prefill is always
 guided). The KV cache is static and each step attends to the filled prefix only.
 
-Two modes share this loop. The default (``fast=False``) runs the model's own modules and reproduces the official
-draws (RNG parity, checked against golden outputs). ``fast=True`` runs the steps through
-:class:`varcore.sampling.par_fast.FastDecoder` (prepacked weights, fused SwiGLU, CFG mixed before the head; logits
-equal the parity mode's up to float rounding, ~1e-5) and draws by inverting each row's CDF with one uniform
-(:func:`varcore.sampling.draw.inverse_cdf_sample`): the same distribution without ``multinomial``'s exponential
-per vocabulary entry, which costs more than the whole rest of the draw on a CPU. It is the mode to use for speed,
-for raster and PAR alike. ``draw=`` picks the draw independently of the mode: ``fast=True, draw="multinomial"``
-follows the official RNG stream, so its tokens equal the parity mode's except after a near-tie.
+Two modes share this loop and the model's one forward. The default (``fast=False``) runs the model's modules as
+they are and reproduces the official draws (RNG parity, checked against golden outputs). ``fast=True`` runs the
+same modules in their decode layout (:meth:`varcore.models.gpt.Transformer.pack_for_decoding`: prepacked weights,
+fused norms and SwiGLU), mixes CFG on the normed hidden states before the output head (the head is linear, so
+``head(u + (c - u) * s) = head(u) + (head(c) - head(u)) * s`` and only B rows, not 2B, go through the
+16384-way head; logits equal the parity mode's up to float rounding, ~1e-5), and draws by inverting each row's
+CDF with one uniform (:func:`varcore.sampling.draw.inverse_cdf_sample`): the same distribution without
+``multinomial``'s exponential per vocabulary entry, which costs more than the whole rest of the draw on a CPU.
+It is the mode to use for speed, for raster and PAR alike. ``draw=`` picks the draw independently of the mode:
+``fast=True, draw="multinomial"`` follows the official RNG stream, so its tokens equal the parity mode's except
+after a near-tie.
 """
 import math
+import warnings
 from contextlib import nullcontext
 from typing import Optional, Sequence, Tuple, Union
 
@@ -38,11 +42,10 @@ from tqdm import tqdm
 
 from varcore.models.gpt import Transformer, unwrap_compiled
 from varcore.ops.par_order import par_scatter
-from varcore.sampling.draw import (check_images_finite, check_number, inverse_cdf_sample, nonfinite_rows,
-                                   raise_if_nonfinite, top_k_top_p_filtering)
-from varcore.sampling.par_fast import FastDecoder
+from varcore.sampling.draw import (DRAWS, check_images_finite, check_number, draw_llamagen, raise_if_nonfinite,
+                                   top_k_top_p_filtering)
 
-__all__ = ["PARSampler", "top_k_top_p_filtering", "num_steps", "to_uint8", "check_num_tokens"]
+__all__ = ["PARSampler", "generate", "top_k_top_p_filtering", "num_steps", "to_uint8", "check_num_tokens"]
 
 
 def num_steps(L: int, M: int) -> int:
@@ -81,7 +84,7 @@ class PARSampler:
     (multinomial for parity, inverse_cdf for fast).
     """
 
-    DRAWS = ("multinomial", "inverse_cdf")
+    DRAWS = DRAWS
 
     def __init__(self, model: Transformer, vq=None, M: Optional[int] = None, progress: bool = False,
                  fast: bool = False, draw: Optional[str] = None):
@@ -100,8 +103,8 @@ class PARSampler:
         if draw is not None and draw not in self.DRAWS:
             raise ValueError(f"draw must be one of {self.DRAWS} or None, got {draw!r}")
         self.draw = draw or ("inverse_cdf" if fast else "multinomial")
-        self.model, self.vq, self.M, self.progress = model, vq, model.M, progress
-        self.decoder = FastDecoder(model) if fast else None
+        self.model, self.vq, self.M, self.progress, self.fast = model, vq, model.M, progress, fast
+        self.packed = model.pack_for_decoding() if fast else None
         self.grid, self.L = model.config.grid, model.block_size
 
     @property
@@ -123,28 +126,26 @@ class PARSampler:
             raise ValueError(f"labels must be in [0, {self.model.num_classes}), got {labels.tolist()}")
         return labels.to(device=device, dtype=torch.long)
 
-    def _draw(self, logits, temperature, top_k, top_p, sample_logits, generator, nonfinite):
-        """(B, n, V) logits -> (B, n) tokens: one draw over B*n rows (with ``multinomial``, the official
-        ``sample_multi``)."""
-        B, n, V = logits.shape
-        logits = logits.reshape(B * n, V)
-        if temperature != 1.0:  # x / 1.0 == x: skip a pass over the (B * n, V) logits
-            logits = logits / max(temperature, 1e-5)
-        elif top_k > 0 or top_p < 1.0:
-            logits = logits.clone()  # the filters work in place
-        if top_k > 0 or top_p < 1.0:
-            logits = top_k_top_p_filtering(logits, top_k=top_k, top_p=top_p)
-        # a non-finite row makes both random draws refuse (sample_tokens then names the cause) and the greedy one
-        # return token 0 (sample_tokens raises after the loop): flag it, one reduction on the device
-        nonfinite.logical_or_(nonfinite_rows(logits).any())
-        probs = F.softmax(logits, dim=-1)
-        if sample_logits and self.draw == "inverse_cdf":
-            idx = inverse_cdf_sample(probs, generator=generator)
-        elif sample_logits:
-            idx = torch.multinomial(probs, num_samples=1, generator=generator)
-        else:
-            idx = torch.topk(probs, k=1, dim=-1)[1]
-        return idx.view(B, n)
+    def step_logits(self, h: torch.Tensor, start: int, cfg_scale: float, guided: bool) -> torch.Tensor:
+        """Logits (B, n, V) of one step for the embeddings ``h`` at positions [start, start + n): rows [cond; uncond]
+        (2B) mixed as ``uncond + (cond - uncond) * cfg_scale`` when ``cfg_scale > 1`` (``cond`` alone when not
+        ``guided``); the fast mode mixes the normed hidden states before the head, the parity mode the logits."""
+        model, cfg = self.model, cfg_scale > 1.0
+        if self.packed is not None:
+            z = model.hidden_cached(h, start, self.packed)
+            if cfg:
+                cond, uncond = z.chunk(2)
+                z = torch.lerp(uncond, cond, cfg_scale) if guided else cond
+            return model.logits(z, self.packed)
+        # the official decoding steps (not the prefill) run under sdp_kernel(math only); in half precision the
+        # math kernel rounds differently from the default CPU kernel (float32 attention is our own)
+        half = h.dtype in (torch.bfloat16, torch.float16)
+        with sdpa_kernel(SDPBackend.MATH) if start > 0 and half else nullcontext():
+            logits = model.forward_cached(h, start)
+        if cfg:
+            cond, uncond = logits.chunk(2)
+            logits = uncond + (cond - uncond) * cfg_scale if guided else cond
+        return logits
 
     def _layout(self, num_tokens: Optional[int], steps: Optional[Tuple[int, int]]) -> Tuple[int, int, int]:
         """(N, a, g): N tokens, the first a drawn one at a time, then g per step; checked against the model."""
@@ -172,7 +173,7 @@ class PARSampler:
         does for ``max_new_tokens`` below the block size: at most the tokens drawn one at a time, or those plus
         whole parallel steps. ``steps`` = (a, g) overrides the model's layout (a = ``ar_token_num`` tokens drawn
         one at a time, then g = ``spe_token_num + 1`` per step); the official ``generate`` decodes with its own
-        ``ar_token_num`` whatever the model was built with, and :func:`varcore.models.gpt.generate` passes it here.
+        ``ar_token_num`` whatever the model was built with, and :func:`generate` passes it here.
         """
         model = self.model
         if order not in ("raster", "par"):
@@ -193,34 +194,21 @@ class PARSampler:
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         labels = self._labels(labels)
         B, cfg = labels.shape[0], cfg_scale > 1.0
-        half = model.tok_embeddings.weight.dtype in (torch.bfloat16, torch.float16)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=labels.device)  # set by any non-finite row
         draw = dict(temperature=temperature, top_k=top_k, top_p=top_p, sample_logits=sample_logits,
-                    generator=generator)
+                    method=self.draw, generator=generator, nonfinite=nonfinite)
 
         def step(h, start, guided):
             # token inputs are shared by both CFG halves; the prefill brings its own null-class half
             h = torch.cat([h, h]) if cfg and h.shape[0] == B else h
-            if self.decoder is not None:
-                return self._draw(self.decoder.step(h, start, cfg_scale, guided), **draw)
-            # the official decoding steps (not the prefill) run under sdp_kernel(math only); in half precision
-            # the math kernel rounds differently from the default CPU kernel (float32 attention is our own)
-            with sdpa_kernel(SDPBackend.MATH) if start > 0 and half else nullcontext():
-                logits = model.forward_cached(h, start)
-            if cfg:
-                cond, uncond = logits.chunk(2)
-                logits = uncond + (cond - uncond) * cfg_scale if guided else cond
-            return self._draw(logits, **draw)
+            return draw_llamagen(self.step_logits(h, start, cfg_scale, guided), **draw)
 
         was_training = model.training
         model.eval()
-        if self.decoder is not None:
-            if not self.decoder.is_current():
-                self.decoder = FastDecoder(model)
-            self.decoder.setup(2 * B if cfg else B, N + 1)
-        else:  # the class token and N tokens, as official
-            model.setup_caches(2 * B if cfg else B, N + 1, model.tok_embeddings.weight.dtype)
+        if self.packed is not None and not self.packed.is_current(model):
+            self.packed = model.pack_for_decoding()
+        model.setup_caches(2 * B if cfg else B, N + 1, model.tok_embeddings.weight.dtype)  # class token + N
         seq = torch.empty(B, N, dtype=torch.long, device=labels.device)
-        draw["nonfinite"] = torch.zeros((), dtype=torch.bool, device=labels.device)  # set by any bad row
         total = min(N, a) + (N - a) // g if N > a else N
         bar = tqdm(total=total, disable=not self.progress, desc=f"PAR M={self.M}", dynamic_ncols=True)
         try:
@@ -241,16 +229,13 @@ class PARSampler:
                 h = model.tok_embeddings(seq[:, a + i:a + g + i])
                 bar.update(1)
         except (RuntimeError, ValueError):  # a draw refused non-finite probabilities: say why
-            raise_if_nonfinite(draw["nonfinite"], "the GPT sampler", cfg_scale if cfg else None)
+            raise_if_nonfinite(nonfinite, "the GPT sampler", cfg_scale if cfg else None)
             raise
         finally:
             bar.close()
-            if self.decoder is not None:
-                self.decoder.release()
-            else:
-                model.clear_caches()
+            model.clear_caches()
             model.train(was_training)
-        raise_if_nonfinite(draw["nonfinite"], "the GPT sampler", cfg_scale if cfg else None)
+        raise_if_nonfinite(nonfinite, "the GPT sampler", cfg_scale if cfg else None)
         return seq if order == "par" else par_scatter(seq, self.M)
 
     @torch.no_grad()
@@ -273,3 +258,57 @@ class PARSampler:
         if image_size is not None and image_size != images.shape[-1]:
             images = F.interpolate(images, size=(image_size, image_size), mode="bicubic")
         return check_images_finite(images, "the GPT sampler")
+
+
+def generate(model: Transformer, cond: torch.Tensor, max_new_tokens: int, emb_masks=None, cfg_scale: float = 1.0,
+             cfg_interval: float = -1, ar_token_num: int = 4, spe_token_num: int = 3, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, sample_logits: bool = True) -> torch.Tensor:
+    """PAR's ``generate`` (official signature): int32 tokens (B, max_new_tokens) in PAR order.
+
+    Draws from the global RNG exactly as the official code does, so ``torch.manual_seed(s)`` before the call gives
+    the official tokens. What the official function accepts is accepted:
+
+    * ``max_new_tokens`` below the block size returns the first ``max_new_tokens`` tokens of the sequence
+      (``ar_token_num`` plus whole parallel steps of ``spe_token_num + 1``; other counts fail officially and raise
+      a ValueError here).
+    * a ``torch.compile``'d model runs through its original module (varcore's decoding has its own kernels; the
+      official compiled run may differ from its eager run by the compiler's rounding).
+    * ``ar_token_num``/``spe_token_num`` are the decoding layout, independent of the model's, as official: the
+      official demo ``sample_c2i.py`` builds ``ar_token_num=24`` models and decodes with these defaults (4, 3).
+      A layout other than the model's runs as official, with a warning (the result is dubious);
+      ``spe_token_num`` must be the model's (otherwise the official transition step fails).
+    * ``top_k`` above the vocabulary keeps everything and ``top_k <= 0`` disables it, as official.
+
+    On a raster model (LlamaGen: ``ar_token_num=1, spe_token_num=0``, no transition tokens) the defaults (4, 3),
+    which the official PAR function cannot run there, mean LlamaGen's raster decoding; LlamaGen's own
+    ``generate`` is :func:`varcore.models.llamagen.generate`. ``emb_masks`` belongs to text-conditional models and
+    must be None.
+    """
+    if emb_masks is not None:
+        raise ValueError("emb_masks is for text-conditional models; only class-conditional models are supported")
+    model = unwrap_compiled(model)
+    if not isinstance(model, Transformer):
+        raise TypeError(f"model must be a varcore.models.gpt.Transformer, got {type(model).__name__}")
+    for name, value in (("max_new_tokens", max_new_tokens), ("ar_token_num", ar_token_num),
+                        ("spe_token_num", spe_token_num), ("top_k", top_k)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    raster_model = (model.ar_token_num, model.spe_token_num) == (1, 0)
+    if raster_model and (ar_token_num, spe_token_num) == (4, 3):
+        ar_token_num, spe_token_num = 1, 0
+    if spe_token_num != model.spe_token_num:
+        raise ValueError(f"spe_token_num={spe_token_num} must be the model's {model.spe_token_num} (the transition "
+                         f"step feeds the model's transition tokens)")
+    if not 1 <= ar_token_num <= model.block_size:
+        raise ValueError(f"ar_token_num must be in [1, {model.block_size}], got {ar_token_num}")
+    if ar_token_num != model.ar_token_num:
+        warnings.warn(f"generate decodes with ar_token_num={ar_token_num} a model built for ar_token_num="
+                      f"{model.ar_token_num} (as the official code does, e.g. PAR's demo sample_c2i.py with its "
+                      f"defaults): the steps do not follow the model's layout and the official result is dubious; "
+                      f"pass ar_token_num={model.ar_token_num}, spe_token_num={model.spe_token_num}", stacklevel=2)
+    check_num_tokens(max_new_tokens, model.block_size, ar_token_num, spe_token_num + 1, "max_new_tokens")
+    top_k = min(max(top_k, 0), model.vocab_size)
+    return PARSampler(model).sample_tokens(cond, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
+                                           temperature=temperature, top_k=top_k, top_p=top_p,
+                                           sample_logits=sample_logits, order="par", num_tokens=max_new_tokens,
+                                           steps=(ar_token_num, spe_token_num + 1)).to(torch.int32)

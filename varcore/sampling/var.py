@@ -28,14 +28,14 @@ the loop adds to the official one:
 A run may also stop early or start late (:meth:`VARSampler.run`): CoDe's drafter and refiner are two such runs.
 The weights are read when the sampler is built: build a new sampler after changing the model's weights.
 """
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence, Tuple, Union
 import warnings
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from varcore.models.basic_var import StaticKVCache
 from varcore.models.var import VAR
@@ -377,6 +377,19 @@ class VARSampler:
         graph.replay()
         return static_out
 
+    @contextmanager
+    def eval_mode(self):
+        """The VAR and the VAE in eval mode for the duration of the block, then each one's previous mode again."""
+        modules = (self.var, self.vae)
+        was_training = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        try:
+            yield
+        finally:
+            for m, mode in zip(modules, was_training):
+                m.train(mode)
+
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] from the accumulated latent, ``decode_batch`` images at a time."""
         chunk = self.decode_batch or f_hat.shape[0]
@@ -412,7 +425,7 @@ class VARSampler:
         if output not in ("images", "tokens", "both"):
             raise ValueError(f"output must be 'images', 'tokens' or 'both', got {output!r}")
         gens = generators(B, self.device, g_seed, generator, per_image_seeds, seeds)
-        with _eval_mode(self.var, self.vae), _progress_bar(self.SN, progress, "VAR scales") as bar:
+        with self.eval_mode(), tqdm(total=self.SN, desc="VAR scales", unit="scale", disable=not progress) as bar:
             labels = class_labels(B, label_B, self.var.num_classes, self.device, gens)
             idx_Bl_list, f_hat, _ = self.run(labels, gens, opts, "the VAR sampler", bar=bar)
             if output == "tokens":
@@ -433,7 +446,7 @@ def autoregressive_infer_cfg(var: VAR, B: int, label_B, g_seed: Optional[int] = 
     check_batch(B)
     sampler = VARSampler(var)
     opts = sampler.options(cfg, top_k, top_p, 1.0, more_smooth)
-    with _eval_mode(var, sampler.vae):
+    with sampler.eval_mode():
         gens = [model_generator(var, g_seed, sampler.device)]
         labels = class_labels(B, label_B, var.num_classes, sampler.device, gens)
         idx_Bl_list, f_hat, _ = sampler.run(labels, gens, opts, "autoregressive_infer_cfg")
@@ -485,25 +498,3 @@ def _check_vae_fits(var: VAR, vae: VQVAE) -> None:
     if mine != theirs:
         raise ValueError(f"vae does not fit var: (patch_nums, V, Cvae) are {theirs} for the VAE and {mine} for the "
                          f"VAR")
-
-
-@contextmanager
-def _eval_mode(*modules: nn.Module):
-    """Put ``modules`` in eval mode for the duration of the block, then restore each one's previous mode."""
-    was_training = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, mode in zip(modules, was_training):
-            m.train(mode)
-
-
-def _progress_bar(total: int, enabled: bool, desc: str):
-    """A tqdm bar over ``total`` scales (a context manager), or a context giving None."""
-    if not enabled:
-        return nullcontext()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="scale")

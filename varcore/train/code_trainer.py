@@ -3,7 +3,7 @@
 Facts (spec ``code_par_llamagen.md`` A.6): CoDe's training code is not released; its ``utils/losses.py`` holds a
 distillation loss ``KL(teacher || student)`` at temperature T scaled by T^2 (optionally mixed with cross-entropy,
 ``alpha * KD + (1 - alpha) * CE``), its ``forward(..., mask_l)`` truncates the sequence to the first scales, and
-the maintainer describes the recipe (issue #6): the drafter (VAR-d30) is fine-tuned with ground-truth labels on its
+CoDe's maintainer describes the recipe: the drafter (VAR-d30) is fine-tuned with ground-truth labels on its
 small scales only; the refiner (VAR-d16) is distilled over all scales, then only on the large ones.
 
 Here that becomes:

@@ -32,7 +32,7 @@ from varcore.train.data import TokenPyramids
 from varcore.train.losses import token_accuracy
 from varcore.train.schedule import SCHEDULES
 from varcore.train.var_trainer import (
-    AMP_DTYPES, TrainConfig, _batches_forever, _check_distributed, _is_writer, _reseed_per_rank, apply_schedule,
+    AMP_DTYPES, TrainConfig, batches_forever, check_distributed, is_writer, reseed_per_rank, apply_schedule,
     backward_and_step, checked_iteration, make_optimizer, read_checkpoint,
 )
 
@@ -65,7 +65,7 @@ class GPTTrainer:
             raise ValueError("scale_weights and label_smoothing are VAR options; leave them unset for a GPT")
         self.model, self.config = model, config
         self.device = model.tok_embeddings.weight.device
-        self.distributed = _check_distributed(distributed)
+        self.distributed = check_distributed(distributed)
         self.net = _distributed.wrap_ddp(model) if distributed else model  # what the forward pass runs through
         self.optimizer, self.amp_dtype, self.scaler = make_optimizer(model, config, self.device)
         self.it = 0
@@ -110,7 +110,7 @@ class GPTTrainer:
     def save_checkpoint(self, path, args: Optional[Dict] = None) -> None:
         """Write ``{"model", "optimizer", "steps", "args", "rng"}`` atomically (LlamaGen's layout plus RNG state);
         when distributed, only rank 0 writes."""
-        if not _is_writer(self.distributed):
+        if not is_writer(self.distributed):
             return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +132,7 @@ class GPTTrainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.it = int(ckpt["steps"])
         if self.distributed:  # the file holds rank 0's RNG only: give each rank its own stream
-            _reseed_per_rank(self.it)
+            reseed_per_rank(self.it)
         elif "rng" in ckpt:
             torch.set_rng_state(ckpt["rng"].cpu())
         return ckpt
@@ -146,7 +146,7 @@ def train(trainer: GPTTrainer, loader: Iterable, out_dir=None, save_every: int =
     ckpt_path = None if out_dir is None else Path(out_dir) / "ckpt-last.pt"
     bar = tqdm(total=trainer.config.max_iters, initial=trainer.it, disable=not progress, desc="train GPT",
                dynamic_ncols=True)
-    for codes, labels in _batches_forever(loader):
+    for codes, labels in batches_forever(loader):
         if trainer.it >= trainer.config.max_iters:
             break
         metrics = trainer.train_step(labels, codes)
@@ -206,7 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
 
 
 def _main(args, env: "_distributed.DistEnv") -> List[Dict[str, float]]:
-    from varcore.checkpoints import _gpt_state_dict
+    from varcore.checkpoints import gpt_state_dict
 
     torch.manual_seed(args.seed)
     model = GPT_models[args.model](
@@ -215,7 +215,7 @@ def _main(args, env: "_distributed.DistEnv") -> List[Dict[str, float]]:
         resid_dropout_p=args.dropout, ffn_dropout_p=args.dropout, class_dropout_prob=args.class_dropout,
     ).to(env.device)
     if args.init_gpt:
-        model.load_state_dict(_gpt_state_dict(args.init_gpt), strict=True)
+        model.load_state_dict(gpt_state_dict(args.init_gpt), strict=True)
     if env.enabled:  # same initial weights everywhere (DDP broadcasts rank 0's), own dropout draws per rank
         torch.manual_seed(args.seed + env.rank)
     config = TrainConfig(max_iters=args.iters, lr=args.lr, weight_decay=args.wd, warmup_iters=args.wp, wpe=args.wpe,

@@ -195,7 +195,7 @@ class VARTrainer:
             raise ValueError("var must have been built on this vae (var.vae_proxy[0] is not vae)")
         self.vae, self.var, self.config = vae, var, config
         self.device = var.lvl_1L.device
-        self.distributed = _check_distributed(distributed)
+        self.distributed = check_distributed(distributed)
         self.net = _distributed.wrap_ddp(var) if distributed else var  # what the forward pass runs through
         self.token_weight_1L = scale_token_weights(var.patch_nums, config.scale_weights, device=self.device)
         self.optimizer, self.amp_dtype, self.scaler = make_optimizer(var, config, self.device)
@@ -333,7 +333,7 @@ class VARTrainer:
         """Write ``{"iter", "trainer", "args", "rng"}`` to ``path`` atomically (a temporary file, then a rename).
         The global RNG states (class dropout and drop-path draw from them) are saved so that a resumed run
         continues exactly. When distributed, only rank 0 writes."""
-        if not _is_writer(self.distributed):
+        if not is_writer(self.distributed):
             return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -365,7 +365,7 @@ class VARTrainer:
         self.last_prog_si = int(config.get("last_prog_si", -1))
         self.first_prog = bool(config.get("first_prog", True))
         if self.distributed:  # the file holds rank 0's RNG only: give each rank its own stream
-            _reseed_per_rank(self.it)
+            reseed_per_rank(self.it)
         elif "rng" in ckpt:
             torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
             if torch.cuda.is_available() and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
@@ -373,7 +373,7 @@ class VARTrainer:
         return ckpt
 
 
-def _check_distributed(distributed) -> bool:
+def check_distributed(distributed) -> bool:
     if not isinstance(distributed, bool):
         raise TypeError(f"distributed must be a bool, got {type(distributed).__name__}")
     if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -382,15 +382,15 @@ def _check_distributed(distributed) -> bool:
     return distributed
 
 
-def _is_writer(distributed: bool) -> bool:
+def is_writer(distributed: bool) -> bool:
     return not distributed or torch.distributed.get_rank() == 0
 
 
-def _reseed_per_rank(it: int) -> None:
+def reseed_per_rank(it: int) -> None:
     torch.manual_seed(it * 1_000_003 + torch.distributed.get_rank())
 
 
-def _batches_forever(loader: Iterable) -> Iterable:
+def batches_forever(loader: Iterable) -> Iterable:
     epoch = 0
     while True:
         yielded = False
@@ -417,7 +417,7 @@ def train(trainer: VARTrainer, loader: Iterable, out_dir=None, save_every: int =
     patch_nums = trainer.var.patch_nums
     bar = tqdm(total=trainer.config.max_iters, initial=trainer.it, disable=not progress, desc="train VAR",
                dynamic_ncols=True)
-    for data, label_B in _batches_forever(loader):
+    for data, label_B in batches_forever(loader):
         if trainer.it >= trainer.config.max_iters:
             break
         if data.is_floating_point():

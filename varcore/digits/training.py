@@ -1,4 +1,4 @@
-"""Training recipe of the bundled digits models (``varcore train-digits`` / ``python -m varcore.train.digits``).
+"""Training recipe of the bundled digits models (``varcore train-digits`` / ``python -m varcore.digits.training``).
 
 Seven stages, each seeded from the recipe's seed, so a run is deterministic for a seed (same machine, same torch,
 same number of threads) and any stage can be re-run alone with ``--parts`` (later stages load the tokenizers they
@@ -334,7 +334,7 @@ def train_digits(recipe: Optional[DigitsRecipe] = None, out_dir=None, parts: Opt
     return results
 
 
-def build_arg_parser(prog: str = "python -m varcore.train.digits") -> argparse.ArgumentParser:
+def build_arg_parser(prog: str = "python -m varcore.digits.training") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Train the bundled digits models (VQVAE, VAR drafter and "
                                 "refiner, VQ tokenizer, PAR and raster GPTs, harness classifier) on this CPU.")
     add_arguments(p)

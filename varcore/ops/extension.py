@@ -12,10 +12,10 @@ import warnings
 
 import torch
 
-_C = None
+LIBRARY = None
 LOAD_ERROR: str | None = None
 try:
-    _C = importlib.import_module("varcore._C")
+    LIBRARY = importlib.import_module("varcore._C")
 except ImportError as e:  # not built, or built against another torch
     LOAD_ERROR = str(e)
     warnings.warn(
@@ -43,7 +43,7 @@ def force_reference() -> bool:
 
 def has_schema(op: str) -> bool:
     """Whether ``varcore._C`` defines ``torch.ops.varcore.<op>`` (False for a stale build that predates it)."""
-    if _C is None:
+    if LIBRARY is None:
         return False
     try:
         getattr(torch.ops.varcore, op)
@@ -77,8 +77,8 @@ def info(print_report: bool = True) -> dict:
     import varcore.ops  # registers the op names
     import varcore.ops.attention
 
-    cuda_built = bool(_C is not None and getattr(_C, "WITH_CUDA", 0))
-    archs = getattr(_C, "CUDA_ARCHS", "") if cuda_built else ""
+    cuda_built = bool(LIBRARY is not None and getattr(LIBRARY, "WITH_CUDA", 0))
+    archs = getattr(LIBRARY, "CUDA_ARCHS", "") if cuda_built else ""
     report = {
         "varcore": importlib.import_module("varcore").__version__,
         "python": platform.python_version(),
@@ -86,13 +86,13 @@ def info(print_report: bool = True) -> dict:
         "torch_cuda": torch.version.cuda or "cpu-only build",
         "cuda_available": torch.cuda.is_available(),
         "compiled": {
-            "cpu": _C is not None,
+            "cpu": LIBRARY is not None,
             "cuda": cuda_built,
             "emulation": _simt_status(),
         },
         "load_error": LOAD_ERROR,
         "cuda_archs": [a.replace("sm", "sm_") for a in archs.split("_") if a],
-        "compiler": getattr(_C, "CXX_COMPILER", None),
+        "compiler": getattr(LIBRARY, "CXX_COMPILER", None),
         "backend_forced_to_reference": force_reference(),
         "ops": {op: {dev: ("kernel" if use_kernel(op, torch.device(dev)) else "reference") for dev in ("cpu", "cuda")}
                 for op in OPS},

@@ -1,4 +1,5 @@
-"""This machine's ceilings (fp32 and bf16 GEMM throughput, memory bandwidth) and GPU floors per image.
+"""Costs: the FLOPs of each model from its configuration, this machine's ceilings (fp32 and bf16 GEMM throughput,
+memory bandwidth) and GPU floors per image. Every benchmark takes its FLOP counts and ceilings from here.
 
 * **Ceilings** are measured in the same run as the benchmarks they are compared with: a square GEMM and the
   (tokens x C) @ (C x 4C) shape of a transformer's linears, in fp32 and bf16, and the bandwidth of a large
@@ -7,7 +8,7 @@
   on the meta device, decoder included) and the card's peak dense bf16 tensor throughput, and from reading the
   weights once per forward pass at its memory bandwidth (which dominates small-batch raster decoding).
 
-    python benchmarks/ceilings.py [--quick]
+    python benchmarks/costs.py [--quick]
 """
 from __future__ import annotations
 
@@ -61,6 +62,17 @@ def measure_ceilings(quick: bool = False) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- model FLOPs
+def flops_per_image(var) -> float:
+    """Forward FLOPs of one image (both CFG halves): block linears 24 C^2 per token, attention 4 l L_prefix C per
+    block and scale, the head 2 C V per token. The VQVAE decode is timed separately."""
+    C, V, depth = var.C, var.V, len(var.blocks)
+    total = 0.0
+    for begin, end in var.begin_ends:
+        l = end - begin
+        total += l * (depth * 24 * C * C + 2 * C * V) + depth * 4 * l * end * C
+    return 2 * total
+
+
 def _decoder_flops(run) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -72,7 +84,6 @@ def _decoder_flops(run) -> float:
 def var_image_cost(name: str) -> dict:
     """FLOPs of one VAR image with CFG (transformer: both halves of every scale; VQVAE decoder), the parameter
     bytes in bf16 and the forward passes, for a released config (``d16`` .. ``d36``), on the meta device."""
-    from bench_sampler import flops_per_image
     from varcore.models import VAR_CONFIGS
 
     vae, var = VAR_CONFIGS[name].build(torch.device("meta"))
