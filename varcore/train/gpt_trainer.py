@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
-from tqdm import tqdm
 
 from varcore.argtypes import device_arg, finite_float, out_dir_arg
 from varcore.models.gpt import GPT_models, Transformer
@@ -32,8 +31,8 @@ from varcore.train.data import TokenPyramids
 from varcore.train.losses import token_accuracy
 from varcore.train.schedule import SCHEDULES
 from varcore.train.var_trainer import (
-    AMP_DTYPES, TrainConfig, batches_forever, check_distributed, is_writer, reseed_per_rank, apply_schedule,
-    backward_and_step, checked_iteration, make_optimizer, read_checkpoint,
+    AMP_DTYPES, TrainConfig, check_distributed, is_writer, reseed_per_rank, apply_schedule,
+    backward_and_step, checked_iteration, make_optimizer, read_checkpoint, run_steps,
 )
 
 __all__ = ["GPTTrainer", "train", "to_par_order", "main"]
@@ -142,23 +141,9 @@ def train(trainer: GPTTrainer, loader: Iterable, out_dir=None, save_every: int =
           args: Optional[Dict] = None) -> List[Dict[str, float]]:
     """Run ``trainer`` to ``config.max_iters`` on ``(codes, labels)`` batches; returns the per-step metrics.
     With ``out_dir`` the state goes to ``out_dir/ckpt-last.pt`` every ``save_every`` steps and at the end."""
-    history: List[Dict[str, float]] = []
     ckpt_path = None if out_dir is None else Path(out_dir) / "ckpt-last.pt"
-    bar = tqdm(total=trainer.config.max_iters, initial=trainer.it, disable=not progress, desc="train GPT",
-               dynamic_ncols=True)
-    for codes, labels in batches_forever(loader):
-        if trainer.it >= trainer.config.max_iters:
-            break
-        metrics = trainer.train_step(labels, codes)
-        history.append(metrics)
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc']:.1f}")
-        if ckpt_path is not None and save_every and trainer.it % save_every == 0:
-            trainer.save_checkpoint(ckpt_path, args)
-    bar.close()
-    if ckpt_path is not None:
-        trainer.save_checkpoint(ckpt_path, args)
-    return history
+    return run_steps(trainer, loader, lambda batch: trainer.train_step(batch[1], batch[0]), ckpt_path, save_every,
+                     progress, args, "train GPT")
 
 
 def build_arg_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm import tqdm
@@ -405,6 +405,31 @@ def batches_forever(loader: Iterable) -> Iterable:
             raise ValueError("the data loader is empty")
 
 
+def run_steps(trainer, loader: Iterable, step: Callable, ckpt_path: Optional[Path], save_every: int, progress: bool,
+              args: Optional[Dict], desc: str) -> List[Dict[str, float]]:
+    """The training loop of every trainer: ``step(batch)`` until ``trainer.config.max_iters``, a progress bar with
+    the step's loss and accuracy (and lr when given), ``trainer.save_checkpoint(ckpt_path, args)`` every
+    ``save_every`` steps and at the end (when ``ckpt_path`` is set). Returns the per-step metrics."""
+    history: List[Dict[str, float]] = []
+    bar = tqdm(total=trainer.config.max_iters, initial=trainer.it, disable=not progress, desc=desc, dynamic_ncols=True)
+    for batch in batches_forever(loader):
+        if trainer.it >= trainer.config.max_iters:
+            break
+        metrics = step(batch)
+        history.append(metrics)
+        bar.update(1)
+        postfix = dict(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc']:.1f}")
+        if "lr" in metrics:
+            postfix["lr"] = f"{metrics['lr']:.2e}"
+        bar.set_postfix(**postfix)
+        if ckpt_path is not None and save_every and trainer.it % save_every == 0:
+            trainer.save_checkpoint(ckpt_path, args)
+    bar.close()
+    if ckpt_path is not None:
+        trainer.save_checkpoint(ckpt_path, args)
+    return history
+
+
 def train(trainer: VARTrainer, loader: Iterable, out_dir=None, save_every: int = 0, progress: bool = True,
           args: Optional[Dict] = None) -> List[Dict[str, float]]:
     """Run ``trainer`` until ``config.max_iters`` on batches from ``loader`` and return the per-step metrics.
@@ -412,27 +437,16 @@ def train(trainer: VARTrainer, loader: Iterable, out_dir=None, save_every: int =
     Batches are ``(tokens (B, L) integer, labels)`` or ``(images (B, 3, H, W) float, labels)``. With ``out_dir``
     the state is saved to ``out_dir/ckpt-last.pth`` every ``save_every`` steps (0: only at the end).
     """
-    history: List[Dict[str, float]] = []
-    ckpt_path = None if out_dir is None else Path(out_dir) / "ckpt-last.pth"
     patch_nums = trainer.var.patch_nums
-    bar = tqdm(total=trainer.config.max_iters, initial=trainer.it, disable=not progress, desc="train VAR",
-               dynamic_ncols=True)
-    for data, label_B in batches_forever(loader):
-        if trainer.it >= trainer.config.max_iters:
-            break
+
+    def step(batch):
+        data, label_B = batch
         if data.is_floating_point():
-            metrics = trainer.train_step(label_B, img_B3HW=data)
-        else:
-            metrics = trainer.train_step(label_B, idx_Bl=split_scales(data, patch_nums))
-        history.append(metrics)
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc']:.1f}", lr=f"{metrics['lr']:.2e}")
-        if ckpt_path is not None and save_every and trainer.it % save_every == 0:
-            trainer.save_checkpoint(ckpt_path, args)
-    bar.close()
-    if ckpt_path is not None:
-        trainer.save_checkpoint(ckpt_path, args)
-    return history
+            return trainer.train_step(label_B, img_B3HW=data)
+        return trainer.train_step(label_B, idx_Bl=split_scales(data, patch_nums))
+
+    ckpt_path = None if out_dir is None else Path(out_dir) / "ckpt-last.pth"
+    return run_steps(trainer, loader, step, ckpt_path, save_every, progress, args, "train VAR")
 
 
 def build_var_for_training(vae: VQVAE, depth: int, num_classes: int = 1000, width: Optional[int] = None,
