@@ -76,22 +76,11 @@ def check_code_pair(drafter: VAR, refiner: VAR) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- sampling
-def collaborative_infer_cfg(*args, **kwargs):
-    """CoDe sampling with a drafter and a refiner: :func:`varcore.sampling.code.collaborative_infer_cfg`."""
-    from varcore.sampling.code import collaborative_infer_cfg
+def __getattr__(name: str):
+    """CoDe's sampling functions (``collaborative_infer_cfg``, ``draft``, ``refine``) live in
+    :mod:`varcore.sampling.code`, which builds on this module; they stay importable from here."""
+    if name in ("collaborative_infer_cfg", "draft", "refine"):
+        from varcore.sampling import code
 
-    return collaborative_infer_cfg(*args, **kwargs)
-
-
-def draft(*args, **kwargs):
-    """The drafter's half: :func:`varcore.sampling.code.draft`."""
-    from varcore.sampling.code import draft
-
-    return draft(*args, **kwargs)
-
-
-def refine(*args, **kwargs):
-    """The refiner's half: :func:`varcore.sampling.code.refine`."""
-    from varcore.sampling.code import refine
-
-    return refine(*args, **kwargs)
+        return getattr(code, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
