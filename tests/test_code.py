@@ -12,7 +12,6 @@ import varcore
 import varcore.checkpoints as ck
 from varcore.models import PATCH_NUMS, VAR, VQVAE, build_vae_var, build_vae_var_ctf
 from varcore.models.code import collaborative_infer_cfg, exit_points
-from varcore.sampling import code as code_mod
 from varcore.sampling.code import CoDeSampler
 from varcore.sampling.var import StaticKVCache
 
@@ -350,31 +349,25 @@ def test_drafter_cache_holds_its_scales_and_is_freed_first(pairs, monkeypatch):
     drafter, refiner = pairs["odd-schedule"]
     N, B = 3, 2
     sampler = CoDeSampler(drafter, refiner, N)
-    made = {}
-    new_draft, new_refine = code_mod._DraftStage._new_cache, code_mod._RefineStage._new_cache
+    made = []  # per cache: a weak reference to its k, its positions, whether every earlier cache was freed by then
+    init = StaticKVCache.__init__
 
-    def draft_cache(stage, B):
-        cache = new_draft(stage, B)
-        made["drafter"] = (weakref.ref(cache.k), cache.k.shape[2])
-        return cache
+    def recording_init(cache, *args):
+        freed = all(ref() is None for ref, _, _ in made)
+        init(cache, *args)
+        made.append((weakref.ref(cache.k), cache.k.shape[2], freed))
 
-    def refine_cache(stage, B):
-        made["drafter_alive_at_refine"] = made["drafter"][0]() is not None
-        cache = new_refine(stage, B)
-        made["refiner"] = cache.k.shape[2]
-        return cache
-
-    monkeypatch.setattr(code_mod._DraftStage, "_new_cache", draft_cache)
-    monkeypatch.setattr(code_mod._RefineStage, "_new_cache", refine_cache)
+    monkeypatch.setattr(StaticKVCache, "__init__", recording_init)
     sampler.sample(B, torch.tensor([1, 2]), g_seed=0, output="tokens")
+    (_, drafter_T, _), (_, refiner_T, drafter_freed) = made
     pns = drafter.patch_nums
     drafted = exit_points(pns)[N - 1]
-    assert made["drafter"][1] == len(drafter.blocks) * (drafted - pns[N - 1] ** 2) + pns[N - 1] ** 2
-    assert made["refiner"] == StaticKVCache.positions(len(refiner.blocks), pns)
-    assert made["drafter_alive_at_refine"] is False
+    assert drafter_T == len(drafter.blocks) * (drafted - pns[N - 1] ** 2) + pns[N - 1] ** 2
+    assert refiner_T == StaticKVCache.positions(len(refiner.blocks), pns)
+    assert drafter_freed
     bytes_ = sampler.kv_cache_bytes(B)
     assert bytes_["peak"] == max(bytes_["drafter"], bytes_["refiner"])
-    assert bytes_["drafter"] == 2 * 2 * B * drafter.C * made["drafter"][1] * 4
+    assert bytes_["drafter"] == 2 * 2 * B * drafter.C * drafter_T * 4
 
 
 @pytest.mark.parametrize("N, bound", [(6, 0.4), (8, 0.45)])

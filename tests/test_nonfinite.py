@@ -80,7 +80,7 @@ def test_var_samplers_refuse_nonfinite_logits(var_bundle, value):
     with _poisoned(var, "head.bias", 3, value):
         with pytest.raises(ValueError, match="not finite"):
             VARSampler(var, vae).sample(2, LABELS, g_seed=0, cfg=2.0, output="tokens")
-        with pytest.raises(ValueError, match="NaN or \\+inf"):
+        with pytest.raises(ValueError, match="autoregressive_infer_cfg are not finite"):
             var.autoregressive_infer_cfg(2, LABELS, g_seed=0, cfg=2.0)
 
 

@@ -203,7 +203,7 @@ def test_sampler_restores_mode_and_disables_drop_path(was_training):
     assert var.training == was_training and all(m.training == was_training for m in var.modules())
     assert vae.training == vae_mode
     assert torch.equal(img, ref)
-    assert all(b.attn.cached_k is None and not b.attn.caching for b in var.blocks)
+    assert all(b.attn.kv_cache is None and not b.attn.caching for b in var.blocks)
 
 
 def test_sampler_outputs_and_seeds():

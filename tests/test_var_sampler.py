@@ -213,14 +213,14 @@ def test_row_chunked_blocks_and_draws_keep_the_tokens(models, name, min_rows, dr
     still agree, and the images too where the tokens alone decide them (not with ``more_smooth``)."""
     import varcore.sampling.var as sampler_mod
     var, B = models[name], 16
+    labels = torch.arange(B) % 10
+    img_ref, ref = var.autoregressive_infer_cfg(B, labels, g_seed=5, return_idx_Bl=True, **kwargs)  # unchunked
     monkeypatch.setattr(sampler_mod, "_DRAW_CHUNK_BYTES", 4 * var.V * draw_rows)
     seen = []
     if min_rows is not None:
         monkeypatch.setattr(sampler_mod, "_CHUNK_BYTES", 1)
         monkeypatch.setattr(sampler_mod, "_MIN_CHUNK_ROWS", min_rows)
     monkeypatch.setattr(sampler_mod, "row_chunks", lambda *a: seen.append(row_chunks(*a)) or seen[-1])
-    labels = torch.arange(B) % 10
-    img_ref, ref = var.autoregressive_infer_cfg(B, labels, g_seed=5, return_idx_Bl=True, **kwargs)
     img, idx = VARSampler(var).sample(B, labels, g_seed=5, output="both", **kwargs)
     assert _tokens_equal(idx, ref)
     if min_rows is None or not kwargs.get("more_smooth"):

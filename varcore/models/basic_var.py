@@ -4,7 +4,7 @@ Module and parameter names follow the official ``basic_var.py`` so state-dict ke
 through :func:`attention`, the one place to swap in another kernel.
 """
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from varcore.ops.attention import attend, visible_end_mask
 
-__all__ = ["attention", "DropPath", "FFN", "SelfAttention", "AdaLNSelfAttn", "AdaLNBeforeHead"]
+__all__ = ["attention", "StaticKVCache", "DropPath", "FFN", "SelfAttention", "AdaLNSelfAttn", "AdaLNBeforeHead"]
 
 
 def attention(q_BHLc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor,
@@ -36,6 +36,61 @@ def attention(q_BHLc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor,
         attn_bias = attn_bias.to(dtype)
     return F.scaled_dot_product_attention(q_BHLc, k_BHLc, v_BHLc, attn_mask=attn_bias, dropout_p=dropout_p,
                                           scale=scale)
+
+
+class StaticKVCache:
+    """Preallocated keys and values of all blocks for a CFG-doubled batch of ``batch2`` rows.
+
+    ``k`` and ``v`` are (batch2, H, T, c) with ``T = depth * P + pn_last^2`` and ``P`` the number of tokens before
+    the last scale. Block ``j`` owns positions ``[o_j, o_j + P)`` with ``o_j = (depth - 1 - j) * P``; at the last
+    scale it writes its new tokens at ``[o_j + P, o_j + L)``, which is block ``j - 1``'s region (or the
+    ``pn_last^2`` spare positions at the end for block 0): block ``j - 1`` has finished the last scale by then.
+    :meth:`growing` makes the cache of the official ``kv_caching`` path instead.
+    """
+
+    def __init__(self, depth: int, batch2: int, heads: int, head_dim: int, patch_nums: Sequence[int],
+                 dtype: torch.dtype, device):
+        self.depth = depth
+        self.P = sum(pn * pn for pn in patch_nums) - patch_nums[-1] ** 2
+        T = self.positions(depth, patch_nums)
+        self.k = torch.empty(batch2, heads, T, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+
+    @classmethod
+    def growing(cls) -> "StaticKVCache":
+        """One block's cache that grows by concatenation, as official: empty until the first ``update``, then each
+        update appends its k and v (whatever ``j``, ``pos`` and ``rows``) and returns everything so far."""
+        cache = cls.__new__(cls)
+        cache.depth, cache.P, cache.k, cache.v = 1, None, None, None
+        return cache
+
+    @staticmethod
+    def positions(depth: int, patch_nums: Sequence[int]) -> int:
+        """Cache length T (per batch row and head) for ``depth`` blocks and the schedule ``patch_nums``."""
+        L = sum(pn * pn for pn in patch_nums)
+        return depth * (L - patch_nums[-1] ** 2) + patch_nums[-1] ** 2
+
+    def update(self, j: int, pos: int, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor, rows: slice = slice(None)):
+        """Store block ``j``'s k/v of the tokens from ``pos`` on for the batch rows ``rows`` and return its k/v over
+        tokens [0, pos + l) for those rows (views)."""
+        if self.P is None:
+            if self.k is not None:
+                k_BHlc, v_BHlc = torch.cat((self.k, k_BHlc), dim=2), torch.cat((self.v, v_BHlc), dim=2)
+            self.k, self.v = k_BHlc, v_BHlc
+            return k_BHlc, v_BHlc
+        o, end = (self.depth - 1 - j) * self.P, pos + k_BHlc.shape[2]
+        self.k[rows, :, o + pos:o + end].copy_(k_BHlc)
+        self.v[rows, :, o + pos:o + end].copy_(v_BHlc)
+        return self.k[rows, :, o:o + end], self.v[rows, :, o:o + end]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+def _cast(tensors, dtype: Optional[torch.dtype]) -> tuple:
+    """The tensors as they are (autograd), or detached and cast to ``dtype`` (a sampler's copy)."""
+    return tuple(tensors) if dtype is None else tuple(t.detach().to(dtype) for t in tensors)
 
 
 class DropPath(nn.Module):
@@ -72,8 +127,21 @@ class FFN(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
+    def weights(self, dtype: Optional[torch.dtype] = None) -> tuple:
+        """(fc1 weight, fc1 bias, fc2 weight, fc2 bias) as :meth:`step` takes them: the parameters, or (with
+        ``dtype``) a detached copy in that dtype."""
+        return _cast((self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias), dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.act(self.fc1(x))))
+        return self.step(x, self.weights())
+
+    def step(self, x: torch.Tensor, w: tuple) -> torch.Tensor:
+        """The FFN with the weights ``w`` (see :meth:`weights`); ``x`` is cast to their dtype."""
+        x = F.linear(x.to(w[0].dtype), w[0], w[1])  # rebinding frees the input before the hidden grows
+        # without autograd in place: the same values as F.gelu, without a second hidden tensor
+        x = F.gelu(x, approximate="tanh") if x.requires_grad else torch.ops.aten.gelu_(x, approximate="tanh")
+        x = F.linear(x, w[2], w[3])
+        return self.drop(x) if self.training else x
 
 
 class SelfAttention(nn.Module):
@@ -106,30 +174,43 @@ class SelfAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
         self.attn_drop = attn_drop
         self.caching = False
-        self.cached_k: Optional[torch.Tensor] = None
-        self.cached_v: Optional[torch.Tensor] = None
+        self.kv_cache: Optional[StaticKVCache] = None
 
     def kv_caching(self, enable: bool) -> None:
-        """Switch the KV cache on or off; either way the cache is emptied."""
-        self.caching, self.cached_k, self.cached_v = enable, None, None
+        """Switch the KV cache (:meth:`StaticKVCache.growing`) on or off; either way the cache is emptied."""
+        self.caching, self.kv_cache = enable, StaticKVCache.growing() if enable else None
+
+    def weights(self, dtype: Optional[torch.dtype] = None) -> tuple:
+        """(qkv weight, qkv bias, proj weight, proj bias, L2-norm temperature or None) as :meth:`step` takes them:
+        from the parameters, or (with ``dtype``) a detached copy, the first four in that dtype."""
+        qkv_bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp() if self.attn_l2_norm else None
+        if dtype is not None and scale_mul is not None:
+            scale_mul = scale_mul.detach()
+        return _cast((self.mat_qkv.weight, qkv_bias, self.proj.weight, self.proj.bias), dtype) + (scale_mul,)
 
     def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return self.step(x, self.weights(), self.kv_cache, attn_bias=attn_bias)
+
+    def step(self, x: torch.Tensor, w: tuple, cache: Optional[StaticKVCache] = None, j: int = 0, pos: int = 0,
+             rows: slice = slice(None), attn_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attention of the tokens ``x`` (B, l, C) with the weights ``w`` (see :meth:`weights`; ``x`` is cast to
+        their dtype). With a ``cache`` their k and v are stored as block ``j``'s, at token ``pos`` on, for the batch
+        rows ``rows``, and the queries attend over all of that block's cached tokens. ``attn_bias`` as for
+        :func:`attention`."""
         B, L, C = x.shape
-        qkv_bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = F.linear(x, self.mat_qkv.weight, bias=qkv_bias).view(B, L, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, c)
-        if self.attn_l2_norm:
-            scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
-            q = F.normalize(q, dim=-1).mul(scale_mul)
-            k = F.normalize(k, dim=-1)
-        if self.caching:
-            if self.cached_k is not None:
-                k = torch.cat((self.cached_k, k), dim=2)
-                v = torch.cat((self.cached_v, v), dim=2)
-            self.cached_k, self.cached_v = k, v
-        dropout_p = self.attn_drop if self.training else 0.0
-        out_BHLc = attention(q, k, v, attn_bias, self.scale, dropout_p)
-        return self.proj_drop(self.proj(out_BHLc.transpose(1, 2).reshape(B, L, C)))
+        qkv = F.linear(x.to(w[0].dtype), w[0], w[1])
+        q, k, v = qkv.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, c)
+        del x, qkv  # the input dies before the attention, and qkv with the last of q, k, v
+        if self.attn_l2_norm:  # at least float32, as under the official autocast
+            f32 = torch.promote_types(q.dtype, torch.float32)
+            q = F.normalize(q.to(f32), dim=-1).mul(w[4])
+            k = F.normalize(k.to(f32), dim=-1)
+        if cache is not None:
+            k, v = cache.update(j, pos, k, v, rows)
+        out_BHLc = attention(q, k, v, attn_bias, self.scale, self.attn_drop if self.training else 0.0)
+        out = F.linear(out_BHLc.transpose(1, 2).reshape(B, L, C), w[2], w[3])
+        return self.proj_drop(out) if self.training else out
 
     def extra_repr(self) -> str:
         return f"attn_l2_norm={self.attn_l2_norm}"
@@ -144,7 +225,9 @@ class AdaLNSelfAttn(nn.Module):
         x = x + drop_path(attn(LN(x) * (1 + scale1) + shift1) * gamma1)
         x = x + drop_path(ffn(LN(x) * (1 + scale2) + shift2) * gamma2)
 
-    ``last_drop_p``, ``flash_if_available`` and ``fused_if_available`` are accepted for signature compatibility.
+    :meth:`forward` is the official call; a sampler computes :meth:`modulations` once per call and
+    :meth:`weights` once, then runs :meth:`step` with its KV cache. ``last_drop_p``, ``flash_if_available`` and
+    ``fused_if_available`` are accepted for signature compatibility.
     """
 
     def __init__(self, block_idx: int, last_drop_p: float, embed_dim: int, cond_dim: int, shared_aln: bool,
@@ -165,16 +248,35 @@ class AdaLNSelfAttn(nn.Module):
         else:
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * embed_dim))
 
+    def modulations(self, cond_BD: torch.Tensor) -> tuple:
+        """(gamma1, gamma2, 1 + scale1, 1 + scale2, shift1, shift2), each (B, 1, C), from the class condition
+        (B, D), or from the shared AdaLN output (B, 1, 6, C) when ``shared_aln``."""
+        mods = self.ada_gss + cond_BD if self.shared_aln else self.ada_lin(cond_BD).view(-1, 1, 6, self.C)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = mods.unbind(2)
+        return gamma1, gamma2, 1 + scale1, 1 + scale2, shift1, shift2
+
+    def weights(self, dtype: Optional[torch.dtype] = None) -> tuple:
+        """The attention's and the FFN's weights as :meth:`step` takes them (see :meth:`SelfAttention.weights`)."""
+        return self.attn.weights(dtype), self.ffn.weights(dtype)
+
     def forward(self, x: torch.Tensor, cond_BD: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
         """``cond_BD`` is the class condition (B, D), or the shared AdaLN output (B, 1, 6, C) when ``shared_aln``."""
-        if self.shared_aln:
-            mods = self.ada_gss + cond_BD
-        else:
-            mods = self.ada_lin(cond_BD).view(-1, 1, 6, self.C)
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = mods.unbind(2)
-        x = x + self.drop_path(self.attn(self.ln_wo_grad(x) * (1 + scale1) + shift1, attn_bias=attn_bias) * gamma1)
-        x = x + self.drop_path(self.ffn(self.ln_wo_grad(x) * (1 + scale2) + shift2) * gamma2)
-        return x
+        return self.step(x, self.modulations(cond_BD), self.weights(), self.attn.kv_cache, attn_bias=attn_bias)
+
+    def step(self, x: torch.Tensor, mods: tuple, w: tuple, cache: Optional[StaticKVCache] = None, j: int = 0,
+             pos: int = 0, rows: slice = slice(None), attn_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The block on ``x`` (B, l, C) with the :meth:`modulations` ``mods`` of its rows and the :meth:`weights`
+        ``w``; ``cache``, ``j``, ``pos``, ``rows`` and ``attn_bias`` as for :meth:`SelfAttention.step`. Each branch
+        modulates its own input, so that it dies inside the branch."""
+        gamma1, gamma2, scale1p, scale2p, shift1, shift2 = mods
+        h = self.attn.step(self._modulate(x, scale1p, shift1), w[0], cache, j, pos, rows, attn_bias) * gamma1
+        x = x + (self.drop_path(h) if self.training else h)
+        h = self.ffn.step(self._modulate(x, scale2p, shift2), w[1]) * gamma2
+        return x + (self.drop_path(h) if self.training else h)
+
+    def _modulate(self, x: torch.Tensor, scale1p: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        ln = self.ln_wo_grad
+        return F.layer_norm(x, ln.normalized_shape, eps=ln.eps) * scale1p + shift
 
     def extra_repr(self) -> str:
         return f"shared_aln={self.shared_aln}"
@@ -189,6 +291,14 @@ class AdaLNBeforeHead(nn.Module):
         self.ln_wo_grad = norm_layer(C, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * C))
 
-    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+    def modulations(self, cond_BD: torch.Tensor) -> tuple:
+        """(1 + scale, shift), each (B, 1, C), as :meth:`modulate` takes them."""
         scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
-        return self.ln_wo_grad(x_BLC) * (1 + scale) + shift
+        return 1 + scale, shift
+
+    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        return self.modulate(x_BLC, self.modulations(cond_BD))
+
+    def modulate(self, x_BLC: torch.Tensor, mods: tuple) -> torch.Tensor:
+        ln = self.ln_wo_grad
+        return F.layer_norm(x_BLC, ln.normalized_shape, eps=ln.eps) * mods[0] + mods[1]

@@ -13,7 +13,7 @@ Differences from the official code, all deliberate:
   labels (and consumes the global RNG) in eval mode.
 """
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from functools import partial
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -21,8 +21,6 @@ import torch
 import torch.nn as nn
 
 from varcore.ops.quant import check_patch_nums
-from varcore.sampling.draw import (check_cfg, check_images_finite, check_top_k, gumbel_softmax_with_rng,
-                                      sample_with_top_k_top_p_)
 
 from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn
 from .vqvae import VQVAE
@@ -52,19 +50,6 @@ def _check_rate(name: str, value: float, upper_inclusive: bool = False) -> float
     if not (0.0 <= value <= 1.0 if upper_inclusive else 0.0 <= value < 1.0):
         raise ValueError(f"{name} must be in [0, 1{']' if upper_inclusive else ')'}, got {value}")
     return float(value)
-
-
-@contextmanager
-def _eval_mode(*modules: nn.Module):
-    """Put ``modules`` in eval mode for the duration of the block, then restore each one's previous mode."""
-    was_training = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, mode in zip(modules, was_training):
-            m.train(mode)
 
 
 class VAR(nn.Module):
@@ -118,7 +103,7 @@ class VAR(nn.Module):
             cur += pn * pn
         self.num_stages_minus_1 = len(patch_nums) - 1
         self.prog_si = -1  # progressive training: forward on scales 0..prog_si only (-1: all)
-        # Sampling generator; re-created on the model's device when the model has moved (see _sampling_rng).
+        # The official samplers' generator, reseeded on every call (see varcore.sampling.rng.model_generator).
         self.rng = torch.Generator()
 
         # The VAE lives in tuples so that its weights stay out of VAR's state dict.
@@ -128,7 +113,8 @@ class VAR(nn.Module):
 
         init_std = math.sqrt(1 / self.C / 3)
         self.num_classes = num_classes
-        # a plain tensor as official (not a buffer); moved to the model's device when labels are drawn
+        # the official attribute, a plain tensor (not a buffer): the uniform class distribution that the samplers
+        # draw labels from (varcore.sampling.draw.class_labels)
         self.uniform_prob = torch.full((1, num_classes), fill_value=1.0 / num_classes, dtype=torch.float32,
                                        device="cpu")
         self.class_emb = nn.Embedding(num_classes + 1, self.C)
@@ -242,39 +228,7 @@ class VAR(nn.Module):
             logits_BLV[0, 0, 0] += self.word_embed.weight[0, 0] * 0 + self.word_embed.bias[0] * 0
         return logits_BLV
 
-    # ---------------------------------------------------------------- sampling
-    def _sampling_rng(self, g_seed: Optional[int]) -> Optional[torch.Generator]:
-        if g_seed is None:
-            return None
-        if isinstance(g_seed, bool) or not isinstance(g_seed, int):
-            raise TypeError(f"g_seed must be an int or None, got {type(g_seed).__name__}")
-        device = self.lvl_1L.device
-        if self.rng.device != device:
-            self.rng = torch.Generator(device=device)
-        self.rng.manual_seed(g_seed)
-        return self.rng
-
-    def _sampling_labels(self, B: int, label_B, rng: Optional[torch.Generator]) -> torch.Tensor:
-        device = self.lvl_1L.device
-        if label_B is None:
-            return torch.multinomial(self.uniform_prob.to(device), num_samples=B, replacement=True,
-                                     generator=rng).reshape(B)
-        if isinstance(label_B, bool):
-            raise TypeError("label_B must be None, an int or a LongTensor, got bool")
-        if isinstance(label_B, int):
-            if label_B > self.num_classes:
-                raise ValueError(f"label_B must be < {self.num_classes + 1} (or negative for the null class), "
-                                 f"got {label_B}")
-            return torch.full((B,), self.num_classes if label_B < 0 else label_B, device=device)
-        if not isinstance(label_B, torch.Tensor):
-            raise TypeError(f"label_B must be None, an int or a LongTensor, got {type(label_B).__name__}")
-        if tuple(label_B.shape) != (B,) or label_B.is_floating_point() or label_B.dtype == torch.bool:
-            raise ValueError(f"label_B must be an integer tensor of shape ({B},), got {label_B.dtype} "
-                             f"{tuple(label_B.shape)}")
-        if label_B.min() < 0 or label_B.max() > self.num_classes:
-            raise ValueError(f"label_B values must be in [0, {self.num_classes}], got {label_B.tolist()}")
-        return label_B.to(device=device, dtype=torch.long)
-
+    # ---------------------------------------------------------------- sampling (official method names)
     @torch.no_grad()
     def autoregressive_infer_cfg(
         self, B: int, label_B: Optional[Union[int, torch.LongTensor]], g_seed: Optional[int] = None,
@@ -292,68 +246,19 @@ class VAR(nn.Module):
 
         Unlike the official sampler this runs in eval mode and restores the previous mode afterwards, so drop-path
         and dropout are never active here. With ``return_idx_Bl=True`` it returns ``(images, idx_Bl)`` where
-        ``idx_Bl`` holds the (B, pn^2) tokens drawn at each scale.
+        ``idx_Bl`` holds the (B, pn^2) tokens drawn at each scale. See
+        :func:`varcore.sampling.var.autoregressive_infer_cfg`.
         """
-        _check_pos_int("B", B)
-        check_cfg(cfg)
-        check_top_k(top_k, self.V)
-        vae = self.vae_proxy[0]
-        quantize = self.vae_quant_proxy[0]
-        with _eval_mode(self, vae):
-            rng = self._sampling_rng(g_seed)
-            label_B = self._sampling_labels(B, label_B, rng)
-            sos = cond_BD = self.class_emb(torch.cat((label_B, torch.full_like(label_B, self.num_classes))))
-            lvl_pos = self.lvl_embed(self.lvl_1L) + self.pos_1LC
-            next_token_map = (sos.unsqueeze(1).expand(2 * B, self.first_l, -1)
-                              + self.pos_start.expand(2 * B, self.first_l, -1) + lvl_pos[:, :self.first_l])
-            f_hat = sos.new_zeros(B, self.Cvae, self.patch_nums[-1], self.patch_nums[-1])
-            idx_Bl_per_scale: List[torch.Tensor] = []
-            cur_L = 0
-            for block in self.blocks:
-                block.attn.kv_caching(True)
-            try:
-                for si, pn in enumerate(self.patch_nums):
-                    ratio = si / self.num_stages_minus_1
-                    cur_L += pn * pn
-                    cond_BD_or_gss = self.shared_ada_lin(cond_BD)
-                    x = next_token_map
-                    for block in self.blocks:
-                        x = block(x=x, cond_BD=cond_BD_or_gss, attn_bias=None)
-                    logits_BlV = self.get_logits(x, cond_BD)
-                    t = cfg * ratio
-                    logits_BlV = (1 + t) * logits_BlV[:B] - t * logits_BlV[B:]
+        from varcore.sampling.var import autoregressive_infer_cfg
 
-                    idx_Bl = sample_with_top_k_top_p_(logits_BlV, rng=rng, top_k=top_k, top_p=top_p,
-                                                      num_samples=1)[:, :, 0]
-                    idx_Bl_per_scale.append(idx_Bl)
-                    if more_smooth:  # the filtered logits, sharpened with the scale; tau as in MaskGIT
-                        gum_t = max(0.27 * (1 - ratio * 0.95), 0.005)
-                        soft_BlV = gumbel_softmax_with_rng(logits_BlV.mul(1 + ratio), tau=gum_t, hard=False,
-                                                           dim=-1, rng=rng)
-                        h_BlC = soft_BlV @ quantize.embedding.weight.unsqueeze(0)
-                    else:
-                        h_BlC = quantize.embedding(idx_Bl)
-                    h_BChw = h_BlC.transpose(1, 2).reshape(B, self.Cvae, pn, pn)
-                    f_hat, next_token_map = quantize.get_next_autoregressive_input(
-                        si, len(self.patch_nums), f_hat, h_BChw)
-                    if si != self.num_stages_minus_1:
-                        next_token_map = next_token_map.view(B, self.Cvae, -1).transpose(1, 2)
-                        pn_next = self.patch_nums[si + 1]
-                        next_token_map = self.word_embed(next_token_map) + lvl_pos[:, cur_L:cur_L + pn_next ** 2]
-                        next_token_map = next_token_map.repeat(2, 1, 1)  # cond and uncond halves for CFG
-            finally:
-                for block in self.blocks:
-                    block.attn.kv_caching(False)
-            img = check_images_finite(vae.fhat_to_img(f_hat).add_(1).mul_(0.5), "autoregressive_infer_cfg")
-        return (img, idx_Bl_per_scale) if return_idx_Bl else img
+        return autoregressive_infer_cfg(self, B, label_B, g_seed, cfg, top_k, top_p, more_smooth, return_idx_Bl)
 
-    # ---------------------------------------------------------------- CoDe (official method names)
     def autoregressive_infer_cfg_draft(self, B: int, label_B, g_seed: Optional[int] = None, cfg: float = 1.5,
                                        top_k=0, top_p: float = 0.0, more_smooth: bool = False, exit_num: int = 7,
                                        temp=None) -> Tuple[torch.Tensor, torch.Tensor]:
         """CoDe's drafter half: scales ``0..exit_num-1``; returns ``(f_hat, token_hub)`` as the official method
-        (see :func:`varcore.models.code.draft`). ``top_k``/``temp`` are scalars or one value per scale."""
-        from .code import draft
+        (see :func:`varcore.sampling.code.draft`). ``top_k``/``temp`` are scalars or one value per scale."""
+        from varcore.sampling.code import draft
 
         return draft(self, B, label_B, exit_num, g_seed, cfg, top_k, top_p, more_smooth, temp)[:2]
 
@@ -361,8 +266,8 @@ class VAR(nn.Module):
                                         top_k=0, top_p: float = 0.0, more_smooth: bool = False, draft=None,
                                         f_hat=None, entry_num: int = 7, temp=1.0) -> torch.Tensor:
         """CoDe's refiner half on the drafter's ``draft`` (token hub) and ``f_hat``: images in [0, 1], with the
-        official replay of the drafted scales' random draws (see :func:`varcore.models.code.refine`)."""
-        from .code import refine
+        official replay of the drafted scales' random draws (see :func:`varcore.sampling.code.refine`)."""
+        from varcore.sampling.code import refine
 
         return refine(self, B, label_B, draft, f_hat, entry_num, g_seed, cfg, top_k, top_p, more_smooth, temp)[0]
 

@@ -1,92 +1,183 @@
-"""``CoDeSampler``: fast collaborative decoding on :class:`~varcore.sampling.var.VARSampler`'s machinery.
+"""CoDe (collaborative decoding) on the VAR loop: a large VAR *drafter* generates the first N scales, a small VAR
+*refiner* the rest. The drop-in functions (:func:`collaborative_infer_cfg`, :func:`draft`, :func:`refine`, behind
+the official ``autoregressive_infer_cfg_draft`` / ``_refine``) and :class:`CoDeSampler` run the same two stages,
+each a :meth:`~varcore.sampling.var.VARSampler.run` of one model's sampler.
 
-The drafter and the refiner each run as a ``VARSampler`` stage (static KV cache, conditioning once per call,
-sync-free draws, optional reduced precision or ``torch.compile``), with the semantics of
-:func:`varcore.models.code.collaborative_infer_cfg` (float32: the same tokens for the same seed):
+Official semantics (czg1225/CoDe ``autoregressive_infer_cfg_draft`` / ``_refine``; spec ``code_par_llamagen.md``
+part A.3), float32 CPU parity checked against the golden ``code-small`` data:
 
-* **Drafter stage**: scales ``0..N-1``. Its static cache is sized for those N scales only (with VARSampler's
-  overlap: ``depth * (T_N - pn_{N-1}^2) + pn_{N-1}^2`` positions for the ``T_N`` drafted tokens, 3200 instead of
-  8736 for a depth-20 drafter at N=8), the next-scale inputs go straight into the token hub, and the cache is
-  freed right after the last drafted forward pass, before the refiner's cache exists.
-* **Refiner stage**: one prefill pass over scales ``0..N`` with the block-causal mask (the attention kernel's
-  ``visible_end`` form) fills its static cache; the head runs on the scale-N tokens only (the official code runs it
-  over the whole prefix and discards all but that slice); then scales ``N+1..`` as VARSampler does.
-* **Random numbers**: ``rng_parity=True`` gives the official refiner's stream: its discarded draws are replayed
-  (the Exp(1) numbers only, no head or filters), and skipped altogether when the generators are seeded and
-  ``more_smooth`` is off, where the drafter's generators already end in that state; ``rng_parity=False``
-  continues the drafter's generators (see :mod:`varcore.models.code`).
+* The drafter runs the VAR loop for scales ``0..N-1`` and hands over its accumulated ``f_hat`` and the *token hub*:
+  the raw ``Cvae``-channel next-scale inputs of scales ``1..N`` (before word embedding), one
+  ``(B, exit_points[N] - first_l, Cvae)`` tensor. No KV cache and no token index crosses over. Its static cache is
+  sized for its N scales (``depth * (T_N - pn_{N-1}^2) + pn_{N-1}^2`` positions for the ``T_N`` drafted tokens,
+  3200 instead of 8736 for a depth-20 drafter at N=8) and freed after its last forward pass, before the refiner's
+  exists: peak KV-cache memory is ``max(drafter's N-scale cache, refiner's cache)``
+  (:meth:`CoDeSampler.memory_report`).
+* The refiner embeds that prefix with its own ``class_emb``/``pos_start``/``word_embed``/``lvl_pos`` and runs it in
+  one prefill pass with the block-causal mask ("query i sees keys ``[0, visible_end(i))``", the attention kernel's
+  form), which fills its KV cache for scales ``0..N``; the head runs on the scale-N tokens only (the official code
+  runs it over the whole prefix and keeps that slice); guidance ``t = cfg * N / (SN-1)`` is applied to them. It then
+  decodes scales ``N+1..SN-1`` as VAR does and decodes the image.
+* Sampling per scale: top-k then top-p on the untempered logits (in place), then the logits are divided by the
+  temperature, softmax, one multinomial draw. ``top_k`` and ``temp`` may be one value per scale.
 
-Peak KV-cache memory is therefore ``max(drafter's N-scale cache, refiner's cache)``, reported by
-:meth:`CoDeSampler.memory_report` next to the drafter alone.
+Random numbers. The official refiner re-seeds its own generator with ``g_seed`` and, inside the prefill step,
+*replays* one draw for every drafted scale (on its own unguided logits, results discarded) before drawing scale N,
+so its stream is where single-model VAR's would be (the reason CoDe's maintainer gives). With
+``rng_parity=True`` (default) we replay the draws as well, but only their random numbers (``torch.multinomial``
+with one sample is ``argmax(p / q)``, ``q ~ Exp(1)`` over the probabilities' shape, so the numbers consumed do not
+depend on the logits): the head, the filters and the softmax over the prefix are skipped. With ``rng_parity=False``
+(the fast mode) nothing is replayed and the refiner simply continues the drafter's generator. The two modes give
+the same tokens whenever ``g_seed`` is set and ``more_smooth`` is off (the drafter consumed exactly what the replay
+would; :class:`CoDeSampler` then skips the replay); they differ with ``more_smooth`` (the drafter's Gumbel draws are
+not replayed officially) and with the global RNG (``g_seed=None``: the official refiner draws again from the already
+advanced global stream).
+
+One deliberate difference: with ``label_B=None`` and ``g_seed=None`` the official refiner draws *new* labels from
+the global RNG, so drafter and refiner condition on different classes. We replay that draw in parity mode (the
+stream stays official) but keep the drafter's labels.
 """
-import math
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
+from tqdm import tqdm
 
 from varcore.models.code import CoDeResult, check_code_pair, check_draft_steps, exit_points
 from varcore.models.var import VAR
 from varcore.models.vqvae import VQVAE
-from varcore.ops.attention import code_prefill_visible_end
-from varcore.sampling.auto_dtype import resolve_dtype
-from varcore.sampling.draw import check_batch, check_cfg, check_images_finite, per_scale, raise_if_nonfinite
-from varcore.sampling.var import ScaleOptions, StaticKVCache, VARSampler, _DTYPES
+from varcore.sampling.draw import check_batch, check_bool, check_images_finite, class_labels
+from varcore.sampling.rng import generators, model_generator
+from varcore.sampling.var import ScaleOptions, VARSampler
 
-__all__ = ["CoDeSampler"]
-
-
-class _DraftStage(VARSampler):
-    """The drafter: a VARSampler that stops after ``draft_steps`` scales and collects the token hub."""
-
-    def __init__(self, var: VAR, vae: VQVAE, draft_steps: int, **kwargs):
-        super().__init__(var, vae, **kwargs)
-        self.draft_steps = draft_steps
-        self.hub_len = exit_points(self.patch_nums)[draft_steps] - var.first_l
-
-    def _new_cache(self, B: int) -> StaticKVCache:
-        return StaticKVCache(len(self.var.blocks), 2 * B, self.heads, self.head_dim,
-                             self.patch_nums[:self.draft_steps], self.dtype, self.device)
-
-    def kv_cache_bytes(self, B: int) -> int:
-        check_batch(B)
-        T = StaticKVCache.positions(len(self.var.blocks), self.patch_nums[:self.draft_steps])
-        return 2 * 2 * B * self.heads * T * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
-
-    def _next_input(self, si: int, next_BChw: torch.Tensor, state) -> Optional[torch.Tensor]:
-        B, Cvae = next_BChw.shape[:2]
-        begin, end = self.var.begin_ends[si + 1]
-        first_l = self.var.first_l
-        state.hub[:, begin - first_l:end - first_l].copy_(next_BChw.view(B, Cvae, -1).transpose(1, 2))
-        if si + 1 == self.draft_steps:  # the drafter never runs scale N: its input only goes into the hub
-            return None
-        return super()._next_input(si, next_BChw, state)
+__all__ = ["CoDeSampler", "collaborative_infer_cfg", "draft", "refine", "draft_stage", "refine_stage",
+           "replay_draws"]
 
 
-class _RefineStage(VARSampler):
-    """The refiner: a VARSampler whose first pass is the block-causal prefill over scales ``0..draft_steps``."""
-
-    def __init__(self, var: VAR, vae: VQVAE, draft_steps: int, **kwargs):
-        super().__init__(var, vae, **kwargs)
-        self.draft_steps = draft_steps
-        self.prefill_len = exit_points(self.patch_nums)[draft_steps]
-        self.prefill_visible_end = code_prefill_visible_end(self.patch_nums, draft_steps, device=self.device)
-        prefill = self._prefill_step
-        if self._compiled:
-            opts = kwargs["compile"] if isinstance(kwargs.get("compile"), dict) else {}
-            prefill = torch.compile(prefill, fullgraph=True, dynamic=False, **opts)
-        self._phases["prefill"] = prefill
-
-    def _attn_mask(self, begin: int, l: int) -> Optional[torch.Tensor]:
-        return self.prefill_visible_end if begin == 0 and l == self.prefill_len else None
-
-    def _prefill_step(self, opts: ScaleOptions, x_BPC: torch.Tensor, state) -> torch.Tensor:
-        """The blocks over the whole prefix (2B, P, C), filling the cache; returns scale N's hidden states."""
-        x_BPC = self._blocks(x_BPC, state, 0)
-        return x_BPC[:, -self.patch_nums[opts.si] ** 2:]
+# ---------------------------------------------------------------------------------------------- the two stages
+def draft_stage(sampler: VARSampler, labels: torch.Tensor, gens, opts: List[ScaleOptions], N: int, bar=None):
+    """The drafter's half on its sampler: scales ``0..N-1``. Returns (tokens per scale, f_hat, token hub)."""
+    idx_Bl_list, f_hat, next_list = sampler.run(labels, gens, opts, "CoDe's drafter", stop=N, bar=bar)
+    return idx_Bl_list, f_hat, torch.cat(next_list, dim=1)
 
 
+def refine_stage(sampler: VARSampler, labels: torch.Tensor, hub: torch.Tensor, f_hat: torch.Tensor, gens,
+                 opts: List[ScaleOptions], N: int, bar=None):
+    """The refiner's half on its sampler: the prefill of scales ``0..N`` over the token ``hub``, then scales
+    ``N+1..``; ``f_hat`` (the drafter's) is continued in place. Returns (tokens of scales ``N..SN-1``, f_hat)."""
+    idx_Bl_list, f_hat, _ = sampler.run(labels, gens, opts, "CoDe's refiner", start=N, hub_BlCv=hub, f_hat=f_hat,
+                                        bar=bar)
+    return idx_Bl_list, f_hat
+
+
+def replay_draws(sampler: VARSampler, B: int, N: int, gens, relabel: bool = False) -> None:
+    """Consume the random numbers of the official refiner's discarded draws before scale N: its label draw again
+    (``relabel``, where the labels were drawn) and one draw per drafted scale, the Exp(1) numbers of the
+    probabilities' shape (B * pn^2, V) that ``torch.multinomial`` with one sample draws."""
+    if relabel:
+        class_labels(B, None, sampler.var.num_classes, sampler.device, gens)
+    for pn in sampler.patch_nums[:N]:
+        sampler.noise(B, pn * pn, False, gens)
+
+
+def _options(sampler: VARSampler, cfg, top_k, top_p, more_smooth, temp) -> List[ScaleOptions]:
+    return sampler.options(cfg, top_k, top_p, 1.0 if temp is None else temp, more_smooth, "temp")
+
+
+# ---------------------------------------------------------------------------------------------- drop-in
+@torch.no_grad()
+def draft(drafter: VAR, B: int, label_B, draft_steps: int, g_seed: Optional[int] = None, cfg: float = 1.5,
+          top_k=0, top_p: float = 0.0, more_smooth: bool = False, temp=1.0, *, rng=None):
+    """The drafter's half (official ``autoregressive_infer_cfg_draft``): scales ``0..N-1``.
+
+    Returns ``(f_hat, token_hub, idx_Bl, label_B, rng)``: the accumulated (B, Cvae, H, W) latent, the
+    (B, exit_points[N] - first_l, Cvae) next-scale inputs of scales 1..N, the drawn tokens per scale, the labels
+    used and the generator used (``drafter.rng`` reseeded with ``g_seed``, the given ``rng``, or None = global).
+    """
+    check_batch(B)
+    sampler = VARSampler(drafter)
+    N = check_draft_steps(draft_steps, sampler.SN)
+    opts = _options(sampler, cfg, top_k, top_p, more_smooth, temp)
+    with sampler.eval_mode():
+        gens = [model_generator(drafter, g_seed, sampler.device) if rng is None else rng]
+        labels = class_labels(B, label_B, drafter.num_classes, sampler.device, gens)
+        idx_Bl_list, f_hat, hub = draft_stage(sampler, labels, gens, opts, N)
+    return f_hat, hub, idx_Bl_list, labels, gens[0]
+
+
+@torch.no_grad()
+def refine(refiner: VAR, B: int, label_B, token_hub: torch.Tensor, f_hat: torch.Tensor, draft_steps: int,
+           g_seed: Optional[int] = None, cfg: float = 1.5, top_k=0, top_p: float = 0.0, more_smooth: bool = False,
+           temp=1.0, *, rng_parity: bool = True, rng=None):
+    """The refiner's half (official ``autoregressive_infer_cfg_refine``): one block-causal prefill over scales
+    ``0..N`` (the drafted ones from ``token_hub``), then scales ``N+1..SN-1``.
+
+    ``rng_parity=True`` reseeds the refiner's generator with ``g_seed`` (or keeps drawing from ``rng`` / the global
+    RNG) and replays the drafted scales' draws; ``rng_parity=False`` draws from ``rng`` as it is (pass the
+    drafter's generator to continue its stream). ``label_B`` should be the labels the drafter used; None draws them
+    from the generator (the same ones when both use one seed). Returns ``(images in [0, 1], f_hat, idx_Bl of scales
+    N..SN-1)``; ``f_hat`` is not modified.
+    """
+    check_batch(B)
+    sampler = VARSampler(refiner)
+    N = check_draft_steps(draft_steps, sampler.SN)
+    opts = _options(sampler, cfg, top_k, top_p, more_smooth, temp)
+    hub_shape = (B, exit_points(sampler.patch_nums)[N] - refiner.first_l, refiner.Cvae)
+    if not isinstance(token_hub, torch.Tensor) or tuple(token_hub.shape) != hub_shape:
+        raise ValueError(f"token_hub must be a tensor of shape {hub_shape} for draft_steps={N}, "
+                         f"got {tuple(getattr(token_hub, 'shape', ()))}")
+    fhat_shape = (B, refiner.Cvae, refiner.patch_nums[-1], refiner.patch_nums[-1])
+    if not isinstance(f_hat, torch.Tensor) or tuple(f_hat.shape) != fhat_shape:
+        raise ValueError(f"f_hat must be a tensor of shape {fhat_shape}, got {tuple(getattr(f_hat, 'shape', ()))}")
+    check_bool(rng_parity, "rng_parity")
+    with sampler.eval_mode():
+        gens = [model_generator(refiner, g_seed, sampler.device) if rng_parity and g_seed is not None else rng]
+        labels = class_labels(B, label_B, refiner.num_classes, sampler.device, gens)  # None: drawn, as official
+        if rng_parity:
+            replay_draws(sampler, B, N, gens)
+        idx_Bl_list, f_hat = refine_stage(sampler, labels, token_hub, f_hat.clone(), gens, opts, N)
+        img = check_images_finite(sampler.decode(f_hat), "collaborative_infer_cfg")
+    return img, f_hat, idx_Bl_list
+
+
+@torch.no_grad()
+def collaborative_infer_cfg(
+    drafter: VAR, refiner: VAR, B: int, label_B: Optional[Union[int, torch.LongTensor]], draft_steps: int,
+    g_seed: Optional[int] = None, cfg: float = 1.5, top_k: Union[int, Sequence[int]] = 0, top_p: float = 0.0,
+    more_smooth: bool = False, temp: Union[float, Sequence[float]] = 1.0, *, rng_parity: bool = True,
+    return_details: bool = False,
+) -> Union[torch.Tensor, CoDeResult]:
+    """Sample B images in [0, 1] with CoDe: ``drafter`` draws scales ``0..N-1`` (N = ``draft_steps``, any value in
+    ``[1, SN-1]`` and any scale schedule), ``refiner`` draws scales ``N..SN-1`` and decodes.
+
+    Arguments as the official scripts pass them: ``label_B`` a (B,) LongTensor, an int (negative = null class) or
+    None (drawn); ``g_seed`` seeds both models' generators (None = global RNG); guidance ``t = cfg * si / (SN - 1)``;
+    ``top_k`` and ``temp`` scalars or one value per scale (CoDe uses ``[1.1] * 7 + [1.0] * 3``), ``top_p`` a
+    scalar; the temperature divides the logits after top-k/top-p. ``rng_parity`` selects the official replay of
+    the refiner's random draws (True) or the fast continuation of the drafter's stream (False); see the module
+    docstring. ``return_details=True`` returns a :class:`CoDeResult` with both halves' tokens and latents.
+    """
+    check_code_pair(drafter, refiner)
+    check_batch(B)
+    d, r = VARSampler(drafter), VARSampler(refiner)
+    N = check_draft_steps(draft_steps, d.SN)
+    opts = _options(d, cfg, top_k, top_p, more_smooth, temp)
+    check_bool(rng_parity, "rng_parity")
+    with d.eval_mode(), r.eval_mode():
+        gens = [model_generator(drafter, g_seed, d.device)]
+        labels = class_labels(B, label_B, drafter.num_classes, d.device, gens)
+        draft_idx, draft_f_hat, hub = draft_stage(d, labels, gens, opts, N)
+        if rng_parity:  # the official refiner's stream: its own generator reseeded (or the global one, going on)
+            gens = gens if g_seed is None else [model_generator(refiner, g_seed, r.device)]
+            replay_draws(r, B, N, gens, relabel=label_B is None)
+        refine_idx, f_hat = refine_stage(r, labels, hub, draft_f_hat.clone(), gens, opts, N)
+        img = check_images_finite(r.decode(f_hat), "collaborative_infer_cfg")
+    return CoDeResult(img, draft_idx, refine_idx, draft_f_hat, hub, f_hat) if return_details else img
+
+
+# ---------------------------------------------------------------------------------------------- the fast sampler
 class CoDeSampler:
-    """Fast CoDe sampling: ``drafter`` draws scales ``0..N-1``, ``refiner`` the rest (N = ``draft_steps``).
+    """Fast CoDe sampling: ``drafter`` draws scales ``0..N-1``, ``refiner`` the rest (N = ``draft_steps``), each on
+    its own :class:`~varcore.sampling.var.VARSampler` (``drafter_stage``, ``refiner_stage``).
 
     Args:
         drafter, refiner: VARs on one token space (same schedule, VQVAE vocabulary and quantiser, classes), e.g. the
@@ -105,14 +196,11 @@ class CoDeSampler:
         check_code_pair(drafter, refiner)
         self.SN = len(drafter.patch_nums)
         self.draft_steps = check_draft_steps(draft_steps, self.SN)
-        dtype = resolve_dtype(dtype, drafter.lvl_1L.device)
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES} or 'auto', got {dtype}")
         vae = refiner.vae_proxy[0] if vae is None else vae
         kwargs = dict(dtype=dtype, compile=compile, decode_batch=decode_batch)
-        self.drafter_stage = _DraftStage(drafter, vae, self.draft_steps, **kwargs)
-        self.refiner_stage = _RefineStage(refiner, vae, self.draft_steps, **kwargs)
-        self.drafter, self.refiner, self.vae, self.dtype = drafter, refiner, vae, dtype
+        self.drafter_stage = VARSampler(drafter, vae, **kwargs)
+        self.refiner_stage = VARSampler(refiner, vae, **kwargs)
+        self.drafter, self.refiner, self.vae, self.dtype = drafter, refiner, vae, self.drafter_stage.dtype
         self.patch_nums = tuple(drafter.patch_nums)
         self.device = drafter.lvl_1L.device
 
@@ -120,14 +208,14 @@ class CoDeSampler:
     def kv_cache_bytes(self, B: int) -> Dict[str, int]:
         """KV-cache bytes for a batch of B: the drafter's (N scales), the refiner's, and the peak, which is the
         larger of the two (the drafter's cache is freed before the refiner's is allocated)."""
-        d, r = self.drafter_stage.kv_cache_bytes(B), self.refiner_stage.kv_cache_bytes(B)
+        d, r = self.drafter_stage.kv_cache_bytes(B, self.draft_steps), self.refiner_stage.kv_cache_bytes(B)
         return {"drafter": d, "refiner": r, "peak": max(d, r)}
 
     def memory_report(self, B: int) -> Dict[str, float]:
         """KV-cache bytes of CoDe against the drafter alone, for these static caches and for the official
         ``torch.cat`` caches (float32; the drafter holds its N scales' tokens, the refiner all L)."""
         ours = self.kv_cache_bytes(B)
-        alone = VARSampler.kv_cache_bytes(self.drafter_stage, B)  # the same drafter sampling all scales
+        alone = self.drafter_stage.kv_cache_bytes(B)  # the same drafter sampling all scales
 
         def concat(var: VAR, tokens: int) -> int:
             return 2 * 2 * B * len(var.blocks) * tokens * var.C * 4
@@ -160,131 +248,29 @@ class CoDeSampler:
         refiner's (no decode); ``"both"`` (images, tokens); ``"details"`` a :class:`~varcore.models.code.CoDeResult`.
         """
         check_batch(B)
-        check_cfg(cfg)
-        if not isinstance(more_smooth, bool):
-            raise TypeError(f"more_smooth must be a bool, got {type(more_smooth).__name__}")
-        if not isinstance(rng_parity, bool):
-            raise TypeError(f"rng_parity must be a bool, got {type(rng_parity).__name__}")
+        opts = self.drafter_stage.options(cfg, top_k, top_p, temperature, more_smooth)
+        check_bool(rng_parity, "rng_parity")
         if output not in ("images", "tokens", "both", "details"):
             raise ValueError(f"output must be 'images', 'tokens', 'both' or 'details', got {output!r}")
-        SN = self.SN
-        V = self.drafter.V
-        top_ks = per_scale("top_k", top_k, SN, int, lambda v: 0 <= v <= V, f"in [0, V={V}]")
-        top_ps = per_scale("top_p", top_p, SN, float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
-        temps = per_scale("temperature", temperature, SN, float, lambda v: v > 0 and math.isfinite(v),
-                           "> 0 and finite")
         seeding = (g_seed, generator, per_image_seeds, seeds)
-        gens = self.drafter_stage._generators(B, *seeding)
-        opts = [ScaleOptions(si, float(cfg) * (si / (SN - 1)), top_ks[si], top_ps[si], temps[si], more_smooth)
-                for si in range(SN)]
-        modules = (self.drafter, self.refiner, self.vae)
-        was_training = [m.training for m in modules]
-        for m in modules:
-            m.eval()
-        bar = _progress_bar(SN, progress)
-        try:
-            labels, draft_idx, draft_f_hat, hub = self._draft(B, label_B, gens, opts, bar)
-            if rng_parity:
-                gens = self._replay(B, label_B, gens, seeding, more_smooth)
-            f_hat, refine_idx = self._refine(B, labels, hub, draft_f_hat.clone(), gens, opts, bar)
+        gens = generators(B, self.device, *seeding)
+        N, seeded = self.draft_steps, g_seed is not None or seeds is not None
+        bar = tqdm(total=self.SN, desc="CoDe scales", unit="scale", disable=not progress)
+        with self.drafter_stage.eval_mode(), self.refiner_stage.eval_mode(), bar:
+            labels = class_labels(B, label_B, self.drafter.num_classes, self.device, gens)
+            draft_idx, draft_f_hat, hub = draft_stage(self.drafter_stage, labels, gens, opts, N, bar)
+            # the official refiner's stream; with seeds and no more_smooth the drafter's generators stand where the
+            # replay would leave fresh ones, so nothing is drawn (the drop-in replays literally; the tests compare)
+            if rng_parity and (more_smooth or not seeded):
+                gens = generators(B, self.device, *seeding) if seeded else gens
+                replay_draws(self.refiner_stage, B, N, gens, relabel=label_B is None)
+            refine_idx, f_hat = refine_stage(self.refiner_stage, labels, hub, draft_f_hat.clone(), gens, opts, N, bar)
             tokens = draft_idx + refine_idx
             if output == "tokens":
                 return tokens
-            img = check_images_finite(self.refiner_stage._decode(f_hat), "CoDe")
-        finally:
-            for m, mode in zip(modules, was_training):
-                m.train(mode)
-            if bar is not None:
-                bar.close()
+            img = check_images_finite(self.refiner_stage.decode(f_hat), "CoDe")
         if output == "details":
             return CoDeResult(img, draft_idx, refine_idx, draft_f_hat, hub, f_hat)
         return img if output == "images" else (img, tokens)
 
     __call__ = sample
-
-    def _draft(self, B, label_B, gens, opts: List[ScaleOptions], bar):
-        """Scales 0..N-1 on the drafter: (labels, tokens, f_hat, token hub)."""
-        d = self.drafter_stage
-        var = d.var
-        labels = d._labels(B, label_B, gens)
-        cond_B2D = var.class_emb(torch.cat((labels, torch.full_like(labels, var.num_classes))))
-        state = d._call_state(B, cond_B2D)
-        state.hub = cond_B2D.new_empty(B, d.hub_len, var.Cvae)
-        x_BlC = _first_input(var, cond_B2D, state)
-        f_hat = cond_B2D.new_zeros(B, var.Cvae, self.patch_nums[-1], self.patch_nums[-1])
-        idx_Bl_list, nonfinite = [], torch.zeros((), dtype=torch.bool, device=d.device)
-        for si in range(self.draft_steps):
-            x_BlC = d._run("forward", opts[si], B, (x_BlC,), state)
-            if si == self.draft_steps - 1:
-                state.kv = None  # freed before the refiner's cache is allocated
-            noise_NV, gumbel_BlV = d._noise(B, self.patch_nums[si] ** 2, var.V, opts[si].more_smooth, gens)
-            x_BlC, f_hat, idx_Bl, bad = d._run("draw", opts[si], B, (x_BlC, f_hat, noise_NV, gumbel_BlV), state)
-            nonfinite = nonfinite | bad
-            idx_Bl_list.append(idx_Bl)
-            _tick(bar)
-        raise_if_nonfinite(nonfinite, "CoDe's drafter", opts[-1].cfg_t)
-        return labels, idx_Bl_list, f_hat, state.hub
-
-    def _replay(self, B, label_B, gens, seeding, more_smooth):
-        """The official refiner's random numbers before scale N: its generator is reseeded (or, on the global RNG
-        or a caller's generator, keeps going), draws labels again when they were drawn, and replays one draw per
-        drafted scale (Exp(1) numbers of the probabilities' shape). Returns the refiner's generators.
-
-        With seeded generators and no ``more_smooth`` the drafter has drawn exactly those numbers from the same
-        seeds, so its generators already stand where the replay would leave fresh ones: they are returned as they
-        are and nothing is drawn (the drop-in replays literally; the tests compare the two)."""
-        g_seed, generator, per_image_seeds, seeds = seeding
-        r = self.refiner_stage
-        seeded = g_seed is not None or seeds is not None
-        if seeded and not more_smooth:
-            return gens
-        if seeded:
-            gens = r._generators(B, *seeding)
-        if label_B is None:
-            r._labels(B, None, gens)  # discarded: with one seed these are the drafter's labels
-        for pn in self.patch_nums[:self.draft_steps]:
-            r._noise(B, pn * pn, r.var.V, False, gens)
-        return gens
-
-    def _refine(self, B, labels, hub, f_hat, gens, opts: List[ScaleOptions], bar):
-        """The prefill and scales N..SN-1 on the refiner: (f_hat, tokens)."""
-        r = self.refiner_stage
-        var = r.var
-        N, SN = self.draft_steps, self.SN
-        cond_B2D = var.class_emb(torch.cat((labels, torch.full_like(labels, var.num_classes))))
-        state = r._call_state(B, cond_B2D)
-        prefix = var.word_embed(hub) + state.lvl_pos_1LC[:, var.first_l:r.prefill_len]
-        x_BlC = torch.cat((_first_input(var, cond_B2D, state), prefix.repeat(2, 1, 1)), dim=1)
-        del prefix
-        idx_Bl_list, nonfinite = [], torch.zeros((), dtype=torch.bool, device=r.device)
-        for si in range(N, SN):
-            x_BlC = r._run("prefill" if si == N else "forward", opts[si], B, (x_BlC,), state)
-            if si == SN - 1:
-                state.kv = None  # nothing reads the cache any more: free it before the head
-            noise_NV, gumbel_BlV = r._noise(B, self.patch_nums[si] ** 2, var.V, opts[si].more_smooth, gens)
-            x_BlC, f_hat, idx_Bl, bad = r._run("draw", opts[si], B, (x_BlC, f_hat, noise_NV, gumbel_BlV), state)
-            nonfinite = nonfinite | bad
-            idx_Bl_list.append(idx_Bl)
-            _tick(bar)
-        raise_if_nonfinite(nonfinite, "CoDe's refiner", opts[-1].cfg_t)
-        return f_hat, idx_Bl_list
-
-
-def _first_input(var: VAR, cond_B2D: torch.Tensor, state) -> torch.Tensor:
-    """Scale 0's input (2B, first_l, C): class embedding + start position + level/position embedding."""
-    B2, first_l = cond_B2D.shape[0], var.first_l
-    return (cond_B2D.unsqueeze(1).expand(B2, first_l, -1) + var.pos_start.expand(B2, first_l, -1)
-            + state.lvl_pos_1LC[:, :first_l])
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="CoDe scales", unit="scale")
-
-
-def _tick(bar) -> None:
-    if bar is not None:
-        bar.update(1)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 __all__ = ["top_k_top_p_filter_", "top_k_top_p_filtering", "sample_with_top_k_top_p_", "gumbel_softmax_with_rng",
            "inverse_cdf_sample", "check_cfg", "check_top_k", "check_top_p", "check_number", "check_batch",
            "per_scale", "temper", "nonfinite_rows", "raise_if_nonfinite", "check_images_finite", "DRAWS",
-           "draw_llamagen"]
+           "draw_llamagen", "check_bool", "scale_options", "class_labels"]
 
 
 def check_cfg(cfg, name: str = "cfg") -> float:
@@ -279,3 +279,47 @@ def draw_llamagen(logits_BnV: torch.Tensor, temperature: float = 1.0, top_k: int
     else:
         idx = torch.multinomial(probs, num_samples=1, generator=generator)
     return idx.view(B, n)
+
+
+def check_bool(value, name: str) -> bool:
+    """A bool (an int is refused)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def scale_options(SN: int, V: int, cfg, top_k, top_p, temperature, more_smooth, temperature_name: str = "temperature"):
+    """The checked options of a VAR-family call over SN scales with V codes: ``(cfg, top_ks, top_ps,
+    temperatures)``, the last three one value per scale (each given as a scalar or as SN values)."""
+    cfg = check_cfg(cfg)
+    check_bool(more_smooth, "more_smooth")
+    top_ks = per_scale("top_k", top_k, SN, int, lambda v: 0 <= v <= V, f"in [0, V={V}]")
+    top_ps = per_scale("top_p", top_p, SN, float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+    temps = per_scale(temperature_name, temperature, SN, float, lambda v: v > 0 and math.isfinite(v),
+                      "> 0 and finite")
+    return cfg, top_ks, top_ps, temps
+
+
+def class_labels(B: int, label_B, num_classes: int, device, generators) -> torch.Tensor:
+    """The (B,) long labels of a class-conditional call, from the official forms of ``label_B``: None draws them
+    uniformly (one multinomial over the classes; with one generator per image, one draw from each), an int is one
+    class for all (negative: the null class ``num_classes``), a (B,) integer tensor is checked and used."""
+    if label_B is None:
+        uniform = torch.full((1, num_classes), 1.0 / num_classes, device=device)
+        draws = [torch.multinomial(uniform, num_samples=B if len(generators) == 1 else 1, replacement=True,
+                                   generator=g).reshape(-1) for g in generators]
+        return draws[0] if len(draws) == 1 else torch.cat(draws)
+    if isinstance(label_B, bool):
+        raise TypeError("label_B must be None, an int or a LongTensor, got bool")
+    if isinstance(label_B, int):
+        if label_B > num_classes:
+            raise ValueError(f"label_B must be < {num_classes + 1} (or negative for the null class), got {label_B}")
+        return torch.full((B,), num_classes if label_B < 0 else label_B, device=device)
+    if not isinstance(label_B, torch.Tensor):
+        raise TypeError(f"label_B must be None, an int or a LongTensor, got {type(label_B).__name__}")
+    if tuple(label_B.shape) != (B,) or label_B.is_floating_point() or label_B.dtype == torch.bool:
+        raise ValueError(f"label_B must be an integer tensor of shape ({B},), got {label_B.dtype} "
+                         f"{tuple(label_B.shape)}")
+    if label_B.min() < 0 or label_B.max() > num_classes:
+        raise ValueError(f"label_B values must be in [0, {num_classes}], got {label_B.tolist()}")
+    return label_B.to(device=device, dtype=torch.long)

@@ -1,15 +1,18 @@
-"""``VARSampler``: the fast VAR sampler (static KV cache, conditioning once per call, sync-free draws).
+"""The one VAR sampling loop: :class:`VARSampler` (static KV cache, conditioning once per call, sync-free draws)
+and the drop-in :func:`autoregressive_infer_cfg` on it.
 
-It takes the arguments of :meth:`varcore.models.VAR.autoregressive_infer_cfg` and, in float32, draws exactly the
-same tokens for the same seed (spec ``var.md`` 2.8: the same random numbers in the same order, and the official
-arithmetic op for op). What it does differently:
+Both take the arguments of :meth:`varcore.models.VAR.autoregressive_infer_cfg` and, in float32, draw exactly the
+official tokens for the same seed (spec ``var.md`` 2.8: the same random numbers in the same order, and the official
+arithmetic op for op). The model's blocks run through :meth:`~varcore.models.basic_var.AdaLNSelfAttn.step`; what
+the loop adds to the official one:
 
-* **Static KV cache.** One preallocated k and one v buffer for all blocks and the CFG-doubled batch; every scale
-  writes its k/v into a slice and attends over the filled prefix (no ``torch.cat``). Block ``j``'s region starts
-  at ``(depth - 1 - j) * P`` (``P`` = tokens before the last scale), so at the last scale block ``j`` writes its
-  new tokens over block ``j - 1``'s prefix, which nothing needs any more: the cache holds ``depth * P + pn_last^2``
-  positions instead of ``depth * L`` (0.65x for d16 at 256 px), and the last scale's k/v are never kept. The eager
-  path frees the cache as soon as the last scale's blocks are done, before the head and the decoder run.
+* **Static KV cache** (:class:`~varcore.models.basic_var.StaticKVCache`). One preallocated k and one v buffer for
+  all blocks and the CFG-doubled batch; every scale writes its k/v into a slice and attends over the filled prefix
+  (no ``torch.cat``). Block ``j``'s region starts at ``(depth - 1 - j) * P`` (``P`` = tokens before the last
+  scale), so at the last scale block ``j`` writes its new tokens over block ``j - 1``'s prefix, which nothing needs
+  any more: the cache holds ``depth * P + pn_last^2`` positions instead of ``depth * L`` (0.65x for d16 at 256 px),
+  and the last scale's k/v are never kept. The eager path frees the cache as soon as the last scale's blocks are
+  done, before the head and the decoder run.
 * **Conditioning once.** The AdaLN modulations of every block and of the head, and ``lvl_embed + pos_1LC``, are
   computed once per call, not once per scale.
 * **No host synchronisation.** The multinomial draw is done as PyTorch does it internally for one sample
@@ -22,69 +25,34 @@ arithmetic op for op). What it does differently:
   official order, so CFG is applied before the (linear) head, halving its cost, and top-p after top-k sorts only the
   k candidates instead of the whole vocabulary.
 
+A run may also stop early or start late (:meth:`VARSampler.run`): CoDe's drafter and refiner are two such runs.
 The weights are read when the sampler is built: build a new sampler after changing the model's weights.
 """
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence, Tuple, Union
-import math
 import warnings
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from varcore.models import basic_var
+from varcore.models.basic_var import StaticKVCache
 from varcore.models.var import VAR
 from varcore.models.vqvae import VQVAE
 from varcore.ops import quant as quant_ops
+from varcore.ops.attention import code_prefill_visible_end
 from varcore.sampling.auto_dtype import resolve_dtype
-from varcore.sampling.draw import (check_batch, check_cfg, check_images_finite, nonfinite_rows, per_scale,
-                                   raise_if_nonfinite, temper, top_k_top_p_filter_)
-from varcore.sampling.rng import check_seed, seeded_generator
+from varcore.sampling.draw import (check_batch, check_bool, check_images_finite, class_labels, nonfinite_rows,
+                                   raise_if_nonfinite, scale_options, temper, top_k_top_p_filter_)
+from varcore.sampling.rng import generators, model_generator
 
-__all__ = ["VARSampler", "StaticKVCache", "row_chunks"]
+__all__ = ["VARSampler", "StaticKVCache", "ScaleOptions", "autoregressive_infer_cfg", "row_chunks"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CHUNK_BYTES = 64 << 20  # bound on a block's FFN hidden (or the head's logits) per row chunk
 _DRAW_CHUNK_BYTES = 16 << 20  # float32 logits filtered and drawn at once
 _MIN_CHUNK_ROWS = 2048  # GEMM rows per chunk, so that chunking leaves each row's float32 result unchanged
-
-
-class StaticKVCache:
-    """Preallocated keys and values of all blocks for a CFG-doubled batch of ``batch2`` rows.
-
-    ``k`` and ``v`` are (batch2, H, T, c) with ``T = depth * P + pn_last^2`` and ``P`` the number of tokens before
-    the last scale. Block ``j`` owns positions ``[o_j, o_j + P)`` with ``o_j = (depth - 1 - j) * P``; at the last
-    scale it writes its new tokens at ``[o_j + P, o_j + L)``, which is block ``j - 1``'s region (or the
-    ``pn_last^2`` spare positions at the end for block 0): block ``j - 1`` has finished the last scale by then.
-    """
-
-    def __init__(self, depth: int, batch2: int, heads: int, head_dim: int, patch_nums: Sequence[int],
-                 dtype: torch.dtype, device):
-        self.depth = depth
-        self.L = sum(pn * pn for pn in patch_nums)
-        self.P = self.L - patch_nums[-1] ** 2
-        T = self.positions(depth, patch_nums)
-        self.k = torch.empty(batch2, heads, T, head_dim, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
-
-    @staticmethod
-    def positions(depth: int, patch_nums: Sequence[int]) -> int:
-        """Cache length T (per batch row and head) for ``depth`` blocks and the schedule ``patch_nums``."""
-        L = sum(pn * pn for pn in patch_nums)
-        return depth * (L - patch_nums[-1] ** 2) + patch_nums[-1] ** 2
-
-    def update(self, j: int, begin: int, end: int, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor,
-               rows: slice = slice(None)):
-        """Store block ``j``'s k/v of tokens [begin, end) for the batch rows ``rows`` and return its k/v over
-        tokens [0, end) for those rows (views)."""
-        o = (self.depth - 1 - j) * self.P
-        self.k[rows, :, o + begin:o + end].copy_(k_BHlc)
-        self.v[rows, :, o + begin:o + end].copy_(v_BHlc)
-        return self.k[rows, :, o:o + end], self.v[rows, :, o:o + end]
-
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
 
 
 @dataclass(frozen=True)
@@ -97,27 +65,18 @@ class ScaleOptions:
     top_p: float
     temperature: float
     more_smooth: bool
-
-
-@dataclass
-class _Weights:
-    """One block's attention and FFN weights in the compute dtype (the model's own tensors in float32)."""
-
-    qkv_w: torch.Tensor
-    qkv_b: torch.Tensor
-    proj_w: torch.Tensor
-    proj_b: torch.Tensor
-    fc1_w: torch.Tensor
-    fc1_b: torch.Tensor
-    fc2_w: torch.Tensor
-    fc2_b: torch.Tensor
+    prefill: bool = False  # the forward runs over the tokens of scales 0..si at once (a run starting at si > 0)
+    embed_next: bool = True  # the draw embeds the next scale's transformer input (not at a run's last scale)
 
 
 class _CallState:
-    """Per-call tensors: the modulations of each block and of the head, lvl+pos embeddings, and the KV cache."""
+    """Per-call tensors of a run ``key = (B, start, stop)``: the class embeddings of the CFG batch, the modulations
+    of each block and of the head, lvl+pos embeddings, the KV cache, and a prefill's block-causal mask
+    (``visible_end``, or None)."""
 
-    def __init__(self, kv: Optional[StaticKVCache], mods, head_mods, lvl_pos_1LC):
-        self.kv, self.mods, self.head_mods, self.lvl_pos_1LC = kv, mods, head_mods, lvl_pos_1LC
+    def __init__(self, key, cond_B2D, kv: Optional[StaticKVCache], mods, head_mods, lvl_pos_1LC, visible_end):
+        self.key, self.cond_B2D, self.kv, self.mods, self.head_mods = key, cond_B2D, kv, mods, head_mods
+        self.lvl_pos_1LC, self.visible_end = lvl_pos_1LC, visible_end
 
 
 class VARSampler:
@@ -155,8 +114,7 @@ class VARSampler:
             raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {type(compile).__name__}")
         if decode_batch is not None:
             check_batch(decode_batch, "decode_batch")
-        if not isinstance(cuda_graphs, bool):
-            raise TypeError(f"cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
+        check_bool(cuda_graphs, "cuda_graphs")
         self.var, self.vae, self.dtype, self.decode_batch = var, vae, dtype, decode_batch
         self.exact = dtype == torch.float32
         self.device = var.lvl_1L.device
@@ -165,13 +123,10 @@ class VARSampler:
         block0 = var.blocks[0].attn
         self.heads, self.head_dim = block0.num_heads, block0.head_dim
         self.phis = vae.quantize.phis_for(self.SN)  # resolved here: the phi table uses numpy, not traceable
-        self.weights = [self._block_weights(b) for b in var.blocks]
+        self.weights = [block.weights(dtype) for block in var.blocks]
         self.head_w = var.head.weight.detach().to(dtype)
         self.head_b = var.head.bias.detach().to(dtype)
-        # per block: exp(clamped scale_mul), the L2-norm attention temperature (None without attn_l2_norm)
-        self.scale_muls = [b.attn.scale_mul_1H11.clamp_max(b.attn.max_scale_mul).exp().detach()
-                           if b.attn.attn_l2_norm else None for b in var.blocks]
-        self._phases = {"forward": self._forward_step, "draw": self._draw_step}
+        self._phases = {"forward": self.forward, "draw": self.draw}
         self._compiled = bool(compile)
         if compile:
             opts = compile if isinstance(compile, dict) else {}
@@ -181,107 +136,100 @@ class VARSampler:
         self._graphs: dict = {}
         self._graph_states: dict = {}
 
-    # ------------------------------------------------------------------------------------------ setup
-    def _block_weights(self, block) -> _Weights:
-        a, f = block.attn, block.ffn
-        qkv_b = torch.cat((a.q_bias, a.zero_k_bias, a.v_bias)).detach()
-        ws = (a.mat_qkv.weight, qkv_b, a.proj.weight, a.proj.bias, f.fc1.weight, f.fc1.bias, f.fc2.weight, f.fc2.bias)
-        return _Weights(*(w.detach().to(self.dtype) for w in ws))
-
     def _graphs_supported(self) -> bool:
         if self.device.type != "cuda":
             warnings.warn("VARSampler: cuda_graphs=True needs a CUDA model; using the eager step", stacklevel=3)
             return False
         return True
 
-    def kv_cache_bytes(self, B: int) -> int:
-        """Bytes of the KV cache for a batch of B images (2B rows with CFG)."""
+    def kv_cache_bytes(self, B: int, scales: Optional[int] = None) -> int:
+        """Bytes of the KV cache for a batch of B images (2B rows with CFG), for a run over the first ``scales``
+        scales (None: all of them)."""
         check_batch(B)
-        T = StaticKVCache.positions(len(self.var.blocks), self.patch_nums)
-        return 2 * 2 * B * self.heads * T * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        T = StaticKVCache.positions(len(self.var.blocks), self.patch_nums[:scales])
+        return 2 * 2 * B * self.heads * T * self.head_dim * self.dtype.itemsize
 
     def concat_kv_cache_bytes(self, B: int) -> int:
         """Bytes the official ``torch.cat`` cache holds at the end of a call (float32), for comparison."""
         check_batch(B)
         return 2 * 2 * B * len(self.var.blocks) * self.var.L * self.var.C * 4
 
-    def _call_state(self, B: int, cond_B2D: torch.Tensor) -> _CallState:
-        """Modulations (once per call), lvl+pos embeddings and the KV cache for a batch of B."""
-        var = self.var
-        C = var.C
+    # ------------------------------------------------------------------------------------------ one call
+    def options(self, cfg, top_k, top_p, temperature, more_smooth,
+                temperature_name: str = "temperature") -> List[ScaleOptions]:
+        """The checked options of every scale (see :func:`~varcore.sampling.draw.scale_options`)."""
+        cfg, top_ks, top_ps, temps = scale_options(self.SN, self.var.V, cfg, top_k, top_p, temperature, more_smooth,
+                                                   temperature_name)
+        return [ScaleOptions(si, cfg * (si / (self.SN - 1)), top_ks[si], top_ps[si], temps[si], more_smooth)
+                for si in range(self.SN)]
+
+    def call_state(self, labels: torch.Tensor, start: int = 0, stop: Optional[int] = None) -> _CallState:
+        """The conditioning of the CFG batch ``[labels; null]``, computed once per call, a KV cache for scales
+        ``0..stop-1`` and, for a run that starts at scale ``start > 0``, its prefill mask."""
+        var, B, stop = self.var, labels.shape[0], self.SN if stop is None else stop
+        cond_B2D = var.class_emb(torch.cat((labels, torch.full_like(labels, var.num_classes))))
         cond_or_gss = var.shared_ada_lin(cond_B2D)
-        mods = []
-        for block in var.blocks:
-            m = block.ada_gss + cond_or_gss if block.shared_aln else block.ada_lin(cond_or_gss).view(-1, 1, 6, C)
-            gamma1, gamma2, scale1, scale2, shift1, shift2 = m.unbind(2)
-            mods.append((gamma1, gamma2, 1 + scale1, 1 + scale2, shift1, shift2))
-        scale, shift = var.head_nm.ada_lin(cond_B2D).view(-1, 1, 2, C).unbind(2)
-        lvl_pos_1LC = var.lvl_embed(var.lvl_1L) + var.pos_1LC
-        fresh = (mods, (1 + scale, shift), lvl_pos_1LC)
+        fresh = ([block.modulations(cond_or_gss) for block in var.blocks], var.head_nm.modulations(cond_B2D),
+                 var.lvl_embed(var.lvl_1L) + var.pos_1LC)
+        visible_end = code_prefill_visible_end(self.patch_nums, start, device=self.device) if start else None
+        key = (B, start, stop)
         if not self.cuda_graphs:
-            return _CallState(self._new_cache(B), *fresh)
-        # graphs read fixed addresses: keep this batch size's buffers and copy the new values in
-        state = self._graph_states.get(B)
+            return _CallState(key, cond_B2D, self._cache(B, stop), *fresh, visible_end)
+        # graphs read fixed addresses: keep this run's buffers and copy the new values in
+        state = self._graph_states.get(key)
         if state is None:
-            state = self._graph_states[B] = _CallState(self._new_cache(B), *_map_tensors(torch.clone, fresh))
+            state = self._graph_states[key] = _CallState(key, cond_B2D, self._cache(B, stop),
+                                                         *_map_tensors(torch.clone, fresh), visible_end)
         _map_tensors(lambda dst, src: dst.copy_(src), (state.mods, state.head_mods, state.lvl_pos_1LC), fresh)
+        state.cond_B2D = cond_B2D
         return state
 
-    def _new_cache(self, B: int) -> StaticKVCache:
-        return StaticKVCache(len(self.var.blocks), 2 * B, self.heads, self.head_dim, self.patch_nums, self.dtype,
-                             self.device)
+    def _cache(self, B: int, stop: int) -> StaticKVCache:
+        return StaticKVCache(len(self.var.blocks), 2 * B, self.heads, self.head_dim, self.patch_nums[:stop],
+                             self.dtype, self.device)
 
-    # ------------------------------------------------------------------------------------------ the network
-    # The LayerNorm + modulation of each branch is computed inside the branch, so that no caller holds it and the
-    # activations die as early as possible (it matters next to the cache at the last scale).
-    def _modulated(self, x_BlC: torch.Tensor, j: int, scale1p: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        eps = self.var.blocks[j].ln_wo_grad.eps
-        return (F.layer_norm(x_BlC, (x_BlC.shape[-1],), eps=eps) * scale1p + shift).to(self.dtype)
+    def first_input(self, state: _CallState, hub_BlCv: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Scale 0's transformer input (2B, first_l, C): class embedding + start position + lvl/pos embedding; with
+        a token hub (B, P - first_l, Cvae), the next-scale inputs of scales 1..N, the prefill input of scales 0..N
+        (2B, P, C)."""
+        var, cond_B2D = self.var, state.cond_B2D
+        B2, first_l = cond_B2D.shape[0], var.first_l
+        x_BlC = (cond_B2D.unsqueeze(1).expand(B2, first_l, -1) + var.pos_start.expand(B2, first_l, -1)
+                 + state.lvl_pos_1LC[:, :first_l])
+        if hub_BlCv is None:
+            return x_BlC
+        prefix = var.word_embed(hub_BlCv.to(x_BlC.dtype)) + state.lvl_pos_1LC[:, first_l:first_l + hub_BlCv.shape[1]]
+        return torch.cat((x_BlC, prefix.repeat(2, 1, 1)), dim=1)
 
-    def _attention(self, j: int, x_BlC: torch.Tensor, scale1p: torch.Tensor, shift: torch.Tensor,
-                   kv: StaticKVCache, begin: int, rows: slice) -> torch.Tensor:
-        w, B2, l, C = self.weights[j], x_BlC.shape[0], x_BlC.shape[1], x_BlC.shape[2]
-        qkv = F.linear(self._modulated(x_BlC, j, scale1p, shift), w.qkv_w, w.qkv_b)
-        q, k, v = qkv.view(B2, l, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (2B, H, l, c)
-        attn = self.var.blocks[j].attn
-        if attn.attn_l2_norm:  # float32, as under the official autocast
-            q = F.normalize(q.float(), dim=-1).mul(self.scale_muls[j])
-            k = F.normalize(k.float(), dim=-1)
-        k_all, v_all = kv.update(j, begin, begin + l, k, v, rows)
-        del qkv, k, v  # the cache holds k and v now (with L2 norm q no longer views qkv, which is freed)
-        out_BHlc = basic_var.attention(q, k_all, v_all, self._attn_mask(begin, l), attn.scale)
-        return F.linear(out_BHlc.transpose(1, 2).reshape(B2, l, C), w.proj_w, w.proj_b)
+    def embed(self, si: int, next_BlCv: torch.Tensor, state: _CallState) -> torch.Tensor:
+        """The transformer input (2B, pn^2, C) of scale ``si`` from its next-scale input (B, pn^2, Cvae)."""
+        begin, end = self.var.begin_ends[si]
+        return (self.var.word_embed(next_BlCv) + state.lvl_pos_1LC[:, begin:end]).repeat(2, 1, 1)
 
-    def _ffn(self, j: int, x_BlC: torch.Tensor, scale1p: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        w = self.weights[j]
-        hidden = F.linear(self._modulated(x_BlC, j, scale1p, shift), w.fc1_w, w.fc1_b)
-        # in place: the same values as F.gelu, without a second (2B, l, 4C) tensor
-        return F.linear(torch.ops.aten.gelu_(hidden, approximate="tanh"), w.fc2_w, w.fc2_b)
-
-    def _blocks(self, x_BlC: torch.Tensor, state: _CallState, begin: int) -> torch.Tensor:
-        chunks = row_chunks(*x_BlC.shape[:2], self.var.C, torch.empty((), dtype=self.dtype).element_size())
-        for j in range(len(self.weights)):
-            mods = state.mods[j]
+    # ------------------------------------------------------------------------------------------ one scale
+    # A scale runs as two functions with static shapes and no random ops, so that each can be compiled or captured
+    # as a CUDA graph; the scale's random numbers are drawn between them (nothing else is random, so the official
+    # draw order is kept) and the eager path frees the KV cache between them at the last scale.
+    def forward(self, opts: ScaleOptions, x_BlC: torch.Tensor, state: _CallState) -> torch.Tensor:
+        """The blocks over one scale's tokens (2B, l, C), or over the prefill's tokens of scales ``0..si``, reading
+        and extending the KV cache: the hidden states of the scale's tokens."""
+        var = self.var
+        begin, mask = (0, state.visible_end) if opts.prefill else (var.begin_ends[opts.si][0], None)
+        chunks = row_chunks(*x_BlC.shape[:2], var.C, self.dtype.itemsize)
+        for j, (block, w) in enumerate(zip(var.blocks, self.weights)):
             if len(chunks) == 1:
-                x_BlC = self._block(j, x_BlC, mods, state.kv, begin, slice(None))
+                x_BlC = block.step(x_BlC, state.mods[j], w, state.kv, j, begin, attn_bias=mask)
                 continue
             out_BlC = torch.empty_like(x_BlC)
             for rows in chunks:
-                out_BlC[rows] = self._block(j, x_BlC[rows], mods, state.kv, begin, rows)
+                mods = [m[rows] for m in state.mods[j]]
+                out_BlC[rows] = block.step(x_BlC[rows], mods, w, state.kv, j, begin, rows, mask)
             x_BlC = out_BlC
-        return x_BlC
-
-    def _block(self, j: int, x_BlC: torch.Tensor, mods, kv: StaticKVCache, begin: int, rows: slice) -> torch.Tensor:
-        """Block ``j`` over the batch rows ``rows`` of a scale (``x_BlC`` holds just those rows)."""
-        gamma1, gamma2, scale1p, scale2p, shift1, shift2 = (m[rows] for m in mods)
-        x_BlC = x_BlC + self._attention(j, x_BlC, scale1p, shift1, kv, begin, rows) * gamma1
-        return x_BlC + self._ffn(j, x_BlC, scale2p, shift2) * gamma2
+        return x_BlC[:, -self.patch_nums[opts.si] ** 2:] if opts.prefill else x_BlC
 
     def _guided_logits(self, x_BlC: torch.Tensor, state: _CallState, t: float) -> torch.Tensor:
         """Float32 CFG logits (B, l, V): ``(1 + t) cond - t uncond``."""
-        scale1p, shift = state.head_mods
-        x = x_BlC.float()
-        z = F.layer_norm(x, (x.shape[-1],), eps=self.var.head_nm.ln_wo_grad.eps) * scale1p + shift
+        z = self.var.head_nm.modulate(x_BlC.float(), state.head_mods)
         B = z.shape[0] // 2
         if self.exact:  # the official arithmetic: the head on both halves, then the mix (in place: the same values)
             V = self.head_w.shape[0]
@@ -292,26 +240,19 @@ class VARSampler:
             mixed_BlV = z.new_empty(B, z.shape[1], V)
             for rows in chunks:  # the same rows' values: see row_chunks
                 cond = F.linear(z[:B][rows], self.head_w, self.head_b).float()
-                mixed_BlV[rows] = cond.mul_(1 + t).sub_(F.linear(z[B:][rows], self.head_w, self.head_b).mul_(t))
+                uncond = F.linear(z[B:][rows], self.head_w, self.head_b)
+                mixed_BlV[rows] = cond.mul_(1 + t).sub_(uncond.mul_(t))
             return mixed_BlV
         # the head is linear (and the mix weights sum to 1), so mix first and run it on half the rows
         z_mix = (1 + t) * z[:B] - t * z[B:]
         return F.linear(z_mix.to(self.dtype), self.head_w, self.head_b).float()
 
-    # ------------------------------------------------------------------------------------------ one scale
-    # A scale runs as two functions with static shapes and no random ops, so that each can be compiled or captured
-    # as a CUDA graph; the scale's random numbers are drawn between them (nothing else is random, so the official
-    # draw order is kept) and the eager path frees the KV cache between them at the last scale.
-    def _forward_step(self, opts: ScaleOptions, x_BlC: torch.Tensor, state: _CallState) -> torch.Tensor:
-        """The blocks over one scale's tokens (2B, l, C), reading and extending the KV cache."""
-        return self._blocks(x_BlC, state, self.var.begin_ends[opts.si][0])
-
-    def _draw_step(self, opts: ScaleOptions, x_BlC: torch.Tensor, f_hat: torch.Tensor, noise_NV: torch.Tensor,
-                   gumbel_BlV: Optional[torch.Tensor], state: _CallState
-                   ) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Head, CFG, filters and the draw: returns (next scale's input or None, f_hat, idx_Bl, nonfinite), the
-        last a 0-dim bool tensor set when a row of logits was not finite (checked once per call, see
-        :func:`~varcore.sampling.draw.raise_if_nonfinite`).
+    def draw(self, opts: ScaleOptions, x_BlC: torch.Tensor, f_hat: torch.Tensor, noise_NV: torch.Tensor,
+             gumbel_BlV: Optional[torch.Tensor], state: _CallState):
+        """Head, CFG, filters and the draw: returns (the next scale's transformer input, its next-scale input
+        (B, pn^2, Cvae), f_hat, idx_Bl, nonfinite). The first is None at a run's last scale, the first two at the
+        schedule's last; nonfinite is a 0-dim bool tensor set when a row of logits was not finite (checked once per
+        call, see :func:`~varcore.sampling.draw.raise_if_nonfinite`).
 
         ``noise_NV`` (B*pn^2, V) holds the Exp(1) draws of the multinomial, ``gumbel_BlV`` those of ``more_smooth``.
         """
@@ -342,27 +283,67 @@ class VARSampler:
         f_hat, next_BChw = quant_ops.get_next_autoregressive_input(si, f_hat, h_BChw, self.phis, self.patch_nums)
         nonfinite = nonfinite_N.any()
         if si == self.SN - 1:
-            return None, f_hat, idx_Bl, nonfinite
-        return self._next_input(si, next_BChw, state), f_hat, idx_Bl, nonfinite
+            return None, None, f_hat, idx_Bl, nonfinite
+        next_BlCv = next_BChw.view(B, var.Cvae, -1).transpose(1, 2)
+        x_next = self.embed(si + 1, next_BlCv, state) if opts.embed_next else None
+        return x_next, next_BlCv, f_hat, idx_Bl, nonfinite
 
-    def _next_input(self, si: int, next_BChw: torch.Tensor, state: _CallState) -> Optional[torch.Tensor]:
-        """The transformer input (2B, pn^2, C) of scale ``si + 1`` from its (B, Cvae, pn, pn) map."""
-        var, B = self.var, next_BChw.shape[0]
-        end, end_next = var.begin_ends[si + 1]
-        next_BlC = var.word_embed(next_BChw.view(B, var.Cvae, -1).transpose(1, 2)) + state.lvl_pos_1LC[:, end:end_next]
-        return next_BlC.repeat(2, 1, 1)
+    def noise(self, B: int, l: int, more_smooth: bool, gens) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """A scale's Exp(1) draws in the official order: the multinomial's (B*l, V), then more_smooth's (B, l, V)."""
+        V = self.var.V
 
-    def _attn_mask(self, begin: int, l: int) -> Optional[torch.Tensor]:
-        """Attention mask of the ``l`` queries starting at token ``begin``: None (each scale sees the whole cache).
-        CoDe's refiner overrides it for its block-causal prefill."""
-        return None
+        def draw(rows, gen):
+            return torch.empty(rows, V, device=self.device).exponential_(generator=gen)
 
-    def _run(self, phase: str, opts: ScaleOptions, B: int, inputs: tuple, state: _CallState):
+        if len(gens) == 1:
+            noise_NV = draw(B * l, gens[0])
+            return noise_NV, draw(B * l, gens[0]).view(B, l, V) if more_smooth else None
+        per_image = [(draw(l, g), draw(l, g) if more_smooth else None) for g in gens]
+        gumbel = torch.stack([g for _, g in per_image]) if more_smooth else None
+        return torch.cat([n for n, _ in per_image]), gumbel
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def run(self, labels: torch.Tensor, gens, opts: Sequence[ScaleOptions], what: str, start: int = 0,
+            stop: Optional[int] = None, hub_BlCv: Optional[torch.Tensor] = None, f_hat: Optional[torch.Tensor] = None,
+            bar=None) -> Tuple[List[torch.Tensor], torch.Tensor, List[Optional[torch.Tensor]]]:
+        """Scales ``start..stop-1`` of one call with the per-scale options ``opts`` (all SN of them): conditioning,
+        then per scale the forward pass, its random numbers and the draw. Returns (idx_Bl per scale, f_hat, the
+        next-scale inputs (B, pn^2, Cvae) drawn at each scale).
+
+        A run from ``start > 0`` begins with the prefill of scales ``0..start`` over ``hub_BlCv`` (see
+        :meth:`first_input`) and continues ``f_hat`` (modified in place); a run may stop before the last scale,
+        with a KV cache sized for its scales. The cache is freed after the last forward pass (without CUDA graphs).
+        Non-finite logits raise a ValueError naming ``what`` after the loop; ``bar`` (tqdm) ticks per scale.
+        """
+        stop = self.SN if stop is None else stop
+        state = self.call_state(labels, start, stop)
+        x_BlC = self.first_input(state, hub_BlCv)
+        B = labels.shape[0]
+        if f_hat is None:
+            f_hat = x_BlC.new_zeros(B, self.var.Cvae, self.patch_nums[-1], self.patch_nums[-1])
+        idx_Bl_list, next_list = [], []
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        for si in range(start, stop):
+            o = replace(opts[si], prefill=si == start and start > 0, embed_next=si + 1 < stop)
+            x_BlC = self._run("forward", o, (x_BlC,), state)
+            if si == stop - 1 and not self.cuda_graphs:
+                state.kv = None  # nothing reads the cache any more: free it before the head
+            noise_NV, gumbel_BlV = self.noise(B, self.patch_nums[si] ** 2, o.more_smooth, gens)
+            x_BlC, next_BlCv, f_hat, idx_Bl, bad = self._run("draw", o, (x_BlC, f_hat, noise_NV, gumbel_BlV), state)
+            nonfinite = nonfinite | bad
+            idx_Bl_list.append(idx_Bl.clone() if self.cuda_graphs else idx_Bl)
+            next_list.append(next_BlCv)
+            if bar is not None:
+                bar.update(1)
+        raise_if_nonfinite(nonfinite, what, opts[-1].cfg_t)
+        return idx_Bl_list, f_hat.clone() if self.cuda_graphs else f_hat, next_list
+
+    def _run(self, phase: str, opts: ScaleOptions, inputs: tuple, state: _CallState):
         """Run ``phase`` ("forward" or "draw") eagerly, compiled, or as a CUDA graph replay."""
         fn = self._phases[phase]
         if self.cuda_graphs:
             try:
-                return self._graph_call((phase, B, opts), fn, opts, inputs, state)
+                return self._graph_call((phase, state.key, opts), fn, opts, inputs, state)
             except RuntimeError as err:  # capture is fragile (allocator, unsupported ops): fall back for good
                 warnings.warn(f"VARSampler: CUDA graph capture failed ({err}); using the eager step", stacklevel=3)
                 self.cuda_graphs, self._graphs, self._graph_states = False, {}, {}
@@ -396,6 +377,25 @@ class VARSampler:
         graph.replay()
         return static_out
 
+    @contextmanager
+    def eval_mode(self):
+        """The VAR and the VAE in eval mode for the duration of the block, then each one's previous mode again."""
+        modules = (self.var, self.vae)
+        was_training = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        try:
+            yield
+        finally:
+            for m, mode in zip(modules, was_training):
+                m.train(mode)
+
+    def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] from the accumulated latent, ``decode_batch`` images at a time."""
+        chunk = self.decode_batch or f_hat.shape[0]
+        imgs = [self.vae.fhat_to_img(f) for f in f_hat.split(chunk)]
+        return (imgs[0] if len(imgs) == 1 else torch.cat(imgs)).add_(1).mul_(0.5)
+
     # ------------------------------------------------------------------------------------------ public API
     @torch.no_grad()
     def sample(self, B: int, label_B: Optional[Union[int, torch.Tensor]], g_seed: Optional[int] = None,
@@ -421,112 +421,37 @@ class VARSampler:
         (``manual_seed``: on the CPU only its low 32 bits count). ``progress`` shows a tqdm bar over scales.
         """
         check_batch(B)
-        check_cfg(cfg)
-        if not isinstance(more_smooth, bool):
-            raise TypeError(f"more_smooth must be a bool, got {type(more_smooth).__name__}")
+        opts = self.options(cfg, top_k, top_p, temperature, more_smooth)
         if output not in ("images", "tokens", "both"):
             raise ValueError(f"output must be 'images', 'tokens' or 'both', got {output!r}")
-        V = self.var.V
-        top_ks = per_scale("top_k", top_k, self.SN, int, lambda v: 0 <= v <= V, f"in [0, V={V}]")
-        top_ps = per_scale("top_p", top_p, self.SN, float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
-        temps = per_scale("temperature", temperature, self.SN, float, lambda v: v > 0 and math.isfinite(v),
-                           "> 0 and finite")
-        gens = self._generators(B, g_seed, generator, per_image_seeds, seeds)
-        var = self.var
-        was_training = (var.training, self.vae.training)
-        var.eval()
-        self.vae.eval()
-        try:
-            idx_Bl_list, f_hat = self._sample(B, label_B, gens, float(cfg), top_ks, top_ps, temps, more_smooth,
-                                              progress)
+        gens = generators(B, self.device, g_seed, generator, per_image_seeds, seeds)
+        with self.eval_mode(), tqdm(total=self.SN, desc="VAR scales", unit="scale", disable=not progress) as bar:
+            labels = class_labels(B, label_B, self.var.num_classes, self.device, gens)
+            idx_Bl_list, f_hat, _ = self.run(labels, gens, opts, "the VAR sampler", bar=bar)
             if output == "tokens":
                 return idx_Bl_list
-            img = check_images_finite(self._decode(f_hat), "the VAR sampler")
-        finally:
-            var.train(was_training[0])
-            self.vae.train(was_training[1])
+            img = check_images_finite(self.decode(f_hat), "the VAR sampler")
         return img if output == "images" else (img, idx_Bl_list)
 
     __call__ = sample
 
-    def _decode(self, f_hat: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] from the accumulated latent, ``decode_batch`` images at a time."""
-        chunk = self.decode_batch or f_hat.shape[0]
-        imgs = [self.vae.fhat_to_img(f) for f in f_hat.split(chunk)]
-        return (imgs[0] if len(imgs) == 1 else torch.cat(imgs)).add_(1).mul_(0.5)
 
-    def _sample(self, B, label_B, gens, cfg, top_ks, top_ps, temps, more_smooth, progress):
-        var = self.var
-        label_B = self._labels(B, label_B, gens)
-        cond_B2D = var.class_emb(torch.cat((label_B, torch.full_like(label_B, var.num_classes))))
-        state = self._call_state(B, cond_B2D)
-        first_l = var.first_l
-        x_BlC = (cond_B2D.unsqueeze(1).expand(2 * B, first_l, -1) + var.pos_start.expand(2 * B, first_l, -1)
-                 + state.lvl_pos_1LC[:, :first_l])
-        f_hat = cond_B2D.new_zeros(B, var.Cvae, self.patch_nums[-1], self.patch_nums[-1])
-        idx_Bl_list, nonfinite = [], torch.zeros((), dtype=torch.bool, device=self.device)
-        for si in _progress(range(self.SN), progress):
-            opts = ScaleOptions(si, cfg * (si / (self.SN - 1)), top_ks[si], top_ps[si], temps[si], more_smooth)
-            x_BlC = self._run("forward", opts, B, (x_BlC,), state)
-            if si == self.SN - 1 and not self.cuda_graphs:
-                state.kv = None  # nothing reads the cache any more: free it before the head
-            noise_NV, gumbel_BlV = self._noise(B, self.patch_nums[si] ** 2, var.V, more_smooth, gens)
-            x_BlC, f_hat, idx_Bl, bad = self._run("draw", opts, B, (x_BlC, f_hat, noise_NV, gumbel_BlV), state)
-            nonfinite = nonfinite | bad
-            idx_Bl_list.append(idx_Bl.clone() if self.cuda_graphs else idx_Bl)
-        raise_if_nonfinite(nonfinite, "the VAR sampler", cfg)
-        return idx_Bl_list, f_hat.clone() if self.cuda_graphs else f_hat
-
-    # ------------------------------------------------------------------------------------------ randomness
-    def _generators(self, B, g_seed, generator, per_image_seeds, seeds) -> List[Optional[torch.Generator]]:
-        """One generator shared by the batch (official), or one per image (batch-invariant seeding)."""
-        if g_seed is not None and (isinstance(g_seed, bool) or not isinstance(g_seed, int)):
-            raise TypeError(f"g_seed must be an int or None, got {type(g_seed).__name__}")
-        if generator is not None:
-            if not isinstance(generator, torch.Generator):
-                raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-            if g_seed is not None or seeds is not None or per_image_seeds:
-                raise ValueError("generator cannot be combined with g_seed, seeds or per_image_seeds")
-            if generator.device.type != self.device.type:
-                raise ValueError(f"generator is on {generator.device}, the model on {self.device}")
-            return [generator]
-        if not isinstance(per_image_seeds, bool):
-            raise TypeError(f"per_image_seeds must be a bool, got {type(per_image_seeds).__name__}")
-        if per_image_seeds:
-            if seeds is not None:
-                raise ValueError("give either per_image_seeds=True (with g_seed) or seeds, not both")
-            if g_seed is None:
-                raise ValueError("per_image_seeds=True needs g_seed (image i gets the seed g_seed + i)")
-            seeds = [g_seed + i for i in range(B)]
-        elif seeds is not None:
-            if g_seed is not None:
-                raise ValueError("give either g_seed or seeds, not both")
-            seeds = list(seeds)
-            if len(seeds) != B or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-                raise ValueError(f"seeds must hold B={B} ints, got {seeds!r}")
-        if seeds is not None:  # the whole seed selects the stream (see varcore.sampling.rng)
-            return [seeded_generator(check_seed(s, "seeds"), self.device) for s in seeds]
-        return [None if g_seed is None else torch.Generator(self.device).manual_seed(g_seed)]
-
-    def _labels(self, B, label_B, gens) -> torch.Tensor:
-        if len(gens) == 1 or label_B is not None:
-            return self.var._sampling_labels(B, label_B, gens[0])
-        return torch.cat([self.var._sampling_labels(1, None, g) for g in gens])
-
-    def _noise(self, B, l, V, more_smooth, gens):
-        """The scale's Exp(1) draws in the official order: the multinomial's (B*l, V), then more_smooth's (B, l, V)."""
-        def draw(rows, gen):
-            noise = torch.empty(rows, V, device=self.device)
-            return noise.exponential_(generator=gen)
-
-        if len(gens) == 1:
-            noise_NV = draw(B * l, gens[0])
-            gumbel = draw(B * l, gens[0]).view(B, l, V) if more_smooth else None
-            return noise_NV, gumbel
-        per_image = [(draw(l, g), draw(l, g) if more_smooth else None) for g in gens]
-        noise_NV = torch.cat([n for n, _ in per_image])
-        gumbel = torch.stack([g for _, g in per_image]) if more_smooth else None
-        return noise_NV, gumbel
+@torch.no_grad()
+def autoregressive_infer_cfg(var: VAR, B: int, label_B, g_seed: Optional[int] = None, cfg: float = 1.5,
+                             top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
+                             return_idx_Bl: bool = False):
+    """:meth:`VAR.autoregressive_infer_cfg <varcore.models.var.VAR.autoregressive_infer_cfg>` (the official
+    arguments and results, see there): the sampler's loop in float32, drawing from ``var.rng`` reseeded with
+    ``g_seed`` (or the global RNG)."""
+    check_batch(B)
+    sampler = VARSampler(var)
+    opts = sampler.options(cfg, top_k, top_p, 1.0, more_smooth)
+    with sampler.eval_mode():
+        gens = [model_generator(var, g_seed, sampler.device)]
+        labels = class_labels(B, label_B, var.num_classes, sampler.device, gens)
+        idx_Bl_list, f_hat, _ = sampler.run(labels, gens, opts, "autoregressive_infer_cfg")
+        img = check_images_finite(sampler.decode(f_hat), "autoregressive_infer_cfg")
+    return (img, idx_Bl_list) if return_idx_Bl else img
 
 
 def row_chunks(B2: int, l: int, C: int, itemsize: int) -> List[slice]:
@@ -573,11 +498,3 @@ def _check_vae_fits(var: VAR, vae: VQVAE) -> None:
     if mine != theirs:
         raise ValueError(f"vae does not fit var: (patch_nums, V, Cvae) are {theirs} for the VAE and {mine} for the "
                          f"VAR")
-
-
-def _progress(iterable, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc="VAR scales", unit="scale")
