@@ -14,7 +14,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 DIR=${SANITIZE_DIR:-${TMPDIR:-/tmp}/varcore-sanitize}
-TESTS=${SANITIZE_TESTS:-"tests/test_par_order.py tests/test_attention.py tests/test_quant_kernels.py tests/test_simt.py tests/test_fuzz_ops.py tests/test_bad_inputs.py tests/test_decode_linear.py"}
+TESTS=${SANITIZE_TESTS:-"tests/ops/test_par_order.py tests/ops/test_attention.py tests/ops/test_quant.py tests/ops/test_simt.py tests/ops/test_fuzz_ops.py tests/test_bad_inputs.py tests/ops/test_linear.py"}
 export MAX_JOBS=${MAX_JOBS:-2}
 t0=$(date +%s)
 stamp() { echo "$(( $(date +%s) - t0 ))s"; }

@@ -1,6 +1,6 @@
 // Self-test kernels of the host emulation (csrc/simt/): plain CUDA that nvcc compiles for the GPU and
 // selftest_simt.cpp compiles as C++ with VARCORE_SIMT, each with a host launcher over raw pointers. The tests in
-// tests/test_simt.py compare them with PyTorch; two of them are wrong on purpose (a missing barrier, a barrier in
+// tests/ops/test_simt.py compare them with PyTorch; two of them are wrong on purpose (a missing barrier, a barrier in
 // divergent code) and one misuses warp operations, to show that the emulator catches such bugs.
 #include "../common/cuda_compat.h"
 
@@ -177,7 +177,7 @@ void histogram(const int* x, long long n, int bins, unsigned long long* counts, 
   VC_CHECK_LAUNCH();
 }
 
-// Every other atomic, each with an order-independent result (see tests/test_simt.py for the expected values):
+// Every other atomic, each with an order-independent result (see tests/ops/test_simt.py for the expected values):
 //   ints:  [0] ticket counter (atomicAdd), [1] atomicSub of i, [2] atomicExch of i, [3] atomicMin, [4] atomicMax
 //   uints: [0] atomicOr, [1] atomicAnd, [2] atomicXor, [3] atomicInc(16), [4] atomicDec(16), [5] atomicMax,
 //          [6] atomicMin

@@ -1,5 +1,5 @@
 // The self-test kernels of selftest_kernels.cu, compiled for the host emulation and registered as CPU ops
-// torch.ops.varcore_simt.selftest_* (built into varcore._simt; tests in tests/test_simt.py). Errors of the
+// torch.ops.varcore_simt.selftest_* (built into varcore._simt; tests in tests/ops/test_simt.py). Errors of the
 // emulator (bad launch configuration, deadlock) are std::runtime_error, which PyTorch raises as RuntimeError.
 #ifndef VARCORE_SIMT
 #define VARCORE_SIMT 1

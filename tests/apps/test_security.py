@@ -15,7 +15,7 @@ from varcore.train.data import TokenPyramids
 from varcore.train.gpt_trainer import GPTTrainer
 from varcore.train.var_trainer import TrainConfig, VARTrainer
 
-PACKAGE = Path(__file__).resolve().parents[1] / "varcore"
+PACKAGE = Path(__file__).resolve().parents[2] / "varcore"
 
 
 class _Payload:

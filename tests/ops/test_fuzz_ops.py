@@ -7,7 +7,7 @@ an ordinary Python exception (a crash fails the run, and under scripts/sanitize.
 too). ``test_degenerate_sizes.py`` sets every size of every op to 0 and to 1 systematically.
 
 Each op runs ``QUICK`` examples in the default run and 500 under ``-m slow``:
-``pytest tests/test_fuzz_ops.py -m slow``.
+``pytest tests/ops/test_fuzz_ops.py -m slow``.
 """
 import os
 
@@ -20,7 +20,7 @@ from varcore.ops import attention as att, par_order as po, quant as q
 
 from backends import require_compiled, require_simt
 from test_attention import TOL, oracle
-from test_quant_kernels import _phi_args, _quantizer, assert_same_or_near_tie, upsample_sum_by_hand
+from test_quant import _phi_args, _quantizer, assert_same_or_near_tie, upsample_sum_by_hand
 
 QUICK = int(os.environ.get("VARCORE_FUZZ_QUICK", "40"))
 FULL = 500

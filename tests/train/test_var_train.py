@@ -14,7 +14,7 @@ from varcore.train.schedule import lr_factor, param_groups, weight_decay_at
 from varcore.train.var_trainer import build_var_for_training, main
 
 PNS = (1, 2, 3, 4)
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
 def tiny_models(cond_drop_rate=0.0, seed=0):

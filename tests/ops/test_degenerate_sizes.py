@@ -124,7 +124,7 @@ def test_degenerate_size(name, dim, value, backend):
     if name == "par_group_scatter_":
         got = args[0]
     if ref is None:
-        return  # the quantiser pipelines: values checked in test_quant_kernels; here, no crash and a clean refusal
+        return  # the quantiser pipelines: values checked in test_quant; here, no crash and a clean refusal
     want = ref(*build({**sizes, dim: value}))
     got, want = _first(got), _first(want)
     assert got.shape == want.shape, f"{name} {dim}={value}: shape {tuple(got.shape)} vs {tuple(want.shape)}"

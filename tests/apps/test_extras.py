@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # None in sys.modules: "import sklearn" (and of any submodule) raises ImportError, importlib.util.find_spec gives
 # None, as when the package is not installed.

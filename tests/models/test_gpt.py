@@ -13,29 +13,12 @@ from varcore.ops.par_order import par_scatter
 from varcore.sampling.par import PARSampler, num_steps, to_uint8, top_k_top_p_filtering
 from varcore.train.gpt_trainer import GPTTrainer, to_par_order
 from varcore.train.var_trainer import TrainConfig
+from tiny_gpt import one_thread, tiny  # noqa: F401  (one_thread is an autouse fixture)
 
 # spec code_par_llamagen.md B.7: (FFN hidden, approximate parameter count) of the LlamaGen c2i models
 SPEC_CONFIGS = {"GPT-B": (2048, 111e6), "GPT-L": (2816, 343e6), "GPT-XL": (3584, 775e6),
                 "GPT-XXL": (4096, 1.41e9), "GPT-XXXL": (6912, 3.9e9), "GPT-1B": (5632, 1.2e9),
                 "GPT-3B": (8704, 3.1e9), "GPT-7B": (11008, 6.6e9)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a loaded shared machine makes two threads much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny(M=2, grid=4, dim=32, n_layer=2, n_head=2, vocab=16, classes=4, seed=0, **kw) -> Transformer:
-    torch.manual_seed(seed)
-    model = Transformer(ModelArgs(dim=dim, n_layer=n_layer, n_head=n_head, vocab_size=vocab, block_size=grid * grid,
-                                  num_classes=classes, spe_token_num=M * M - 1, ar_token_num=M * M, **kw))
-    for p in model.parameters():  # the official init zeroes the head; random weights make every logit matter
-        torch.nn.init.normal_(p, std=0.3)
-    return model.eval()
 
 
 def meta_model(name, M=1, block_size=576):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import varcore.models.gpt as gpt
 from varcore.ops import extension
-from test_gpt import one_thread, tiny  # noqa: F401  (one_thread is an autouse fixture)
+from tiny_gpt import one_thread, tiny  # noqa: F401  (one_thread is an autouse fixture)
 import varcore.sampling.draw as draw
 from varcore.sampling.draw import inverse_cdf_sample
 from varcore.sampling.par import PARSampler
