@@ -103,8 +103,8 @@ def main():
     g = torch.Generator(device=dev).manual_seed(1)
     for N in (16384, *(B * L for B in batches)):
         zN = torch.randn(N, CVAE, device=dev, generator=g)
-        rows.append(compare(f"nearest_code N={N}", lambda: q.nearest_code_idx_N(zN, W),
-                            lambda: q.nearest_code_idx_N(zN, W), dev, repeats, 2 * N * V * CVAE, gemm))
+        rows.append(compare(f"nearest_code N={N}", lambda: q.nearest_code(zN, W),
+                            lambda: q.nearest_code(zN, W), dev, repeats, 2 * N * V * CVAE, gemm))
     for B in batches:
         f = torch.randn(B, CVAE, 16, 16, device=dev, generator=g)
         idx_Bl = vq.f_to_idxBl_or_fhat(f, to_fhat=False)

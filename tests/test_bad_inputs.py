@@ -119,11 +119,11 @@ ROWS = [
      r"\bcached_scales\b"),
     ("par_visible_end M", lambda m: att.par_visible_end(16, 0), ValueError, r"\bM\b"),
     # ----------------------------------------------------------------- quantiser ops
-    ("nearest_code z not a tensor", lambda m: q.nearest_code_idx_N([1.0], m.codebook), TypeError, r"\bz_NC\b"),
-    ("nearest_code z channels", lambda m: q.nearest_code_idx_N(torch.zeros(3, 5), m.codebook), ValueError, r"\bz_NC\b"),
-    ("nearest_code codebook integer", lambda m: q.nearest_code_idx_N(torch.zeros(3, 4), torch.zeros(16, 4).long()),
+    ("nearest_code z not a tensor", lambda m: q.nearest_code([1.0], m.codebook), TypeError, r"\bz_NC\b"),
+    ("nearest_code z channels", lambda m: q.nearest_code(torch.zeros(3, 5), m.codebook), ValueError, r"\bz_NC\b"),
+    ("nearest_code codebook integer", lambda m: q.nearest_code(torch.zeros(3, 4), torch.zeros(16, 4).long()),
      ValueError, r"\bcodebook_VC must be a floating"),
-    ("nearest_code device", lambda m: q.nearest_code_idx_N(torch.zeros(3, 4, device="meta"), m.codebook), ValueError,
+    ("nearest_code device", lambda m: q.nearest_code(torch.zeros(3, 4, device="meta"), m.codebook), ValueError,
      r"\bz_NC on meta"),
     ("upsample_sum idx out of range", lambda m: q.upsample_sum(_idx_pyramid(poke=V), m.codebook, m.phis, PN),
      ValueError, r"\bidx_Bl\[2\] values must be in \[0, 16\)"),
@@ -144,18 +144,18 @@ ROWS = [
     ("idxBl_to_var_input shape",
      lambda m: q.idxBl_to_var_input([torch.zeros(2, 2).long(), torch.zeros(2, 4).long()], m.codebook, m.phis, PN),
      ValueError, r"\bidx_Bl\[0\] must have shape"),
-    ("f_to_idxBl f not 4-D", lambda m: q.f_to_idxBl_or_fhat(torch.zeros(2, 4, 3), m.codebook, m.phis, PN, False),
+    ("msrq_encode f not 4-D", lambda m: q.msrq_encode(torch.zeros(2, 4, 3), m.codebook, m.phis, PN, False),
      ValueError, r"\bf_BChw\b"),
-    ("f_to_idxBl schedule does not fit f",
-     lambda m: q.f_to_idxBl_or_fhat(torch.zeros(1, 4, 4, 4), m.codebook, m.phis, PN, False), ValueError,
+    ("msrq_encode schedule does not fit f",
+     lambda m: q.msrq_encode(torch.zeros(1, 4, 4, 4), m.codebook, m.phis, PN, False), ValueError,
      r"\bpatch_nums\b"),
-    ("f_to_idxBl channels", lambda m: q.f_to_idxBl_or_fhat(torch.zeros(1, 5, 3, 3), m.codebook, m.phis, PN, False),
+    ("msrq_encode channels", lambda m: q.msrq_encode(torch.zeros(1, 5, 3, 3), m.codebook, m.phis, PN, False),
      ValueError, r"\bf_BChw has 5 channels"),
     ("embed_to_fhat scale count", lambda m: q.embed_to_fhat([torch.zeros(1, 4, 1, 1)], m.phis, PN), ValueError,
      r"\bms_h_BChw must hold 3"),
-    ("get_next_autoregressive_input si",
-     lambda m: q.get_next_autoregressive_input(3, torch.zeros(1, 4, 3, 3), torch.zeros(1, 4, 3, 3), m.phis, PN),
-     ValueError, r"\bsi must be in"),
+    ("add_scale_ si",
+     lambda m: q.add_scale_(3, torch.zeros(1, 4, 3, 3), torch.zeros(1, 4, 3, 3), m.phis, PN),
+     ValueError, r"\bsi must be an int in"),
     # ----------------------------------------------------------------- models
     ("VQVAE ch", lambda m: VQVAE(ch=48), ValueError, r"\bch must be a multiple of 32"),
     ("VQVAE vocab_size", lambda m: VQVAE(vocab_size=0), ValueError, r"\bvocab_size\b"),
@@ -309,7 +309,7 @@ def test_table_covers_the_ops_and_entry_points():
     covered = " ".join(r[0] for r in ROWS)
     wrappers = {"par_gather": "par_gather", "par_scatter": "par_scatter", "par_group_scatter_": "par_group_scatter_",
                 "block_causal_attention": "attention", "nearest_code": "nearest_code", "upsample_sum": "upsample_sum",
-                "msrq_encode": "f_to_idxBl", "add_scale_": "idxBl_to_var_input"}
+                "msrq_encode": "msrq_encode", "add_scale_": "add_scale_"}
     for op, row in wrappers.items():
         assert row in covered, f"no bad-input row for op {op}"
     for name in ("VARSampler", "PARSampler", "CoDeSampler", "CoDe ", "autoregressive_infer_cfg", "GPT forward",

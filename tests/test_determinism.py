@@ -52,7 +52,7 @@ def fingerprints() -> dict:
     x = torch.randint(0, 1000, (3, 24, 24), generator=g)
     out["par_order"] = _digest(po.par_gather(x, 2), po.par_scatter(po.par_gather(x, 4), 4))
     z, e = torch.randn(4000, 32, generator=g), torch.randn(512, 32, generator=g)
-    out["nearest_code"] = _digest(q.nearest_code_idx_N(z, e), q.nearest_code_idx_N(z, e, using_znorm=True))
+    out["nearest_code"] = _digest(q.nearest_code(z, e), q.nearest_code(z, e, using_znorm=True))
 
     torch.manual_seed(0)
     vae = VQVAE(vocab_size=64, z_channels=8, ch=32, share_quant_resi=4, v_patch_nums=(1, 2, 3, 4), ch_mult=(1, 1))

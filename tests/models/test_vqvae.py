@@ -96,9 +96,9 @@ def test_identity_phi_when_ratio_is_zero():
 def test_nearest_code_matches_cdist():
     torch.manual_seed(2)
     z, e = torch.randn(300, 6), torch.randn(40, 6)
-    assert torch.equal(ops.nearest_code_idx_N(z, e), torch.cdist(z, e).argmin(dim=1))
+    assert torch.equal(ops.nearest_code(z, e), torch.cdist(z, e).argmin(dim=1))
     cos = F.normalize(z, dim=1) @ F.normalize(e, dim=1).T
-    assert torch.equal(ops.nearest_code_idx_N(z, e, using_znorm=True), cos.argmax(dim=1))
+    assert torch.equal(ops.nearest_code(z, e, using_znorm=True), cos.argmax(dim=1))
 
 
 def test_module_methods_call_the_reference_ops(vae, f_BChw):
@@ -106,7 +106,7 @@ def test_module_methods_call_the_reference_ops(vae, f_BChw):
     phis = q.phis_for(len(PNS))
     W = q.embedding.weight
     idx_Bl = q.f_to_idxBl_or_fhat(f_BChw, to_fhat=False)
-    ref_idx = ops.f_to_idxBl_or_fhat(f_BChw, W, phis, PNS, to_fhat=False)
+    ref_idx = ops.msrq_encode(f_BChw, W, phis, PNS, to_fhat=False)
     assert all(torch.equal(a, b) for a, b in zip(idx_Bl, ref_idx))
     torch.testing.assert_close(q.idxBl_to_var_input(idx_Bl), ops.idxBl_to_var_input(idx_Bl, W, phis, PNS),
                                atol=0, rtol=0)
@@ -121,8 +121,8 @@ def test_encode_paths_agree(vae, f_BChw):
     phis = q.phis_for(len(PNS))
     W = q.embedding.weight
     with torch.no_grad():
-        idx_Bl = ops.f_to_idxBl_or_fhat(f_BChw, W, phis, PNS, to_fhat=False)
-        f_hats = ops.f_to_idxBl_or_fhat(f_BChw, W, phis, PNS, to_fhat=True)
+        idx_Bl = ops.msrq_encode(f_BChw, W, phis, PNS, to_fhat=False)
+        f_hats = ops.msrq_encode(f_BChw, W, phis, PNS, to_fhat=True)
         hs = [F.embedding(t, W).transpose(1, 2).reshape(2, vae.Cvae, pn, pn) for t, pn in zip(idx_Bl, PNS)]
         decoded = ops.embed_to_fhat(hs, phis, PNS, last_one=False)
         assert [tuple(t.shape) for t in idx_Bl] == [(2, pn * pn) for pn in PNS]
@@ -137,7 +137,7 @@ def test_encode_paths_agree(vae, f_BChw):
 
         f_hat = torch.zeros_like(f_BChw)
         for si, h in enumerate(hs):
-            f_hat, nxt = ops.get_next_autoregressive_input(si, f_hat, h, phis, PNS)
+            f_hat, nxt = ops.add_scale_(si, f_hat, h, phis, PNS)
             torch.testing.assert_close(f_hat, decoded[si], atol=1e-6, rtol=0)
             if si < len(PNS) - 1:
                 torch.testing.assert_close(nxt.flatten(2).transpose(1, 2), expected_inputs[si], atol=1e-6, rtol=0)
@@ -169,13 +169,13 @@ def test_ops_reject_bad_arguments(vae, f_BChw):
     W = vae.quantize.embedding.weight
     phis = vae.quantize.phis_for(len(PNS))
     with pytest.raises(ValueError, match="patch_nums"):
-        ops.f_to_idxBl_or_fhat(f_BChw, W, phis, (1, 2, 4), to_fhat=False)
+        ops.msrq_encode(f_BChw, W, phis, (1, 2, 4), to_fhat=False)
     with pytest.raises(ValueError, match="phis"):
-        ops.f_to_idxBl_or_fhat(f_BChw, W, phis[:2], PNS, to_fhat=False)
+        ops.msrq_encode(f_BChw, W, phis[:2], PNS, to_fhat=False)
     with pytest.raises(TypeError, match="codebook_VC"):
-        ops.f_to_idxBl_or_fhat(f_BChw, W.tolist(), phis, PNS, to_fhat=False)
+        ops.msrq_encode(f_BChw, W.tolist(), phis, PNS, to_fhat=False)
     with pytest.raises(ValueError, match="channels"):
-        ops.f_to_idxBl_or_fhat(f_BChw[:, :2], W, phis, PNS, to_fhat=False)
+        ops.msrq_encode(f_BChw[:, :2], W, phis, PNS, to_fhat=False)
     with pytest.raises(ValueError, match="idx_Bl"):
         ops.idxBl_to_var_input([torch.zeros(2, 1, dtype=torch.long)] * 3, W, phis, (1, 2, 3, 5))
     bad = [torch.zeros(2, pn * pn, dtype=torch.long) for pn in PNS]
@@ -187,7 +187,7 @@ def test_ops_reject_bad_arguments(vae, f_BChw):
     with pytest.raises(TypeError, match="patch_nums"):
         ops.embed_to_fhat([], phis, "1235")
     with pytest.raises(ValueError, match="si"):
-        ops.get_next_autoregressive_input(4, f_BChw.clone(), f_BChw, phis, PNS)
+        ops.add_scale_(4, f_BChw.clone(), f_BChw, phis, PNS)
     with pytest.raises(ValueError, match="SN"):
         vae.quantize.get_next_autoregressive_input(0, 3, f_BChw.clone(), f_BChw[:, :, :1, :1])
 

@@ -74,7 +74,7 @@ def _ops_table():
                                lambda c, t, g, M: po.par_group_scatter_ref_(c.clone(), t, g, M), True),
         "block_causal_attention": (dict(B=1, H=2, Lq=3, Lk=5, D=8), attention,
                                    lambda *a: att.block_causal_attention_ref(*a)[0], True),
-        "nearest_code": (dict(N=7, V=5, C=4), nearest, q.nearest_code_idx_N_ref, True),
+        "nearest_code": (dict(N=7, V=5, C=4), nearest, q.nearest_code_ref, True),
         "upsample_sum": (dict(B=2, V=5, C=4, P=2), upsample, None, True),
         "msrq_encode": (dict(B=2, V=5, C=4, P=2), encode, None, True),
         "add_scale_": (dict(B=2, V=5, C=4, P=2), add_scale, None, True),

@@ -296,7 +296,7 @@ def test_fuzz_nearest_code(backend, n):
         if N == 0:  # no rows: an empty (0,) index tensor
             assert idx.shape == (0,) and idx.dtype == torch.long
             return
-        assert_same_or_near_tie(idx, q.nearest_code_idx_N_ref(z.contiguous(), e, using_znorm), z, e, using_znorm)
+        assert_same_or_near_tie(idx, q.nearest_code_ref(z.contiguous(), e, using_znorm), z, e, using_znorm)
 
     _fuzz(n, body)
 
@@ -418,7 +418,7 @@ def test_fuzz_add_scale(backend, n):
         if channels_last:
             h = h.contiguous(memory_format=torch.channels_last)
         ref_f = f_hat.clone()
-        _, ref_next = _reference(lambda: q.get_next_autoregressive_input(si, ref_f, h, vq.phis_for(SN), patch_nums))
+        _, ref_next = _reference(lambda: q.add_scale_(si, ref_f, h, vq.phis_for(SN), patch_nums))
         torch.testing.assert_close(got_f, ref_f, atol=1e-5, rtol=1e-5)
         if next_pn:
             ref_rows = ref_next.reshape(B, C, -1).transpose(1, 2) if rows else ref_next

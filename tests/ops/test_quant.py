@@ -14,7 +14,7 @@ from varcore.ops import quant as q
 
 from backends import backend_params, require_compiled, resolve
 
-NAMES = {"nearest": (q.nearest_code_idx_N_ref, "nearest_code")}
+NAMES = {"nearest": (q.nearest_code_ref, "nearest_code")}
 
 
 def _codebook_data(N, V, C, seed):
@@ -46,7 +46,7 @@ def test_nearest_code_matches_reference(backend, N, V, C, using_znorm):
     ops = resolve(backend, NAMES)
     z, e = _codebook_data(N, V, C, seed=N * 31 + V * 7 + C)
     idx = ops.nearest(z.to(ops.device), e.to(ops.device), using_znorm).cpu()
-    ref = q.nearest_code_idx_N_ref(z, e, using_znorm)
+    ref = q.nearest_code_ref(z, e, using_znorm)
     assert_same_or_near_tie(idx, ref, z, e, using_znorm)
 
 
@@ -59,7 +59,7 @@ def test_nearest_code_ties_take_the_first_code(backend):
     for using_znorm in (False, True):
         idx = ops.nearest(z.to(ops.device), e_dup.to(ops.device), using_znorm).cpu()
         assert int(idx.max()) < 20
-        assert torch.equal(idx, q.nearest_code_idx_N_ref(z, e_dup, using_znorm))
+        assert torch.equal(idx, q.nearest_code_ref(z, e_dup, using_znorm))
     # a constant codebook: every distance ties, index 0 everywhere (as torch.argmin)
     same = torch.ones(37, 8)
     idx = ops.nearest(z.to(ops.device), same.to(ops.device), False).cpu()
@@ -77,7 +77,7 @@ def test_nearest_code_var_scales(backend):
     for pn in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16):
         z = torch.randn(2 * pn * pn, 32, generator=g)
         idx = ops.nearest(z.to(ops.device), e.to(ops.device), False).cpu()
-        assert_same_or_near_tie(idx, q.nearest_code_idx_N_ref(z, e), z, e, False)
+        assert_same_or_near_tie(idx, q.nearest_code_ref(z, e), z, e, False)
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
@@ -88,7 +88,7 @@ def test_nearest_code_every_cpu_isa(monkeypatch, isa):
         z, e = _codebook_data(N, V, C, seed=N + V)
         for using_znorm in (False, True):
             idx = torch.ops.varcore.nearest_code(z, e, using_znorm)
-            assert_same_or_near_tie(idx, q.nearest_code_idx_N_ref(z, e, using_znorm), z, e, using_znorm)
+            assert_same_or_near_tie(idx, q.nearest_code_ref(z, e, using_znorm), z, e, using_znorm)
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -98,7 +98,7 @@ def test_nearest_code_non_contiguous_inputs(backend):
     z_t = z.t().contiguous().t()  # column-major rows
     e_s = torch.cat([e, e], dim=1)[:, 3:15]  # strided slice
     idx = ops.nearest(z_t.to(ops.device), e_s.to(ops.device), False).cpu()
-    assert_same_or_near_tie(idx, q.nearest_code_idx_N_ref(z, e_s.contiguous()), z, e_s, False)
+    assert_same_or_near_tie(idx, q.nearest_code_ref(z, e_s.contiguous()), z, e_s, False)
 
 
 def _peak_bytes(fn):
@@ -122,7 +122,7 @@ def test_nearest_code_memory_does_not_grow_with_N_times_V():
     assert 0 < _peak_bytes(lambda: torch.ops.varcore.nearest_code(z, e, False)) < 4 * 2**20
     with pytest.MonkeyPatch.context() as m:  # and the reference does hold it: the measurement sees it
         m.setenv("VARCORE_BACKEND", "reference")
-        assert _peak_bytes(lambda: q.nearest_code_idx_N(z, e)) > 64 * 2**20
+        assert _peak_bytes(lambda: q.nearest_code(z, e)) > 64 * 2**20
 
 
 # --------------------------------------------------------------------------------------------- bad input
@@ -154,13 +154,13 @@ def test_nearest_code_simt_channel_limit():
 def test_python_checks_name_the_argument():
     e = torch.zeros(3, 4)
     with pytest.raises(TypeError, match="z_NC"):
-        q.nearest_code_idx_N([[0.0] * 4], e)
+        q.nearest_code([[0.0] * 4], e)
     with pytest.raises(TypeError, match="codebook_VC"):
-        q.nearest_code_idx_N(torch.zeros(2, 4), [[0.0] * 4])
+        q.nearest_code(torch.zeros(2, 4), [[0.0] * 4])
     with pytest.raises(ValueError, match="z_NC"):
-        q.nearest_code_idx_N(torch.zeros(2, 5), e)
+        q.nearest_code(torch.zeros(2, 5), e)
     with pytest.raises(ValueError, match="codebook_VC on"):
-        q.nearest_code_idx_N(torch.zeros(2, 4), torch.zeros(3, 4, device="meta"))
+        q.nearest_code(torch.zeros(2, 4), torch.zeros(3, 4, device="meta"))
 
 
 # --------------------------------------------------------------------------------------------- op machinery
@@ -177,9 +177,9 @@ def test_nearest_code_compiles_fullgraph():
 
     @torch.compile(fullgraph=True, backend="inductor")
     def quantise(z_NC, codebook_VC):
-        return F.embedding(q.nearest_code_idx_N(z_NC * 1.0, codebook_VC), codebook_VC)
+        return F.embedding(q.nearest_code(z_NC * 1.0, codebook_VC), codebook_VC)
 
-    torch.testing.assert_close(quantise(z, e), e[q.nearest_code_idx_N_ref(z, e)], atol=0, rtol=0)
+    torch.testing.assert_close(quantise(z, e), e[q.nearest_code_ref(z, e)], atol=0, rtol=0)
 
 
 def test_dispatch_uses_the_kernel_and_the_backend_switch(monkeypatch):
@@ -188,11 +188,11 @@ def test_dispatch_uses_the_kernel_and_the_backend_switch(monkeypatch):
     real = torch.ops.varcore.nearest_code
     monkeypatch.setattr(torch.ops.varcore, "nearest_code", lambda *a: calls.append(1) or real(*a))
     z, e = _codebook_data(10, 12, 4, seed=3)
-    ref = q.nearest_code_idx_N_ref(z, e)
-    assert torch.equal(q.nearest_code_idx_N(z, e), ref) and calls == [1]
-    assert torch.equal(q.nearest_code_idx_N(z.double(), e.double()), ref) and calls == [1]  # float64: reference
+    ref = q.nearest_code_ref(z, e)
+    assert torch.equal(q.nearest_code(z, e), ref) and calls == [1]
+    assert torch.equal(q.nearest_code(z.double(), e.double()), ref) and calls == [1]  # float64: reference
     monkeypatch.setenv("VARCORE_BACKEND", "reference")
-    assert torch.equal(q.nearest_code_idx_N(z, e), ref) and calls == [1]
+    assert torch.equal(q.nearest_code(z, e), ref) and calls == [1]
     assert varcore.info(print_report=False)["ops"]["nearest_code"]["cpu"] == "reference"
 
 
@@ -552,3 +552,25 @@ def test_phi_table_gives_the_fused_path_the_quantizer_parameters(share, monkeypa
         q.PhiTable(table, [0, 2, 2, 2], table.weights, table.biases, 0.5)
     with pytest.raises(ValueError, match="one tensor per group"):
         q.PhiTable(table, table.groups, table.weights[:1] * (table.num_groups + 1), table.biases, 0.5)
+
+
+@pytest.mark.parametrize("share,quant_resi,patch_nums", [(4, 0.5, (1, 2, 3, 5)), (0, 0.5, (1, 2, 4)),
+                                                         (1, -0.3, (2, 3, 5)), (4, 0.0, (1, 2, 3, 5))])
+def test_msrq_encode_and_add_scale_equal_their_references(share, quant_resi, patch_nums):
+    """The op-named functions against their ``*_ref`` on the CPU: the fused encode and the fused decode steps give
+    the references' results bit for bit (same float order and layouts), and the references' inputs stay intact."""
+    vq = _quantizer(share, quant_resi, patch_nums, seed=share)
+    phis, W, SN = vq.phis_for(len(patch_nums)), vq.embedding.weight, len(patch_nums)
+    torch.manual_seed(1)
+    f = torch.randn(3, W.shape[1], patch_nums[-1], patch_nums[-1])
+    for to_fhat in (False, True):
+        out, ref = q.msrq_encode(f, W, phis, patch_nums, to_fhat), q.msrq_encode_ref(f, W, phis, patch_nums, to_fhat)
+        assert len(out) == len(ref) == SN and all(torch.equal(a, b) for a, b in zip(out, ref))
+    idx_Bl = q.msrq_encode(f, W, phis, patch_nums, False)
+    f_hat, f_ref = torch.zeros_like(f), torch.zeros_like(f)
+    for si, pn in enumerate(patch_nums):
+        h = F.embedding(idx_Bl[si], W).transpose(1, 2).reshape(3, W.shape[1], pn, pn)
+        f_hat, nxt = q.add_scale_(si, f_hat, h, phis, patch_nums)
+        f_ref, nxt_ref = q.add_scale_ref(si, f_ref, h.clone(), phis, patch_nums)
+        assert torch.equal(f_hat, f_ref) and torch.equal(nxt, nxt_ref), si
+    torch.testing.assert_close(f_hat, q.msrq_encode(f, W, phis, patch_nums, True)[-1], atol=1e-5, rtol=0)

@@ -207,7 +207,7 @@ class VectorQuantizer2(nn.Module):
             for si, (pn, phi) in enumerate(zip(self.v_patch_nums, self.phis_for(SN))):
                 last = si == SN - 1
                 rest = f_rest if last else F.interpolate(f_rest, size=(pn, pn), mode="area")
-                idx_N = quant_ops.nearest_code_idx_N(rest.permute(0, 2, 3, 1).reshape(-1, C),
+                idx_N = quant_ops.nearest_code(rest.permute(0, 2, 3, 1).reshape(-1, C),
                                                      self.embedding.weight, self.using_znorm)
                 if self.training:
                     self._record_hits(si, idx_N.bincount(minlength=self.vocab_size).float())
@@ -249,11 +249,11 @@ class VectorQuantizer2(nn.Module):
         """Quantise encoder features: per scale the (B, ph*pw) indices, or the accumulated f_hat when ``to_fhat``.
 
         ``v_patch_nums`` (ints or (h, w) pairs) overrides the quantiser's own schedule; its last entry must match
-        the feature size. See :func:`varcore.ops.quant.f_to_idxBl_or_fhat`. With ``prog_si >= 0`` only the first
+        the feature size. See :func:`varcore.ops.quant.msrq_encode`. With ``prog_si >= 0`` only the first
         ``prog_si + 1`` entries are returned (later scales do not change earlier ones, so they are the same).
         """
         patch_nums = tuple(v_patch_nums or self.v_patch_nums)
-        out = quant_ops.f_to_idxBl_or_fhat(f_BChw, self.embedding.weight, self.phis_for(len(patch_nums)),
+        out = quant_ops.msrq_encode(f_BChw, self.embedding.weight, self.phis_for(len(patch_nums)),
                                            patch_nums, to_fhat=to_fhat, using_znorm=self.using_znorm)
         prog_si = self._checked_prog_si()
         return out if prog_si < 0 else out[:prog_si + 1]
@@ -292,4 +292,4 @@ class VectorQuantizer2(nn.Module):
         """Inference step: add scale ``si``'s codes to ``f_hat`` in place and return (f_hat, next-scale input)."""
         if SN != len(self.v_patch_nums):
             raise ValueError(f"SN must equal the number of scales {len(self.v_patch_nums)}, got {SN}")
-        return quant_ops.get_next_autoregressive_input(si, f_hat, h_BChw, self.phis_for(SN), self.v_patch_nums)
+        return quant_ops.add_scale_(si, f_hat, h_BChw, self.phis_for(SN), self.v_patch_nums)

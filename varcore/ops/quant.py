@@ -1,9 +1,11 @@
-"""Reference (pure PyTorch) ops of VAR's multi-scale residual quantiser.
+"""The ops of VAR's multi-scale residual quantiser, each beside its pure-PyTorch reference ``<op>_ref``:
+``nearest_code``, ``msrq_encode`` (the encode pyramid), ``upsample_sum`` (decode a token pyramid) and ``add_scale_``
+(one decode step), and the two compositions ``idxBl_to_var_input`` (teacher-forcing input) and ``embed_to_fhat``.
 
-These functions take everything they need explicitly: the codebook ``codebook_VC`` (V codes of C channels),
-``phis`` (one callable per scale: the residual conv phi chosen for that scale, mapping (B, C, H, W) to the same
-shape) and the patch schedule. ``VectorQuantizer2`` calls them with its own embedding, phi table and
-``v_patch_nums``.
+They take everything they need explicitly: the codebook ``codebook_VC`` (V codes of C channels), ``phis`` (one
+callable per scale: the residual conv phi chosen for that scale, mapping (B, C, H, W) to the same shape; a
+:class:`PhiTable` also carries their parameters for the kernels) and the patch schedule. ``VectorQuantizer2``
+(official method names) calls them with its own embedding, phi table and ``v_patch_nums``.
 
 Compiled kernels run behind the same signatures when they are built for the tensor's device (``varcore.info()``):
 ``nearest_code`` (``torch.ops.varcore.nearest_code``: the distance and argmin fused, never holding the N x V
@@ -14,8 +16,8 @@ the code map gathered and bicubic-upsampled in one kernel, phi, residual update)
 a whole pyramid with one 3x3 conv instead of one per scale: phi is affine, phi_k(h) = (1 - r) h + r (W_k * h + b_k),
 so the scales sharing phi_k can be summed before it, and the K convs of the partial sums are one conv over their
 channel concatenation (bias sum_k n_k b_k for n_k scales in group k). ``add_scale_`` is one step of the sampler
-(``get_next_autoregressive_input``) and of the teacher-forcing input (``idxBl_to_var_input``): gather, bicubic
-upsampling, phi and the in-place add, then the area downsampling to the next scale. The encode and the steps give
+(the official ``get_next_autoregressive_input``) and of the teacher-forcing input (``idxBl_to_var_input``):
+gather, bicubic upsampling, phi and the in-place add, then the area downsampling to the next scale. The encode and the steps give
 the reference's results bit for bit on the CPU (same float evaluation order, same memory layouts into phi's conv);
 ``upsample_sum`` agrees to float rounding (it reorders the sum). The ``*_ref`` functions are the pure-PyTorch
 references.
@@ -36,15 +38,17 @@ PatchNum = Union[int, Tuple[int, int]]
 
 __all__ = [
     "PhiTable",
-    "nearest_code_idx_N",
-    "nearest_code_idx_N_ref",
+    "nearest_code",
+    "nearest_code_ref",
     "upsample_sum",
     "upsample_sum_ref",
     "embed_to_fhat_ref",
-    "f_to_idxBl_or_fhat",
+    "msrq_encode",
+    "msrq_encode_ref",
+    "add_scale_",
+    "add_scale_ref",
     "idxBl_to_var_input",
     "embed_to_fhat",
-    "get_next_autoregressive_input",
 ]
 
 
@@ -116,8 +120,8 @@ def _check_nearest_args(z_NC: torch.Tensor, codebook_VC: torch.Tensor) -> None:
         raise ValueError(f"z_NC on {z_NC.device} but codebook_VC on {codebook_VC.device}")
 
 
-def nearest_code_idx_N_ref(z_NC: torch.Tensor, codebook_VC: torch.Tensor, using_znorm: bool = False) -> torch.Tensor:
-    """Reference of :func:`nearest_code_idx_N`: the official dense distance matrix, then argmin (argmax)."""
+def nearest_code_ref(z_NC: torch.Tensor, codebook_VC: torch.Tensor, using_znorm: bool = False) -> torch.Tensor:
+    """Reference of :func:`nearest_code`: the official dense distance matrix, then argmin (argmax)."""
     _check_nearest_args(z_NC, codebook_VC)
     codebook_VC = codebook_VC.detach()
     if using_znorm:
@@ -135,7 +139,7 @@ def _nearest_code_kernel_applies(z_NC: torch.Tensor, codebook_VC: torch.Tensor) 
     return z_NC.device.type != "cuda" or codebook_VC.shape[1] <= _NEAREST_CODE_CUDA_MAX_C
 
 
-def nearest_code_idx_N(z_NC: torch.Tensor, codebook_VC: torch.Tensor, using_znorm: bool = False) -> torch.Tensor:
+def nearest_code(z_NC: torch.Tensor, codebook_VC: torch.Tensor, using_znorm: bool = False) -> torch.Tensor:
     """Index of the nearest code for each row of ``z_NC`` (N, C) among ``codebook_VC`` (V, C): a (N,) LongTensor.
 
     Euclidean distance in the official expanded form ``(||z||^2 + ||e||^2) - 2 z.e`` (the form and its float
@@ -146,7 +150,7 @@ def nearest_code_idx_N(z_NC: torch.Tensor, codebook_VC: torch.Tensor, using_znor
     _check_nearest_args(z_NC, codebook_VC)
     if _nearest_code_kernel_applies(z_NC, codebook_VC):
         return torch.ops.varcore.nearest_code(z_NC.detach(), codebook_VC.detach(), bool(using_znorm))
-    return nearest_code_idx_N_ref(z_NC, codebook_VC, using_znorm)
+    return nearest_code_ref(z_NC, codebook_VC, using_znorm)
 
 
 if extension.has_schema("nearest_code"):  # absent from an older build
@@ -298,23 +302,7 @@ if extension.has_schema("msrq_encode"):  # absent from an older build
         return f.new_empty((B, L), dtype=torch.long), f_hats
 
 
-def f_to_idxBl_or_fhat(
-    f_BChw: torch.Tensor,
-    codebook_VC: torch.Tensor,
-    phis: Sequence[Phi],
-    patch_nums: Sequence[PatchNum],
-    to_fhat: bool,
-    using_znorm: bool = False,
-) -> List[torch.Tensor]:
-    """Multi-scale residual quantisation of the encoder features ``f_BChw`` (the encode path).
-
-    For each scale (small to large) the remaining residual is area-downsampled to the scale (except at the last
-    scale), quantised to its nearest codes, the code map is bicubic-upsampled back (except at the last scale),
-    passed through ``phis[si]``, added to the running ``f_hat`` and subtracted from the residual.
-
-    Returns one entry per scale: the (B, ph*pw) code indices, or a clone of the accumulated ``f_hat`` (B, C, H, W)
-    when ``to_fhat``. ``patch_nums`` holds ints or (h, w) pairs; its last entry must equal (H, W).
-    """
+def _check_encode_args(f_BChw, codebook_VC, phis, patch_nums) -> List[Tuple[int, int]]:
     if not isinstance(f_BChw, torch.Tensor) or f_BChw.ndim != 4:
         raise ValueError(f"f_BChw must be a (B, C, H, W) tensor, got {getattr(f_BChw, 'shape', type(f_BChw))}")
     _check_codebook(codebook_VC)
@@ -324,8 +312,32 @@ def f_to_idxBl_or_fhat(
     patch_hws = _to_patch_hws(patch_nums)
     if patch_hws[-1] != (H, W):
         raise ValueError(f"the last entry of patch_nums {patch_hws[-1]} must equal the feature size {(H, W)}")
-    SN = len(patch_hws)
-    _check_phis(phis, SN)
+    _check_phis(phis, len(patch_hws))
+    return patch_hws
+
+
+def msrq_encode(
+    f_BChw: torch.Tensor,
+    codebook_VC: torch.Tensor,
+    phis: Sequence[Phi],
+    patch_nums: Sequence[PatchNum],
+    to_fhat: bool,
+    using_znorm: bool = False,
+) -> List[torch.Tensor]:
+    """Multi-scale residual quantisation of the encoder features ``f_BChw`` (the encode path; the official
+    ``VectorQuantizer2.f_to_idxBl_or_fhat``).
+
+    For each scale (small to large) the remaining residual is area-downsampled to the scale (except at the last
+    scale), quantised to its nearest codes, the code map is bicubic-upsampled back (except at the last scale),
+    passed through ``phis[si]``, added to the running ``f_hat`` and subtracted from the residual.
+
+    Returns one entry per scale: the (B, ph*pw) code indices, or a clone of the accumulated ``f_hat`` (B, C, H, W)
+    when ``to_fhat``. ``patch_nums`` holds ints or (h, w) pairs; its last entry must equal (H, W). One fused call
+    (``torch.ops.varcore.msrq_encode``) for a square schedule in float32 when ``phis`` is a :class:`PhiTable`;
+    otherwise :func:`msrq_encode_ref`.
+    """
+    patch_hws = _check_encode_args(f_BChw, codebook_VC, phis, patch_nums)
+    H, W = f_BChw.shape[-2:]
     square = _square_schedule(patch_hws)
     if (square is not None and H == W and f_BChw.dtype == torch.float32 and codebook_VC.dtype == torch.float32
             and _nearest_code_kernel_applies(f_BChw, codebook_VC) and extension.use_kernel("msrq_encode", f_BChw.device)):
@@ -337,14 +349,28 @@ def f_to_idxBl_or_fhat(
             if to_fhat:
                 return list(f_hats)
             return [t.contiguous() for t in idx_BL.split([pn * pn for pn in square], dim=1)]
+    return msrq_encode_ref(f_BChw, codebook_VC, phis, patch_nums, to_fhat, using_znorm)
 
+
+def msrq_encode_ref(
+    f_BChw: torch.Tensor,
+    codebook_VC: torch.Tensor,
+    phis: Sequence[Phi],
+    patch_nums: Sequence[PatchNum],
+    to_fhat: bool,
+    using_znorm: bool = False,
+) -> List[torch.Tensor]:
+    """Reference of :func:`msrq_encode`: the official per-scale loop."""
+    patch_hws = _check_encode_args(f_BChw, codebook_VC, phis, patch_nums)
+    B, C, H, W = f_BChw.shape
+    SN = len(patch_hws)
     f_rest = f_BChw.detach().clone()
     f_hat = torch.zeros_like(f_rest)
     out: List[torch.Tensor] = []
     for si, (ph, pw) in enumerate(patch_hws):
         last = si == SN - 1
         rest_BChw = f_rest if last else F.interpolate(f_rest, size=(ph, pw), mode="area")
-        idx_N = nearest_code_idx_N(rest_BChw.permute(0, 2, 3, 1).reshape(-1, C), codebook_VC, using_znorm)
+        idx_N = nearest_code(rest_BChw.permute(0, 2, 3, 1).reshape(-1, C), codebook_VC, using_znorm)
         # permute keeps the (B, h, w, C) memory layout, exactly as the official code feeds bicubic
         h_BChw = F.embedding(idx_N.view(B, ph, pw), codebook_VC).permute(0, 3, 1, 2)
         if not last:
@@ -521,24 +547,31 @@ def embed_to_fhat_ref(
     return f_hat if last_one else out
 
 
-def get_next_autoregressive_input(
+def _check_step_args(si, patch_nums) -> Tuple[int, ...]:
+    patch_nums = check_patch_nums(patch_nums)
+    if isinstance(si, bool) or not isinstance(si, int) or not 0 <= si < len(patch_nums):
+        raise ValueError(f"si must be an int in [0, {len(patch_nums)}), got {si!r}")
+    return patch_nums
+
+
+def add_scale_(
     si: int,
     f_hat_BChw: torch.Tensor,
     h_BChw: torch.Tensor,
     phis: Sequence[Phi],
     patch_nums: Sequence[int],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One inference step: add scale ``si``'s code map ``h_BChw`` to ``f_hat_BChw`` (in place).
+    """One decode step (the official ``get_next_autoregressive_input``): add scale ``si``'s code map ``h_BChw``
+    to ``f_hat_BChw`` in place.
 
     Before the last scale ``h`` is bicubic-upsampled first and then passed through phi (that order matters), and
     the second return value is ``f_hat`` area-downsampled to the next scale. At the last scale ``h`` is added at its
-    own size and ``f_hat`` is returned twice.
+    own size and ``f_hat`` is returned twice. One fused call (``torch.ops.varcore.add_scale_``) in float32 when
+    ``phis`` is a :class:`PhiTable`; otherwise :func:`add_scale_ref`.
     """
-    patch_nums = check_patch_nums(patch_nums)
+    patch_nums = _check_step_args(si, patch_nums)
     SN = len(patch_nums)
     _check_phis(phis, SN)
-    if not 0 <= si < SN:
-        raise ValueError(f"si must be in [0, {SN}), got {si}")
     HW = patch_nums[-1]
     step = _step_phi(phis, si, f_hat_BChw, h_BChw)
     h_square = (h_BChw.ndim == 4 and h_BChw.shape[-1] == h_BChw.shape[-2] and h_BChw.shape[:2] == f_hat_BChw.shape[:2]
@@ -555,6 +588,21 @@ def get_next_autoregressive_input(
                                                  0 if last else patch_nums[si + 1], False,
                                                  _interpolates_channels_last(h_BChw))
         return f_hat_BChw, f_hat_BChw if last else next_BChw
+    return add_scale_ref(si, f_hat_BChw, h_BChw, phis, patch_nums)
+
+
+def add_scale_ref(
+    si: int,
+    f_hat_BChw: torch.Tensor,
+    h_BChw: torch.Tensor,
+    phis: Sequence[Phi],
+    patch_nums: Sequence[int],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference of :func:`add_scale_` (the official step)."""
+    patch_nums = _check_step_args(si, patch_nums)
+    SN = len(patch_nums)
+    _check_phis(phis, SN)
+    HW = patch_nums[-1]
     if si != SN - 1:
         f_hat_BChw.add_(phis[si](F.interpolate(h_BChw, size=(HW, HW), mode="bicubic")))
         pn_next = patch_nums[si + 1]

@@ -280,7 +280,7 @@ class VARSampler:
         else:
             h_BlC = embedding(idx_Bl)
         h_BChw = h_BlC.transpose(1, 2).reshape(B, var.Cvae, pn, pn)
-        f_hat, next_BChw = quant_ops.get_next_autoregressive_input(si, f_hat, h_BChw, self.phis, self.patch_nums)
+        f_hat, next_BChw = quant_ops.add_scale_(si, f_hat, h_BChw, self.phis, self.patch_nums)
         nonfinite = nonfinite_N.any()
         if si == self.SN - 1:
             return None, None, f_hat, idx_Bl, nonfinite
