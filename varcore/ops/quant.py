@@ -17,8 +17,8 @@ a whole pyramid with one 3x3 conv instead of one per scale: phi is affine, phi_k
 so the scales sharing phi_k can be summed before it, and the K convs of the partial sums are one conv over their
 channel concatenation (bias sum_k n_k b_k for n_k scales in group k). ``add_scale_`` is one step of the sampler
 (the official ``get_next_autoregressive_input``) and of the teacher-forcing input (``idxBl_to_var_input``):
-gather, bicubic upsampling, phi and the in-place add, then the area downsampling to the next scale. The encode and the steps give
-the reference's results bit for bit on the CPU (same float evaluation order, same memory layouts into phi's conv);
+gather, bicubic upsampling, phi and the in-place add, then the area downsampling to the next scale. The encode
+and the steps give the reference's results bit for bit on the CPU (same float evaluation order, same memory layouts into phi's conv);
 ``upsample_sum`` agrees to float rounding (it reorders the sum). The ``*_ref`` functions are the pure-PyTorch
 references.
 
@@ -340,7 +340,8 @@ def msrq_encode(
     H, W = f_BChw.shape[-2:]
     square = _square_schedule(patch_hws)
     if (square is not None and H == W and f_BChw.dtype == torch.float32 and codebook_VC.dtype == torch.float32
-            and _nearest_code_kernel_applies(f_BChw, codebook_VC) and extension.use_kernel("msrq_encode", f_BChw.device)):
+            and _nearest_code_kernel_applies(f_BChw, codebook_VC)
+            and extension.use_kernel("msrq_encode", f_BChw.device)):
         affine = _fused_phis(phis, codebook_VC, needs_grad=to_fhat)
         if affine is not None:
             idx_BL, f_hats = torch.ops.varcore.msrq_encode(
