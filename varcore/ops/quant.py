@@ -18,9 +18,8 @@ so the scales sharing phi_k can be summed before it, and the K convs of the part
 channel concatenation (bias sum_k n_k b_k for n_k scales in group k). ``add_scale_`` is one step of the sampler
 (the official ``get_next_autoregressive_input``) and of the teacher-forcing input (``idxBl_to_var_input``):
 gather, bicubic upsampling, phi and the in-place add, then the area downsampling to the next scale. The encode
-and the steps give the reference's results bit for bit on the CPU (same float evaluation order, same memory layouts into phi's conv);
-``upsample_sum`` agrees to float rounding (it reorders the sum). The ``*_ref`` functions are the pure-PyTorch
-references.
+and the steps give the reference's results bit for bit on the CPU (same float evaluation order, same memory
+layouts into phi's conv); ``upsample_sum`` agrees to float rounding (it reorders the sum).
 
 Semantics follow the official FoundationVision/VAR quantiser exactly (``spec/var.md`` 1.4-1.7): residuals are
 area-downsampled to each scale, code maps are bicubic-upsampled to the full latent size before phi, and the last
