@@ -36,6 +36,7 @@ from common import RESULTS_DIR, machine_header, print_table, write_json  # noqa:
 SCRIPTS = {
     "ceilings": None,  # run in-process
     "par_order": ([], []),
+    "linear": ([], []),
     "quant": ([], []),
     "attention": ([], []),
     "sampler": (["--batches", "2", "--repeats", "1"], []),
