@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from varcore.sampling import draw
 from varcore.sampling.draw import top_k_top_p_filter_, top_k_top_p_filtering
 
 
@@ -66,3 +67,18 @@ def test_conventions_differ_only_in_top_p_and_disabling():
         top_k_top_p_filter_(logits.clone(), convention="hf")
     with pytest.raises(ValueError, match="top_k"):
         top_k_top_p_filtering(logits.clone(), top_k=-1)
+
+
+@pytest.mark.parametrize("w", [0.0, 1.0, 1.5, 4.0])
+def test_guidance_of_both_conventions(w):
+    """VAR's (1 + t) cond - t uncond and LlamaGen's uncond + (cond - uncond) * s, each bit for bit in its official
+    op order (float32 rounding depends on it), and the two agree as functions with t = s - 1."""
+    torch.manual_seed(0)
+    cond, uncond = torch.randn(3, 5, 64), torch.randn(3, 5, 64)
+    var = draw.guide_var(cond, uncond.clone(), w)
+    assert torch.equal(var, cond * (1 + w) - uncond * w)
+    lg = draw.guide_llamagen(cond, uncond, w)
+    assert torch.equal(lg, uncond + (cond - uncond) * w)
+    torch.testing.assert_close(draw.guide_var(cond, uncond.clone(), w - 1), lg, atol=1e-5, rtol=1e-5)
+    if w:
+        assert not torch.equal(var, cond)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 __all__ = ["top_k_top_p_filter_", "top_k_top_p_filtering", "sample_with_top_k_top_p_", "gumbel_softmax_with_rng",
            "inverse_cdf_sample", "check_cfg", "check_top_k", "check_top_p", "check_number", "check_batch",
            "per_scale", "temper", "nonfinite_rows", "raise_if_nonfinite", "check_images_finite", "DRAWS",
-           "draw_llamagen", "check_bool", "scale_options", "class_labels"]
+           "draw_llamagen", "guide_var", "guide_llamagen", "check_bool", "scale_options", "class_labels"]
 
 
 def check_cfg(cfg, name: str = "cfg") -> float:
@@ -323,3 +323,14 @@ def class_labels(B: int, label_B, num_classes: int, device, generators) -> torch
     if label_B.min() < 0 or label_B.max() > num_classes:
         raise ValueError(f"label_B values must be in [0, {num_classes}], got {label_B.tolist()}")
     return label_B.to(device=device, dtype=torch.long)
+
+
+def guide_var(cond: torch.Tensor, uncond: torch.Tensor, t: float) -> torch.Tensor:
+    """VAR's classifier-free guidance in the official op order: ``(1 + t) cond - t uncond``, a new tensor
+    (``uncond`` is scaled in place: pass a tensor that is not needed afterwards)."""
+    return cond.mul(1 + t).sub_(uncond.mul_(t))
+
+
+def guide_llamagen(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """LlamaGen's / PAR's classifier-free guidance in the official op order: ``uncond + (cond - uncond) * scale``."""
+    return uncond + (cond - uncond) * scale

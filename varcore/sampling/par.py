@@ -42,8 +42,8 @@ from tqdm import tqdm
 
 from varcore.models.gpt import Transformer, unwrap_compiled
 from varcore.ops.par_order import par_scatter
-from varcore.sampling.draw import (DRAWS, check_images_finite, check_number, draw_llamagen, raise_if_nonfinite,
-                                   top_k_top_p_filtering)
+from varcore.sampling.draw import (DRAWS, check_images_finite, check_number, draw_llamagen, guide_llamagen,
+                                   raise_if_nonfinite, top_k_top_p_filtering)
 
 __all__ = ["PARSampler", "generate", "top_k_top_p_filtering", "num_steps", "to_uint8", "check_num_tokens"]
 
@@ -135,7 +135,7 @@ class PARSampler:
             z = model.hidden_cached(h, start, self.packed)
             if cfg:
                 cond, uncond = z.chunk(2)
-                z = torch.lerp(uncond, cond, cfg_scale) if guided else cond
+                z = guide_llamagen(cond, uncond, cfg_scale) if guided else cond
             return model.logits(z, self.packed)
         # the official decoding steps (not the prefill) run under sdp_kernel(math only); in half precision the
         # math kernel rounds differently from the default CPU kernel (float32 attention is our own)
@@ -144,7 +144,7 @@ class PARSampler:
             logits = model.forward_cached(h, start)
         if cfg:
             cond, uncond = logits.chunk(2)
-            logits = uncond + (cond - uncond) * cfg_scale if guided else cond
+            logits = guide_llamagen(cond, uncond, cfg_scale) if guided else cond
         return logits
 
     def _layout(self, num_tokens: Optional[int], steps: Optional[Tuple[int, int]]) -> Tuple[int, int, int]:

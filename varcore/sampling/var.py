@@ -43,8 +43,8 @@ from varcore.models.vqvae import VQVAE
 from varcore.ops import quant as quant_ops
 from varcore.ops.attention import code_prefill_visible_end
 from varcore.sampling.auto_dtype import resolve_dtype
-from varcore.sampling.draw import (check_batch, check_bool, check_images_finite, class_labels, nonfinite_rows,
-                                   raise_if_nonfinite, scale_options, temper, top_k_top_p_filter_)
+from varcore.sampling.draw import (check_batch, check_bool, check_images_finite, class_labels, guide_var,
+                                   nonfinite_rows, raise_if_nonfinite, scale_options, temper, top_k_top_p_filter_)
 from varcore.sampling.rng import generators, model_generator
 
 __all__ = ["VARSampler", "StaticKVCache", "ScaleOptions", "autoregressive_infer_cfg", "row_chunks"]
@@ -236,15 +236,15 @@ class VARSampler:
             chunks = _batch_chunks(B, z.shape[1], 2 * V * 4)  # both halves' float32 logits per token
             if len(chunks) == 1:
                 logits = F.linear(z, self.head_w, self.head_b).float()
-                return logits[:B].mul(1 + t).sub_(logits[B:].mul_(t))  # a new tensor: the (2B, l, V) one dies
+                return guide_var(logits[:B], logits[B:], t)  # a new tensor: the (2B, l, V) one dies
             mixed_BlV = z.new_empty(B, z.shape[1], V)
             for rows in chunks:  # the same rows' values: see row_chunks
                 cond = F.linear(z[:B][rows], self.head_w, self.head_b).float()
                 uncond = F.linear(z[B:][rows], self.head_w, self.head_b)
-                mixed_BlV[rows] = cond.mul_(1 + t).sub_(uncond.mul_(t))
+                mixed_BlV[rows] = guide_var(cond, uncond, t)
             return mixed_BlV
         # the head is linear (and the mix weights sum to 1), so mix first and run it on half the rows
-        z_mix = (1 + t) * z[:B] - t * z[B:]
+        z_mix = guide_var(z[:B], z[B:], t)
         return F.linear(z_mix.to(self.dtype), self.head_w, self.head_b).float()
 
     def draw(self, opts: ScaleOptions, x_BlC: torch.Tensor, f_hat: torch.Tensor, noise_NV: torch.Tensor,
