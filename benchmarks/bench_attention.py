@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from common import bench, bench_interleaved, machine_header, print_header, print_table, write_json
 
-import varcore
 from varcore.ops import attention as att
 
 SCHEDULES = {680: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 2240: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}

@@ -30,7 +30,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import RESULTS_DIR, machine_header, print_table, write_json  # noqa: E402
+from common import machine_header, print_table, write_json  # noqa: E402
 
 # script -> extra arguments in quick mode (beyond --quick) and in full mode
 SCRIPTS = {

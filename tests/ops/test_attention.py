@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 import varcore
 from varcore.ops import attention as att
 
-from backends import backend_params, require_compiled, require_simt, resolve
+from backends import backend_params, require_compiled, resolve
 
 NAMES = {
     "fwd": (att.block_causal_attention_ref, "block_causal_attention"),

@@ -1,7 +1,6 @@
 """Non-finite numbers never turn into tokens: every sampler refuses NaN/inf logits with one clear error, a tiny
 temperature takes its limit (the greedy draw), and non-finite images are refused."""
 import math
-import warnings
 
 import pytest
 import torch

@@ -1,5 +1,4 @@
 """varcore.sampling.rng: the whole seed selects the stream, on the CPU too, and the familiar streams stay."""
-import numpy as np
 import pytest
 import torch
 

@@ -9,7 +9,7 @@ classes, the default case), so the same command always gives the same images.
 """
 import argparse
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Tuple
 
 import numpy as np
 import torch

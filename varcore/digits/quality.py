@@ -8,7 +8,6 @@
 
 Images are (N, 3 or 1, H, W) floats in [0, 1] (the samplers' output) unless noted.
 """
-from typing import Optional
 
 import numpy as np
 import torch

@@ -18,7 +18,6 @@ Every stage trains on the fixed train split with random shifts of up to one pixe
 """
 import argparse
 import dataclasses
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from tqdm import tqdm
 
 from varcore.argtypes import out_dir_arg, positive_float, positive_int, seed_arg
 from varcore.digits.data import augment, load_digits
-from varcore.digits.recipe import ARCHS, WEIGHTS_DIR, build, load_weights, save_weights, weights_path
+from varcore.digits.recipe import WEIGHTS_DIR, build, load_weights, save_weights, weights_path
 from varcore.train.var_trainer import backward_and_step
 
 __all__ = ["DigitsRecipe", "STAGES", "train_digits", "main"]

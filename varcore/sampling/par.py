@@ -84,8 +84,6 @@ class PARSampler:
     (multinomial for parity, inverse_cdf for fast).
     """
 
-    DRAWS = DRAWS
-
     def __init__(self, model: Transformer, vq=None, M: Optional[int] = None, progress: bool = False,
                  fast: bool = False, draw: Optional[str] = None):
         model = unwrap_compiled(model)
@@ -100,10 +98,10 @@ class PARSampler:
             raise TypeError(f"vq must be a VQ-16 tokenizer (varcore.models.vq16.VQModel), got {type(vq).__name__}")
         if not isinstance(fast, bool):
             raise TypeError(f"fast must be a bool, got {type(fast).__name__}")
-        if draw is not None and draw not in self.DRAWS:
-            raise ValueError(f"draw must be one of {self.DRAWS} or None, got {draw!r}")
+        if draw is not None and draw not in DRAWS:
+            raise ValueError(f"draw must be one of {DRAWS} or None, got {draw!r}")
         self.draw = draw or ("inverse_cdf" if fast else "multinomial")
-        self.model, self.vq, self.M, self.progress, self.fast = model, vq, model.M, progress, fast
+        self.model, self.vq, self.M, self.progress = model, vq, model.M, progress
         self.packed = model.pack_for_decoding() if fast else None
         self.grid, self.L = model.config.grid, model.block_size
 
