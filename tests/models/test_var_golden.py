@@ -7,7 +7,7 @@ from conftest import load_expected
 
 from varcore.models import PATCH_NUMS, VAR, VQVAE
 from varcore.models.quant import phi_index_table
-from varcore.ops.quant import embed_to_fhat
+from varcore.ops.quant import upsample_sum_ref
 
 ATOL = 1e-5
 IMG_ATOL = 1e-4
@@ -139,7 +139,7 @@ def test_code_small_tie_break_is_pinned_by_golden(code_small):
     vae, _, expected, idx_Bl = code_small
     phis = list(vae.quantize.phis_for(10))  # a plain list of callables: the reference path
     phis[2] = vae.quantize.quant_resi.qresi_ls[0]
-    f_hat = embed_to_fhat(_embed(vae, idx_Bl), phis, vae.quantize.v_patch_nums, last_one=True)
+    f_hat = upsample_sum_ref(idx_Bl, vae.quantize.embedding.weight, phis, vae.quantize.v_patch_nums)
     assert (f_hat - expected["run0_final_fhat"]).abs().max() > 1e-3
 
 

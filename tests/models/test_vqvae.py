@@ -101,18 +101,43 @@ def test_nearest_code_matches_cdist():
     assert torch.equal(ops.nearest_code(z, e, using_znorm=True), cos.argmax(dim=1))
 
 
-def test_module_methods_call_the_reference_ops(vae, f_BChw):
+def _official_var_input(q, idx_Bl):
+    """The official idxBl_to_var_input loop, written out (spec/var.md 1.6)."""
+    B, C, H, SN = idx_Bl[0].shape[0], q.Cvae, PNS[-1], len(PNS)
+    f_hat, out = torch.zeros(B, C, H, H), []
+    for si in range(SN - 1):
+        h = q.embedding(idx_Bl[si]).transpose(1, 2).reshape(B, C, PNS[si], PNS[si])
+        f_hat.add_(q.quant_resi[si / (SN - 1)](F.interpolate(h, size=(H, H), mode="bicubic")))
+        out.append(F.interpolate(f_hat, size=(PNS[si + 1],) * 2, mode="area").view(B, C, -1).transpose(1, 2))
+    return torch.cat(out, dim=1)
+
+
+def _official_fhats(q, hs):
+    """The official embed_to_fhat loop (all_to_max_scale): every partial sum."""
+    SN, H = len(PNS), PNS[-1]
+    f_hat, out = torch.zeros(hs[0].shape[0], q.Cvae, H, H), []
+    for si, h in enumerate(hs):
+        f_hat.add_(q.quant_resi[si / (SN - 1)](F.interpolate(h, size=(H, H), mode="bicubic") if si < SN - 1 else h))
+        out.append(f_hat.clone())
+    return out
+
+
+@pytest.mark.parametrize("backend", ["", "reference"])
+def test_module_methods_are_the_official_loops(vae, f_BChw, monkeypatch, backend):
+    """The official methods composed from the ops equal the official loops: the teacher-forcing input and the
+    partial sums bit for bit, the fused final sum (upsample_sum reorders the sum) to float rounding."""
+    monkeypatch.setenv("VARCORE_BACKEND", backend)
     q = vae.quantize
-    phis = q.phis_for(len(PNS))
-    W = q.embedding.weight
-    idx_Bl = q.f_to_idxBl_or_fhat(f_BChw, to_fhat=False)
-    ref_idx = ops.msrq_encode(f_BChw, W, phis, PNS, to_fhat=False)
-    assert all(torch.equal(a, b) for a, b in zip(idx_Bl, ref_idx))
-    torch.testing.assert_close(q.idxBl_to_var_input(idx_Bl), ops.idxBl_to_var_input(idx_Bl, W, phis, PNS),
-                               atol=0, rtol=0)
-    hs = [q.embedding(t).transpose(1, 2).reshape(2, vae.Cvae, pn, pn) for t, pn in zip(idx_Bl, PNS)]
-    torch.testing.assert_close(q.embed_to_fhat(hs, last_one=True), ops.embed_to_fhat(hs, phis, PNS, last_one=True),
-                               atol=0, rtol=0)
+    with torch.no_grad():
+        idx_Bl = q.f_to_idxBl_or_fhat(f_BChw, to_fhat=False)
+        ref_idx = ops.msrq_encode_ref(f_BChw, q.embedding.weight, list(q.phis_for(len(PNS))), PNS, to_fhat=False)
+        assert all(torch.equal(a, b) for a, b in zip(idx_Bl, ref_idx))
+        assert torch.equal(q.idxBl_to_var_input(idx_Bl), _official_var_input(q, idx_Bl))
+        hs = [q.embedding(t).transpose(1, 2).reshape(2, vae.Cvae, pn, pn) for t, pn in zip(idx_Bl, PNS)]
+        expected = _official_fhats(q, hs)
+        assert all(torch.equal(a, b) for a, b in zip(q.embed_to_fhat(hs), expected))
+        torch.testing.assert_close(q.embed_to_fhat(hs, last_one=True), expected[-1], atol=1e-6, rtol=0)
+        torch.testing.assert_close(q.idxBl_to_fhat(idx_Bl), expected[-1], atol=1e-6, rtol=0)
 
 
 def test_encode_paths_agree(vae, f_BChw):
@@ -124,12 +149,12 @@ def test_encode_paths_agree(vae, f_BChw):
         idx_Bl = ops.msrq_encode(f_BChw, W, phis, PNS, to_fhat=False)
         f_hats = ops.msrq_encode(f_BChw, W, phis, PNS, to_fhat=True)
         hs = [F.embedding(t, W).transpose(1, 2).reshape(2, vae.Cvae, pn, pn) for t, pn in zip(idx_Bl, PNS)]
-        decoded = ops.embed_to_fhat(hs, phis, PNS, last_one=False)
+        decoded = q.embed_to_fhat(hs, last_one=False)
         assert [tuple(t.shape) for t in idx_Bl] == [(2, pn * pn) for pn in PNS]
         for a, b in zip(f_hats, decoded):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
-        x_BLCv = ops.idxBl_to_var_input(idx_Bl, W, phis, PNS)
+        x_BLCv = q.idxBl_to_var_input(idx_Bl)
         assert x_BLCv.shape == (2, sum(pn * pn for pn in PNS[1:]), vae.Cvae)
         expected_inputs = [F.interpolate(decoded[si], size=(pn, pn), mode="area").flatten(2).transpose(1, 2)
                            for si, pn in enumerate(PNS[1:])]
@@ -176,16 +201,16 @@ def test_ops_reject_bad_arguments(vae, f_BChw):
         ops.msrq_encode(f_BChw, W.tolist(), phis, PNS, to_fhat=False)
     with pytest.raises(ValueError, match="channels"):
         ops.msrq_encode(f_BChw[:, :2], W, phis, PNS, to_fhat=False)
-    with pytest.raises(ValueError, match="idx_Bl"):
-        ops.idxBl_to_var_input([torch.zeros(2, 1, dtype=torch.long)] * 3, W, phis, (1, 2, 3, 5))
+    with pytest.raises(ValueError, match="gt_ms_idx_Bl"):
+        vae.quantize.idxBl_to_var_input([torch.zeros(2, 1, dtype=torch.long)] * 3)
     bad = [torch.zeros(2, pn * pn, dtype=torch.long) for pn in PNS]
     bad[1][0, 0] = -1
-    with pytest.raises(ValueError, match=r"idx_Bl\[1\] values"):
-        ops.idxBl_to_var_input(bad, W, phis, PNS)
+    with pytest.raises(ValueError, match=r"gt_ms_idx_Bl\[1\] values"):
+        vae.quantize.idxBl_to_var_input(bad)
     with pytest.raises(ValueError, match="patch_nums"):
-        ops.idxBl_to_var_input([], W, phis, (1, 0, 3, 5))
+        ops.upsample_sum([], W, phis, (1, 0, 3, 5))
     with pytest.raises(TypeError, match="patch_nums"):
-        ops.embed_to_fhat([], phis, "1235")
+        ops.upsample_sum([], W, phis, "1235")
     with pytest.raises(ValueError, match="si"):
         ops.add_scale_(4, f_BChw.clone(), f_BChw, phis, PNS)
     with pytest.raises(ValueError, match="SN"):

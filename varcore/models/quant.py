@@ -1,8 +1,8 @@
 """``VectorQuantizer2``: VAR's multi-scale residual vector quantiser with (partially) shared phi convs.
 
 State-dict keys, constructor arguments and method names match the official FoundationVision/VAR ``quant.py``.
-The encode/decode algorithms live in :mod:`varcore.ops.quant` as plain functions; the methods here pick the phi
-for each scale and call them.
+The quantiser ops live in :mod:`varcore.ops.quant` as plain functions (``nearest_code``, ``msrq_encode``,
+``upsample_sum``, ``add_scale_``); the official methods here pick the phi for each scale and compose them.
 """
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -261,11 +261,38 @@ class VectorQuantizer2(nn.Module):
     def idxBl_to_var_input(self, gt_ms_idx_Bl: List[torch.Tensor]) -> Optional[torch.Tensor]:
         """VAR's teacher-forcing input (B, L - pn0^2, Cvae) in float32 from ground-truth indices; with
         ``prog_si = p >= 0`` the inputs of scales 1..p, (B, sum of pn^2 over scales 1..p, Cvae), from
-        ``gt_ms_idx_Bl[:p]`` (None when ``p == 0``, as official)."""
-        SN = len(self.v_patch_nums)
+        ``gt_ms_idx_Bl[:p]`` (None when ``p == 0``, as official).
+
+        Scale by scale, as the sampler decodes: ``add_scale_`` adds the code map of scale si to ``f_hat`` at full
+        resolution and area-downsamples the sum to scale si + 1, whose tokens it becomes.
+        """
+        patch_nums = self.v_patch_nums
+        SN = len(patch_nums)
         prog_si = self._checked_prog_si()
-        return quant_ops.idxBl_to_var_input(gt_ms_idx_Bl, self.embedding.weight, self.phis_for(SN),
-                                            self.v_patch_nums, num_steps=SN - 1 if prog_si < 0 else prog_si)
+        num_steps = SN - 1 if prog_si < 0 else prog_si
+        if isinstance(gt_ms_idx_Bl, torch.Tensor) or not hasattr(gt_ms_idx_Bl, "__len__"):
+            raise TypeError(f"gt_ms_idx_Bl must be a list of (B, pn^2) tensors, got {type(gt_ms_idx_Bl).__name__}")
+        if len(gt_ms_idx_Bl) < num_steps:
+            raise ValueError(f"gt_ms_idx_Bl must hold at least {num_steps} scales, got {len(gt_ms_idx_Bl)}")
+        if num_steps == 0:
+            return None
+        B, C, H = gt_ms_idx_Bl[0].shape[0], self.Cvae, patch_nums[-1]
+        for si in range(num_steps):
+            idx = gt_ms_idx_Bl[si]
+            if not isinstance(idx, torch.Tensor) or tuple(idx.shape) != (B, patch_nums[si] ** 2):
+                raise ValueError(f"gt_ms_idx_Bl[{si}] must have shape {(B, patch_nums[si] ** 2)}, got "
+                                 f"{tuple(getattr(idx, 'shape', ()))}")
+            quant_ops.check_idx(idx, self.vocab_size, f"gt_ms_idx_Bl[{si}]")
+        phis = self.phis_for(SN)
+        f_hat = torch.zeros(B, C, H, H, dtype=torch.float32, device=self.embedding.weight.device)
+        next_scales = []
+        for si in range(num_steps):
+            pn = patch_nums[si]
+            # transpose + reshape is a view with the official memory layout (matters for bit-exact bicubic)
+            h_BChw = self.embedding(gt_ms_idx_Bl[si]).transpose(1, 2).reshape(B, C, pn, pn)
+            f_hat, next_BlC = quant_ops.add_scale_(si, f_hat, h_BChw, phis, patch_nums, rows=True)
+            next_scales.append(next_BlC)
+        return torch.cat(next_scales, dim=1)
 
     def _checked_prog_si(self) -> int:
         prog_si, SN = self.prog_si, len(self.v_patch_nums)
@@ -282,10 +309,50 @@ class VectorQuantizer2(nn.Module):
 
     def embed_to_fhat(self, ms_h_BChw: List[torch.Tensor], all_to_max_scale: bool = True, last_one: bool = False
                       ) -> Union[List[torch.Tensor], torch.Tensor]:
-        """Sum per-scale code embeddings into f_hat (all partial sums, or only the last with ``last_one``)."""
-        SN = len(self.v_patch_nums)
-        return quant_ops.embed_to_fhat(ms_h_BChw, self.phis_for(SN), self.v_patch_nums,
-                                       all_to_max_scale=all_to_max_scale, last_one=last_one)
+        """Sum per-scale code embeddings ``ms_h_BChw`` (one (B, Cvae, pn, pn) tensor per scale) into ``f_hat``:
+        all partial sums, one per scale, or only the last with ``last_one``.
+
+        Default (``all_to_max_scale``): every scale but the last is bicubic-upsampled to the largest size, passed
+        through its phi and added (``add_scale_`` per scale; the final sum alone is one ``upsample_sum`` call over
+        the code maps). Otherwise (experimental, as official; not what the model was trained with) ``f_hat`` starts
+        at the first scale, is bicubic-resized to each scale and phi(h) is added at native resolution.
+        """
+        patch_nums = self.v_patch_nums
+        SN = len(patch_nums)
+        if isinstance(ms_h_BChw, torch.Tensor) or not hasattr(ms_h_BChw, "__len__"):
+            raise TypeError(f"ms_h_BChw must be a list of (B, Cvae, pn, pn) tensors, got {type(ms_h_BChw).__name__}")
+        if len(ms_h_BChw) != SN:
+            raise ValueError(f"ms_h_BChw must hold {SN} scales, got {len(ms_h_BChw)}")
+        h0 = ms_h_BChw[0]
+        for si, (h, pn) in enumerate(zip(ms_h_BChw, patch_nums)):
+            if not isinstance(h, torch.Tensor) or h.ndim != 4 or tuple(h.shape[1:]) != (self.Cvae, pn, pn) \
+                    or h.shape[0] != h0.shape[0]:
+                raise ValueError(f"ms_h_BChw[{si}] must have shape (B, {self.Cvae}, {pn}, {pn}), got "
+                                 f"{tuple(getattr(h, 'shape', ()))}")
+        phis = self.phis_for(SN)
+        B, C = h0.shape[:2]
+        if not all_to_max_scale:
+            f_hat = h0.new_zeros(B, C, patch_nums[0], patch_nums[0], dtype=torch.float32)
+            partial = []
+            for si, pn in enumerate(patch_nums):
+                f_hat = F.interpolate(f_hat, size=(pn, pn), mode="bicubic")
+                f_hat.add_(phis[si](ms_h_BChw[si]))
+                partial.append(f_hat)
+            return f_hat if last_one else partial
+        if last_one and all(h.dtype == torch.float32 and h.device == h0.device for h in ms_h_BChw):
+            # the code maps as the rows of a table indexed by position: upsample_sum's gather is the identity
+            table_VC = torch.cat([h.flatten(2).transpose(1, 2) for h in ms_h_BChw], dim=1).reshape(-1, C)
+            if quant_ops.upsample_sum_is_fused(table_VC, phis):
+                idx_BL = torch.arange(table_VC.shape[0], device=h0.device).view(B, -1)
+                idx_Bl = list(idx_BL.split([pn * pn for pn in patch_nums], dim=1))
+                return quant_ops.upsample_sum(idx_Bl, table_VC, phis, patch_nums)
+        f_hat = h0.new_zeros(B, C, patch_nums[-1], patch_nums[-1], dtype=torch.float32)
+        partial = []
+        for si, h_BChw in enumerate(ms_h_BChw):
+            f_hat, _ = quant_ops.add_scale_(si, f_hat, h_BChw, phis, patch_nums)
+            if not last_one:
+                partial.append(f_hat.clone())
+        return f_hat if last_one else partial
 
     def get_next_autoregressive_input(self, si: int, SN: int, f_hat: torch.Tensor, h_BChw: torch.Tensor
                                       ) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,7 @@
 """The ops of VAR's multi-scale residual quantiser, each beside its pure-PyTorch reference ``<op>_ref``:
 ``nearest_code``, ``msrq_encode`` (the encode pyramid), ``upsample_sum`` (decode a token pyramid) and ``add_scale_``
-(one decode step), and the two compositions ``idxBl_to_var_input`` (teacher-forcing input) and ``embed_to_fhat``.
+(one decode step). ``VectorQuantizer2`` composes them into the official methods (``idxBl_to_var_input``,
+``embed_to_fhat``, ...).
 
 They take everything they need explicitly: the codebook ``codebook_VC`` (V codes of C channels), ``phis`` (one
 callable per scale: the residual conv phi chosen for that scale, mapping (B, C, H, W) to the same shape; a
@@ -41,13 +42,11 @@ __all__ = [
     "nearest_code_ref",
     "upsample_sum",
     "upsample_sum_ref",
-    "embed_to_fhat_ref",
     "msrq_encode",
     "msrq_encode_ref",
     "add_scale_",
     "add_scale_ref",
-    "idxBl_to_var_input",
-    "embed_to_fhat",
+    "upsample_sum_is_fused",
 ]
 
 
@@ -243,37 +242,48 @@ def _check_idx_pyramid(idx_Bl: Sequence[torch.Tensor], vocab_size: int, patch_nu
 
 def upsample_sum_ref(idx_Bl: Sequence[torch.Tensor], codebook_VC: torch.Tensor, phis: Sequence[Phi],
                      patch_nums: Sequence[int]) -> torch.Tensor:
-    """Reference of :func:`upsample_sum`: embedding, then :func:`embed_to_fhat` with ``last_one``."""
+    """Reference of :func:`upsample_sum` (the official loop): per scale the embedding, bicubic-upsampled to the
+    largest size except at the last scale, passed through its phi and added."""
     _check_codebook(codebook_VC)
     patch_nums = check_patch_nums(patch_nums)
+    _check_phis(phis, len(patch_nums))
     B = _check_idx_pyramid(idx_Bl, codebook_VC.shape[0], patch_nums)
-    C = codebook_VC.shape[1]
-    ms_h = [F.embedding(t, codebook_VC).transpose(1, 2).reshape(B, C, pn, pn) for t, pn in zip(idx_Bl, patch_nums)]
-    return embed_to_fhat_ref(ms_h, phis, patch_nums, all_to_max_scale=True, last_one=True)
+    C, H = codebook_VC.shape[1], patch_nums[-1]
+    f_hat = codebook_VC.new_zeros(B, C, H, H, dtype=torch.float32)
+    for si, (t, pn) in enumerate(zip(idx_Bl, patch_nums)):
+        # transpose + reshape is a view with the official memory layout (matters for bit-exact bicubic)
+        h_BChw = F.embedding(t, codebook_VC).transpose(1, 2).reshape(B, C, pn, pn)
+        if si < len(patch_nums) - 1:
+            h_BChw = F.interpolate(h_BChw, size=(H, H), mode="bicubic")
+        f_hat.add_(phis[si](h_BChw))
+    return f_hat
 
 
-def _fused_upsample_sum(idx_BL: torch.Tensor, table_VC: torch.Tensor, affine: PhiTable,
-                        patch_nums: Tuple[int, ...]) -> torch.Tensor:
-    sums = torch.ops.varcore.upsample_sum(idx_BL, table_VC, list(patch_nums), affine.groups)
-    return affine.apply(sums)
+def upsample_sum_is_fused(codebook_VC: torch.Tensor, phis: Sequence[Phi]) -> bool:
+    """Whether :func:`upsample_sum` runs its fused kernel on this codebook and these phis (otherwise it runs
+    :func:`upsample_sum_ref`): the kernel is built for the device, the codebook is float32 and ``phis`` is a
+    :class:`PhiTable` of float32 parameters there, and no gradient is required."""
+    return (codebook_VC.dtype == torch.float32 and extension.use_kernel("upsample_sum", codebook_VC.device)
+            and _fused_phis(phis, codebook_VC) is not None)
 
 
 def upsample_sum(idx_Bl: Sequence[torch.Tensor], codebook_VC: torch.Tensor, phis: Sequence[Phi],
                  patch_nums: Sequence[int]) -> torch.Tensor:
     """Decode a token pyramid to the final ``f_hat`` (B, C, H, H), H = ``patch_nums[-1]``: the sum over scales of
     ``phis[si]`` applied to the bicubic-upsampled code map of scale si (``idx_Bl[si]``: (B, pn^2) indices into
-    ``codebook_VC``). Equal to the last entry of :func:`embed_to_fhat` up to float rounding; fused (one gather +
-    bicubic kernel and one conv) when the kernel is built and ``phis`` is a :class:`PhiTable`.
+    ``codebook_VC``; the last scale is not resized). Equal to :func:`upsample_sum_ref` up to float rounding; fused
+    (one gather + bicubic kernel and one conv) where :func:`upsample_sum_is_fused`.
     """
     _check_codebook(codebook_VC)
     patch_nums = check_patch_nums(patch_nums)
     _check_phis(phis, len(patch_nums))
     _check_idx_pyramid(idx_Bl, codebook_VC.shape[0], patch_nums)
-    affine = _fused_phis(phis, codebook_VC)
-    if (affine is None or codebook_VC.dtype != torch.float32
-            or not extension.use_kernel("upsample_sum", codebook_VC.device)):
+    if not upsample_sum_is_fused(codebook_VC, phis):
         return upsample_sum_ref(idx_Bl, codebook_VC, phis, patch_nums)
-    return _fused_upsample_sum(torch.cat(list(idx_Bl), dim=1), codebook_VC, affine, patch_nums)
+    affine = _fused_phis(phis, codebook_VC)
+    sums_BKChw = torch.ops.varcore.upsample_sum(torch.cat(list(idx_Bl), dim=1), codebook_VC, list(patch_nums),
+                                                affine.groups)
+    return affine.apply(sums_BKChw)
 
 
 if extension.has_schema("upsample_sum"):  # absent from an older build
@@ -414,139 +424,6 @@ def _add_scale_applies(f_hat_BChw: torch.Tensor, codebook_VC: torch.Tensor) -> b
             and f_hat_BChw.shape[-1] == f_hat_BChw.shape[-2] and codebook_VC.device == f_hat_BChw.device)
 
 
-def idxBl_to_var_input(
-    idx_Bl: Sequence[torch.Tensor],
-    codebook_VC: torch.Tensor,
-    phis: Sequence[Phi],
-    patch_nums: Sequence[int],
-    num_steps: Optional[int] = None,
-) -> Optional[torch.Tensor]:
-    """Teacher-forcing input of VAR from ground-truth token maps ``idx_Bl`` (one (B, pn^2) tensor per scale).
-
-    Accumulates ``f_hat`` over scales 0..SN-2 at full resolution and, after each, area-downsamples it to the next
-    scale. Returns the concatenation (B, L - pn0^2, C) in float32, or None for a single-scale schedule.
-
-    ``num_steps`` (default SN - 1) stops after that many scales: the inputs of scales 1..num_steps, which need only
-    ``idx_Bl[:num_steps]`` (progressive training); None when it is 0.
-    """
-    _check_codebook(codebook_VC)
-    patch_nums = check_patch_nums(patch_nums)
-    SN = len(patch_nums)
-    _check_phis(phis, SN)
-    if num_steps is None:
-        num_steps = SN - 1
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 0 <= num_steps <= SN - 1:
-        raise ValueError(f"num_steps must be an int in [0, {SN - 1}], got {num_steps!r}")
-    if num_steps == 0:
-        return None
-    if len(idx_Bl) < num_steps:
-        raise ValueError(f"idx_Bl must hold at least {num_steps} scales, got {len(idx_Bl)}")
-    B = idx_Bl[0].shape[0]
-    C = codebook_VC.shape[1]
-    H = patch_nums[-1]
-    for si in range(num_steps):
-        if tuple(idx_Bl[si].shape) != (B, patch_nums[si] ** 2):
-            raise ValueError(f"idx_Bl[{si}] must have shape {(B, patch_nums[si] ** 2)}, got {tuple(idx_Bl[si].shape)}")
-        check_idx(idx_Bl[si], codebook_VC.shape[0], f"idx_Bl[{si}]")
-
-    f_hat = torch.zeros(B, C, H, H, dtype=torch.float32, device=codebook_VC.device)
-    steps = [_step_phi(phis, si, codebook_VC) for si in range(num_steps)]
-    if _add_scale_applies(f_hat, codebook_VC) and all(step is not None for step in steps):
-        next_scales = []
-        for si, (weight, bias, ratio) in enumerate(steps):
-            pn = patch_nums[si]
-            # the reference's transpose + reshape view is channels-last memory for pn > 1 (see _interpolates_...)
-            layout = torch.empty(B, pn * pn, C, device="meta").transpose(1, 2).reshape(B, C, pn, pn)
-            next_scales.append(torch.ops.varcore.add_scale_(
-                f_hat, idx_Bl[si], codebook_VC.detach(), weight, bias, ratio, patch_nums[si + 1], True,
-                _interpolates_channels_last(layout)))
-        return torch.cat(next_scales, dim=1)
-    next_scales = []
-    for si in range(num_steps):
-        pn = patch_nums[si]
-        # transpose + reshape is a view with the official memory layout (matters for bit-exact bicubic)
-        h_BChw = F.embedding(idx_Bl[si], codebook_VC).transpose(1, 2).reshape(B, C, pn, pn)
-        f_hat.add_(phis[si](F.interpolate(h_BChw, size=(H, H), mode="bicubic")))
-        pn_next = patch_nums[si + 1]
-        next_scales.append(F.interpolate(f_hat, size=(pn_next, pn_next), mode="area").view(B, C, -1).transpose(1, 2))
-    return torch.cat(next_scales, dim=1)
-
-
-def _embed_to_fhat_fused_applies(ms_h_BChw: Sequence[torch.Tensor], phis: Sequence[Phi],
-                                 patch_nums: Tuple[int, ...]) -> bool:
-    h0 = ms_h_BChw[0]
-    if not extension.use_kernel("upsample_sum", h0.device):
-        return False
-    shapes_ok = all(isinstance(h, torch.Tensor) and h.dtype == torch.float32 and h.device == h0.device
-                    and tuple(h.shape) == (*h0.shape[:2], pn, pn) for h, pn in zip(ms_h_BChw, patch_nums))
-    return shapes_ok and _fused_phis(phis, *ms_h_BChw) is not None
-
-
-def embed_to_fhat(
-    ms_h_BChw: Sequence[torch.Tensor],
-    phis: Sequence[Phi],
-    patch_nums: Sequence[int],
-    all_to_max_scale: bool = True,
-    last_one: bool = False,
-) -> Union[List[torch.Tensor], torch.Tensor]:
-    """Accumulate per-scale code embeddings ``ms_h_BChw`` (one (B, C, pn, pn) tensor per scale) into ``f_hat``.
-
-    Default (``all_to_max_scale``): every scale but the last is bicubic-upsampled to the largest size, passed through
-    its phi and added. Otherwise (experimental, as official; not what the model was trained with) ``f_hat`` starts at
-    the first scale, is bicubic-resized to each scale and phi(h) is added at native resolution.
-    Returns the list of partial sums (one per scale), or only the final ``f_hat`` when ``last_one``.
-    """
-    patch_nums = _check_embed_args(ms_h_BChw, phis, patch_nums)
-    if all_to_max_scale and last_one and _embed_to_fhat_fused_applies(ms_h_BChw, phis, patch_nums):
-        # the code maps become the rows of a table indexed by position, so upsample_sum's gather is the identity
-        B, C = ms_h_BChw[0].shape[:2]
-        table_VC = torch.cat([h.flatten(2).transpose(1, 2) for h in ms_h_BChw], dim=1).reshape(-1, C)
-        idx_BL = torch.arange(table_VC.shape[0], device=table_VC.device).view(B, -1)
-        return _fused_upsample_sum(idx_BL, table_VC, _fused_phis(phis, *ms_h_BChw), patch_nums)
-    return embed_to_fhat_ref(ms_h_BChw, phis, patch_nums, all_to_max_scale, last_one)
-
-
-def _check_embed_args(ms_h_BChw: Sequence[torch.Tensor], phis: Sequence[Phi], patch_nums: Sequence[int]):
-    patch_nums = check_patch_nums(patch_nums)
-    _check_phis(phis, len(patch_nums))
-    if len(ms_h_BChw) != len(patch_nums):
-        raise ValueError(f"ms_h_BChw must hold {len(patch_nums)} scales, got {len(ms_h_BChw)}")
-    return patch_nums
-
-
-def embed_to_fhat_ref(
-    ms_h_BChw: Sequence[torch.Tensor],
-    phis: Sequence[Phi],
-    patch_nums: Sequence[int],
-    all_to_max_scale: bool = True,
-    last_one: bool = False,
-) -> Union[List[torch.Tensor], torch.Tensor]:
-    """Reference of :func:`embed_to_fhat` (the official per-scale loop)."""
-    patch_nums = _check_embed_args(ms_h_BChw, phis, patch_nums)
-    SN = len(patch_nums)
-    B, C = ms_h_BChw[0].shape[:2]
-    out: List[torch.Tensor] = []
-    if all_to_max_scale:
-        H = patch_nums[-1]
-        f_hat = ms_h_BChw[0].new_zeros(B, C, H, H, dtype=torch.float32)
-        for si in range(SN):
-            h_BChw = ms_h_BChw[si]
-            if si < SN - 1:
-                h_BChw = F.interpolate(h_BChw, size=(H, H), mode="bicubic")
-            f_hat.add_(phis[si](h_BChw))
-            if not last_one:
-                out.append(f_hat.clone())
-    else:
-        pn0 = patch_nums[0]
-        f_hat = ms_h_BChw[0].new_zeros(B, C, pn0, pn0, dtype=torch.float32)
-        for si, pn in enumerate(patch_nums):
-            f_hat = F.interpolate(f_hat, size=(pn, pn), mode="bicubic")
-            f_hat.add_(phis[si](ms_h_BChw[si]))
-            if not last_one:
-                out.append(f_hat)
-    return f_hat if last_one else out
-
-
 def _check_step_args(si, patch_nums) -> Tuple[int, ...]:
     patch_nums = check_patch_nums(patch_nums)
     if isinstance(si, bool) or not isinstance(si, int) or not 0 <= si < len(patch_nums):
@@ -560,14 +437,16 @@ def add_scale_(
     h_BChw: torch.Tensor,
     phis: Sequence[Phi],
     patch_nums: Sequence[int],
+    rows: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One decode step (the official ``get_next_autoregressive_input``): add scale ``si``'s code map ``h_BChw``
     to ``f_hat_BChw`` in place.
 
     Before the last scale ``h`` is bicubic-upsampled first and then passed through phi (that order matters), and
-    the second return value is ``f_hat`` area-downsampled to the next scale. At the last scale ``h`` is added at its
-    own size and ``f_hat`` is returned twice. One fused call (``torch.ops.varcore.add_scale_``) in float32 when
-    ``phis`` is a :class:`PhiTable`; otherwise :func:`add_scale_ref`.
+    the second return value is ``f_hat`` area-downsampled to the next scale: (B, C, pn, pn), or with ``rows`` the
+    token rows (B, pn^2, C) that VAR takes as input. At the last scale ``h`` is added at its own size and ``f_hat``
+    is returned twice. One fused call (``torch.ops.varcore.add_scale_``) in float32 when ``phis`` is a
+    :class:`PhiTable`; otherwise :func:`add_scale_ref`.
     """
     patch_nums = _check_step_args(si, patch_nums)
     SN = len(patch_nums)
@@ -585,10 +464,10 @@ def add_scale_(
         weight, bias, ratio = step
         last = si == SN - 1
         next_BChw = torch.ops.varcore.add_scale_(f_hat_BChw, idx_BL, table_VC, weight, bias, ratio,
-                                                 0 if last else patch_nums[si + 1], False,
+                                                 0 if last else patch_nums[si + 1], bool(rows),
                                                  _interpolates_channels_last(h_BChw))
         return f_hat_BChw, f_hat_BChw if last else next_BChw
-    return add_scale_ref(si, f_hat_BChw, h_BChw, phis, patch_nums)
+    return add_scale_ref(si, f_hat_BChw, h_BChw, phis, patch_nums, rows)
 
 
 def add_scale_ref(
@@ -597,6 +476,7 @@ def add_scale_ref(
     h_BChw: torch.Tensor,
     phis: Sequence[Phi],
     patch_nums: Sequence[int],
+    rows: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference of :func:`add_scale_` (the official step)."""
     patch_nums = _check_step_args(si, patch_nums)
@@ -606,6 +486,7 @@ def add_scale_ref(
     if si != SN - 1:
         f_hat_BChw.add_(phis[si](F.interpolate(h_BChw, size=(HW, HW), mode="bicubic")))
         pn_next = patch_nums[si + 1]
-        return f_hat_BChw, F.interpolate(f_hat_BChw, size=(pn_next, pn_next), mode="area")
+        next_BChw = F.interpolate(f_hat_BChw, size=(pn_next, pn_next), mode="area")
+        return f_hat_BChw, next_BChw.flatten(2).transpose(1, 2) if rows else next_BChw
     f_hat_BChw.add_(phis[si](h_BChw))
     return f_hat_BChw, f_hat_BChw
