@@ -5,7 +5,7 @@ import torch.nn as nn
 
 import varcore
 from varcore.models import PATCH_NUMS, VAR, VAR_CONFIGS, VQVAE, build_vae_var
-from varcore.models.basic_var import attention
+from varcore.models.basic_var import SelfAttention, attention
 from varcore.sampling.draw import gumbel_softmax_with_rng, sample_with_top_k_top_p_, top_k_top_p_filter_
 
 # spec/var.md 2.2: parameter counts in millions (two decimals), worked out from the official architecture
@@ -137,6 +137,29 @@ def test_kv_cache_matches_masked_forward():
         for block in var.blocks:
             block.attn.kv_caching(False)
     torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_official_cached_k_and_cached_v():
+    """The official kv_caching attributes: cached_k/v hold what was cached (B, H, l, c); assigning them (as
+    KV-pruning forks of the official code do) is what the next call attends over and appends to."""
+    torch.manual_seed(0)
+    attn = SelfAttention(block_idx=0, embed_dim=16, num_heads=2).eval()
+    x1, x4 = torch.randn(2, 1, 16), torch.randn(2, 4, 16)
+    assert attn.cached_k is None and attn.cached_v is None
+    with pytest.raises(ValueError, match="cached_k"):
+        attn.cached_k = torch.zeros(2, 2, 1, 8)
+    with torch.no_grad():
+        attn.kv_caching(True)
+        attn(x1, None)
+        first_k, first_v = attn.cached_k.clone(), attn.cached_v.clone()
+        out4 = attn(x4, None)
+        assert attn.cached_k.shape == attn.cached_v.shape == (2, 2, 5, 8)
+        attn.cached_k, attn.cached_v = first_k, first_v  # drop the 4 tokens again
+        assert torch.equal(attn(x4, None), out4) and attn.cached_k.shape[2] == 5
+        attn.cached_k, attn.cached_v = first_k[:, :, :0], first_v[:, :, :0]  # an empty cache
+        alone = attn(x4, None)
+        attn.kv_caching(False)
+        assert torch.equal(alone, attn(x4, None)) and attn.cached_k is None
 
 
 def test_attention_function_matches_manual_softmax():

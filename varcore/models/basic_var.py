@@ -180,6 +180,28 @@ class SelfAttention(nn.Module):
         """Switch the KV cache (:meth:`StaticKVCache.growing`) on or off; either way the cache is emptied."""
         self.caching, self.kv_cache = enable, StaticKVCache.growing() if enable else None
 
+    # the official attributes of the kv_caching path: the keys and values cached so far, (B, H, l, c) or None
+    @property
+    def cached_k(self) -> Optional[torch.Tensor]:
+        return None if self.kv_cache is None else self.kv_cache.k
+
+    @cached_k.setter
+    def cached_k(self, k_BHlc: Optional[torch.Tensor]) -> None:
+        self._growing_cache("cached_k").k = k_BHlc
+
+    @property
+    def cached_v(self) -> Optional[torch.Tensor]:
+        return None if self.kv_cache is None else self.kv_cache.v
+
+    @cached_v.setter
+    def cached_v(self, v_BHlc: Optional[torch.Tensor]) -> None:
+        self._growing_cache("cached_v").v = v_BHlc
+
+    def _growing_cache(self, name: str) -> StaticKVCache:
+        if self.kv_cache is None:
+            raise ValueError(f"{name} can be set only while kv_caching(True) is on")
+        return self.kv_cache
+
     def weights(self, dtype: Optional[torch.dtype] = None) -> tuple:
         """(qkv weight, qkv bias, proj weight, proj bias, L2-norm temperature or None) as :meth:`step` takes them:
         from the parameters, or (with ``dtype``) a detached copy, the first four in that dtype."""

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 __all__ = ["top_k_top_p_filter_", "top_k_top_p_filtering", "sample_with_top_k_top_p_", "gumbel_softmax_with_rng",
            "inverse_cdf_sample", "check_cfg", "check_top_k", "check_top_p", "check_number", "check_batch",
            "per_scale", "temper", "nonfinite_rows", "raise_if_nonfinite", "check_images_finite", "DRAWS",
-           "draw_llamagen", "guide_var", "guide_llamagen", "check_bool", "scale_options", "class_labels"]
+           "draw_llamagen", "guide_var", "guide_llamagen", "check_bool", "scale_options", "class_labels",
+           "label_tensor"]
 
 
 def check_cfg(cfg, name: str = "cfg") -> float:
@@ -300,6 +301,27 @@ def scale_options(SN: int, V: int, cfg, top_k, top_p, temperature, more_smooth, 
     return cfg, top_ks, top_ps, temps
 
 
+def label_tensor(labels, num_classes: int, device, name: str = "labels", null_class: bool = False) -> torch.Tensor:
+    """A non-empty (B,) long tensor of class labels on ``device`` from a 1-D integer tensor, a list of ints or one
+    int, each in [0, ``num_classes``) (or [0, ``num_classes``] with the ``null_class``); a ValueError or TypeError
+    naming ``name`` otherwise."""
+    if isinstance(labels, int) and not isinstance(labels, bool):
+        labels = [labels]
+    if isinstance(labels, (list, tuple)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+            raise TypeError(f"{name} must hold ints, got {labels!r}")
+        labels = torch.tensor(labels, dtype=torch.long)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, a list of ints or an int, got {type(labels).__name__}")
+    if labels.ndim != 1 or labels.numel() == 0 or labels.is_floating_point() or labels.dtype == torch.bool \
+            or labels.is_complex():
+        raise ValueError(f"{name} must be a non-empty 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
+    top = num_classes + 1 if null_class else num_classes
+    if labels.min() < 0 or labels.max() >= top:
+        raise ValueError(f"{name} values must be in [0, {top}), got {labels.tolist()}")
+    return labels.to(device=device, dtype=torch.long)
+
+
 def class_labels(B: int, label_B, num_classes: int, device, generators) -> torch.Tensor:
     """The (B,) long labels of a class-conditional call, from the official forms of ``label_B``: None draws them
     uniformly (one multinomial over the classes; with one generator per image, one draw from each), an int is one
@@ -317,12 +339,10 @@ def class_labels(B: int, label_B, num_classes: int, device, generators) -> torch
         return torch.full((B,), num_classes if label_B < 0 else label_B, device=device)
     if not isinstance(label_B, torch.Tensor):
         raise TypeError(f"label_B must be None, an int or a LongTensor, got {type(label_B).__name__}")
-    if tuple(label_B.shape) != (B,) or label_B.is_floating_point() or label_B.dtype == torch.bool:
+    if tuple(label_B.shape) != (B,):
         raise ValueError(f"label_B must be an integer tensor of shape ({B},), got {label_B.dtype} "
                          f"{tuple(label_B.shape)}")
-    if label_B.min() < 0 or label_B.max() > num_classes:
-        raise ValueError(f"label_B values must be in [0, {num_classes}], got {label_B.tolist()}")
-    return label_B.to(device=device, dtype=torch.long)
+    return label_tensor(label_B, num_classes, device, "label_B", null_class=True)
 
 
 def guide_var(cond: torch.Tensor, uncond: torch.Tensor, t: float) -> torch.Tensor:

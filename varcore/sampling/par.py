@@ -43,7 +43,7 @@ from tqdm import tqdm
 from varcore.models.gpt import Transformer, unwrap_compiled
 from varcore.ops.par_order import par_scatter
 from varcore.sampling.draw import (DRAWS, check_images_finite, check_number, draw_llamagen, guide_llamagen,
-                                   raise_if_nonfinite, top_k_top_p_filtering)
+                                   label_tensor, raise_if_nonfinite, top_k_top_p_filtering)
 
 __all__ = ["PARSampler", "generate", "top_k_top_p_filtering", "num_steps", "to_uint8", "check_num_tokens"]
 
@@ -109,20 +109,6 @@ class PARSampler:
     def steps(self) -> int:
         """Forward passes per call."""
         return num_steps(self.L, self.M)
-
-    def _labels(self, labels) -> torch.Tensor:
-        device = self.model.tok_embeddings.weight.device
-        if isinstance(labels, int) and not isinstance(labels, bool):
-            labels = [labels]
-        if isinstance(labels, (list, tuple)):
-            labels = torch.tensor(labels, device=device)
-        if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"labels must be a tensor, a list of ints or an int, got {type(labels).__name__}")
-        if labels.ndim != 1 or labels.numel() == 0 or labels.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"labels must be a non-empty 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
-        if int(labels.min()) < 0 or int(labels.max()) >= self.model.num_classes:
-            raise ValueError(f"labels must be in [0, {self.model.num_classes}), got {labels.tolist()}")
-        return labels.to(device=device, dtype=torch.long)
 
     def step_logits(self, h: torch.Tensor, start: int, cfg_scale: float, guided: bool) -> torch.Tensor:
         """Logits (B, n, V) of one step for the embeddings ``h`` at positions [start, start + n): rows [cond; uncond]
@@ -190,7 +176,7 @@ class PARSampler:
             raise ValueError(f"top_k must be an int in [0, V={model.vocab_size}] (0 disables it), got {top_k!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        labels = self._labels(labels)
+        labels = label_tensor(labels, model.num_classes, model.tok_embeddings.weight.device)
         B, cfg = labels.shape[0], cfg_scale > 1.0
         nonfinite = torch.zeros((), dtype=torch.bool, device=labels.device)  # set by any non-finite row
         draw = dict(temperature=temperature, top_k=top_k, top_p=top_p, sample_logits=sample_logits,
