@@ -276,13 +276,9 @@ class VectorQuantizer2(nn.Module):
             raise ValueError(f"gt_ms_idx_Bl must hold at least {num_steps} scales, got {len(gt_ms_idx_Bl)}")
         if num_steps == 0:
             return None
-        B, C, H = gt_ms_idx_Bl[0].shape[0], self.Cvae, patch_nums[-1]
-        for si in range(num_steps):
-            idx = gt_ms_idx_Bl[si]
-            if not isinstance(idx, torch.Tensor) or tuple(idx.shape) != (B, patch_nums[si] ** 2):
-                raise ValueError(f"gt_ms_idx_Bl[{si}] must have shape {(B, patch_nums[si] ** 2)}, got "
-                                 f"{tuple(getattr(idx, 'shape', ()))}")
-            quant_ops.check_idx(idx, self.vocab_size, f"gt_ms_idx_Bl[{si}]")
+        B = quant_ops.check_idx_pyramid(gt_ms_idx_Bl[:num_steps], self.vocab_size, patch_nums[:num_steps],
+                                        "gt_ms_idx_Bl")
+        C, H = self.Cvae, patch_nums[-1]
         phis = self.phis_for(SN)
         f_hat = torch.zeros(B, C, H, H, dtype=torch.float32, device=self.embedding.weight.device)
         next_scales = []

@@ -47,6 +47,7 @@ __all__ = [
     "add_scale_",
     "add_scale_ref",
     "upsample_sum_is_fused",
+    "check_idx_pyramid",
 ]
 
 
@@ -227,16 +228,19 @@ def _fused_phis(phis: Sequence[Phi], *tensors: torch.Tensor, needs_grad: bool = 
     return phis.detached()
 
 
-def _check_idx_pyramid(idx_Bl: Sequence[torch.Tensor], vocab_size: int, patch_nums: Tuple[int, ...]) -> int:
+def check_idx_pyramid(idx_Bl: Sequence[torch.Tensor], vocab_size: int, patch_nums: Tuple[int, ...],
+                      name: str = "idx_Bl") -> int:
+    """Check a token pyramid (one (B, pn^2) integer tensor per scale of ``patch_nums``, values in [0, vocab_size))
+    and return B; a TypeError or ValueError naming ``name`` otherwise."""
     if isinstance(idx_Bl, torch.Tensor) or not hasattr(idx_Bl, "__len__"):
-        raise TypeError(f"idx_Bl must be a list of (B, pn^2) tensors, got {type(idx_Bl).__name__}")
+        raise TypeError(f"{name} must be a list of (B, pn^2) tensors, got {type(idx_Bl).__name__}")
     if len(idx_Bl) != len(patch_nums):
-        raise ValueError(f"idx_Bl must hold {len(patch_nums)} scales, got {len(idx_Bl)}")
+        raise ValueError(f"{name} must hold {len(patch_nums)} scales, got {len(idx_Bl)}")
     B = idx_Bl[0].shape[0] if isinstance(idx_Bl[0], torch.Tensor) else None
     for si, (t, pn) in enumerate(zip(idx_Bl, patch_nums)):
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B, pn * pn):
-            raise ValueError(f"idx_Bl[{si}] must have shape {(B, pn * pn)}, got {tuple(getattr(t, 'shape', ()))}")
-        check_idx(t, vocab_size, f"idx_Bl[{si}]")
+            raise ValueError(f"{name}[{si}] must have shape {(B, pn * pn)}, got {tuple(getattr(t, 'shape', ()))}")
+        check_idx(t, vocab_size, f"{name}[{si}]")
     return B
 
 
@@ -247,7 +251,7 @@ def upsample_sum_ref(idx_Bl: Sequence[torch.Tensor], codebook_VC: torch.Tensor, 
     _check_codebook(codebook_VC)
     patch_nums = check_patch_nums(patch_nums)
     _check_phis(phis, len(patch_nums))
-    B = _check_idx_pyramid(idx_Bl, codebook_VC.shape[0], patch_nums)
+    B = check_idx_pyramid(idx_Bl, codebook_VC.shape[0], patch_nums)
     C, H = codebook_VC.shape[1], patch_nums[-1]
     f_hat = codebook_VC.new_zeros(B, C, H, H, dtype=torch.float32)
     for si, (t, pn) in enumerate(zip(idx_Bl, patch_nums)):
@@ -277,7 +281,7 @@ def upsample_sum(idx_Bl: Sequence[torch.Tensor], codebook_VC: torch.Tensor, phis
     _check_codebook(codebook_VC)
     patch_nums = check_patch_nums(patch_nums)
     _check_phis(phis, len(patch_nums))
-    _check_idx_pyramid(idx_Bl, codebook_VC.shape[0], patch_nums)
+    check_idx_pyramid(idx_Bl, codebook_VC.shape[0], patch_nums)
     if not upsample_sum_is_fused(codebook_VC, phis):
         return upsample_sum_ref(idx_Bl, codebook_VC, phis, patch_nums)
     affine = _fused_phis(phis, codebook_VC)
