@@ -7,7 +7,9 @@ Extensions:
 Environment switches:
   VARCORE_CUDA=auto|1|0  build the CUDA part when possible (auto, default), always (fail loudly), never.
   VARCORE_SIMT=0|1       build the emulation extension (off by default, on in CI).
-  TORCH_CUDA_ARCH_LIST   CUDA architectures; defaults to "8.0;9.0" (torch crashes when unset without a GPU).
+  TORCH_CUDA_ARCH_LIST   CUDA architectures; defaults to "8.0;9.0+PTX" (Ampere, Hopper, and PTX that the driver
+                         compiles for newer GPUs), plus "10.0;12.0" (Blackwell) with a toolkit that knows them
+                         (CUDA >= 12.8). Set it to one architecture ("9.0") for a faster build for one GPU.
   CUDA_HOME              toolkit root; found from nvcc / the usual locations when unset.
   MAX_JOBS               parallel compile jobs; defaults to the number of CPUs.
   VARCORE_DEBUG=1        -O0 -g.
@@ -68,7 +70,28 @@ if MODE != "0" and "CUDA_HOME" not in os.environ:
     found = _find_cuda_home()
     if found:
         os.environ["CUDA_HOME"] = found  # must be set before torch.utils.cpp_extension is imported
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+def _nvcc_version(cuda_home):
+    """(major, minor) of the toolkit's nvcc, or None."""
+    import re
+    import subprocess
+
+    nvcc = os.path.join(cuda_home or "", "bin", "nvcc")
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _default_archs(cuda_home):
+    archs = "8.0;9.0+PTX"
+    version = _nvcc_version(cuda_home)
+    return archs + ";10.0;12.0" if version and version >= (12, 8) else archs
+
+
+if "TORCH_CUDA_ARCH_LIST" not in os.environ:  # torch crashes when it is unset without a GPU
+    os.environ["TORCH_CUDA_ARCH_LIST"] = _default_archs(os.environ.get("CUDA_HOME")) if MODE != "0" else "8.0"
 os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
 
 import torch  # noqa: E402

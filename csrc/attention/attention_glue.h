@@ -55,10 +55,12 @@ inline at::ScalarType acc_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// float64: the backend accepts float64 inputs (the CPU kernels, for gradcheck).
+// cpu: the CPU kernels, which accept float64 inputs (for gradcheck) and whose visible_end values are checked
+// here; the CUDA kernels check each value where they read it (reading them here would synchronise the device).
 inline Inputs check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const at::Tensor& visible_end, double scale, std::string_view layout, bool float64,
+                           const at::Tensor& visible_end, double scale, std::string_view layout, bool cpu,
                            const char* op) {
+  const bool float64 = cpu;
   const bool blhd = parse_layout(layout, op);
   const char* shape = blhd ? "(B, L, H, D)" : "(B, H, L, D)";
   for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
@@ -89,7 +91,7 @@ inline Inputs check_inputs(const at::Tensor& q, const at::Tensor& k, const at::T
                     ": visible_end must have shape (Lq,) = (", Lq, ",), got ", visible_end.sizes());
   TORCH_CHECK_VALUE(visible_end.device() == q.device(), op, ": visible_end is on ", visible_end.device(),
                     " but q on ", q.device());
-  if (Lq > 0) {
+  if (cpu && Lq > 0) {
     const auto [lo, hi] = at::aminmax(visible_end);
     const int64_t min_end = lo.item<int64_t>(), max_end = hi.item<int64_t>();
     TORCH_CHECK_VALUE(min_end >= 0 && max_end <= Lk, op, ": visible_end values must be in [0, Lk] = [0, ", Lk,

@@ -199,6 +199,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardParams p, Tile
   const int D = static_cast<int>(p.D), dp = t.dp;
   for (int r = threadIdx.x; r < t.bq; r += blockDim.x) {
     ends[r] = r < rows ? p.visible_end[q0 + r] : 0;
+    VC_DEVICE_CHECK(ends[r] >= 0 && ends[r] <= p.Lk,  // the glue does not read it on a GPU
+                    "block_causal_attention: visible_end values must be in [0, Lk]");
     ms[r] = -INFINITY;
     ls[r] = 0.0f;
   }
@@ -279,6 +281,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardParams p, Ti
     int sees = 0;
     for (int r = threadIdx.x; r < t.bq; r += blockDim.x) {
       ends[r] = r < rows ? p.visible_end[q0 + r] : 0;
+      VC_DEVICE_CHECK(ends[r] >= 0 && ends[r] <= p.Lk,
+                      "block_causal_attention: visible_end values must be in [0, Lk]");
       lse2[r] = r < rows ? lse[q0 + r] * kLog2e : 0.0f;
       delta[r] = r < rows ? dlt[q0 + r] : 0.0f;
       sees |= ends[r] > k0;

@@ -10,12 +10,20 @@
 //   VC_CHECK_CUDA(call)                throws std::runtime_error naming the call if a runtime API call (such as
 //                                      cudaFuncSetAttribute) fails, after clearing the error it left behind
 //   VC_DYNAMIC_SHARED(T, name)         declares `T* const name` pointing at the block's dynamic shared memory
+//   VC_DEVICE_CHECK(cond, msg)         inside a kernel, a check of an input's values that the host glue does not
+//                                      read (reading them would synchronise the device): a device-side trap on a
+//                                      GPU (reported by the next synchronisation, as torch's own index checks are),
+//                                      a ValueError under the emulation (thrown by the launch on the calling thread)
 //   VC_HOST_DEVICE, VC_DEVICE_INLINE   __host__ __device__, __device__ __forceinline__
 #pragma once
 
 #ifdef VARCORE_SIMT
+#include <c10/util/Exception.h>
+
 #include "../simt/simt.h"
 #else
+#include <cstdio>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -31,6 +39,10 @@
 #define VC_LAUNCH(kernel, grid, block, smem_bytes, stream, ...) \
   ::varcore::simt::launch(kernel, grid, block, smem_bytes, stream)(__VA_ARGS__)
 #define VC_DYNAMIC_SHARED(T, name) T* const name = static_cast<T*>(::varcore::simt::dynamic_shared())
+#define VC_DEVICE_CHECK(cond, msg) \
+  do {                             \
+    if (!(cond)) TORCH_CHECK_VALUE(false, msg); \
+  } while (0)
 #else
 #define VC_LAUNCH(kernel, grid, block, smem_bytes, stream, ...) \
   kernel<<<grid, block, smem_bytes, stream>>>(__VA_ARGS__)
@@ -39,6 +51,13 @@
 #define VC_DYNAMIC_SHARED(T, name)                                  \
   extern __shared__ __align__(16) unsigned char vc_dynamic_smem_[]; \
   T* const name = reinterpret_cast<T*>(vc_dynamic_smem_)
+#define VC_DEVICE_CHECK(cond, msg)    \
+  do {                                \
+    if (!(cond)) {                    \
+      printf("varcore: %s\n", msg);   \
+      __trap();                       \
+    }                                 \
+  } while (0)
 #endif
 
 namespace varcore::detail {

@@ -73,8 +73,10 @@ at::Tensor nearest_code(const at::Tensor& z, const at::Tensor& codebook, bool us
   return idx;
 }
 
+// read_values: check idx's values here (the CPU); the CUDA kernels check each token where they read it, since
+// reading values on the host would synchronise the device.
 inline void check_upsample_sum_args(const at::Tensor& idx, const at::Tensor& table, at::IntArrayRef patch_nums,
-                                    at::IntArrayRef groups, const char* op = "upsample_sum") {
+                                    at::IntArrayRef groups, bool read_values, const char* op = "upsample_sum") {
   TORCH_CHECK_VALUE(idx.dim() == 2, op, ": idx must be (B, L), got shape ", idx.sizes());
   TORCH_CHECK_TYPE(idx.scalar_type() == at::kLong, op, ": idx must be int64, got ", idx.scalar_type());
   TORCH_CHECK_VALUE(table.dim() == 2 && table.size(0) >= 1 && table.size(1) >= 1, op,
@@ -95,7 +97,7 @@ inline void check_upsample_sum_args(const at::Tensor& idx, const at::Tensor& tab
     L += patch_nums[si] * patch_nums[si];
   }
   TORCH_CHECK_VALUE(idx.size(1) == L, op, ": idx must hold sum(pn^2) = ", L, " tokens per row, got ", idx.size(1));
-  if (idx.numel() > 0) {
+  if (read_values && idx.numel() > 0) {
     const auto [lo, hi] = at::aminmax(idx);
     TORCH_CHECK_VALUE(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < table.size(0), op, ": idx values must be in [0, ",
                       table.size(0), "), got [", lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
@@ -107,7 +109,7 @@ inline void check_upsample_sum_args(const at::Tensor& idx, const at::Tensor& tab
 template <class Backend>
 at::Tensor upsample_sum(const at::Tensor& idx, const at::Tensor& table, at::IntArrayRef patch_nums,
                         at::IntArrayRef groups) {
-  check_upsample_sum_args(idx, table, patch_nums, groups);
+  check_upsample_sum_args(idx, table, patch_nums, groups, !Backend::kCudaKernels);
   const at::Tensor tokens = idx.contiguous(), rows = table.contiguous();
   UpsampleSumParams p;
   p.B = tokens.size(0);
@@ -284,7 +286,7 @@ at::Tensor add_scale_(at::Tensor& f_hat, const at::Tensor& idx, const at::Tensor
     biases.push_back(*phi_bias);
   }
   check_msrq_args(f_hat, table, weights, biases, at::IntArrayRef{0}, at::IntArrayRef{H}, kNearestMaxC<Backend>, op);
-  check_upsample_sum_args(idx, table, at::IntArrayRef{pn}, at::IntArrayRef{0}, op);
+  check_upsample_sum_args(idx, table, at::IntArrayRef{pn}, at::IntArrayRef{0}, !Backend::kCudaKernels, op);
   const at::Tensor tokens = idx.contiguous(), codes = table.contiguous();
   f_hat.add_(
       apply_phi(upsample_codes<Backend>(tokens, codes, pn, H, channels_last), weights, biases, 0, resi_ratio));

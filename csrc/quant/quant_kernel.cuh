@@ -77,12 +77,17 @@ __global__ void upsample_sum_kernel(UpsampleSumParams p) {
     const int64_t c = gc % p.C, g = gc / p.C, b = i / (HH * KC);
     const int y = int(t / p.H), x = int(t % p.H);
     float sum = 0.0f;
+    // the glue does not read idx on a GPU: each token is checked where it is read
+    auto code = [&](int64_t token) {
+      VC_DEVICE_CHECK(token >= 0 && token < p.V, "idx values must be in [0, V), V = the codebook's rows");
+      return p.table[token * p.C + c];
+    };
     for (int si = 0; si < p.scales; ++si) {
       if (p.group[si] != g) continue;
       const int pn = p.pn[si];
       const int64_t* tokens = p.idx + b * p.L + p.offset[si];
       if (pn == p.H) {  // same size: bicubic is the identity
-        sum += p.table[tokens[y * p.H + x] * p.C + c];
+        sum += code(tokens[y * p.H + x]);
         continue;
       }
       int ix[4], iy[4];
@@ -90,7 +95,7 @@ __global__ void upsample_sum_kernel(UpsampleSumParams p) {
       bicubic_taps(x, pn, int(p.H), ix, wx);
       bicubic_taps(y, pn, int(p.H), iy, wy);
       for (int k = 0; k < 4; ++k) {
-        for (int j = 0; j < 4; ++j) taps[j] = p.table[tokens[iy[k] * pn + ix[j]] * p.C + c];
+        for (int j = 0; j < 4; ++j) taps[j] = code(tokens[iy[k] * pn + ix[j]]);
         rows[k] = cubic_sum(taps, wx);
       }
       sum += cubic_sum(rows, wy);

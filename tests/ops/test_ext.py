@@ -66,3 +66,51 @@ def test_import_without_compiled_part_warns_once_and_works():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("ok")
+
+
+# ---------------------------------------------------------------------------------------------- CUDA images
+AMPERE_HOPPER_PTX = [(8, 0, False), (9, 0, True)]
+
+
+def test_image_runs_on_follows_cuda_compatibility():
+    """Machine code runs within its major version at equal or higher minor; PTX on any newer GPU."""
+    from varcore.ops.extension import image_runs_on
+
+    cases = {(7, 5): False, (8, 0): True, (8, 6): True, (8, 9): True, (9, 0): True, (10, 0): True, (12, 0): True}
+    for capability, fits in cases.items():
+        assert image_runs_on(AMPERE_HOPPER_PTX, capability) is fits, capability
+    no_ptx = [(8, 0, False), (9, 0, False)]
+    assert not image_runs_on(no_ptx, (10, 0)) and not image_runs_on(no_ptx, (12, 0))
+    assert not image_runs_on([(8, 6, False)], (8, 0))  # sm_86 code does not run on an sm_80 GPU
+    assert image_runs_on([(12, 0, False)], (12, 1)) and not image_runs_on([(10, 0, False)], (12, 0))
+
+
+def test_compiled_cuda_archs_parse_the_build_record(monkeypatch):
+    from varcore.ops import extension
+
+    monkeypatch.setattr(extension, "LIBRARY", type("Lib", (), {"CUDA_ARCHS": "sm80_sm90ptx_sm100_sm120"}))
+    assert extension.compiled_cuda_archs() == [(8, 0, False), (9, 0, True), (10, 0, False), (12, 0, False)]
+
+
+def test_gpu_without_an_image_falls_back_with_one_warning(monkeypatch):
+    """A GPU the build has no code for gets the reference path and one warning, not a "no kernel image" error."""
+    import warnings
+
+    from varcore.ops import extension
+
+    require_compiled()
+    monkeypatch.setattr(extension, "OPS", {"par_gather": frozenset({"cpu", "cuda"})})
+    monkeypatch.setattr(extension, "compiled_cuda_archs", lambda: [(8, 0, False), (9, 0, False)])
+    monkeypatch.setattr(extension, "_CUDA_IMAGE_FITS", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (12, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "a Blackwell GPU")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert not extension.use_kernel("par_gather", torch.device("cuda", 0))
+    assert len(caught) == 1 and "sm_120" in str(caught[0].message) and "TORCH_CUDA_ARCH_LIST=12.0" in str(
+        caught[0].message)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    assert extension.use_kernel("par_gather", torch.device("cuda", 1))
+    assert extension.use_kernel("par_gather", torch.device("cpu"))

@@ -258,6 +258,8 @@ def test_upsample_sum_rejects_bad_input(backend, make, exc, msg, poke):
     idx, patch_nums, groups = make()
     if poke:
         poke(idx)
+    if backend == "simt" and "values must be in" in msg:  # the CUDA kernels check each token where they read it
+        msg = "idx values must be in [0, V), V = the codebook's rows"
     with pytest.raises(exc, match=re.escape(msg)):
         ops.usum(idx, torch.zeros(4, 3), patch_nums, groups)
     with pytest.raises(TypeError, match="codebook must be float32"):
@@ -287,14 +289,17 @@ def _quantizer(share, quant_resi=0.5, patch_nums=(1, 2, 3, 5), V=40, C=6, seed=0
 def test_fused_decode_matches_reference(share, quant_resi, patch_nums):
     require_compiled()
     vq = _quantizer(share, quant_resi, patch_nums)
-    idx_Bl = [torch.randint(0, 40, (3, pn * pn)) for pn in patch_nums]
+    gen = torch.Generator().manual_seed(len(patch_nums) + share)
+    idx_Bl = [torch.randint(0, 40, (3, pn * pn), generator=gen) for pn in patch_nums]
     phis = vq.phis_for(len(patch_nums))
     expected = q.upsample_sum_ref(idx_Bl, vq.embedding.weight, phis, patch_nums)
-    torch.testing.assert_close(vq.idxBl_to_fhat(idx_Bl), expected, atol=1e-5, rtol=1e-5)
+    # a sum over up to 10 scales in another order: float32 rounding relative to the sum's magnitude
+    tol = dict(atol=4e-6 * float(expected.abs().max()), rtol=1e-5)
+    torch.testing.assert_close(vq.idxBl_to_fhat(idx_Bl), expected, **tol)
     hs = [vq.embedding(t).transpose(1, 2).reshape(3, 6, pn, pn) for t, pn in zip(idx_Bl, patch_nums)]
-    torch.testing.assert_close(vq.embed_to_fhat(hs, last_one=True), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vq.embed_to_fhat(hs, last_one=True), expected, **tol)
     # the partial sums (last_one=False) stay on the reference, and end at the same value
-    torch.testing.assert_close(vq.embed_to_fhat(hs)[-1], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vq.embed_to_fhat(hs)[-1], expected, **tol)
 
 
 def test_fused_decode_uses_the_kernel_once(monkeypatch):
@@ -511,6 +516,8 @@ def test_add_scale_rejects_bad_input(backend, change, exc, msg):
     args = dict(f_hat=torch.zeros(2, 4, 5, 5), idx=torch.zeros(2, 4, dtype=torch.long), codebook=torch.zeros(7, 4),
                 weight=torch.zeros(4, 4, 3, 3), bias=torch.zeros(4), ratio=0.5, next_pn=3)
     args.update(change)
+    if backend == "simt" and "values must be in" in msg:  # the CUDA kernels check each token where they read it
+        msg = "idx values must be in [0, V), V = the codebook's rows"
     snapshot = args["f_hat"].clone()
     with pytest.raises(exc, match=re.escape(msg)):
         op(*args.values(), True, False)

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from varcore.ops.quant import check_patch_nums
+from varcore.ops.value_checks import check_range
 
 from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn
 from .vqvae import VQVAE
@@ -190,8 +191,7 @@ class VAR(nn.Module):
                 or label_B.is_floating_point() or label_B.dtype == torch.bool:
             raise ValueError(f"label_B must be an integer tensor of shape ({B},), "
                              f"got {getattr(label_B, 'dtype', type(label_B))} {tuple(getattr(label_B, 'shape', ()))}")
-        if B and not label_B.is_meta and (label_B.min() < 0 or label_B.max() > self.num_classes):
-            raise ValueError(f"label_B values must be in [0, {self.num_classes}]")
+        check_range(label_B, 0, self.num_classes + 1, "label_B")
         if mask_l is None:
             mask_l = ed
         if isinstance(mask_l, bool) or not isinstance(mask_l, int) or not self.first_l <= mask_l <= self.L:

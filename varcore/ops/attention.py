@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from varcore.ops import extension
+from varcore.ops.value_checks import check_range
 
 __all__ = [
     "block_causal_attention", "block_causal_attention_ref", "block_causal_attention_backward_ref",
@@ -146,11 +147,7 @@ def _check_inputs(q, k, v, visible_end, scale, layout, op="block_causal_attentio
         raise ValueError(f"{op}: visible_end must have shape (Lq,) = ({Lq},), got {tuple(visible_end.shape)}")
     if visible_end.device != q.device:
         raise ValueError(f"{op}: visible_end is on {visible_end.device} but q on {q.device}")
-    # Reading the values breaks a compiled graph; the compiled op checks them again anyway.
-    if Lq and not torch.compiler.is_compiling() and visible_end.device.type != "meta":
-        lo, hi = int(visible_end.min()), int(visible_end.max())
-        if lo < 0 or hi > Lk:
-            raise ValueError(f"{op}: visible_end values must be in [0, Lk] = [0, {Lk}], got min {lo}, max {hi}")
+    check_range(visible_end, 0, Lk + 1, f"{op}: visible_end", f"[0, Lk] = [0, {Lk}]")
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):

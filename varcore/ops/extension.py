@@ -60,8 +60,51 @@ def _has_kernel(op: str, device_type: str) -> bool:
 
 
 def use_kernel(op: str, device: torch.device) -> bool:
-    """Whether ``torch.ops.varcore.<op>`` runs a compiled kernel on ``device`` (else the reference is used)."""
-    return device.type in OPS[op] and not force_reference()
+    """Whether ``torch.ops.varcore.<op>`` runs a compiled kernel on ``device`` (else the reference is used): the
+    op has a kernel for the device type and, on a GPU, the build holds an image the GPU can run."""
+    if device.type not in OPS[op] or force_reference():
+        return False
+    return device.type != "cuda" or cuda_image_fits(device)
+
+
+def compiled_cuda_archs() -> list[tuple[int, int, bool]]:
+    """The CUDA architectures of the build as (major, minor, with PTX), e.g. [(8, 0, False), (9, 0, True)]."""
+    archs = getattr(LIBRARY, "CUDA_ARCHS", "") if LIBRARY is not None else ""
+    out = []
+    for token in filter(None, archs.split("_")):  # "sm80", "sm90ptx"
+        digits = token[2:].removesuffix("ptx")
+        out.append((int(digits[:-1]), int(digits[-1]), token.endswith("ptx")))
+    return out
+
+
+def image_runs_on(archs: list[tuple[int, int, bool]], capability: tuple[int, int]) -> bool:
+    """Whether a build for ``archs`` has code for a GPU of compute ``capability``: machine code for sm_XY runs on
+    X.y with y >= Y (same major), PTX for compute_XY is compiled by the driver for any capability >= X.Y."""
+    return any((capability[0] == major and capability[1] >= minor) or (ptx and capability >= (major, minor))
+               for major, minor, ptx in archs)
+
+
+_CUDA_IMAGE_FITS: dict[int, bool] = {}
+
+
+def cuda_image_fits(device: torch.device) -> bool:
+    """Whether the build can run on CUDA ``device`` (decided once per GPU; a GPU it cannot run on gets one
+    warning and the standard PyTorch path for every op, instead of a "no kernel image" error)."""
+    if not torch.cuda.is_available():  # no GPU to ask (info() on a machine without one): the build decides
+        return True
+    index = torch.cuda.current_device() if device.index is None else device.index
+    fits = _CUDA_IMAGE_FITS.get(index)
+    if fits is None:
+        archs, capability = compiled_cuda_archs(), torch.cuda.get_device_capability(index)
+        fits = _CUDA_IMAGE_FITS[index] = not archs or image_runs_on(archs, capability)
+        if not fits:
+            built = ", ".join(f"sm_{a}{b}" + (" (+PTX)" if ptx else "") for a, b, ptx in archs)
+            warnings.warn(f"varcore: the CUDA kernels were built for {built}, which cannot run on this "
+                          f"sm_{capability[0]}{capability[1]} GPU ({torch.cuda.get_device_name(index)}): its ops "
+                          f"run on the standard PyTorch path. Rebuild for it with TORCH_CUDA_ARCH_LIST="
+                          f"{capability[0]}.{capability[1]} pip install --no-build-isolation .",
+                          RuntimeWarning, stacklevel=3)
+    return fits
 
 
 def _simt_status() -> str:

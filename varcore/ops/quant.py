@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from varcore.ops import extension
+from varcore.ops.value_checks import check_range
 
 Phi = Callable[[torch.Tensor], torch.Tensor]
 PatchNum = Union[int, Tuple[int, int]]
@@ -74,8 +75,7 @@ def check_idx(idx: torch.Tensor, vocab_size: int, name: str) -> None:
     """Raise a ValueError naming ``name`` unless ``idx`` is an integer tensor with values in [0, vocab_size)."""
     if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor, got {getattr(idx, 'dtype', type(idx).__name__)}")
-    if idx.numel() and not idx.is_meta and (idx.min() < 0 or idx.max() >= vocab_size):
-        raise ValueError(f"{name} values must be in [0, {vocab_size}), got [{idx.min().item()}, {idx.max().item()}]")
+    check_range(idx, 0, vocab_size, name)
 
 
 def _to_patch_hws(patch_nums: Sequence[PatchNum]) -> List[Tuple[int, int]]:

@@ -10,6 +10,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from varcore.ops.value_checks import check_range
+
 __all__ = ["top_k_top_p_filter_", "top_k_top_p_filtering", "sample_with_top_k_top_p_", "gumbel_softmax_with_rng",
            "inverse_cdf_sample", "check_cfg", "check_top_k", "check_top_p", "check_number", "check_batch",
            "per_scale", "temper", "nonfinite_rows", "raise_if_nonfinite", "check_images_finite", "DRAWS",
@@ -226,23 +228,30 @@ def gumbel_softmax_with_rng(logits: torch.Tensor, tau: float = 1.0, hard: bool =
     return y_hard - y_soft.detach() + y_soft
 
 
-def inverse_cdf_sample(weights_NV: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def inverse_cdf_sample(weights_NV: torch.Tensor, generator: Optional[torch.Generator] = None,
+                       nonfinite: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One draw per row of ``weights_NV`` (N, V) (non-negative, need not sum to 1): (N, 1) int64 indices.
 
     Same distribution as ``torch.multinomial(weights_NV, 1)`` but a different use of the generator: one uniform
     float64 per row, inverted through the row's float64 cumulative sum. ``multinomial`` draws one exponential per
     entry (argmax of p / Exp(1)), which on a CPU costs far more than the rest of a few-row decoding step's draw.
+
+    A row that is not finite, has a negative weight or is all zero raises a ValueError, or, with ``nonfinite`` (a
+    bool scalar tensor), is or-ed into that flag on the device (no host read; its draw is some index in [0, V)).
     """
     if weights_NV.ndim != 2 or weights_NV.shape[-1] == 0:
         raise ValueError(f"weights_NV must be (N, V) with V > 0, got {tuple(weights_NV.shape)}")
     cdf_NV = weights_NV.to(torch.float64).cumsum(dim=-1)
     total_N1 = cdf_NV[:, -1:]
-    if not (torch.isfinite(total_N1).all() and (total_N1 > 0).all() and (weights_NV >= 0).all()):
+    bad = ~(torch.isfinite(total_N1).all() & (total_N1 > 0).all() & (weights_NV >= 0).all())
+    if nonfinite is not None:
+        nonfinite.logical_or_(bad)
+    elif bool(bad):
         raise ValueError("weights_NV rows must be finite, non-negative and not all zero (a diverged model?)")
     u_N1 = torch.rand(total_N1.shape, dtype=torch.float64, device=weights_NV.device, generator=generator) * total_N1
     # u < total strictly (the product can round up to it), so the first CDF entry above u has positive weight
     u_N1 = torch.minimum(u_N1, torch.nextafter(total_N1, torch.zeros_like(total_N1)))
-    return torch.searchsorted(cdf_NV, u_N1, right=True)
+    return torch.searchsorted(cdf_NV, u_N1, right=True).clamp_(max=weights_NV.shape[-1] - 1)
 
 
 DRAWS = ("multinomial", "inverse_cdf")
@@ -276,7 +285,7 @@ def draw_llamagen(logits_BnV: torch.Tensor, temperature: float = 1.0, top_k: int
     if not sample_logits:
         idx = torch.topk(probs, k=1, dim=-1)[1]
     elif method == "inverse_cdf":
-        idx = inverse_cdf_sample(probs, generator=generator)
+        idx = inverse_cdf_sample(probs, generator=generator, nonfinite=nonfinite)
     else:
         idx = torch.multinomial(probs, num_samples=1, generator=generator)
     return idx.view(B, n)
@@ -317,9 +326,9 @@ def label_tensor(labels, num_classes: int, device, name: str = "labels", null_cl
             or labels.is_complex():
         raise ValueError(f"{name} must be a non-empty 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
     top = num_classes + 1 if null_class else num_classes
-    if labels.min() < 0 or labels.max() >= top:
-        raise ValueError(f"{name} values must be in [0, {top}), got {labels.tolist()}")
-    return labels.to(device=device, dtype=torch.long)
+    labels = labels.to(device=device, dtype=torch.long)
+    check_range(labels, 0, top, name)
+    return labels
 
 
 def class_labels(B: int, label_B, num_classes: int, device, generators) -> torch.Tensor:

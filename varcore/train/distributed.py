@@ -105,12 +105,13 @@ def make_loader(dataset: Dataset, global_batch: int, env: DistEnv, workers: int 
                       num_workers=workers, persistent_workers=workers > 0)
 
 
-def mean_over_ranks(metrics: Dict[str, float], device: torch.device) -> Dict[str, float]:
-    """Each value averaged over the ranks (one all-reduce); unchanged without a process group."""
+def mean_over_ranks(metrics: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
+    """Each value (a number or a 0-dim tensor) averaged over the ranks, as 0-dim float64 tensors on ``device``: one
+    all-reduce and no host synchronisation. Unchanged without a process group."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return metrics
     keys = sorted(metrics)
-    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
+    t = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64, device=device).reshape(()) for k in keys])
     dist.all_reduce(t)
     t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
+    return dict(zip(keys, t.unbind()))

@@ -28,11 +28,12 @@ from varcore.ops.par_order import par_gather
 from varcore.ops.quant import check_idx
 from varcore.train import distributed as _distributed
 from varcore.train.data import TokenPyramids
-from varcore.train.losses import token_accuracy
+from varcore.train.losses import token_accuracy, token_accuracy_tensor
 from varcore.train.schedule import SCHEDULES
 from varcore.train.var_trainer import (
     AMP_DTYPES, TrainConfig, check_distributed, is_writer, reseed_per_rank, apply_schedule,
-    backward_and_step, checked_iteration, make_optimizer, read_checkpoint, run_steps,
+    backward_and_step, checked_iteration, host_metrics, make_optimizer, raise_if_loss_nonfinite, read_checkpoint,
+    run_steps,
 )
 
 __all__ = ["GPTTrainer", "train", "to_par_order", "main"]
@@ -83,17 +84,23 @@ class GPTTrainer:
 
     def train_step(self, labels: torch.Tensor, codes: torch.Tensor) -> Dict[str, float]:
         """One optimisation step on raster ``codes`` (B, G, G) or (B, G*G); returns loss, accuracy (%), gradient
-        norm and lr."""
+        norm and lr. A non-finite loss raises a FloatingPointError, the weights unchanged."""
+        metrics = host_metrics(self.step(labels, codes))
+        raise_if_loss_nonfinite(metrics["loss"], skipped=True)
+        return metrics
+
+    def step(self, labels: torch.Tensor, codes: torch.Tensor) -> Dict:
+        """:meth:`train_step` without a host synchronisation on an accelerator (see :meth:`VARTrainer.step`)."""
         lr = self._apply_schedule()
         self.model.train()
         logits, loss, z = self._loss(labels, codes, self.net)
         grad_norm = backward_and_step(loss, self.model.parameters(), self.optimizer, self.scaler,
                                       self.config.grad_clip)
         self.it += 1
-        metrics = {"loss": loss.item(), "acc": token_accuracy(logits, z)}
+        metrics = {"loss": loss.detach(), "acc": token_accuracy_tensor(logits, z)}
         if self.distributed:
             metrics = _distributed.mean_over_ranks(metrics, self.device)
-        return {**metrics, "grad_norm": grad_norm.item(), "lr": lr}
+        return {**metrics, "grad_norm": grad_norm, "lr": lr}
 
     @torch.no_grad()
     def eval_step(self, labels: torch.Tensor, codes: torch.Tensor) -> Dict[str, float]:

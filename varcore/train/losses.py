@@ -4,7 +4,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["scale_token_weights", "var_loss", "token_accuracy"]
+__all__ = ["scale_token_weights", "var_loss", "token_accuracy", "token_accuracy_tensor"]
 
 
 def scale_token_weights(patch_nums: Sequence[int], scale_weights: Optional[Sequence[float]] = None,
@@ -45,6 +45,12 @@ def var_loss(logits_BLV: torch.Tensor, gt_BL: torch.Tensor, token_weight_1L: tor
 
 
 @torch.no_grad()
+def token_accuracy_tensor(logits_BLV: torch.Tensor, gt_BL: torch.Tensor) -> torch.Tensor:
+    """Fraction of tokens whose argmax logit is the ground truth, in percent: a 0-dim float32 tensor on the logits'
+    device (nothing is read on the host)."""
+    return (logits_BLV.argmax(dim=-1) == gt_BL).float().mean() * 100
+
+
 def token_accuracy(logits_BLV: torch.Tensor, gt_BL: torch.Tensor) -> float:
-    """Fraction of tokens whose argmax logit is the ground truth, in percent."""
-    return (logits_BLV.argmax(dim=-1) == gt_BL).float().mean().item() * 100
+    """:func:`token_accuracy_tensor` as a Python float."""
+    return token_accuracy_tensor(logits_BLV, gt_BL).item()

@@ -27,9 +27,10 @@ from tqdm import tqdm
 from varcore.argtypes import device_arg, finite_float, out_dir_arg
 from varcore.models import PATCH_NUMS, VAR, VQVAE
 from varcore.ops.quant import check_idx
+from varcore.ops.value_checks import values_on_host
 from varcore.train import distributed as _distributed
 from varcore.train.data import ImageFolder, TokenPyramids, split_scales
-from varcore.train.losses import scale_token_weights, token_accuracy, var_loss
+from varcore.train.losses import scale_token_weights, token_accuracy, token_accuracy_tensor, var_loss
 from varcore.train.schedule import (SCHEDULES, check_schedule, lr_factor, param_groups, prog_si_at, prog_warmup,
                                     progressive_schedule, weight_decay_at)
 
@@ -46,8 +47,10 @@ def make_optimizer(model: torch.nn.Module, config: "TrainConfig", device: torch.
     if not groups:
         raise ValueError(f"the {type(model).__name__} has no parameter with requires_grad=True, nothing to train; "
                          f"call model.requires_grad_(True) first")
+    # fused (as the official trainers run it on GPUs): one kernel, its step counters on the device, and a
+    # device-side skip of the update (found_inf), so that a step never waits for the accelerator
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=0.0,
-                                  fused=device.type == "cuda")
+                                  fused=not values_on_host(device))
     scaler = (torch.amp.GradScaler(device.type, init_scale=2.0 ** 11, growth_interval=1000)
               if config.amp == "fp16" else None)
     return optimizer, AMP_DTYPES[config.amp], scaler
@@ -82,11 +85,13 @@ def backward_and_step(loss: torch.Tensor, params, optimizer, scaler, grad_clip: 
     """One optimiser step from ``loss``: backward (through the fp16 loss scaler when there is one), gradient
     clipping at ``grad_clip`` (none when <= 0), step, and the loss-scale cap. Returns the gradient norm.
 
-    A non-finite loss raises a FloatingPointError before anything is updated (the weights stay as they were),
-    except under the fp16 loss scaler, whose job is to skip such steps and lower the scale."""
-    if scaler is None and not bool(torch.isfinite(loss.detach())):
-        raise FloatingPointError(f"the training loss is {loss.item()}: stopped before the update (NaN or inf in "
-                                 f"the weights or the data, or a learning rate that made training diverge)")
+    A non-finite loss leaves the weights as they were: on the CPU it raises a FloatingPointError before anything
+    is updated; on an accelerator with a fused optimizer the update is skipped on the device (no host
+    synchronisation) and :func:`raise_if_loss_nonfinite` reports it when the loss is read. Under the fp16 loss
+    scaler, whose job is to skip such steps and lower the scale, nothing is raised."""
+    skip_on_device = scaler is None and not values_on_host(loss) and bool(optimizer.defaults.get("fused"))
+    if scaler is None and not skip_on_device:
+        raise_if_loss_nonfinite(loss.detach())
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -99,9 +104,30 @@ def backward_and_step(loss: torch.Tensor, params, optimizer, scaler, grad_clip: 
         scaler.update()
         if scaler.get_scale() > MAX_LOSS_SCALE:
             scaler.update(MAX_LOSS_SCALE)
+    elif skip_on_device:
+        optimizer.found_inf = (~torch.isfinite(loss.detach())).float()  # read by the fused step, as GradScaler does
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
     else:
         optimizer.step()
     return grad_norm
+
+
+def raise_if_loss_nonfinite(loss, skipped: bool = False) -> None:
+    """A FloatingPointError when ``loss`` (a tensor or a float) is NaN or inf; ``skipped``: the update of that step
+    was already skipped on the device."""
+    value = float(loss)
+    if not math.isfinite(value):
+        what = "the update was skipped" if skipped else "stopped before the update"
+        raise FloatingPointError(f"the training loss is {value}: {what} (NaN or inf in the weights or the data, or "
+                                 f"a learning rate that made training diverge)")
+
+
+def host_metrics(metrics: Dict) -> Dict[str, float]:
+    """A step's metrics as Python numbers (the one host synchronisation of a logged step)."""
+    return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
 
 
 @dataclass
@@ -248,8 +274,19 @@ class VARTrainer:
 
         ``prog_si`` (the official trainer's argument) trains scales ``0..prog_si`` only; None takes it from the
         config's progressive schedule at this iteration (-1 without ``pg``). As official, ``acc_tail`` is -1 while
-        not all scales are trained, and the last scale's index counts as all scales.
+        not all scales are trained, and the last scale's index counts as all scales. A non-finite loss raises a
+        FloatingPointError, the weights unchanged. :meth:`step` is the same step without reading the metrics.
         """
+        metrics = host_metrics(self.step(label_B, idx_Bl, img_B3HW, prog_si))
+        raise_if_loss_nonfinite(metrics["loss"], skipped=True)
+        return metrics
+
+    def step(self, label_B: torch.Tensor, idx_Bl: Optional[Sequence[torch.Tensor]] = None,
+             img_B3HW: Optional[torch.Tensor] = None, prog_si: Optional[int] = None) -> Dict:
+        """:meth:`train_step` without a host synchronisation on an accelerator: loss, acc, acc_tail and grad_norm
+        are 0-dim tensors on the device (read them when you log, e.g. with :func:`host_metrics`), and a
+        non-finite loss skips the update on the device instead of raising (on the CPU it raises, as in
+        :meth:`train_step`)."""
         SN = len(self.var.patch_nums)
         if prog_si is None:
             prog_si = prog_si_at(self.it, self.config.max_iters, self.config.warmup_iters, self.config.pg,
@@ -274,11 +311,12 @@ class VARTrainer:
             self._step_weight_1L = self.token_weight_1L
         self.it += 1
         last_l = self.var.patch_nums[-1] ** 2
-        metrics = {"loss": loss.item(), "acc": token_accuracy(logits_BLV, gt_BL),
-                   "acc_tail": -1.0 if prog_si >= 0 else token_accuracy(logits_BLV[:, -last_l:], gt_BL[:, -last_l:])}
+        metrics = {"loss": loss.detach(), "acc": token_accuracy_tensor(logits_BLV, gt_BL),
+                   "acc_tail": -1.0 if prog_si >= 0 else token_accuracy_tensor(logits_BLV[:, -last_l:],
+                                                                               gt_BL[:, -last_l:])}
         if self.distributed:
             metrics = _distributed.mean_over_ranks(metrics, self.device)
-        return {**metrics, "grad_norm": grad_norm.item(), "lr": lr, "prog_si": prog_si, "prog_wp": float(prog_wp)}
+        return {**metrics, "grad_norm": grad_norm, "lr": lr, "prog_si": prog_si, "prog_wp": float(prog_wp)}
 
     def _advance_prog(self, prog_si: int) -> float:
         """Update the progressive stage counters as the official trainer does; returns the newest scale's weight."""
