@@ -236,19 +236,21 @@ class CoDeSampler:
                cfg: float = 1.5, top_k: Union[int, Sequence[int]] = 0, top_p: Union[float, Sequence[float]] = 0.0,
                more_smooth: bool = False, *, temperature: Union[float, Sequence[float]] = 1.0,
                output: str = "images", generator: Optional[torch.Generator] = None, per_image_seeds: bool = False,
-               seeds: Optional[Sequence[int]] = None, rng_parity: bool = True, progress: bool = False):
+               seeds: Optional[Sequence[int]] = None, rng_parity: bool = True, cfg_skip: int = 0,
+               progress: bool = False):
         """Sample B images with CoDe; the arguments before ``*`` are the drop-in ones (as ``VARSampler.sample``).
 
         ``top_k``, ``top_p`` and ``temperature`` are scalars or one value per scale (CoDe's
         ``temp=[1.1] * 7 + [1.0] * 3`` is ``temperature=``). Seeding as ``VARSampler.sample``: ``g_seed``,
         ``generator``, ``per_image_seeds`` or ``seeds``. ``rng_parity`` (default True) reproduces the official
-        random stream; False continues the drafter's generators instead (no replayed draws).
+        random stream; False continues the drafter's generators instead (no replayed draws). ``cfg_skip``: the
+        last ``cfg_skip`` scales without guidance (see ``VARSampler.sample``), whichever model draws them.
 
         ``output``: ``"images"`` (B, 3, H, W) in [0, 1]; ``"tokens"`` the SN (B, pn^2) token maps, drafter's then
         refiner's (no decode); ``"both"`` (images, tokens); ``"details"`` a :class:`~varcore.models.code.CoDeResult`.
         """
         check_batch(B)
-        opts = self.drafter_stage.options(cfg, top_k, top_p, temperature, more_smooth)
+        opts = self.drafter_stage.options(cfg, top_k, top_p, temperature, more_smooth, cfg_skip=cfg_skip)
         check_bool(rng_parity, "rng_parity")
         if output not in ("images", "tokens", "both", "details"):
             raise ValueError(f"output must be 'images', 'tokens', 'both' or 'details', got {output!r}")

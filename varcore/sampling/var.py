@@ -67,6 +67,8 @@ class ScaleOptions:
     more_smooth: bool
     prefill: bool = False  # the forward runs over the tokens of scales 0..si at once (a run starting at si > 0)
     embed_next: bool = True  # the draw embeds the next scale's transformer input (not at a run's last scale)
+    guided: bool = True  # both halves of the CFG batch; False: the conditional half only (logits = conditional)
+    guided_next: bool = True  # the next scale's input is embedded for both halves
 
 
 class _CallState:
@@ -156,11 +158,17 @@ class VARSampler:
 
     # ------------------------------------------------------------------------------------------ one call
     def options(self, cfg, top_k, top_p, temperature, more_smooth,
-                temperature_name: str = "temperature") -> List[ScaleOptions]:
-        """The checked options of every scale (see :func:`~varcore.sampling.draw.scale_options`)."""
+                temperature_name: str = "temperature", cfg_skip: int = 0) -> List[ScaleOptions]:
+        """The checked options of every scale (see :func:`~varcore.sampling.draw.scale_options`); the last
+        ``cfg_skip`` scales unguided (see :meth:`sample`)."""
         cfg, top_ks, top_ps, temps = scale_options(self.SN, self.var.V, cfg, top_k, top_p, temperature, more_smooth,
                                                    temperature_name)
-        return [ScaleOptions(si, cfg * (si / (self.SN - 1)), top_ks[si], top_ps[si], temps[si], more_smooth)
+        if isinstance(cfg_skip, bool) or not isinstance(cfg_skip, int) or not 0 <= cfg_skip < self.SN:
+            raise ValueError(f"cfg_skip must be an int in [0, {self.SN - 1}] (scales run without guidance, counted "
+                             f"from the last), got {cfg_skip!r}")
+        guided = [si < self.SN - cfg_skip for si in range(self.SN)]
+        return [ScaleOptions(si, cfg * (si / (self.SN - 1)), top_ks[si], top_ps[si], temps[si], more_smooth,
+                             guided=guided[si], guided_next=guided[min(si + 1, self.SN - 1)])
                 for si in range(self.SN)]
 
     def call_state(self, labels: torch.Tensor, start: int = 0, stop: Optional[int] = None) -> _CallState:
@@ -201,24 +209,28 @@ class VARSampler:
         prefix = var.word_embed(hub_BlCv.to(x_BlC.dtype)) + state.lvl_pos_1LC[:, first_l:first_l + hub_BlCv.shape[1]]
         return torch.cat((x_BlC, prefix.repeat(2, 1, 1)), dim=1)
 
-    def embed(self, si: int, next_BlCv: torch.Tensor, state: _CallState) -> torch.Tensor:
-        """The transformer input (2B, pn^2, C) of scale ``si`` from its next-scale input (B, pn^2, Cvae)."""
+    def embed(self, si: int, next_BlCv: torch.Tensor, state: _CallState, guided: bool = True) -> torch.Tensor:
+        """The transformer input (2B, pn^2, C) of scale ``si`` from its next-scale input (B, pn^2, Cvae); the
+        conditional half (B, pn^2, C) only when not ``guided``."""
         begin, end = self.var.begin_ends[si]
-        return (self.var.word_embed(next_BlCv) + state.lvl_pos_1LC[:, begin:end]).repeat(2, 1, 1)
+        x_BlC = self.var.word_embed(next_BlCv) + state.lvl_pos_1LC[:, begin:end]
+        return x_BlC.repeat(2, 1, 1) if guided else x_BlC
 
     # ------------------------------------------------------------------------------------------ one scale
     # A scale runs as two functions with static shapes and no random ops, so that each can be compiled or captured
     # as a CUDA graph; the scale's random numbers are drawn between them (nothing else is random, so the official
     # draw order is kept) and the eager path frees the KV cache between them at the last scale.
     def forward(self, opts: ScaleOptions, x_BlC: torch.Tensor, state: _CallState) -> torch.Tensor:
-        """The blocks over one scale's tokens (2B, l, C), or over the prefill's tokens of scales ``0..si``, reading
-        and extending the KV cache: the hidden states of the scale's tokens."""
+        """The blocks over one scale's tokens (2B, l, C) (the conditional half (B, l, C) of an unguided scale), or
+        over the prefill's tokens of scales ``0..si``, reading and extending the KV cache (those rows of it): the
+        hidden states of the scale's tokens."""
         var = self.var
         begin, mask = (0, state.visible_end) if opts.prefill else (var.begin_ends[opts.si][0], None)
         chunks = row_chunks(*x_BlC.shape[:2], var.C, self.dtype.itemsize)
         for j, (block, w) in enumerate(zip(var.blocks, self.weights)):
-            if len(chunks) == 1:
-                x_BlC = block.step(x_BlC, state.mods[j], w, state.kv, j, begin, attn_bias=mask)
+            if len(chunks) == 1:  # all rows (the first B, the conditional half, of an unguided scale)
+                rows = slice(None) if opts.guided else slice(0, x_BlC.shape[0])
+                x_BlC = block.step(x_BlC, [m[rows] for m in state.mods[j]], w, state.kv, j, begin, rows, mask)
                 continue
             out_BlC = torch.empty_like(x_BlC)
             for rows in chunks:
@@ -227,8 +239,13 @@ class VARSampler:
             x_BlC = out_BlC
         return x_BlC[:, -self.patch_nums[opts.si] ** 2:] if opts.prefill else x_BlC
 
-    def _guided_logits(self, x_BlC: torch.Tensor, state: _CallState, t: float) -> torch.Tensor:
-        """Float32 CFG logits (B, l, V): ``(1 + t) cond - t uncond``."""
+    def _guided_logits(self, x_BlC: torch.Tensor, state: _CallState, t: float, guided: bool = True) -> torch.Tensor:
+        """Float32 CFG logits (B, l, V): ``(1 + t) cond - t uncond``, or the conditional logits of the
+        conditional half (B, l, C) when not ``guided``."""
+        if not guided:
+            head_mods = [m[:x_BlC.shape[0]] for m in state.head_mods]
+            z = self.var.head_nm.modulate(x_BlC.float(), head_mods)
+            return F.linear(z.to(self.head_w.dtype), self.head_w, self.head_b).float()
         z = self.var.head_nm.modulate(x_BlC.float(), state.head_mods)
         B = z.shape[0] // 2
         if self.exact:  # the official arithmetic: the head on both halves, then the mix (in place: the same values)
@@ -258,7 +275,7 @@ class VARSampler:
         """
         var, si = self.var, opts.si
         pn = self.patch_nums[si]
-        logits_BlV = self._guided_logits(x_BlC, state, opts.cfg_t)
+        logits_BlV = self._guided_logits(x_BlC, state, opts.cfg_t, opts.guided)
         B, l, V = logits_BlV.shape
         logits_NV, idx_N = logits_BlV.view(-1, V), noise_NV.new_empty(B * l, dtype=torch.long)
         nonfinite_N = noise_NV.new_empty(B * l, dtype=torch.bool)
@@ -285,7 +302,7 @@ class VARSampler:
         if si == self.SN - 1:
             return None, None, f_hat, idx_Bl, nonfinite
         next_BlCv = next_BChw.view(B, var.Cvae, -1).transpose(1, 2)
-        x_next = self.embed(si + 1, next_BlCv, state) if opts.embed_next else None
+        x_next = self.embed(si + 1, next_BlCv, state, opts.guided_next) if opts.embed_next else None
         return x_next, next_BlCv, f_hat, idx_Bl, nonfinite
 
     def noise(self, B: int, l: int, more_smooth: bool, gens) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -325,6 +342,8 @@ class VARSampler:
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         for si in range(start, stop):
             o = replace(opts[si], prefill=si == start and start > 0, embed_next=si + 1 < stop)
+            if not o.guided and x_BlC.shape[0] == 2 * B:  # a run's first scale: its input was built for both halves
+                x_BlC = x_BlC[:B]
             x_BlC = self._run("forward", o, (x_BlC,), state)
             if si == stop - 1 and not self.cuda_graphs:
                 state.kv = None  # nothing reads the cache any more: free it before the head
@@ -402,7 +421,8 @@ class VARSampler:
                cfg: float = 1.5, top_k: Union[int, Sequence[int]] = 0, top_p: Union[float, Sequence[float]] = 0.0,
                more_smooth: bool = False, *, temperature: Union[float, Sequence[float]] = 1.0,
                output: str = "images", generator: Optional[torch.Generator] = None,
-               per_image_seeds: bool = False, seeds: Optional[Sequence[int]] = None, progress: bool = False
+               per_image_seeds: bool = False, seeds: Optional[Sequence[int]] = None, cfg_skip: int = 0,
+               progress: bool = False
                ) -> Union[torch.Tensor, List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Sample B images with classifier-free guidance; the arguments before ``*`` are the drop-in ones.
 
@@ -419,9 +439,13 @@ class VARSampler:
         generator, so image i with seed s draws the same numbers whatever the batch size (the default keeps the
         official order, where the draws depend on B). ``g_seed`` seeds as the official code does
         (``manual_seed``: on the CPU only its low 32 bits count). ``progress`` shows a tqdm bar over scales.
+
+        ``cfg_skip`` (an accelerator, off by default): the last ``cfg_skip`` scales run without guidance (as SkipVAR
+        and StageVAR do at the late scales): their unconditional half is dropped, so their transformer and head run
+        on B rows instead of 2B (half the FLOPs of those scales) and their logits are the conditional ones.
         """
         check_batch(B)
-        opts = self.options(cfg, top_k, top_p, temperature, more_smooth)
+        opts = self.options(cfg, top_k, top_p, temperature, more_smooth, cfg_skip=cfg_skip)
         if output not in ("images", "tokens", "both"):
             raise ValueError(f"output must be 'images', 'tokens' or 'both', got {output!r}")
         gens = generators(B, self.device, g_seed, generator, per_image_seeds, seeds)
