@@ -279,6 +279,19 @@ def test_failed_graph_capture_falls_back(models):
     assert not s.cuda_graphs
 
 
+def test_graph_key_holds_shapes_only(models):
+    """CUDA graphs are keyed by what changes shapes or buffers, so new sampling settings reuse the graphs."""
+    s = VARSampler(models["tiny"])
+    labels = torch.tensor([1, 2])
+    state = s.call_state(labels)
+    keys = {s.graph_key(o, state) for kw in (dict(cfg=1.5), dict(cfg=4.0, top_k=5, top_p=0.9, temperature=0.7))
+            for o in s.options(more_smooth=False, **{"top_k": 0, "top_p": 0.0, "temperature": 1.0, **kw})}
+    assert keys == {((2, 0, s.SN), si, False, True) for si in range(s.SN)}
+    skipped = s.options(1.5, 0, 0.0, 1.0, False, cfg_skip=1)[-1]
+    assert s.graph_key(skipped, state) != s.graph_key(s.options(1.5, 0, 0.0, 1.0, False)[-1], state)
+    assert s.graph_key(s.options(1.5, 0, 0.0, 1.0, False)[0], s.call_state(torch.tensor([1, 2, 3])))[0][0] == 3
+
+
 def test_compiled_step_has_no_graph_breaks(models):
     """The per-scale step traces with fullgraph=True (aot_eager keeps the ops, so the tokens stay exact)."""
     var = models["tiny"]

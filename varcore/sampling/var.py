@@ -96,9 +96,11 @@ class VARSampler:
         decode_batch: decode at most this many images at once (None: the whole batch). The decoder's activations
             can outgrow the KV cache; chunks bound them. Tokens are unaffected, but the images then match a
             whole-batch decode only to float rounding (about 1e-5), as convolutions are not batch-invariant.
-        cuda_graphs: capture each scale's step as a CUDA graph on first use and replay it afterwards (CUDA only;
-            otherwise, or if capture fails, a warning is issued and the eager step is used). With graphs the KV
-            cache and the per-call buffers of each batch size are kept between calls (graphs read fixed addresses).
+        cuda_graphs: capture each scale's forward pass as a CUDA graph on first use and replay it afterwards
+            (CUDA only; otherwise, or if capture fails, a warning says why and the eager step is used). The graphs
+            are keyed by shapes only (:meth:`graph_key`) and share one memory pool; the draw runs eagerly. With
+            graphs the KV cache and the per-call buffers of each batch size are kept between calls (graphs read
+            fixed addresses).
     """
 
     def __init__(self, var: VAR, vae: Optional[VQVAE] = None, *, dtype: torch.dtype = torch.float32,
@@ -137,6 +139,7 @@ class VARSampler:
         self.cuda_graphs = cuda_graphs and self._graphs_supported()
         self._graphs: dict = {}
         self._graph_states: dict = {}
+        self._graph_pool = None
 
     def _graphs_supported(self) -> bool:
         if self.device.type != "cuda":
@@ -350,32 +353,43 @@ class VARSampler:
             noise_NV, gumbel_BlV = self.noise(B, self.patch_nums[si] ** 2, o.more_smooth, gens)
             x_BlC, next_BlCv, f_hat, idx_Bl, bad = self._run("draw", o, (x_BlC, f_hat, noise_NV, gumbel_BlV), state)
             nonfinite = nonfinite | bad
-            idx_Bl_list.append(idx_Bl.clone() if self.cuda_graphs else idx_Bl)
+            idx_Bl_list.append(idx_Bl)
             next_list.append(next_BlCv)
             if bar is not None:
                 bar.update(1)
         raise_if_nonfinite(nonfinite, what, opts[-1].cfg_t)
-        return idx_Bl_list, f_hat.clone() if self.cuda_graphs else f_hat, next_list
+        return idx_Bl_list, f_hat, next_list
 
     def _run(self, phase: str, opts: ScaleOptions, inputs: tuple, state: _CallState):
-        """Run ``phase`` ("forward" or "draw") eagerly, compiled, or as a CUDA graph replay."""
+        """Run ``phase`` ("forward" or "draw") eagerly, compiled, or (the forward) as a CUDA graph replay."""
         fn = self._phases[phase]
-        if self.cuda_graphs:
+        if self.cuda_graphs and phase == "forward":
             try:
-                return self._graph_call((phase, state.key, opts), fn, opts, inputs, state)
+                return self._graph_call(self.graph_key(opts, state), fn, opts, inputs, state)
             except RuntimeError as err:  # capture is fragile (allocator, unsupported ops): fall back for good
                 warnings.warn(f"VARSampler: CUDA graph capture failed ({err}); using the eager step", stacklevel=3)
-                self.cuda_graphs, self._graphs, self._graph_states = False, {}, {}
+                self.cuda_graphs, self._graphs, self._graph_states, self._graph_pool = False, {}, {}, None
         if not self._compiled:
             return fn(opts, *inputs, state)
         # one compiled graph per phase, scale and batch size: allow that many specialisations
         with torch._dynamo.config.patch(recompile_limit=max(64, 8 * self.SN)):
             return fn(opts, *inputs, state)
 
+    @staticmethod
+    def graph_key(opts: ScaleOptions, state: _CallState) -> tuple:
+        """What a captured forward pass depends on: the run (batch, first and last scale: the KV cache and the
+        per-call buffers), the scale, whether it is a prefill and whether it is guided. Everything that changes
+        only values (cfg, top-k, top-p, temperature, labels, seeds) is outside the graphs: the draw runs eagerly,
+        so one set of graphs serves every sampling setting."""
+        return state.key, opts.si, opts.prefill, opts.guided
+
     def _graph_call(self, key, fn, opts: ScaleOptions, inputs: tuple, state: _CallState):
         """Capture ``fn`` once per key (its static inputs are clones of the first call's), then replay it.
 
-        The outputs live in the graph's memory: they stay valid until the same graph is replayed again.
+        Every graph allocates from one memory pool, so the graphs of a sampler reserve about the largest one's
+        memory, not the sum. Sharing is safe because each graph's output is consumed (by the eager draw) before
+        any other graph replays: a later capture may have placed its output where an earlier graph keeps its
+        temporaries. The outputs stay valid until a graph of this sampler is replayed again.
         """
         entry = self._graphs.get(key)
         if entry is None:
@@ -386,7 +400,9 @@ class VARSampler:
                 fn(opts, *(None if t is None else t.clone() for t in static_in), state)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
                 static_out = fn(opts, *static_in, state)
             entry = self._graphs[key] = (graph, static_in, static_out)
         graph, static_in, static_out = entry
