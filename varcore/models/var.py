@@ -13,7 +13,6 @@ Differences from the official code, all deliberate:
   labels (and consumes the global RNG) in eval mode.
 """
 import math
-from contextlib import nullcontext
 from functools import partial
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -200,7 +199,8 @@ class VAR(nn.Module):
         label_B = label_B.to(device)
 
         autocast_ok = torch.amp.is_autocast_available(device.type)  # False e.g. on the meta device
-        with torch.autocast(device.type, enabled=False) if autocast_ok else nullcontext():
+        # as official, only CUDA autocast is switched off here: under CPU autocast word_embed runs in its dtype
+        with torch.autocast("cuda", enabled=False):
             if self.training and self.cond_drop_rate > 0:
                 drop_B = torch.rand(B, device=device) < self.cond_drop_rate
                 label_B = torch.where(drop_B, self.num_classes, label_B)
