@@ -111,20 +111,31 @@ def test_every_code_autocast_key_is_checked(code_small):
     assert set(amp) == {f"{d}_{k}" for d in DTYPES for k in ("token_hub", "draft_idx_Bl", "img", "refine_idx_Bl")}
 
 
+def _code_kwargs(cfg, labels):
+    run = cfg["runs"][0]
+    return run["N"], dict(B=len(labels), label_B=labels, cfg=run["cfg"], top_k=run["top_k"], top_p=run["top_p"],
+                          g_seed=run["g_seed"], more_smooth=False, temp=run["temp"])
+
+
 @pytest.mark.parametrize("name", sorted(DTYPES))
-def test_code_under_autocast_equals_official(code_small, name):
+def test_code_tokens_under_autocast_equal_official(code_small, name):
     drafter, refiner, cfg, expected, amp = code_small
-    run, labels = cfg["runs"][0], expected["labels"]
-    kw = dict(B=len(labels), label_B=labels, cfg=run["cfg"], top_k=run["top_k"], top_p=run["top_p"],
-              g_seed=run["g_seed"], more_smooth=False, temp=run["temp"])
+    N, kw = _code_kwargs(cfg, expected["labels"])
     with torch.inference_mode(), torch.autocast("cpu", dtype=DTYPES[name]):
-        f_hat, hub = drafter.autoregressive_infer_cfg_draft(exit_num=run["N"], **kw)
-        img = refiner.autoregressive_infer_cfg_refine(draft=hub, f_hat=f_hat, entry_num=run["N"], **kw)
-        details = varcore.CoDeSampler(drafter, refiner, run["N"]).sample(
-            len(labels), labels, g_seed=run["g_seed"], cfg=run["cfg"], top_k=run["top_k"], top_p=run["top_p"],
-            temperature=run["temp"], output="details")
+        _, hub = drafter.autoregressive_infer_cfg_draft(exit_num=N, **kw)
+        tokens = varcore.CoDeSampler(drafter, refiner, N).sample(
+            kw["B"], kw["label_B"], g_seed=kw["g_seed"], cfg=kw["cfg"], top_k=kw["top_k"], top_p=kw["top_p"],
+            temperature=kw["temp"], output="tokens")
     assert torch.equal(hub, amp[f"{name}_token_hub"])
+    assert _equal_lists(tokens, list(amp[f"{name}_draft_idx_Bl"]) + list(amp[f"{name}_refine_idx_Bl"]))
+
+
+@pytest.mark.slow  # the 256 px decoder in half precision on the CPU: minutes
+@pytest.mark.parametrize("name", sorted(DTYPES))
+def test_code_images_under_autocast_equal_official(code_small, name):
+    drafter, refiner, cfg, expected, amp = code_small
+    N, kw = _code_kwargs(cfg, expected["labels"])
+    with torch.inference_mode(), torch.autocast("cpu", dtype=DTYPES[name]):
+        f_hat, hub = drafter.autoregressive_infer_cfg_draft(exit_num=N, **kw)
+        img = refiner.autoregressive_infer_cfg_refine(draft=hub, f_hat=f_hat, entry_num=N, **kw)
     assert img.dtype == DTYPES[name] and torch.equal(img, amp[f"{name}_img"])
-    assert _equal_lists(details.draft_idx_Bl, amp[f"{name}_draft_idx_Bl"])
-    assert _equal_lists(details.refine_idx_Bl, amp[f"{name}_refine_idx_Bl"])
-    assert torch.equal(details.images, img)

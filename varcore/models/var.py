@@ -159,10 +159,12 @@ class VAR(nn.Module):
 
         ``label_B`` (B,) class labels; ``x_BLCv_wo_first_l`` (B, L - first_l, Cvae) the next-scale inputs from
         ``vae.quantize.idxBl_to_var_input``. In training mode each label is replaced by the null class with
-        probability ``cond_drop_rate``. Under autocast the residual stream runs in the autocast dtype; the
-        embeddings and the logits are float32. ``mask_l`` (CoDe's argument; None = L) keeps only the first
-        ``mask_l`` tokens of the sequence, e.g. 255 for the first 8 scales at 256 px (CoDe's drafter training):
-        by the block-causal mask their logits are those of the full sequence, at a fraction of the cost.
+        probability ``cond_drop_rate``. Under autocast the op sequence and dtypes are the official ones: the
+        residual stream runs in the autocast dtype, the class and position embeddings and the logits are float32,
+        and ``word_embed`` is outside CUDA autocast only (the official code switches off CUDA autocast there, so
+        under CPU autocast it runs in the autocast dtype). ``mask_l`` (CoDe's argument; None = L) keeps only the
+        first ``mask_l`` tokens of the sequence, e.g. 255 for the first 8 scales at 256 px (CoDe's drafter
+        training): by the block-causal mask their logits are those of the full sequence, at a fraction of the cost.
 
         Progressive training (official attribute ``prog_si``, -1 by default): with ``prog_si = p >= 0`` the model
         runs on scales ``0..p`` only, ``x_BLCv_wo_first_l`` is the truncated input of scales ``1..p`` that
