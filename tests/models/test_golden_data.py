@@ -6,8 +6,8 @@ import torch
 
 import conftest
 
-FILES = {"var-small": ["config.json", "vae.pth", "var.pth", "expected.pt"],
-         "code-small": ["config.json", "vae.pth", "drafter.pth", "refiner.pth", "expected.pt"],
+FILES = {"var-small": ["config.json", "vae.pth", "var.pth", "expected.pt", "expected_autocast.pt"],
+         "code-small": ["config.json", "vae.pth", "drafter.pth", "refiner.pth", "expected.pt", "expected_autocast.pt"],
          "par-small": ["config.json", "gpt.pth", "expected.pt"]}
 
 

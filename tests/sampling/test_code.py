@@ -3,6 +3,7 @@ import inspect
 import json
 import sys
 import weakref
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -152,6 +153,53 @@ def test_build_vae_var_ctf_golden_pair(golden, golden_dir):
 def test_build_vae_var_ctf_bad_depths(kw, err, match):
     with pytest.raises(err, match=match):
         build_vae_var_ctf("meta", **kw)
+
+
+def test_code_scripts_surface(golden, golden_dir, monkeypatch):
+    """What CoDe's infer_CoDe.py and sample_CoDe.py do, on the golden pair. Facts of the scripts: they disable
+    ``reset_parameters`` of nn.Linear and nn.LayerNorm before building; build with keywords only; load each state
+    dict with ``strict=True``; call ``eval()`` and ``requires_grad_(False)``; set the matmul precision to 'high'; then
+    under ``torch.inference_mode()`` and ``torch.autocast('cuda', enabled=True, dtype=torch.float16,
+    cache_enabled=True)`` (inactive for CPU tensors) draft and refine with per-scale ``top_k`` and ``temp`` lists,
+    several times with the same ``g_seed`` (the timing loop), and write the images through ``mul_(255)`` to uint8."""
+    _, _, cfg, expected = golden
+    monkeypatch.setattr(torch.nn.Linear, "reset_parameters", lambda self: None)
+    monkeypatch.setattr(torch.nn.LayerNorm, "reset_parameters", lambda self: None)
+    precision = torch.get_float32_matmul_precision()
+    folder = golden_dir / "code-small"
+    vae, var_draft, var_refine = build_vae_var_ctf(
+        V=cfg["V"], Cvae=cfg["Cvae"], ch=cfg["ch"], share_quant_resi=4, device="cpu",
+        patch_nums=tuple(cfg["patch_nums"]), num_classes=cfg["num_classes"], depth_draft=cfg["draft"]["depth"],
+        depth_refine=cfg["refine"]["depth"], shared_aln=False)
+    vae.load_state_dict(torch.load(folder / "vae.pth", map_location="cpu"), strict=True)
+    var_draft.load_state_dict(torch.load(folder / "drafter.pth", map_location="cpu"), strict=True)
+    var_refine.load_state_dict(torch.load(folder / "refiner.pth", map_location="cpu"), strict=True)
+    vae.eval(), var_draft.eval(), var_refine.eval()
+    for model in (vae, var_draft, var_refine):
+        for p in model.parameters():
+            p.requires_grad_(False)
+    run, N = cfg["runs"][0], cfg["runs"][0]["N"]
+    assert isinstance(run["top_k"], list) and isinstance(run["temp"], list)  # the scripts' per-scale lists
+    try:
+        torch.set_float32_matmul_precision("high")
+        with torch.inference_mode():
+            label_B = torch.tensor(expected["labels"].tolist())
+            with pytest.warns(UserWarning, match="CUDA") if not torch.cuda.is_available() else nullcontext(), \
+                    torch.autocast("cuda", enabled=True, dtype=torch.float16, cache_enabled=True):
+                for _ in range(2):
+                    f_hat, token_hub = var_draft.autoregressive_infer_cfg_draft(
+                        B=len(label_B), label_B=label_B, cfg=run["cfg"], top_k=run["top_k"], top_p=run["top_p"],
+                        g_seed=run["g_seed"], more_smooth=False, exit_num=N, temp=run["temp"])
+                    recon_B3HW = var_refine.autoregressive_infer_cfg_refine(
+                        B=len(label_B), label_B=label_B, cfg=run["cfg"], top_k=run["top_k"], top_p=run["top_p"],
+                        g_seed=run["g_seed"], more_smooth=False, draft=token_hub, f_hat=f_hat, entry_num=N,
+                        temp=run["temp"])
+                    torch.testing.assert_close(token_hub, expected["run0_token_hub"], atol=IMG_ATOL, rtol=0)
+                    torch.testing.assert_close(recon_B3HW, expected["run0_img"], atol=IMG_ATOL, rtol=0)
+            pixels = recon_B3HW.permute(0, 2, 3, 1).mul_(255).cpu().numpy().astype("uint8")
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert pixels.shape == (len(label_B), 256, 256, 3)
 
 
 # ---------------------------------------------------------------------------------------------- random pairs

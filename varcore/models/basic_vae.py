@@ -75,8 +75,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).unbind(1)
-        w_BNN = torch.bmm(q.transpose(1, 2), k).mul_(self.w_ratio).softmax(dim=2)  # (query, key)
-        h_BCN = torch.bmm(v, w_BNN.transpose(1, 2))
+        # contiguous operands as official: in half precision the bmm of a transposed view rounds differently
+        w_BNN = torch.bmm(q.transpose(1, 2).contiguous(), k.contiguous()).mul_(self.w_ratio).softmax(dim=2)
+        h_BCN = torch.bmm(v.contiguous(), w_BNN.transpose(1, 2).contiguous())  # w: (query, key)
         return x + self.proj_out(h_BCN.view(B, C, H, W))
 
 

@@ -22,16 +22,18 @@ def attention(q_BHLc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor,
     q may be shorter than k and v (KV-cached inference). ``attn_bias`` is None, an additive float mask
     broadcastable to (B, H, Lq, Lk) (the official form), or an integer tensor ``visible_end`` of length Lq (query i
     sees keys ``[0, visible_end[i])``), which runs varcore's block-causal attention kernel when it is built (see
-    :func:`varcore.ops.attention.attend`). q, k and v are cast to v's dtype first: under autocast the L2-normalised
-    q and k come out in float32 while v is half precision.
+    :func:`varcore.ops.attention.attend`), except under autocast, where the official call runs: SDPA with the
+    additive mask, all in the autocast dtype. q, k and v are cast to v's dtype first: the L2-normalised q comes out
+    in float32 while v may be half precision.
     """
     dtype = v_BHLc.dtype
     q_BHLc, k_BHLc = q_BHLc.to(dtype), k_BHLc.to(dtype)
     if attn_bias is not None and not attn_bias.is_floating_point():
-        if dropout_p == 0.0:
+        if dropout_p == 0.0 and not torch.is_autocast_enabled(v_BHLc.device.type):
             return attend(q_BHLc, k_BHLc, v_BHLc, visible_end=attn_bias, scale=scale)
+        # the kernel has no attention dropout; under autocast the official additive mask gives the official values
         attn_bias = torch.zeros((), dtype=dtype, device=v_BHLc.device).masked_fill(
-            ~visible_end_mask(attn_bias, k_BHLc.shape[2]), -torch.inf)  # the kernel has no attention dropout
+            ~visible_end_mask(attn_bias, k_BHLc.shape[2]), -torch.inf)
     if attn_bias is not None:
         attn_bias = attn_bias.to(dtype)
     return F.scaled_dot_product_attention(q_BHLc, k_BHLc, v_BHLc, attn_mask=attn_bias, dropout_p=dropout_p,
@@ -224,10 +226,14 @@ class SelfAttention(nn.Module):
         qkv = F.linear(x.to(w[0].dtype), w[0], w[1])
         q, k, v = qkv.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, c)
         del x, qkv  # the input dies before the attention, and qkv with the last of q, k, v
-        if self.attn_l2_norm:  # at least float32, as under the official autocast
-            f32 = torch.promote_types(q.dtype, torch.float32)
-            q = F.normalize(q.to(f32), dim=-1).mul(w[4])
-            k = F.normalize(k.to(f32), dim=-1)
+        if self.attn_l2_norm:
+            # under autocast in q's dtype, as official (autocast decides: float32 on CUDA, the autocast dtype on the
+            # CPU); otherwise (a reduced-precision sampler's weights) in at least float32
+            if not torch.is_autocast_enabled(q.device.type):
+                f32 = torch.promote_types(q.dtype, torch.float32)
+                q, k = q.to(f32), k.to(f32)
+            q = F.normalize(q, dim=-1).mul(w[4])
+            k = F.normalize(k, dim=-1)
         if cache is not None:
             k, v = cache.update(j, pos, k, v, rows)
         out_BHLc = attention(q, k, v, attn_bias, self.scale, self.attn_drop if self.training else 0.0)

@@ -13,7 +13,6 @@ Differences from the official code, all deliberate:
   labels (and consumes the global RNG) in eval mode.
 """
 import math
-from contextlib import nullcontext
 from functools import partial
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -161,10 +160,12 @@ class VAR(nn.Module):
 
         ``label_B`` (B,) class labels; ``x_BLCv_wo_first_l`` (B, L - first_l, Cvae) the next-scale inputs from
         ``vae.quantize.idxBl_to_var_input``. In training mode each label is replaced by the null class with
-        probability ``cond_drop_rate``. Under autocast the residual stream runs in the autocast dtype; the
-        embeddings and the logits are float32. ``mask_l`` (CoDe's argument; None = L) keeps only the first
-        ``mask_l`` tokens of the sequence, e.g. 255 for the first 8 scales at 256 px (CoDe's drafter training):
-        by the block-causal mask their logits are those of the full sequence, at a fraction of the cost.
+        probability ``cond_drop_rate``. Under autocast the op sequence and dtypes are the official ones: the
+        residual stream runs in the autocast dtype, the class and position embeddings and the logits are float32,
+        and ``word_embed`` is outside CUDA autocast only (the official code switches off CUDA autocast there, so
+        under CPU autocast it runs in the autocast dtype). ``mask_l`` (CoDe's argument; None = L) keeps only the
+        first ``mask_l`` tokens of the sequence, e.g. 255 for the first 8 scales at 256 px (CoDe's drafter
+        training): by the block-causal mask their logits are those of the full sequence, at a fraction of the cost.
 
         Progressive training (official attribute ``prog_si``, -1 by default): with ``prog_si = p >= 0`` the model
         runs on scales ``0..p`` only, ``x_BLCv_wo_first_l`` is the truncated input of scales ``1..p`` that
@@ -200,7 +201,8 @@ class VAR(nn.Module):
         label_B = label_B.to(device)
 
         autocast_ok = torch.amp.is_autocast_available(device.type)  # False e.g. on the meta device
-        with torch.autocast(device.type, enabled=False) if autocast_ok else nullcontext():
+        # as official, only CUDA autocast is switched off here: under CPU autocast word_embed runs in its dtype
+        with torch.autocast("cuda", enabled=False):
             if self.training and self.cond_drop_rate > 0:
                 drop_B = torch.rand(B, device=device) < self.cond_drop_rate
                 label_B = torch.where(drop_B, self.num_classes, label_B)
