@@ -190,7 +190,17 @@ def _is_gpt_state(obj) -> bool:
 
 def _load_models(spec: str, device, grid_size: Optional[int] = None) -> Tuple[str, Tuple]:
     """``(family, models)``: ``("var", (vae, var))``, ``("code", (vae, drafter, refiner, draft_steps))`` or
-    ``("gpt", (vq, gpt))``. ``grid_size`` is the token grid side of a GPT checkpoint given by path (default 24)."""
+    ``("gpt", (vq, gpt))``. ``grid_size`` is the token grid side of a GPT checkpoint given by path (default 24);
+    for any other model it must be the model's own grid, or None."""
+    family, models = _load_any(spec, device, grid_size)
+    if grid_size is not None and (family != "gpt" or models[1].config.grid != grid_size):
+        own = f"its grid is {models[1].config.grid}" if family == "gpt" else "it has no token grid to set"
+        raise ValueError(f"grid_size (--grid-size) applies to GPT checkpoints given by path; model {spec!r} "
+                         f"is a {family.upper()} model and {own}, got {grid_size}")
+    return family, models
+
+
+def _load_any(spec: str, device, grid_size: Optional[int]) -> Tuple[str, Tuple]:
     from varcore.checkpoints import (GPT_ZOO, ZOO_FILES, from_pretrained, infer_var_kwargs, load_gpt, load_vae,
                                      load_var, load_vq16, read_file, read_state_dict)
 

@@ -397,6 +397,14 @@ def test_gpt_refuses_var_only_settings(tmp_path, tiny_vq_loader, extra, match):
                          "--out", str(tmp_path / "run"), "--no-progress", *extra])
 
 
+@pytest.mark.parametrize("model,grid,match", [("digits-var", 4, "VAR model and it has no token grid"),
+                                              ("digits-par", 24, "its grid is 16")])
+def test_grid_size_only_for_gpt_checkpoints_by_path(tmp_path, model, grid, match):
+    with pytest.raises(ValueError, match=match):
+        sample_ddp.main(["--model", model, "--grid-size", str(grid), "--per-class", "1", "--classes", "0",
+                         "--out", str(tmp_path), "--no-progress"])
+
+
 def test_gpt_zoo_names_load_from_the_root(tmp_path, tiny_vq_loader, monkeypatch):
     """A GPT zoo name reads LlamaGen's vq_ds16_c2i.pt and the released file from --root."""
     from varcore import checkpoints
