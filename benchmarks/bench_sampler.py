@@ -1,10 +1,12 @@
-"""VAR sampling: the drop-in ``autoregressive_infer_cfg`` against ``VARSampler`` (float32 and bfloat16).
+"""VAR sampling: the drop-in ``autoregressive_infer_cfg`` against ``VARSampler`` (float32, bfloat16 and "auto").
 
 Random weights shaped like VAR-d16 (depth 16, width 1024, V=4096, the 10-scale 256 px schedule, the real VQVAE
 shape) or, with ``--quick``, a depth-4 model with a small decoder. For each batch size: images/s, ms per scale
 (transformer and sampling, the decode subtracted), KV-cache and peak memory, FLOPs per image from the config and the
 achieved GFLOP/s against this machine's GEMM throughput measured in the same run (the highest of readings taken
-before the runs and after each batch size), and whether the tokens agree.
+before the runs and after each batch size), and whether the tokens agree. ``VARSampler(dtype="auto")`` runs as its
+own configuration ("fast auto"), with the dtype it chose and the bf16 GEMM speed-up it measured in the header, and
+its time over the fast float32 time among the ratios.
 
 The full mode runs each configuration once (twice at batch 1; a d16 image costs ~600 GFLOP) and skips what would
 overrun ``--budget-min``, saying so. The first timed run of each configuration runs under the memory profiler.
@@ -21,6 +23,7 @@ import torch
 from costs import flops_per_image, gemm_gflops
 from common import bench, machine_header, peak_memory, print_header, print_table, write_json
 from varcore.models import PATCH_NUMS, build_vae_var
+from varcore.sampling.auto_dtype import bf16_speedup
 from varcore.sampling.var import VARSampler
 
 SHAPES = {
@@ -63,13 +66,15 @@ def run(args):
     var.eval()
     vae.eval()
     samplers = {dt: VARSampler(var, dtype=dt, decode_batch=DECODE_BATCH) for dt in (torch.float32, torch.bfloat16)}
+    auto = VARSampler(var, dtype="auto", decode_batch=DECODE_BATCH)
     # GEMM throughput before the runs and after each batch size: this machine's speed drifts by up to ~30%, and
     # a single low reading would loosen the FLOP bound; the highest reading (the strictest bound) is used
     gemm_samples = {dt: [linear_gemm_gflops(dt)] for dt in (torch.float32, torch.bfloat16)}
     flops = flops_per_image(var)
     SN = len(var.patch_nums)
     header = machine_header()
-    header.update(shape=args.shape, flops_per_image=flops, sampling=SAMPLING, decode_batch=DECODE_BATCH)
+    header.update(shape=args.shape, flops_per_image=flops, sampling=SAMPLING, decode_batch=DECODE_BATCH,
+                  auto_dtype=str(auto.dtype)[6:], bf16_gemm_speedup=bf16_speedup("cpu"))
     start = time.perf_counter()
     per_image_s = None  # the drop-in's seconds per image, to predict run times against the budget
     rows, results = [], {}
@@ -92,9 +97,10 @@ def run(args):
                    ("fast", torch.float32, lambda: samplers[torch.float32].sample(
                         B, labels, g_seed=0, output="both", **SAMPLING)[1]),
                    ("fast", torch.bfloat16, lambda: samplers[torch.bfloat16].sample(
-                        B, labels, g_seed=0, output="both", **SAMPLING)[1])]
+                        B, labels, g_seed=0, output="both", **SAMPLING)[1]),
+                   ("auto", auto.dtype, lambda: auto.sample(B, labels, g_seed=0, output="both", **SAMPLING)[1])]
         for path, dtype, fn in configs:
-            name = f"{path} {str(dtype)[6:]}"
+            name = f"fast auto ({str(dtype)[6:]})" if path == "auto" else f"{path} {str(dtype)[6:]}"
             if over_budget(B, repeats * (0.5 if dtype == torch.bfloat16 else 1.0)):
                 rows.append(dict(B=B, path=name, note="skipped: over the time budget"))
                 print(f"# skipped {name} B={B} (time budget)", flush=True)
@@ -111,7 +117,7 @@ def run(args):
                       f"per-scale time and GFLOP/s not reported (load on the machine?)", flush=True)
                 model_ms = None
             ref = results.get((B, "drop-in", torch.float32)) or results.get((B, "fast", torch.float32))
-            kv = samplers[dtype].kv_cache_bytes(B) if path == "fast" else samplers[dtype].concat_kv_cache_bytes(B)
+            kv = samplers[dtype].kv_cache_bytes(B) if path != "drop-in" else samplers[dtype].concat_kv_cache_bytes(B)
             achieved = None if model_ms is None else flops * B / (model_ms * 1e-3) / 1e9
             rows.append(dict(
                 B=B, path=name, ms=ms, img_s=B / (ms * 1e-3), ms_scale=None if model_ms is None else model_ms / SN,
@@ -154,6 +160,10 @@ def ratios(rows, results, flops, gemm):
         out.append(dict(ratio="bf16 B=8: images/s / drop-in fp32 images/s", value=drop8[0] / bf8[0]))
         out.append(dict(ratio="bf16 B=8: tokens equal to the fp32 ones (fraction)",
                         value=agreement(bf8[2], drop8[2])))
+    for B in sorted({key[0] for key in results}):
+        fp32, auto = get(B, "fast", torch.float32), next((v for k, v in results.items() if k[:2] == (B, "auto")), None)
+        if fp32 and auto:
+            out.append(dict(ratio=f"B={B}: fast auto time / fast fp32 time", value=auto[0] / fp32[0]))
     drop32 = get(32, "drop-in", torch.float32)
     for dtype in (torch.float32, torch.bfloat16):
         fast32 = get(32, "fast", dtype)

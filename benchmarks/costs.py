@@ -62,14 +62,15 @@ def measure_ceilings(quick: bool = False) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- model FLOPs
-def flops_per_image(var) -> float:
-    """Forward FLOPs of one image (both CFG halves): block linears 24 C^2 per token, attention 4 l L_prefix C per
-    block and scale, the head 2 C V per token. The VQVAE decode is timed separately."""
+def flops_per_image(var, start: int = 0, stop=None, head: bool = True) -> float:
+    """Forward FLOPs of one image (both CFG halves) over scales ``start .. stop - 1`` (default all): block linears
+    24 C^2 per token, attention 4 l L_prefix C per block and scale, the head 2 C V per token (``head=False``
+    leaves it out, for a prefill whose logits are not used). The VQVAE decode is timed separately."""
     C, V, depth = var.C, var.V, len(var.blocks)
     total = 0.0
-    for begin, end in var.begin_ends:
+    for begin, end in var.begin_ends[start:stop]:
         l = end - begin
-        total += l * (depth * 24 * C * C + 2 * C * V) + depth * 4 * l * end * C
+        total += l * (depth * 24 * C * C + 2 * C * V * head) + depth * 4 * l * end * C
     return 2 * total
 
 
@@ -121,6 +122,55 @@ def gpt_image_cost(name: str, grid: int = 24, M: int = 1) -> dict:
             "weight_bytes": 2 * params}
 
 
+def code_image_cost(draft_steps: int) -> dict:
+    """FLOPs of one CoDe image (CoDe's released pairs: a VAR-d30 drafter for the first ``draft_steps`` scales, a
+    VAR-d16 refiner prefilling those and drawing the rest; VQVAE decoder), bf16 bytes of both models, passes."""
+    from varcore.models import VAR_CONFIGS
+
+    vae, drafter = VAR_CONFIGS["d30"].build(torch.device("meta"))
+    _, refiner = VAR_CONFIGS["d16"].build(torch.device("meta"))
+    pn = drafter.patch_nums[-1]
+    decode = _decoder_flops(lambda: vae.fhat_to_img(torch.empty(1, drafter.Cvae, pn, pn, device="meta")))
+    flops = (flops_per_image(drafter, 0, draft_steps) + flops_per_image(refiner, 0, draft_steps, head=False)
+             + flops_per_image(refiner, draft_steps))
+    params = sum(p.numel() for m in (drafter, refiner) for p in m.parameters())
+    return {"model": f"CoDe N={draft_steps}", "px": 256, "passes": len(drafter.patch_nums),  # refiner prefill + scale N: one pass
+            "transformer_flops": flops, "decoder_flops": decode, "weight_bytes": 2 * params}
+
+
+def _preset_cost(preset) -> dict:
+    """The cost of one image of an official FID protocol (:mod:`varcore.presets`)."""
+    if preset.family == "var":
+        return var_image_cost(preset.name[len("var-"):])
+    if preset.family == "code":
+        return code_image_cost(int(preset.name[len("code-"):]))
+    size = preset.name.split("-")[1].upper()
+    M = {"4x": 2, "16x": 4}[preset.name.split("-")[2]] if preset.family == "par" else 1
+    return gpt_image_cost(f"GPT-{size}", preset.sample_size // 16, M)
+
+
+def fid_run_hours(utilisation: float = 0.3, batch: int = 64, images: int = 50_000) -> list:
+    """Per FID preset: hours of a 50,000-image run on one GPU of :data:`GPUS`, designed from the FLOP counts: the
+    floor per image at ``batch`` (the larger of compute at peak and reading the weights once per pass) over
+    ``utilisation``, the assumed share of the peak a bf16 sampler reaches. A design figure, not a measurement."""
+    from varcore.presets import PRESETS
+
+    rows = []
+    for preset in PRESETS.values():
+        c = _preset_cost(preset)
+        total = c["transformer_flops"] + c["decoder_flops"]
+        row = {"preset": preset.name, "model": c["model"], "px": c["px"], "passes": c["passes"],
+               "TFLOP_img": total / 1e12}
+        for gpu, (peak, bw) in GPUS.items():
+            floor_s = max(total / peak, c["passes"] * c["weight_bytes"] / bw / batch)
+            row[f"{gpu} h"] = images * floor_s / utilisation / 3600
+        rows.append(row)
+    return rows
+
+
+FID_COLUMNS = ["preset", "model", "px", "passes", "TFLOP_img"] + [f"{g} h" for g in GPUS]
+
+
 def gpu_floors(batch_sizes=(1, 64)) -> list:
     """Per model and card: the compute floor per image (FLOPs / peak) and, per batch size, the floor per image
     including reading the bf16 weights once per forward pass (KV-cache traffic left out: a lower bound)."""
@@ -158,6 +208,8 @@ def main():
                 ["ceiling", "value"])
     print("\n# GPU floor per image (ms) with CFG, bf16 peak; B = batch (weights read once per pass)")
     print_table(gpu_floors(), FLOOR_COLUMNS)
+    print("\n# 50,000-image FID run per preset on one GPU (hours): the B=64 floor at 30% of the bf16 peak (design)")
+    print_table(fid_run_hours(), FID_COLUMNS)
 
 
 if __name__ == "__main__":

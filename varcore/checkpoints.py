@@ -7,10 +7,12 @@ checkpoint ``{"trainer": {"var_wo_ddp": ..., "vae_local": ...}}`` (also written 
 Architectures are inferred from the tensors, so ``load_var("var_d30.pth", vae)`` needs no other arguments.
 
 Model zoo: ``from_pretrained("var-d16")`` ... ``"var-d36"`` returns ``(vae, var)`` and ``from_pretrained("vae")``
-the VQVAE; ``from_pretrained("code-8")`` returns CoDe's ``(vae, drafter, refiner)`` (see :func:`load_code_pair`).
+the VQVAE; ``from_pretrained("code-8")`` returns CoDe's ``(vae, drafter, refiner)`` (see :func:`load_code_pair`);
+``from_pretrained("llamagen-xl")`` (LlamaGen's 384 px class-conditional GPTs ``c2i_*_384.pt``) and
+``"par-xl-4x"`` ... (PAR's ``PAR-*.pt``) return ``(vq, gpt)`` with LlamaGen's VQ-16 tokenizer (:data:`GPT_ZOO`).
 Files are looked up in ``root`` or ``$VARCORE_HOME`` and otherwise downloaded from the Hugging Face repo
-``FoundationVision/var`` (CoDe's pairs: ``Zigeng/VAR_CoDe``) when ``huggingface_hub`` is installed and the hub is
-reachable.
+``FoundationVision/var`` (CoDe's pairs: ``Zigeng/VAR_CoDe``, LlamaGen's files: ``FoundationVision/LlamaGen``,
+PAR's: ``Epiphqny/PAR``) when ``huggingface_hub`` is installed and the hub is reachable.
 """
 import os
 import re
@@ -26,14 +28,21 @@ from varcore.models import PATCH_NUMS, VAR, VAR_CONFIGS, VQVAE
 __all__ = ["read_file", "read_state_dict", "nonfinite_entries", "load_state_dict_checked", "infer_vae_kwargs",
            "infer_var_kwargs", "load_vae",
            "load_var", "from_pretrained", "zoo_path", "ZOO_FILES", "HF_REPO",
-           "load_code_pair", "CODE_HF_REPO"]
+           "load_code_pair", "CODE_HF_REPO", "GPT_ZOO", "VQ16_FILE"]
 
 HF_REPO = "FoundationVision/var"
 CODE_HF_REPO = "Zigeng/VAR_CoDe"  # CoDe's fine-tuned drafter_{N}.pth (VAR-d30) and refiner_{N}.pth (VAR-d16)
 CODE_DRAFT_STEPS = (6, 7, 8, 9)
 VAE_FILE = "vae_ch160v4096z32.pth"
+VQ16_FILE = "vq_ds16_c2i.pt"  # LlamaGen's VQ-16 tokenizer, shared by LlamaGen's and PAR's class-conditional GPTs
+# the released 384 px (24 x 24 token) class-conditional GPTs: name -> (file, Hugging Face repo)
+GPT_ZOO = {**{f"llamagen-{size.lower()}": (f"c2i_{size}_384.pt", "FoundationVision/LlamaGen")
+              for size in ("B", "L", "XL", "XXL", "3B")},
+           **{f"par-{name.lower()}": (f"PAR-{name}.pt", "Epiphqny/PAR")
+              for name in ("XL-4x", "XXL-4x", "3B-4x", "3B-16x")}}
 ZOO_FILES = {"vae": VAE_FILE, **{f"var-{name}": f"var_{name}.pth" for name in VAR_CONFIGS},
-             **{f"code-{role}-{n}": f"{role}_{n}.pth" for n in CODE_DRAFT_STEPS for role in ("drafter", "refiner")}}
+             **{f"code-{role}-{n}": f"{role}_{n}.pth" for n in CODE_DRAFT_STEPS for role in ("drafter", "refiner")},
+             "vq16": VQ16_FILE, **{name: file for name, (file, _) in GPT_ZOO.items()}}
 
 PathLike = Union[str, os.PathLike]
 _TRAINER_KEYS = {"var": "var_wo_ddp", "vae": "vae_local"}
@@ -258,7 +267,8 @@ def zoo_path(name: str, root: Optional[PathLike] = None) -> Path:
     if name not in ZOO_FILES:
         raise ValueError(f"name must be one of {sorted(ZOO_FILES)}, got {name!r}")
     filename = ZOO_FILES[name]
-    repo = CODE_HF_REPO if name.startswith("code-") else HF_REPO
+    repo = (CODE_HF_REPO if name.startswith("code-") else GPT_ZOO[name][1] if name in GPT_ZOO
+            else "FoundationVision/LlamaGen" if name == "vq16" else HF_REPO)
     root = root if root is not None else os.environ.get("VARCORE_HOME")
     if root is not None and (Path(root) / filename).is_file():
         return Path(root) / filename
@@ -279,10 +289,12 @@ def zoo_path(name: str, root: Optional[PathLike] = None) -> Path:
 
 
 def from_pretrained(name: str, root: Optional[PathLike] = None, device: Union[str, torch.device] = "cpu"
-                    ) -> Union[VQVAE, Tuple[VQVAE, VAR], Tuple[VQVAE, VAR, VAR]]:
+                    ) -> Union[nn.Module, Tuple[nn.Module, ...]]:
     """A released model: ``"vae"`` gives the VQVAE; ``"var-d16"``, ``"var-d20"``, ``"var-d24"``, ``"var-d30"``
     (256 px) and ``"var-d36"`` (512 px) give ``(vae, var)`` with the VAE on the model's scale schedule;
-    ``"code-6"`` ... ``"code-9"`` give CoDe's fine-tuned ``(vae, drafter, refiner)`` for N = 6..9."""
+    ``"code-6"`` ... ``"code-9"`` give CoDe's fine-tuned ``(vae, drafter, refiner)`` for N = 6..9; ``"vq16"``
+    gives LlamaGen's VQ-16 tokenizer and the :data:`GPT_ZOO` names (``"llamagen-b"`` ... ``"par-3b-16x"``) give
+    ``(vq, gpt)`` (24 x 24 tokens, 384 px)."""
     code = re.fullmatch(r"code-(\d+)", name)
     if code and int(code.group(1)) in CODE_DRAFT_STEPS:
         n = int(code.group(1))
@@ -294,6 +306,10 @@ def from_pretrained(name: str, root: Optional[PathLike] = None, device: Union[st
         raise ValueError(f"name must be one of {names}, got {name!r}")
     if name == "vae":
         return load_vae(zoo_path("vae", root), device=device)
+    if name == "vq16":
+        return load_vq16(zoo_path("vq16", root), device=device)
+    if name in GPT_ZOO:
+        return load_vq16(zoo_path("vq16", root), device=device), load_gpt(zoo_path(name, root), device=device)
     config = VAR_CONFIGS[name[len("var-"):]]
     vae = load_vae(zoo_path("vae", root), device=device, v_patch_nums=config.patch_nums)
     var = load_var(zoo_path(name, root), vae, device=device)

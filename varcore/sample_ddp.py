@@ -5,7 +5,8 @@
         [--classes 0,1,...] --out DIR [--cfg 1.5 --top-k 900 --top-p 0.96 --seed 0 --batch-size 32 ...]
 
 ``--preset`` names an official FID protocol (:mod:`varcore.presets`, ``varcore presets``); without one the
-sampling settings default to the model's (:func:`varcore.presets.model_defaults`). Rank 0 prints the ADM
+sampling settings default to the model's (:func:`varcore.presets.model_defaults`). ``--dtype auto`` is decided
+once, on rank 0, and sent to every rank; ``run.json`` records the dtype chosen. Rank 0 prints the ADM
 evaluator's command for an ImageNet model at the end.
 
 writes ``DIR/samples.npz`` with ``arr_0`` (uint8, count x H x W x 3, ordered by class, then index) and ``labels``
@@ -31,11 +32,15 @@ How the work is split, and why the result does not depend on the number of proce
 * Rank 0 assembles the shards in plan order after a barrier and checks that the count, labels and indices are
   exactly the requested grid before writing ``samples.npz`` (atomically, too).
 
-``--model`` is one of: a zoo name (``var-d16`` ... ``var-d36``, files from ``$VARCORE_HOME`` or the hub, see
-:func:`varcore.checkpoints.from_pretrained`); ``VAE_PATH,VAR_PATH`` (official-format checkpoints; the VAE is put on
-the VAR's scale schedule); ``VAE_PATH,DRAFTER_PATH,REFINER_PATH,N`` for CoDe with N drafted scales; ``code-6``
-... ``code-9`` for CoDe's released pairs; or a VAR or CoDe model bundled with varcore (``digits-var``,
-``digits-var-small``, ``digits-code``; see ``varcore.digits``).
+``--model`` is one of: a zoo name (``var-d16`` ... ``var-d36``, ``code-6`` ... ``code-9`` for CoDe's released
+pairs, ``llamagen-b`` ... ``llamagen-3b`` and ``par-xl-4x`` ... ``par-3b-16x`` for the 384 px GPTs; files from
+``--root``, ``$VARCORE_HOME`` or the hub, see :func:`varcore.checkpoints.from_pretrained`); ``VAE_PATH,VAR_PATH``
+(official-format checkpoints; the VAE is put on the VAR's scale schedule); ``VQ_PATH,GPT_PATH`` (LlamaGen's VQ-16
+tokenizer and a LlamaGen ``c2i_*.pt`` or PAR ``PAR-*.pt`` checkpoint, recognised by its tensors; ``--grid-size``
+for the 256 px ones); ``VAE_PATH,DRAFTER_PATH,REFINER_PATH,N`` for CoDe with N drafted scales; or a model bundled
+with varcore (``digits-var``, ``digits-var-small``, ``digits-code``, ``digits-par``, ``digits-raster``; see
+``varcore.digits``). Every model takes per-image seeds, so the GPTs are sharded as the VARs are; they sample in
+float32 (``--dtype auto`` resolves to fp32 for them).
 """
 import argparse
 import json
@@ -50,7 +55,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from varcore.argtypes import device_arg, finite_float, out_dir_arg, positive_float, seed_arg
+from varcore.argtypes import device_arg, finite_float, out_dir_arg, positive_float, positive_int, seed_arg
 from varcore.presets import adm_evaluator_command, get_preset, model_defaults
 
 __all__ = ["image_seed", "plan_shards", "load_sampler", "run", "main", "Shard"]
@@ -173,59 +178,118 @@ def _read_shard(shard: Shard, out_dir: Path, settings: str, image_hw: Tuple[int,
 SampleFn = Callable[[torch.Tensor, List[int]], torch.Tensor]
 
 
-def _load_models(spec: str, device) -> Tuple:
-    """``(vae, var)`` for a VAR, or ``(vae, drafter, refiner, draft_steps)`` for a CoDe pair."""
-    from varcore.checkpoints import ZOO_FILES, from_pretrained, infer_var_kwargs, load_vae, load_var, read_state_dict
+def _is_gpt_state(obj) -> bool:
+    """Whether a loaded checkpoint holds a LlamaGen/PAR GPT (its token embedding) rather than a VAR."""
+    from varcore.checkpoints import gpt_state_dict
+
+    try:
+        return "tok_embeddings.weight" in gpt_state_dict(obj)
+    except ValueError:
+        return False
+
+
+def _load_models(spec: str, device, grid_size: Optional[int] = None) -> Tuple[str, Tuple]:
+    """``(family, models)``: ``("var", (vae, var))``, ``("code", (vae, drafter, refiner, draft_steps))`` or
+    ``("gpt", (vq, gpt))``. ``grid_size`` is the token grid side of a GPT checkpoint given by path (default 24);
+    for any other model it must be the model's own grid, or None."""
+    family, models = _load_any(spec, device, grid_size)
+    if grid_size is not None and (family != "gpt" or models[1].config.grid != grid_size):
+        own = f"its grid is {models[1].config.grid}" if family == "gpt" else "it has no token grid to set"
+        raise ValueError(f"grid_size (--grid-size) applies to GPT checkpoints given by path; model {spec!r} "
+                         f"is a {family.upper()} model and {own}, got {grid_size}")
+    return family, models
+
+
+def _load_any(spec: str, device, grid_size: Optional[int]) -> Tuple[str, Tuple]:
+    from varcore.checkpoints import (GPT_ZOO, ZOO_FILES, from_pretrained, infer_var_kwargs, load_gpt, load_vae,
+                                     load_var, load_vq16, read_file, read_state_dict)
 
     if "," in spec:
         paths = [p.strip() for p in spec.split(",")]
         if len(paths) not in (2, 4):
-            raise ValueError(f"model paths must be VAE,VAR or VAE,DRAFTER,REFINER,N (CoDe), got {spec!r}")
-        state = read_state_dict(paths[1], kind="var")
+            raise ValueError(f"model paths must be VAE,VAR, VQ,GPT or VAE,DRAFTER,REFINER,N (CoDe), got {spec!r}")
+        obj = read_file(paths[1])
+        if len(paths) == 2 and _is_gpt_state(obj):
+            grid = 24 if grid_size is None else grid_size
+            return "gpt", (load_vq16(paths[0], device=device), load_gpt(obj, block_size=grid ** 2, device=device))
+        state = read_state_dict(obj, kind="var")
         vae = load_vae(paths[0], device=device, v_patch_nums=infer_var_kwargs(state)["patch_nums"])
         var = load_var(state, vae, device=device)
         if len(paths) == 2:
-            return vae, var
+            return "var", (vae, var)
         if not paths[3].isdigit():
             raise ValueError(f"the CoDe draft step count N must be an int, got {paths[3]!r}")
-        return vae, var, load_var(paths[2], vae, device=device), int(paths[3])
+        return "code", (vae, var, load_var(paths[2], vae, device=device), int(paths[3]))
     if spec in _CODE_ZOO:
-        return (*from_pretrained(spec, device=device), int(spec[len("code-"):]))
+        return "code", (*from_pretrained(spec, device=device), int(spec[len("code-"):]))
     if spec.startswith("var-") and spec in ZOO_FILES:
-        return from_pretrained(spec, device=device)
+        return "var", tuple(from_pretrained(spec, device=device))
+    if spec in GPT_ZOO:
+        return "gpt", tuple(from_pretrained(spec, device=device))
+    digits = _digits()
+    if digits is not None and spec in digits.BUNDLED:
+        return digits.BUNDLED[spec].family, tuple(digits.load_bundled(spec, device=device))
+    zoo = sorted(k for k in ZOO_FILES if k.startswith("var-")) + sorted(_CODE_ZOO) + sorted(GPT_ZOO)
+    bundled = [] if digits is None else list(digits.BUNDLED)
+    raise ValueError(f"model must be a zoo name {zoo}, a bundled model {bundled}, 'VAE_PATH,VAR_PATH', "
+                     f"'VQ_PATH,GPT_PATH' or 'VAE_PATH,DRAFTER_PATH,REFINER_PATH,N' (CoDe); got {spec!r}")
+
+
+def _digits():
+    """varcore.digits, or None in an installation without the bundled models."""
     try:
         from varcore import digits
-    except ImportError:  # an installation without the bundled models
-        digits = None
-    if digits is not None and spec in digits.BUNDLED:
-        if digits.BUNDLED[spec].family not in ("var", "code"):
-            raise ValueError(f"model {spec!r} is a {digits.BUNDLED[spec].family.upper()} model; sample_ddp samples "
-                             f"VAR and CoDe models (per-image seeds need their samplers)")
-        return tuple(digits.load_bundled(spec, device=device))
-    zoo = sorted(k for k in ZOO_FILES if k.startswith("var-")) + sorted(_CODE_ZOO)
-    bundled = [] if digits is None else [n for n, b in digits.BUNDLED.items() if b.family in ("var", "code")]
-    raise ValueError(f"model must be a zoo name {zoo}, a bundled model {bundled}, 'VAE_PATH,VAR_PATH' or "
-                     f"'VAE_PATH,DRAFTER_PATH,REFINER_PATH,N' (CoDe); got {spec!r}")
+    except ImportError:
+        return None
+    return digits
+
+
+def _resize(images: torch.Tensor, image_size: Optional[int]) -> torch.Tensor:
+    """Bicubic resize to ``image_size`` px (None or the same size: unchanged), as the GPTs' official evaluation
+    does from 384 px to 256 px."""
+    if image_size is None or image_size == images.shape[-1]:
+        return images
+    return torch.nn.functional.interpolate(images, size=(image_size, image_size), mode="bicubic")
 
 
 def load_sampler(spec: str, device, dtype: str = "fp32", cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
-                 more_smooth: bool = False, temperature: float = 1.0, classes: Sequence[int] = ()) -> SampleFn:
+                 more_smooth: bool = False, temperature: float = 1.0, classes: Sequence[int] = (),
+                 image_size: Optional[int] = None, grid_size: Optional[int] = None) -> SampleFn:
     """A function ``(labels (B,), seeds [B]) -> uint8 images (B, H, W, 3)`` for the model ``spec`` (see the module
     docstring), each image drawn from its own generator. ``classes`` (the ones to be sampled) are checked against
-    the model's. The function's ``image_hw`` attribute is the (H, W) of its images."""
+    the model's. ``image_size`` bicubic-resizes the decoded images (None: the model's size). The function's
+    ``image_hw`` attribute is the (H, W) of its images.
+
+    VAR and CoDe follow VAR's conventions (``top_p`` 0 disables it, the images ``x * 255`` truncated), the GPTs
+    LlamaGen's (``top_p`` 1 disables it, ``127.5 x + 128`` clamped, float32 only, no ``more_smooth``)."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    family, models = _load_models(spec, device, grid_size)
+    return _sampler(family, models, dtype, cfg, top_k, top_p, more_smooth, temperature, classes, image_size)
+
+
+def _sampler(family: str, models: Tuple, dtype: str, *options) -> SampleFn:
+    """:func:`load_sampler`'s function for models already loaded by :func:`_load_models`."""
+    if family == "gpt":
+        return _gpt_sampler(models, dtype, *options)
+    return _var_sampler(family, models, dtype, *options)
+
+
+def _check_classes(classes: Sequence[int], num_classes: int) -> None:
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"classes must be in [0, {num_classes}) for this model, got {bad}")
+
+
+def _var_sampler(family, models, dtype, cfg, top_k, top_p, more_smooth, temperature, classes, image_size):
     from varcore.sampling.code import CoDeSampler
     from varcore.sampling.var import VARSampler
 
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    models = _load_models(spec, device)
     var = models[1]
-    bad = [c for c in classes if not 0 <= c < var.num_classes]
-    if bad:
-        raise ValueError(f"classes must be in [0, {var.num_classes}) for this model, got {bad}")
+    _check_classes(classes, var.num_classes)
     if top_k > var.V:
         raise ValueError(f"top_k must be <= the vocabulary size {var.V} (0 disables it), got {top_k}")
-    if len(models) == 2:
+    if family == "var":
         sampler = VARSampler(var, models[0], dtype=_DTYPES[dtype])
     else:
         vae, drafter, refiner, draft_steps = models
@@ -236,9 +300,36 @@ def load_sampler(spec: str, device, dtype: str = "fp32", cfg: float = 1.5, top_k
         img = sampler.sample(len(seeds), labels.to(device), cfg=cfg, top_k=top_k, top_p=top_p,
                              more_smooth=more_smooth, temperature=temperature, seeds=seeds)
         # as the official evaluation saves its PNGs: x * 255, truncated
+        img = _resize(img, image_size)
         return img.mul(255).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
-    side = models[0].downsample * sampler.patch_nums[-1]
+    side = image_size or models[0].downsample * sampler.patch_nums[-1]
+    sample.image_hw = (side, side)
+    return sample
+
+
+def _gpt_sampler(models, dtype, cfg, top_k, top_p, more_smooth, temperature, classes, image_size):
+    from varcore.sampling.par import PARSampler, to_uint8
+
+    vq, gpt = models
+    _check_classes(classes, gpt.num_classes)
+    if dtype != "fp32":
+        raise ValueError(f"dtype {dtype} applies to VAR and CoDe models; the GPT samplers run in fp32")
+    if more_smooth:
+        raise ValueError("more_smooth is VAR's option; GPT models have no more_smooth")
+    if not isinstance(temperature, (int, float)):
+        raise ValueError(f"a GPT model takes one temperature, not one per scale, got {temperature}")
+    if top_k > gpt.vocab_size:
+        raise ValueError(f"top_k must be <= the vocabulary size {gpt.vocab_size} (0 disables it), got {top_k}")
+    sampler = PARSampler(gpt, vq, fast=True)  # the fast mode: the same distribution, drawn by inverse CDF
+    device = gpt.tok_embeddings.weight.device
+
+    def sample(labels: torch.Tensor, seeds: List[int]) -> torch.Tensor:
+        img = sampler.sample(labels.to(device), cfg_scale=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
+                             seeds=seeds, image_size=image_size)
+        return to_uint8(img)  # as the official sample_c2i_ddp.py: 127.5 x + 128, clamped
+
+    side = image_size or vq.downsample * sampler.grid
     sample.image_hw = (side, side)
     return sample
 
@@ -263,6 +354,14 @@ class _Dist:
         if self.enabled:
             torch.distributed.barrier()
 
+    def from_rank0(self, value):
+        """``value`` as rank 0 has it, on every rank (a picklable object)."""
+        if not self.enabled:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
     def close(self):
         if self.enabled:
             torch.distributed.destroy_process_group()
@@ -271,7 +370,7 @@ class _Dist:
 def _run_record(args) -> dict:
     """The arguments that decide the images (a rerun must match them to reuse the shards)."""
     keys = ("model", "per_class", "classes", "seed", "batch_size", "cfg", "top_k", "top_p", "more_smooth",
-            "temperature", "dtype")
+            "temperature", "dtype", "image_size", "grid_size")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -281,7 +380,8 @@ SEEDING = "position-bijection+seeded_generator"
 
 def _shard_settings(args) -> str:
     """What decides a shard's images besides its (class, index) items: stored in each shard, compared on reuse."""
-    keys = ("model", "seed", "batch_size", "cfg", "top_k", "top_p", "more_smooth", "temperature", "dtype")
+    keys = ("model", "seed", "batch_size", "cfg", "top_k", "top_p", "more_smooth", "temperature", "dtype",
+            "image_size", "grid_size")
     return json.dumps({**{k: getattr(args, k) for k in keys}, "seeding": SEEDING}, sort_keys=True)
 
 
@@ -331,8 +431,13 @@ def run(args) -> Optional[Path]:
     try:
         # the model first: every setting is checked against it before anything is written
         device = torch.device(args.device or (f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu"))
-        sample = load_sampler(args.model, device, args.dtype, args.cfg, args.top_k, args.top_p,
-                              args.more_smooth, args.temperature, args.classes)
+        family, models = _load_models(args.model, device, args.grid_size)
+        if args.dtype == "auto":
+            args.dtype = "fp32" if family == "gpt" else _auto_dtype(device, dist)
+        if args.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES) + ['auto']}, got {args.dtype!r}")
+        sample = _sampler(family, models, args.dtype, args.cfg, args.top_k, args.top_p, args.more_smooth,
+                          args.temperature, args.classes, args.image_size)
         settings, hw = _shard_settings(args), sample.image_hw
         (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         _check_run_record(out_dir, _run_record(args), dist)
@@ -369,16 +474,18 @@ def build_arg_parser() -> argparse.ArgumentParser:
                                 description="Sample K images per class on every rank's share; write DIR/samples.npz.")
     p.add_argument("--preset", default=None, help="an official FID protocol by name (varcore presets lists them): "
                    "sets --model, --per-class and the sampling settings; explicit flags still win")
-    p.add_argument("--model", default=None, help="zoo name (var-d16 ..., code-6 ...), bundled model name, "
-                   "VAE_PATH,VAR_PATH or VAE_PATH,DRAFTER_PATH,REFINER_PATH,N (needed without --preset)")
+    p.add_argument("--model", default=None, help="zoo name (var-d16 ..., code-6 ..., llamagen-b ..., par-xl-4x ...), "
+                   "bundled model name (digits-var ...), VAE_PATH,VAR_PATH, VQ_PATH,GPT_PATH or "
+                   "VAE_PATH,DRAFTER_PATH,REFINER_PATH,N (needed without --preset)")
     p.add_argument("--root", default=None, help="folder of the zoo checkpoints (default: $VARCORE_HOME or the hub)")
     p.add_argument("--per-class", type=int, default=None,
                    help="images per class (the preset's, 50 for the FID protocols; needed without --preset)")
     p.add_argument("--classes", type=_classes, default=None, help="comma-separated class ids (default: all)")
     p.add_argument("--out", type=out_dir_arg, required=True,
                    help="output folder (shards/, run.json, samples.npz); reruns resume")
-    s = p.add_argument_group("sampling (defaults: the preset's; without one the model's: the VAR FID protocol "
-                             "cfg 1.5, top-k 900 (at most the vocabulary), top-p 0.96, or a bundled model's own)")
+    s = p.add_argument_group("sampling (defaults: the preset's; without one the model's: for VAR and CoDe the VAR "
+                             "FID protocol cfg 1.5, top-k 900 (at most the vocabulary), top-p 0.96; for GPTs "
+                             "LlamaGen's cfg 1.5, top-k 0, top-p 1.0; a bundled model's own)")
     s.add_argument("--cfg", type=finite_float, default=None)
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--top-p", type=finite_float, default=None)
@@ -386,6 +493,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=_temperature, default=None,
                    help="one value, or comma-separated values, one per scale (CoDe's 1.1 x 7 then 1.0 x 3)")
     s.add_argument("--seed", type=seed_arg, default=0, help="base seed; image (c, i) gets image_seed(seed, c, i)")
+    s.add_argument("--image-size", type=positive_int, default=None,
+                   help="bicubic-resize the images to this many pixels (default: the model's size; the LlamaGen "
+                        "and PAR presets: 256, from 384)")
+    s.add_argument("--grid-size", type=positive_int, default=None,
+                   help="token grid side of a GPT checkpoint given by path (default 24: the 384 px models; 16 for "
+                        "the *_256.pt ones)")
     s.add_argument("--dtype", choices=sorted(_DTYPES) + ["auto"], default="fp32",
                    help="compute dtype of the sampler; auto: bf16 where a GEMM measured on the device is faster in "
                         "it, else fp32 (the resolved dtype is what run.json records)")
@@ -405,16 +518,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
     _check_args(parser, args)
     if args.root is not None:
         os.environ["VARCORE_HOME"] = args.root  # read by the zoo loader on every rank
-    num_classes = _num_classes(args.model)
+    facts = _model_facts(args.model)
     if args.classes is None:
-        args.classes = list(range(num_classes))
-    _fill_model_defaults(args)
-    if args.dtype == "auto":
-        args.dtype = _auto_dtype(args.device)
+        args.classes = list(range(facts.num_classes))
+    _fill_model_defaults(args, facts)
+    asked_dtype = args.dtype
     out = run(args)
     if out is not None:
-        print(f"wrote {out}", file=sys.stderr)
-        if num_classes == 1000:  # ImageNet: the evaluator's reference batches
+        chosen = f" (--dtype auto chose {args.dtype})" if asked_dtype == "auto" else ""
+        print(f"wrote {out}{chosen}; the settings are in {Path(out).parent / RUN_FILE}", file=sys.stderr)
+        if facts.num_classes == 1000:  # ImageNet: the evaluator's reference batches
             with np.load(out) as f:
                 size = f["arr_0"].shape[1]
             cmd = adm_evaluator_command(str(out), size)
@@ -442,46 +555,66 @@ def _apply_defaults(parser: argparse.ArgumentParser, args) -> None:
             if getattr(args, key) is None:
                 value = getattr(preset, key)
                 setattr(args, key, list(value) if isinstance(value, tuple) else value)
+        if args.image_size is None and preset.image_size != preset.sample_size:
+            args.image_size = preset.image_size  # the GPTs: sampled at 384 px, evaluated at 256 px
     if args.model is None or args.per_class is None:
         parser.error("--model and --per-class are required without --preset")
 
 
-def _fill_model_defaults(args) -> None:
+def _fill_model_defaults(args, facts: "_ModelFacts") -> None:
     """Settings no flag or preset gave: the model's defaults (:func:`varcore.presets.model_defaults`)."""
-    if all(getattr(args, key) is not None for key in _SAMPLING):
-        return
-    defaults = model_defaults(_bundled_cfg(args.model), _vocab_size(args.model))
+    defaults = model_defaults(facts.family, facts.bundled_cfg, facts.vocab_size)
     for key in _SAMPLING:
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
 
 
-def _auto_dtype(device: Optional[str]) -> str:
-    """``--dtype auto`` resolved on this rank's device (:func:`varcore.sampling.auto_dtype.resolve_dtype`)."""
+def _auto_dtype(device: torch.device, dist: "_Dist") -> str:
+    """``--dtype auto`` resolved once, on rank 0's device (:func:`varcore.sampling.auto_dtype.resolve_dtype`), and
+    sent to every rank, so that all shards of a run are sampled in one dtype (GPT models sample in fp32)."""
     from varcore.sampling.auto_dtype import resolve_dtype
 
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return {torch.bfloat16: "bf16", torch.float32: "fp32"}[resolve_dtype("auto", device)]
+    choice = None
+    if dist.rank == 0:
+        choice = {torch.bfloat16: "bf16", torch.float32: "fp32"}[resolve_dtype("auto", device)]
+    return dist.from_rank0(choice)
 
 
-def _bundled_cfg(spec: str) -> Optional[float]:
-    try:
-        from varcore import digits
-    except ImportError:
-        return None
-    return digits.BUNDLED[spec].cfg if spec in digits.BUNDLED else None
+@dataclass(frozen=True)
+class _ModelFacts:
+    family: str  # "var", "code" or "gpt"
+    num_classes: int
+    vocab_size: int
+    bundled_cfg: Optional[float]  # a bundled model's own guidance scale, else None
 
 
-def _vocab_size(spec: str) -> int:
-    """The model's token vocabulary, read without building it where possible."""
-    if "," in spec:
-        from varcore.checkpoints import read_state_dict
+def _model_facts(spec: str) -> _ModelFacts:
+    """What the defaults need to know of the model ``spec``, read without building it where possible."""
+    from varcore.checkpoints import GPT_ZOO, gpt_state_dict, read_file, read_state_dict
 
-        return read_state_dict(spec.split(",")[1].strip(), kind="var")["head.weight"].shape[0]
     if spec.startswith("var-") or spec in _CODE_ZOO:
-        return 4096  # every released VAR and CoDe model uses vae_ch160v4096z32 (4096 codes)
-    return _load_models(spec, "cpu")[1].V
+        # every released VAR and CoDe model: ImageNet's 1000 classes on vae_ch160v4096z32 (4096 codes)
+        return _ModelFacts("code" if spec in _CODE_ZOO else "var", 1000, 4096, None)
+    if spec in GPT_ZOO:
+        return _ModelFacts("gpt", 1000, 16384, None)  # LlamaGen's and PAR's c2i GPTs: vq_ds16_c2i's 16384 codes
+    if "," in spec:
+        paths = [p.strip() for p in spec.split(",")]
+        obj = read_file(paths[1]) if len(paths) in (2, 4) else None
+        if len(paths) == 2 and _is_gpt_state(obj):
+            state = gpt_state_dict(obj)
+            return _ModelFacts("gpt", state["cls_embedding.embedding_table.weight"].shape[0] - 1,
+                               state["tok_embeddings.weight"].shape[0], None)
+        if obj is not None:
+            state = read_state_dict(obj, kind="var")
+            return _ModelFacts("var" if len(paths) == 2 else "code", state["class_emb.weight"].shape[0] - 1,
+                               state["head.weight"].shape[0], None)
+    family, models = _load_models(spec, "cpu")  # a bundled model (small), or the error naming the valid specs
+    digits = _digits()
+    cfg = digits.BUNDLED[spec].cfg if digits is not None and spec in digits.BUNDLED else None
+    model = models[1]
+    if family == "gpt":
+        return _ModelFacts(family, model.num_classes, model.vocab_size, cfg)
+    return _ModelFacts(family, model.num_classes, model.V, cfg)
 
 
 def _check_args(parser: argparse.ArgumentParser, args) -> None:
@@ -497,18 +630,6 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
     for flag, ok, rule in checks:
         if not ok:
             parser.error(f"{flag} must be {rule}, got {getattr(args, flag[2:].replace('-', '_'))}")
-
-
-def _num_classes(spec: str) -> int:
-    """Number of classes of the model ``spec``: a released model's 1000 ImageNet classes, a checkpoint's from its
-    class embedding, a bundled model's from the model."""
-    if spec.startswith("var-") or spec in _CODE_ZOO:
-        return 1000
-    if "," in spec:
-        from varcore.checkpoints import read_state_dict
-
-        return read_state_dict(spec.split(",")[1].strip(), kind="var")["class_emb.weight"].shape[0] - 1
-    return _load_models(spec, "cpu")[1].num_classes
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:

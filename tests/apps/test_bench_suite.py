@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import costs  # noqa: E402
@@ -55,6 +56,38 @@ def test_gpu_floor_var_d30_matches_the_known_figure():
     assert gpt["passes"] == 1 + 3 + (256 // 4 - 1)
     # linear FLOPs dominate: at least 2 * 2 (CFG) * tokens * parameters of the blocks
     assert gpt["transformer_flops"] > 2 * 2 * 256 * 12 * 12 * 768 * 768
+
+
+def test_code_cost_is_the_drafter_scales_plus_the_refiner():
+    """CoDe N: the d30 drafter's first N scales, the d16 refiner's prefill of them (no head) and its other scales;
+    between the refiner alone and the drafter alone, growing with N."""
+    d16, d30 = costs.var_image_cost("d16")["transformer_flops"], costs.var_image_cost("d30")["transformer_flops"]
+    code = [costs.code_image_cost(n)["transformer_flops"] for n in (6, 7, 8, 9)]
+    assert d16 < code[0] < code[1] < code[2] < code[3] < d30
+    from varcore.models import VAR_CONFIGS
+
+    _, var = VAR_CONFIGS["d16"].build(torch.device("meta"))
+    head = 2 * 2 * var.C * var.V * var.begin_ends[7][1]  # both CFG halves, the tokens of scales 0..7
+    assert costs.flops_per_image(var, 0, 8) - costs.flops_per_image(var, 0, 8, head=False) == pytest.approx(head)
+    assert costs.flops_per_image(var, 0, 8) + costs.flops_per_image(var, 8) == pytest.approx(d16)
+
+
+def test_fid_run_hours_cover_every_preset():
+    from varcore.presets import PRESETS
+
+    rows = {r["preset"]: r for r in costs.fid_run_hours()}
+    assert set(rows) == set(PRESETS)
+    assert rows["llamagen-xl"]["passes"] == 576 and rows["par-xl-4x"]["passes"] == 147
+    assert rows["par-3b-16x"]["passes"] == 51 and rows["var-d36"]["px"] == 512
+    # the same transformer: PAR's fewer passes only lower the weight-reading floor
+    assert rows["par-xl-4x"]["TFLOP_img"] == pytest.approx(rows["llamagen-xl"]["TFLOP_img"])
+    assert rows["par-xl-4x"]["H100-SXM5 h"] < rows["llamagen-xl"]["H100-SXM5 h"]
+    # hours = 50,000 images x the per-image floor / utilisation
+    twice = {r["preset"]: r for r in costs.fid_run_hours(utilisation=0.15)}
+    assert twice["var-d16"]["A100-SXM4-80GB h"] == pytest.approx(2 * rows["var-d16"]["A100-SXM4-80GB h"])
+    peak, _ = costs.GPUS["A100-SXM4-80GB"]
+    assert rows["var-d16"]["A100-SXM4-80GB h"] == pytest.approx(
+        50_000 * rows["var-d16"]["TFLOP_img"] * 1e12 / peak / 0.3 / 3600)
 
 
 def test_plots_draw_from_a_report(tmp_path):

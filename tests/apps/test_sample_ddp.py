@@ -324,8 +324,10 @@ def test_the_whole_50k_plan_has_distinct_streams():
 
 
 # ---------------------------------------------------------------------------------------------- model defaults
-@pytest.mark.parametrize("name", ["digits-var", "digits-var-small", "digits-code"])
+@pytest.mark.parametrize("name", ["digits-var", "digits-var-small", "digits-code", "digits-par", "digits-raster"])
 def test_bundled_models_run_with_their_own_defaults(name, tmp_path):
+    """Every model `varcore sample` accepts, with the defaults of its family (VAR's top_p 0 and LlamaGen's 1.0 are
+    both 'off')."""
     from varcore.digits import BUNDLED
 
     out = sample_ddp.main(["--model", name, "--per-class", "1", "--classes", "0,3", "--out", str(tmp_path),
@@ -333,7 +335,134 @@ def test_bundled_models_run_with_their_own_defaults(name, tmp_path):
     arr, labels = _load(tmp_path)
     assert out == tmp_path / "samples.npz" and arr.shape == (2, 16, 16, 3) and labels.tolist() == [0, 3]
     record = json.loads((tmp_path / "run.json").read_text())
-    assert (record["cfg"], record["top_k"], record["top_p"]) == (BUNDLED[name].cfg, 0, 0.0)
+    gpt = BUNDLED[name].family == "gpt"
+    assert (record["cfg"], record["top_k"], record["top_p"]) == (BUNDLED[name].cfg, 0, 1.0 if gpt else 0.0)
+
+
+def _gpt_files(tmp_path, M=2, grid=4):
+    """A tiny VQ-16 and a PAR GPT (M x M regions, grid x grid tokens) saved as the official files."""
+    from tiny_gpt import tiny
+    from varcore.models.vq16 import ModelArgs as VQArgs, VQModel
+
+    torch.manual_seed(0)
+    vq = VQModel(VQArgs(codebook_size=16, codebook_embed_dim=8, z_channels=32, ch=32, encoder_ch_mult=[1, 2],
+                        decoder_ch_mult=[1, 2], num_res_blocks=1)).eval()
+    gpt = tiny(M=M, grid=grid, classes=4)
+    torch.save({"model": vq.state_dict()}, tmp_path / "vq.pt")
+    torch.save({"model": gpt.state_dict()}, tmp_path / "gpt.pt")
+    return vq, gpt, f"{tmp_path / 'vq.pt'},{tmp_path / 'gpt.pt'}"
+
+
+@pytest.fixture
+def tiny_vq_loader(monkeypatch):
+    """load_vq16 reads the codebook off the file but takes the rest of the architecture as arguments, and load_gpt
+    the head count of a width without a named config: give them the tiny ones'."""
+    import functools
+
+    from varcore import checkpoints
+
+    monkeypatch.setattr(checkpoints, "load_vq16", functools.partial(
+        checkpoints.load_vq16, z_channels=32, ch=32, encoder_ch_mult=[1, 2], decoder_ch_mult=[1, 2],
+        num_res_blocks=1))
+    monkeypatch.setattr(checkpoints, "load_gpt", functools.partial(checkpoints.load_gpt, n_head=2))
+
+
+def test_gpt_checkpoint_by_path_with_per_image_seeds(tmp_path, tiny_vq_loader):
+    """VQ_PATH,GPT_PATH samples with PARSampler from the per-image seeds, LlamaGen's defaults and its uint8
+    conversion; --image-size resizes as the official evaluation does (384 -> 256 there, 8 -> 6 here)."""
+    from varcore.sampling.par import PARSampler, to_uint8
+
+    vq, gpt, spec = _gpt_files(tmp_path)
+    out = tmp_path / "run"
+    sample_ddp.main(["--model", spec, "--grid-size", "4", "--per-class", "2", "--classes", "1,3", "--batch-size",
+                     "4", "--seed", "5", "--image-size", "6", "--out", str(out), "--no-progress"])
+    arr, labels = _load(out)
+    assert arr.shape == (4, 6, 6, 3) and labels.tolist() == [1, 1, 3, 3]
+    record = json.loads((out / "run.json").read_text())
+    assert (record["cfg"], record["top_k"], record["top_p"], record["image_size"]) == (1.5, 0, 1.0, 6)
+    items = [(1, 0), (1, 1), (3, 0), (3, 1)]
+    img = PARSampler(gpt, vq, fast=True).sample(torch.tensor([c for c, _ in items]), cfg_scale=1.5, image_size=6,
+                                                seeds=[sample_ddp.image_seed(5, c, i) for c, i in items])
+    np.testing.assert_array_equal(arr, to_uint8(img).numpy())
+
+
+@pytest.mark.parametrize("extra,match", [(("--dtype", "bf16"), "GPT samplers run in fp32"),
+                                         (("--more-smooth",), "no more_smooth"),
+                                         (("--temperature", "1.0,1.1"), "one temperature"),
+                                         (("--top-k", "17"), "top_k must be <= the vocabulary size 16")])
+def test_gpt_refuses_var_only_settings(tmp_path, tiny_vq_loader, extra, match):
+    _, _, spec = _gpt_files(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        sample_ddp.main(["--model", spec, "--grid-size", "4", "--per-class", "1", "--classes", "0",
+                         "--out", str(tmp_path / "run"), "--no-progress", *extra])
+
+
+@pytest.mark.parametrize("model,grid,match", [("digits-var", 4, "VAR model and it has no token grid"),
+                                              ("digits-par", 24, "its grid is 16")])
+def test_grid_size_only_for_gpt_checkpoints_by_path(tmp_path, model, grid, match):
+    with pytest.raises(ValueError, match=match):
+        sample_ddp.main(["--model", model, "--grid-size", str(grid), "--per-class", "1", "--classes", "0",
+                         "--out", str(tmp_path), "--no-progress"])
+
+
+def test_gpt_zoo_names_load_from_the_root(tmp_path, tiny_vq_loader, monkeypatch):
+    """A GPT zoo name reads LlamaGen's vq_ds16_c2i.pt and the released file from --root."""
+    from varcore import checkpoints
+
+    vq, gpt, _ = _gpt_files(tmp_path)
+    (tmp_path / "vq.pt").rename(tmp_path / checkpoints.VQ16_FILE)
+    (tmp_path / "gpt.pt").rename(tmp_path / checkpoints.GPT_ZOO["par-xl-4x"][0])
+    monkeypatch.setattr(checkpoints, "load_gpt", lambda path, device="cpu": checkpoints.gpt_state_dict(path))
+    monkeypatch.setenv("VARCORE_HOME", str(tmp_path))
+    loaded_vq, state = checkpoints.from_pretrained("par-xl-4x")
+    assert state.keys() == gpt.state_dict().keys()
+    torch.testing.assert_close(loaded_vq.quantize.embedding.weight, vq.quantize.embedding.weight)
+    facts = sample_ddp._model_facts("par-xl-4x")
+    assert (facts.family, facts.num_classes, facts.vocab_size) == ("gpt", 1000, 16384)
+
+
+def test_two_gloo_processes_equal_one_process_for_a_gpt(tmp_path):
+    """The GPTs shard as the VARs do: per-image seeds make the file independent of the number of processes."""
+    args = ["--model", "digits-par", "--per-class", "2", "--classes", "0,4,7", "--batch-size", "2", "--seed", "3",
+            "--no-progress"]
+    _wait(_torchrun(2, [*args, "--out", str(tmp_path / "ws2")]))
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun's workers
+    try:
+        sample_ddp.main([*args, "--out", str(tmp_path / "ws1")])
+    finally:
+        torch.set_num_threads(torch_threads)
+    a2, l2 = _load(tmp_path / "ws2")
+    a1, l1 = _load(tmp_path / "ws1")
+    assert a2.shape == (6, 16, 16, 3) and l2.tolist() == [0, 0, 4, 4, 7, 7]
+    np.testing.assert_array_equal(a1, a2)
+
+
+def test_auto_dtype_is_rank_0s_choice_on_every_rank(tmp_path):
+    """Each rank would measure its own dtype (here rank 1 is made to prefer bf16): rank 0's choice goes to all, so
+    every shard is sampled and recorded in one dtype."""
+    script = tmp_path / "run_ranks.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        "from varcore import sample_ddp\n"
+        "from varcore.sampling import auto_dtype\n"
+        "choice = torch.float32 if os.environ['RANK'] == '0' else torch.bfloat16\n"
+        "auto_dtype._CHOICE[('cpu', None)] = choice\n"
+        "sample_ddp.main(sys.argv[1:])\n")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "--model", "digits-var", "--per-class", "2", "--classes", "0,1", "--batch-size", "1", "--dtype", "auto",
+           "--device", "cpu", "--out", str(out), "--no-progress"]
+    root = str(Path(sample_ddp.__file__).resolve().parents[1])  # the script runs outside the checkout
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _wait(proc)
+    assert json.loads((out / "run.json").read_text())["dtype"] == "fp32"
+    for shard in sorted((out / "shards").glob("shard_*.npz")):
+        with np.load(shard) as f:
+            assert json.loads(str(f["settings"]))["dtype"] == "fp32"
+    assert _load(out)[0].shape == (4, 16, 16, 3)
 
 
 def test_default_top_k_is_capped_at_the_vocabulary(model_spec, tmp_path):

@@ -5,7 +5,7 @@ They mirror the official ``models/helpers.py`` semantics, including in-place fil
 random draws, so that the same generator state gives the same tokens.
 """
 import math
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -259,13 +259,15 @@ DRAWS = ("multinomial", "inverse_cdf")
 
 def draw_llamagen(logits_BnV: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                   sample_logits: bool = True, method: str = "multinomial",
-                  generator: Optional[torch.Generator] = None,
+                  generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
                   nonfinite: Optional[torch.Tensor] = None) -> torch.Tensor:
     """LlamaGen's draw (the official ``sample``/``sample_multi``): (B, n, V) logits -> (B, n) tokens.
 
     Temperature, top-k and top-p (:func:`top_k_top_p_filtering`), softmax, then one draw over all B*n rows:
     ``method="multinomial"`` (the official draw and RNG stream) or ``"inverse_cdf"`` (:func:`inverse_cdf_sample`,
     the same distribution from one uniform per row); ``sample_logits=False`` takes the most likely token.
+    ``generator`` may be a sequence of B generators, one per image: image b's n rows are then drawn from its own
+    generator alone, so its tokens do not depend on the other images of the batch.
     ``nonfinite`` (a bool scalar tensor) is or-ed with whether any row is non-finite, on the device: the random
     draws refuse such rows and the greedy one would return token 0, so the caller can say why afterwards.
     """
@@ -283,12 +285,18 @@ def draw_llamagen(logits_BnV: torch.Tensor, temperature: float = 1.0, top_k: int
         nonfinite.logical_or_(nonfinite_rows(logits).any())
     probs = F.softmax(logits, dim=-1)
     if not sample_logits:
-        idx = torch.topk(probs, k=1, dim=-1)[1]
-    elif method == "inverse_cdf":
-        idx = inverse_cdf_sample(probs, generator=generator, nonfinite=nonfinite)
-    else:
-        idx = torch.multinomial(probs, num_samples=1, generator=generator)
-    return idx.view(B, n)
+        return torch.topk(probs, k=1, dim=-1)[1].view(B, n)
+
+    def draw(rows_NV, gen):
+        if method == "inverse_cdf":
+            return inverse_cdf_sample(rows_NV, generator=gen, nonfinite=nonfinite)
+        return torch.multinomial(rows_NV, num_samples=1, generator=gen)
+
+    if generator is None or isinstance(generator, torch.Generator):
+        return draw(probs, generator).view(B, n)
+    if len(generator) != B:
+        raise ValueError(f"generator must be one generator or B={B} of them, got {len(generator)}")
+    return torch.cat([draw(probs[b * n:(b + 1) * n], g) for b, g in enumerate(generator)]).view(B, n)
 
 
 def check_bool(value, name: str) -> bool:

@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from varcore.models.gpt import Transformer, unwrap_compiled
 from varcore.ops.par_order import par_scatter
+from varcore.sampling.rng import generators
 from varcore.sampling.draw import (DRAWS, check_images_finite, check_number, draw_llamagen, guide_llamagen,
                                    label_tensor, raise_if_nonfinite, top_k_top_p_filtering)
 
@@ -149,7 +150,8 @@ class PARSampler:
                       cfg_interval: float = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                       sample_logits: bool = True, generator: Optional[torch.Generator] = None,
                       order: str = "raster", num_tokens: Optional[int] = None,
-                      steps: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+                      steps: Optional[Tuple[int, int]] = None, seeds: Optional[Sequence[int]] = None
+                      ) -> torch.Tensor:
         """Tokens for ``labels`` (B,): (B, G, G) int64 in raster order, or (B, L) in PAR order with
         ``order="par"``. ``cfg_scale`` <= 1 disables guidance (no doubled batch).
 
@@ -158,6 +160,10 @@ class PARSampler:
         whole parallel steps. ``steps`` = (a, g) overrides the model's layout (a = ``ar_token_num`` tokens drawn
         one at a time, then g = ``spe_token_num + 1`` per step); the official ``generate`` decodes with its own
         ``ar_token_num`` whatever the model was built with, and :func:`generate` passes it here.
+
+        ``seeds`` (B ints in [0, 2**64), instead of ``generator``) gives each image its own generator
+        (:func:`varcore.sampling.rng.seeded_generator`): an image's tokens then depend on its seed and label only,
+        not on the rest of the batch (up to the float rounding of the batched forward).
         """
         model = self.model
         if order not in ("raster", "par"):
@@ -178,6 +184,10 @@ class PARSampler:
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         labels = label_tensor(labels, model.num_classes, model.tok_embeddings.weight.device)
         B, cfg = labels.shape[0], cfg_scale > 1.0
+        if seeds is not None:
+            if generator is not None:
+                raise ValueError("give either generator or seeds, not both")
+            generator = generators(B, labels.device, seeds=seeds)
         nonfinite = torch.zeros((), dtype=torch.bool, device=labels.device)  # set by any non-finite row
         draw = dict(temperature=temperature, top_k=top_k, top_p=top_p, sample_logits=sample_logits,
                     method=self.draw, generator=generator, nonfinite=nonfinite)
@@ -225,9 +235,11 @@ class PARSampler:
     @torch.no_grad()
     def sample(self, labels: Union[torch.Tensor, Sequence[int], int], cfg_scale: float = 1.5,
                cfg_interval: float = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               generator: Optional[torch.Generator] = None, image_size: Optional[int] = None) -> torch.Tensor:
+               generator: Optional[torch.Generator] = None, image_size: Optional[int] = None,
+               seeds: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Images in [-1, 1] (B, 3, H, W) decoded by the VQ tokenizer, bicubic-resized to ``image_size`` when given
-        (the official evaluation samples at 384 and resizes to 256)."""
+        (the official evaluation samples at 384 and resizes to 256); ``seeds``: one generator per image, as in
+        :meth:`sample_tokens`."""
         if self.vq is None:
             raise ValueError("sample() needs a VQ tokenizer: PARSampler(model, vq=...); use sample_tokens() "
                              "for tokens only")
@@ -235,7 +247,7 @@ class PARSampler:
                                        or image_size < 1):
             raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
         tokens = self.sample_tokens(labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
-                                    top_k=top_k, top_p=top_p, generator=generator, order="raster")
+                                    top_k=top_k, top_p=top_p, generator=generator, order="raster", seeds=seeds)
         B = tokens.shape[0]
         shape = (B, self.vq.config.codebook_embed_dim, self.grid, self.grid)
         images = self.vq.decode_code(tokens.reshape(B, -1).to(self.vq.quant_conv.weight.device), shape)
