@@ -56,6 +56,14 @@ def measure(fn, repeats):
     return statistics.median(times), peak, out[0]
 
 
+CONFIGS = ("drop-in", "fp32", "bf16", "auto")
+
+
+def _config_name(path: str, dtype) -> str:
+    """The --configs name of a configuration: drop-in, fp32 / bf16 (the fast sampler), auto."""
+    return path if path in ("drop-in", "auto") else {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+
+
 def agreement(a, b) -> float:
     return sum(int((x == y).sum()) for x, y in zip(a, b)) / sum(x.numel() for x in a)
 
@@ -69,7 +77,10 @@ def run(args):
     auto = VARSampler(var, dtype="auto", decode_batch=DECODE_BATCH)
     # GEMM throughput before the runs and after each batch size: this machine's speed drifts by up to ~30%, and
     # a single low reading would loosen the FLOP bound; the highest reading (the strictest bound) is used
-    gemm_samples = {dt: [linear_gemm_gflops(dt)] for dt in (torch.float32, torch.bfloat16)}
+    # the ceilings of the dtypes that run (a bf16 GEMM reading takes minutes on a CPU without bf16 instructions)
+    bf16_runs = "bf16" in args.configs or ("auto" in args.configs and auto.dtype == torch.bfloat16)
+    gemm_samples = {dt: [linear_gemm_gflops(dt)] for dt in (torch.float32, torch.bfloat16)
+                    if dt == torch.float32 or bf16_runs}
     flops = flops_per_image(var)
     SN = len(var.patch_nums)
     header = machine_header()
@@ -100,6 +111,8 @@ def run(args):
                         B, labels, g_seed=0, output="both", **SAMPLING)[1]),
                    ("auto", auto.dtype, lambda: auto.sample(B, labels, g_seed=0, output="both", **SAMPLING)[1])]
         for path, dtype, fn in configs:
+            if _config_name(path, dtype) not in args.configs:
+                continue
             name = f"fast auto ({str(dtype)[6:]})" if path == "auto" else f"{path} {str(dtype)[6:]}"
             if over_budget(B, repeats * (0.5 if dtype == torch.bfloat16 else 1.0)):
                 rows.append(dict(B=B, path=name, note="skipped: over the time budget"))
@@ -129,9 +142,9 @@ def run(args):
         for dt, readings in gemm_samples.items():
             readings.append(linear_gemm_gflops(dt))
     gemm = {dt: max(readings) for dt, readings in gemm_samples.items()}
-    header.update(gemm_gflops_fp32=gemm[torch.float32], gemm_gflops_bf16=gemm[torch.bfloat16],
+    header.update(gemm_gflops_fp32=gemm[torch.float32], gemm_gflops_bf16=gemm.get(torch.bfloat16),
                   gemm_gflops_fp32_readings=gemm_samples[torch.float32],
-                  gemm_gflops_bf16_readings=gemm_samples[torch.bfloat16])
+                  gemm_gflops_bf16_readings=gemm_samples.get(torch.bfloat16))
     for row in rows:
         dtype, achieved = row.pop("dtype", None), row.get("GFLOP_s")
         if "ms" in row:
@@ -180,6 +193,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=0, help="timed runs per configuration (default: automatic)")
     parser.add_argument("--budget-min", type=float, default=14.0, help="skip runs predicted to overrun this")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS),
+                        help="configurations to run (default: all); e.g. 'fp32 auto' to compare dtype auto alone "
+                             "on a CPU whose bf16 GEMM is slow")
     parser.add_argument("--json", help="output file (default: bench_results/bench_sampler-<date>.json)")
     args = parser.parse_args()
     args.shape = "quick" if args.quick else "d16"
@@ -189,7 +205,7 @@ def main():
     with torch.inference_mode():
         header, rows, results, flops, gemm = run(args)
     print_header(f"VAR sampler, {args.shape} shape, {flops / 1e9:.0f} GFLOP per image; GEMM fp32 "
-                 f"{gemm[torch.float32]:.0f}, bf16 {gemm[torch.bfloat16]:.0f} GFLOP/s", header)
+                 f"{gemm[torch.float32]:.0f}, bf16 {gemm.get(torch.bfloat16, float('nan')):.0f} GFLOP/s", header)
     print_table(rows, ["B", "path", "ms", "img_s", "ms_scale", "decode_ms", "kv_MiB", "peak_MiB", "GFLOP_s",
                        "pct_gemm", "tokens_vs_fp32", "repeats", "note"])
     compared = ratios(rows, results, flops, gemm)

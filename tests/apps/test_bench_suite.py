@@ -90,6 +90,19 @@ def test_fid_run_hours_cover_every_preset():
         50_000 * rows["var-d16"]["TFLOP_img"] * 1e12 / peak / 0.3 / 3600)
 
 
+def test_bench_sampler_compares_auto_with_float32():
+    import bench_sampler
+
+    names = [bench_sampler._config_name(p, d) for p, d in [("drop-in", torch.float32), ("fast", torch.float32),
+                                                            ("fast", torch.bfloat16), ("auto", torch.bfloat16)]]
+    assert names == list(bench_sampler.CONFIGS)
+    tokens = [torch.zeros(1, 1)]
+    results = {(8, "fast", torch.float32): (100.0, None, tokens), (8, "auto", torch.float32): (105.0, None, tokens),
+               (1, "auto", torch.bfloat16): (50.0, None, tokens)}  # no fp32 run at B=1: no ratio there
+    rows = bench_sampler.ratios([], results, 1e9, {torch.float32: 1.0, torch.bfloat16: 1.0})
+    assert rows == [{"ratio": "B=8: fast auto time / fast fp32 time", "value": pytest.approx(1.05)}]
+
+
 def test_plots_draw_from_a_report(tmp_path):
     pytest.importorskip("matplotlib")
     import plots
