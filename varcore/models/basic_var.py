@@ -12,7 +12,13 @@ import torch.nn.functional as F
 
 from varcore.ops.attention import attend, visible_end_mask
 
-__all__ = ["attention", "StaticKVCache", "DropPath", "FFN", "SelfAttention", "AdaLNSelfAttn", "AdaLNBeforeHead"]
+__all__ = ["attention", "autocasting", "StaticKVCache", "DropPath", "FFN", "SelfAttention", "AdaLNSelfAttn",
+           "AdaLNBeforeHead"]
+
+
+def autocasting(device: torch.device) -> bool:
+    """Whether autocast is on for ``device``'s type (False where autocast does not exist, e.g. the meta device)."""
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
 
 
 def attention(q_BHLc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor,
@@ -29,7 +35,7 @@ def attention(q_BHLc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor,
     dtype = v_BHLc.dtype
     q_BHLc, k_BHLc = q_BHLc.to(dtype), k_BHLc.to(dtype)
     if attn_bias is not None and not attn_bias.is_floating_point():
-        if dropout_p == 0.0 and not torch.is_autocast_enabled(v_BHLc.device.type):
+        if dropout_p == 0.0 and not autocasting(v_BHLc.device):
             return attend(q_BHLc, k_BHLc, v_BHLc, visible_end=attn_bias, scale=scale)
         # the kernel has no attention dropout; under autocast the official additive mask gives the official values
         attn_bias = torch.zeros((), dtype=dtype, device=v_BHLc.device).masked_fill(
@@ -229,7 +235,7 @@ class SelfAttention(nn.Module):
         if self.attn_l2_norm:
             # under autocast in q's dtype, as official (autocast decides: float32 on CUDA, the autocast dtype on the
             # CPU); otherwise (a reduced-precision sampler's weights) in at least float32
-            if not torch.is_autocast_enabled(q.device.type):
+            if not autocasting(q.device):
                 f32 = torch.promote_types(q.dtype, torch.float32)
                 q, k = q.to(f32), k.to(f32)
             q = F.normalize(q, dim=-1).mul(w[4])

@@ -22,7 +22,7 @@ import torch.nn as nn
 from varcore.ops.quant import check_patch_nums
 from varcore.ops.value_checks import check_range
 
-from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn
+from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn, autocasting
 from .vqvae import VQVAE
 
 __all__ = ["VAR", "SharedAdaLin"]
@@ -200,7 +200,6 @@ class VAR(nn.Module):
         device = x_BLCv_wo_first_l.device
         label_B = label_B.to(device)
 
-        autocast_ok = torch.amp.is_autocast_available(device.type)  # False e.g. on the meta device
         # as official, only CUDA autocast is switched off here: under CPU autocast word_embed runs in its dtype
         with torch.autocast("cuda", enabled=False):
             if self.training and self.cond_drop_rate > 0:
@@ -215,8 +214,7 @@ class VAR(nn.Module):
             x_BLC += self.lvl_embed(self.lvl_1L[:, :mask_l].expand(B, -1)) + self.pos_1LC[:, :mask_l]
 
         cond_BD_or_gss = self.shared_ada_lin(cond_BD)
-        autocasting = autocast_ok and torch.is_autocast_enabled(device.type)
-        main_type = torch.get_autocast_dtype(device.type) if autocasting else x_BLC.dtype
+        main_type = torch.get_autocast_dtype(device.type) if autocasting(device) else x_BLC.dtype
         x_BLC = x_BLC.to(main_type)
         cond_BD_or_gss = cond_BD_or_gss.to(main_type)
         # attn_bias_for_masking as "query i sees keys [0, visible_end[i])", the form the attention kernel takes;
