@@ -15,11 +15,18 @@ import torch
 import torch.nn.functional as F
 
 import varcore
+from half_gemm import require_recorded_rounding
 from varcore.models import VAR, VQVAE, build_vae_var_ctf
 from varcore.models.basic_var import attention
 from varcore.ops.attention import var_visible_end, visible_end_mask
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The GEMM fingerprints (tests/half_gemm.py) of the machine that recorded expected_autocast.pt (AMD EPYC, AVX2).
+RECORDED_ROUNDING = {"bfloat16": "13ac799d03823b74", "float16": "3b65ff2295f5c733"}
+
+
+def _require_recorded_rounding(name):
+    require_recorded_rounding(DTYPES[name], RECORDED_ROUNDING, "expected_autocast.pt")
 
 
 def _load(folder, name):
@@ -53,6 +60,7 @@ def test_every_autocast_key_is_checked(var_small):
 
 @pytest.mark.parametrize("name", sorted(DTYPES))
 def test_forward_under_autocast_equals_official(var_small, name):
+    _require_recorded_rounding(name)
     var, _, expected, amp = var_small
     with torch.autocast("cpu", dtype=DTYPES[name]):
         logits = var(expected["labels"], expected["var_input_BLCv"])
@@ -65,6 +73,7 @@ def test_forward_under_autocast_equals_official(var_small, name):
 @pytest.mark.parametrize("name", sorted(DTYPES))
 @pytest.mark.parametrize("i", [0, 1])
 def test_sampling_under_autocast_equals_official(var_small, name, i):
+    _require_recorded_rounding(name)
     var, cfg, expected, amp = var_small
     kw = dict(B=cfg["config"]["B"], label_B=expected["labels"], **cfg["samples"][i])
     with torch.autocast("cpu", dtype=DTYPES[name]):
@@ -119,6 +128,7 @@ def _code_kwargs(cfg, labels):
 
 @pytest.mark.parametrize("name", sorted(DTYPES))
 def test_code_tokens_under_autocast_equal_official(code_small, name):
+    _require_recorded_rounding(name)
     drafter, refiner, cfg, expected, amp = code_small
     N, kw = _code_kwargs(cfg, expected["labels"])
     with torch.inference_mode(), torch.autocast("cpu", dtype=DTYPES[name]):
@@ -133,6 +143,7 @@ def test_code_tokens_under_autocast_equal_official(code_small, name):
 @pytest.mark.slow  # the 256 px decoder in half precision on the CPU: minutes
 @pytest.mark.parametrize("name", sorted(DTYPES))
 def test_code_images_under_autocast_equal_official(code_small, name):
+    _require_recorded_rounding(name)
     drafter, refiner, cfg, expected, amp = code_small
     N, kw = _code_kwargs(cfg, expected["labels"])
     with torch.inference_mode(), torch.autocast("cpu", dtype=DTYPES[name]):
