@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from varcore.models import VAR, VQVAE
+from tiny_var import tiny_var, tiny_vae
 from varcore.sampling.code import CoDeSampler
 from varcore.sampling.var import VARSampler
 
@@ -13,17 +13,11 @@ PATCH_NUMS = (1, 2, 3, 4, 5)
 
 
 def _vae(seed=0):
-    torch.manual_seed(seed)
-    return VQVAE(vocab_size=64, z_channels=8, ch=32, share_quant_resi=4, v_patch_nums=PATCH_NUMS, ch_mult=(1, 1))
+    return tiny_vae(PATCH_NUMS, seed)
 
 
 def _var(vae, depth=2, width=64, seed=1):
-    torch.manual_seed(seed)
-    var = VAR(vae, num_classes=10, depth=depth, embed_dim=width, num_heads=2, patch_nums=PATCH_NUMS)
-    with torch.no_grad():
-        for p in var.parameters():
-            p.normal_(0, 1 / max(p.shape[-1], 1) ** 0.5)
-    return var.eval()
+    return tiny_var(vae, depth, width, seed).eval()
 
 
 @pytest.fixture(scope="module")
