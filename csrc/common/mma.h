@@ -8,19 +8,22 @@
 //   fill(acc, v), load_acc(acc, ptr, ld), store_acc(ptr, ld, acc)   accumulator from / to row-major float memory
 //   mma(acc, a, b)                      acc += a * b
 //
-// Every call is warp-collective (all 32 lanes of a warp, blocks one-dimensional), like nvcuda::wmma. With nvcc
-// and T = __half or __nv_bfloat16 these are the WMMA API (sm_70+ for half, sm_80+ for bf16). Otherwise (float
-// under nvcc, every type under the emulation) a portable version does the same arithmetic with FMAs: each lane
-// owns 8 accumulator elements, and an input fragment records its address and is read when mma runs, so the
-// memory behind a fragment must not change between load and mma (true for WMMA code that follows the usual
-// load-then-mma pattern between barriers). Pointers must be 32-byte aligned and ld a multiple of 8 (WMMA rule).
+// Every call is warp-collective (all 32 lanes of a warp, blocks one-dimensional), like nvcuda::wmma. For
+// T = __half or __nv_bfloat16 these are the WMMA API (sm_70+ for half, sm_80+ for bf16): on a GPU the tensor
+// cores, under the emulation its host implementation (csrc/simt/simt_wmma.h), so the emulated tests run this
+// branch too. For float a portable version does the same arithmetic with FMAs: each lane owns 8 accumulator
+// elements, and an input fragment records its address and is read when mma runs, so the memory behind a fragment
+// must not change between load and mma (true for WMMA code that follows the usual load-then-mma pattern between
+// barriers). Pointers must be 32-byte aligned and ld a multiple of 8 (WMMA rule; the emulation checks it).
 #pragma once
 
 #include <type_traits>
 
 #include "common/cuda_compat.h"
 
-#ifndef VARCORE_SIMT
+#ifdef VARCORE_SIMT
+#include "simt/simt_wmma.h"
+#else
 #include <mma.h>
 #endif
 
@@ -111,8 +114,7 @@ struct AccOf {
   using type = PortableAcc;
 };
 
-// ---- WMMA (nvcc, 16-bit inputs) ---------------------------------------------------------------------------------
-#ifndef VARCORE_SIMT
+// ---- WMMA (16-bit inputs) ---------------------------------------------------------------------------------------
 namespace wm = nvcuda::wmma;
 
 template <class Layout>
@@ -149,7 +151,6 @@ VC_DEVICE_INLINE void mma(WmmaAcc& acc, const wm::fragment<wm::matrix_a, 16, 16,
                           const wm::fragment<wm::matrix_b, 16, 16, 16, T, LB>& b) {
   wm::mma_sync(acc, a, b, acc);
 }
-#endif
 
 template <class T, class Layout>
 using FragA = typename Frags<T, Layout>::A;

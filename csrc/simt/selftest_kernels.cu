@@ -3,6 +3,7 @@
 // tests/ops/test_simt.py compare them with PyTorch; two of them are wrong on purpose (a missing barrier, a barrier in
 // divergent code) and one misuses warp operations, to show that the emulator catches such bugs.
 #include "../common/cuda_compat.h"
+#include "../common/mma.h"
 
 namespace varcore::simt_selftest {
 
@@ -463,6 +464,54 @@ __global__ void warp_misuse_kernel(float* out, int mode) {
 
 void warp_misuse(float* out, int mode, cudaStream_t stream) {
   VC_LAUNCH(warp_misuse_kernel, 1, 32, 0, stream, out, mode);
+  VC_CHECK_LAUNCH();
+}
+
+// ---- tensor-core fragments (common/mma.h) -------------------------------------------------------------------
+
+// One warp: d = a * b + c for 16x16 tiles through common/mma.h (WMMA for 16-bit T), with a and b in memory
+// row- or col-major with leading dimension ld (a at element a_offset of its buffer), c and d row-major float
+// (ld 16). Each lane also writes the elements its fragments hold after loading ((32, 8) floats each), so that
+// the tests can check the fragment layout itself.
+template <class T, class LA, class LB>
+__global__ void wmma_kernel(const T* a, const T* b, const float* c, float* d, float* frag_a, float* frag_b,
+                            float* frag_c, int ld) {
+  mma::FragA<T, LA> fa;
+  mma::FragB<T, LB> fb;
+  mma::Acc<T> acc;
+  mma::load(fa, a, ld);
+  mma::load(fb, b, ld);
+  mma::load_acc(acc, c, 16);
+  const int lane = static_cast<int>(threadIdx.x);
+  for (int i = 0; i < 8; ++i) {
+    frag_a[lane * 8 + i] = mma::to_float(fa.x[i]);
+    frag_b[lane * 8 + i] = mma::to_float(fb.x[i]);
+    frag_c[lane * 8 + i] = acc.x[i];
+  }
+  mma::mma(acc, fa, fb);
+  mma::store_acc(d, 16, acc);
+}
+
+template <class T>
+void wmma_tile(const T* a, const T* b, const float* c, float* d, float* frags, bool a_col, bool b_col, int ld,
+               cudaStream_t stream) {
+  float *fa = frags, *fb = frags + 256, *fc = frags + 512;
+  using R = mma::row_major;
+  using C = mma::col_major;
+  // WMMA fragments of one product share a layout pair; each combination is its own instantiation
+  if (!a_col && !b_col) {
+    auto k = wmma_kernel<T, R, R>;
+    VC_LAUNCH(k, 1, 32, 0, stream, a, b, c, d, fa, fb, fc, ld);
+  } else if (!a_col) {
+    auto k = wmma_kernel<T, R, C>;
+    VC_LAUNCH(k, 1, 32, 0, stream, a, b, c, d, fa, fb, fc, ld);
+  } else if (!b_col) {
+    auto k = wmma_kernel<T, C, R>;
+    VC_LAUNCH(k, 1, 32, 0, stream, a, b, c, d, fa, fb, fc, ld);
+  } else {
+    auto k = wmma_kernel<T, C, C>;
+    VC_LAUNCH(k, 1, 32, 0, stream, a, b, c, d, fa, fb, fc, ld);
+  }
   VC_CHECK_LAUNCH();
 }
 

@@ -12,6 +12,7 @@
 #include <climits>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #include "selftest_kernels.cu"
 
@@ -251,6 +252,37 @@ at::Tensor selftest_launch(int64_t gx, int64_t gy, int64_t gz, int64_t bx, int64
   return count;
 }
 
+// d = a * b + c for one 16x16 tile through common/mma.h, plus what each lane's fragments hold: a_mem and b_mem
+// are 1-D __half or bfloat16 buffers holding the tiles row- or col-major with leading dimension ld (a from
+// element a_offset on), c is (16, 16) float. Returns d (16, 16) and the a, b and c fragments (32, 8) each.
+std::vector<at::Tensor> selftest_wmma(const at::Tensor& a_mem, const at::Tensor& b_mem, const at::Tensor& c,
+                                      bool a_col_major, bool b_col_major, int64_t ld, int64_t a_offset) {
+  const auto dtype = a_mem.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, "a_mem must be float16 or bfloat16, got ", dtype);
+  check_vector(a_mem, "a_mem", dtype);
+  check_vector(b_mem, "b_mem", dtype);
+  check_input(c, "c", at::kFloat);
+  TORCH_CHECK(c.dim() == 2 && c.size(0) == 16 && c.size(1) == 16, "c must be (16, 16), got ", c.sizes());
+  TORCH_CHECK(ld >= 16 && ld <= 1024, "ld must be in [16, 1024], got ", ld);
+  TORCH_CHECK(a_offset >= 0 && a_offset < 64, "a_offset must be in [0, 64), got ", a_offset);
+  TORCH_CHECK(a_mem.numel() >= a_offset + 15 * ld + 16, "a_mem must hold a_offset + 15 * ld + 16 = ",
+              a_offset + 15 * ld + 16, " elements, got ", a_mem.numel());
+  TORCH_CHECK(b_mem.numel() >= 15 * ld + 16, "b_mem must hold 15 * ld + 16 = ", 15 * ld + 16, " elements, got ",
+              b_mem.numel());
+  at::Tensor d = at::empty({16, 16}, c.options());
+  at::Tensor frags = at::empty({3, 32, 8}, c.options());
+  if (dtype == at::kHalf) {
+    wmma_tile(reinterpret_cast<const __half*>(a_mem.data_ptr<at::Half>()) + a_offset,
+              reinterpret_cast<const __half*>(b_mem.data_ptr<at::Half>()), c.data_ptr<float>(), d.data_ptr<float>(),
+              frags.data_ptr<float>(), a_col_major, b_col_major, static_cast<int>(ld), nullptr);
+  } else {
+    wmma_tile(reinterpret_cast<const __nv_bfloat16*>(a_mem.data_ptr<at::BFloat16>()) + a_offset,
+              reinterpret_cast<const __nv_bfloat16*>(b_mem.data_ptr<at::BFloat16>()), c.data_ptr<float>(),
+              d.data_ptr<float>(), frags.data_ptr<float>(), a_col_major, b_col_major, static_cast<int>(ld), nullptr);
+  }
+  return {d, frags[0], frags[1], frags[2]};
+}
+
 }  // namespace
 }  // namespace varcore::simt_selftest
 
@@ -271,6 +303,8 @@ TORCH_LIBRARY_FRAGMENT(varcore_simt, m) {
   m.def("selftest_divergent_barrier(Tensor x, int threads) -> Tensor");
   m.def("selftest_warp_misuse(int mode) -> Tensor");
   m.def("selftest_shuffle_modes(int arg, int width, int exit_lane=-1) -> Tensor");
+  m.def("selftest_wmma(Tensor a_mem, Tensor b_mem, Tensor c, bool a_col_major, bool b_col_major, int ld, "
+        "int a_offset=0) -> Tensor[]");
   m.def("selftest_launch(int gx, int gy, int gz, int bx, int by, int bz, int smem=0, bool opt_in=False) -> Tensor");
 }
 
@@ -288,6 +322,7 @@ TORCH_LIBRARY_IMPL(varcore_simt, CPU, m) {
   m.impl("selftest_half", &selftest_half);
   m.impl("selftest_math", &selftest_math);
   m.impl("selftest_divergent_barrier", &selftest_divergent_barrier);
+  m.impl("selftest_wmma", &selftest_wmma);
 }
 
 // Ops without tensor arguments have no backend to dispatch on.

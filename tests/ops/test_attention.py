@@ -487,3 +487,112 @@ def test_attend(force_reference, layout, monkeypatch):
     assert_close("masked", bhld(att.attend(q, k, v, ends, 0.3, layout), layout), want, 2e-5)
     want_full, _ = oracle(q, k, v, torch.full((30,), 30), 32 ** -0.5, layout)
     assert_close("unmasked", bhld(att.attend(q, k, v, layout=layout), layout), want_full, 2e-5)
+
+
+# ---------------------------------------------------------------------------------------------- masks and backends
+def _masks():
+    """(name, ends tensor, Lk): VAR training with a query that sees nothing, a CoDe prefix continuing a cache
+    (Lq < Lk), PAR's groups."""
+    var = att.var_visible_end((1, 2, 3, 4))
+    var[2] = 0
+    return [("var", var, 30), ("code-cached", att.code_prefill_visible_end(VAR_256, 4, cached_scales=2), 55),
+            ("par", att.par_visible_end(24, 2), 24)]
+
+
+def test_block_causal_mask_checks_once_and_caches():
+    ends = att.var_visible_end((1, 2, 3))
+    mask = att.BlockCausalMask(ends)
+    assert (mask.Lq, mask.Lk) == (14, 14) and mask.ends == tuple(ends.tolist())
+    assert mask.visible_end() is mask.visible_end("cpu") and mask.visible_end().dtype == torch.int32
+    assert mask.dense() is mask.dense() and torch.equal(mask.dense(), att.visible_end_mask(ends, 14))
+    wide = mask.dense(Lk=20)  # more keys than the mask's (a whole KV cache): the extra ones are invisible
+    assert wide.shape == (14, 20) and not wide[:, 14:].any() and torch.equal(wide[:, :14], mask.dense())
+    assert torch.equal(att.visible_end_mask(mask, 20), wide)
+    for bad, err, what in (([1, -1], ValueError, r"\[0, Lk\]"), ([1, 5], ValueError, r"\[0, Lk\] = \[0, 4\]"),
+                           (torch.ones(3), TypeError, "integer tensor"), ([], TypeError, "non-empty"),
+                           ([True, 1], TypeError, "ints"), (torch.ones(2, 2, dtype=torch.long), TypeError, "1-D")):
+        with pytest.raises(err, match=what):
+            att.BlockCausalMask(bad, 4 if bad == [1, 5] else None)
+    with pytest.raises(ValueError, match="Lk must be a positive int"):
+        att.BlockCausalMask([1, 2], 0)
+    q, k, v = make_qkv(1, 2, 14, 14, 8, torch.float32, "bhld", seed=0)
+    with pytest.raises(ValueError, match=r"mask is for \(Lq, Lk\) = \(14, 14\), the inputs have \(13, 14\)"):
+        att.attend(q[:, :, 1:], k, v, mask)
+
+
+@pytest.mark.parametrize("name,ends,Lk", _masks(), ids=[m[0] for m in _masks()])
+def test_attend_mask_object_equals_tensor_without_reading_values(name, ends, Lk):
+    """A BlockCausalMask gives the tensor's result on every CPU route, and the call reads no value on the host."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Reads.count += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = make_qkv(2, 2, len(ends), Lk, 16, torch.float32, "bhld", seed=3)
+    mask = att.BlockCausalMask(ends, Lk)
+    want, _ = oracle(q, k, v, ends, 0.3)
+    for backend in ("kernel", "sdpa") if varcore.ops.extension.LIBRARY is not None else ("sdpa",):
+        with att.use_attention_backend(backend):
+            att.attend(q, k, v, mask, 0.3)  # warm-up: the mask's forms are built on first use
+            with Reads():
+                got = att.attend(q, k, v, mask, 0.3)
+            assert Reads.count == 0, f"{backend}: {Reads.count} host reads"
+            assert_close(f"{backend} mask object", got, want, 2e-5)
+            assert_close(f"{backend} tensor", att.attend(q, k, v, ends, 0.3), want, 2e-5)
+
+
+@pytest.mark.parametrize("layout,masks", [("bhld", 1), pytest.param("bhld", 3, marks=pytest.mark.slow),
+                                          pytest.param("blhd", 3, marks=pytest.mark.slow)])
+def test_flex_route_cpu(layout, masks):
+    """FlexAttention (compiled for the CPU: minutes per shape on 2 cores, so the default run takes one mask)
+    through attend: the mask object's cached BlockMask and a tensor's per-call BlockMask, against the oracle;
+    unmasked calls too."""
+    for name, ends, Lk in _masks()[:masks]:
+        q, k, v = make_qkv(2, 2, len(ends), Lk, 16, torch.float32, layout, seed=5)
+        mask = att.BlockCausalMask(ends, Lk)
+        want, _ = oracle(q, k, v, ends, 0.25, layout)
+        with att.use_attention_backend("flex"):
+            assert att.attention_backend("cpu", masked=True) == "flex"
+            assert_close(f"flex {name} mask", bhld(att.attend(q, k, v, mask, 0.25, layout), layout), want, 2e-5)
+            assert mask.block_mask("cpu") is mask.block_mask("cpu")
+            assert_close(f"flex {name} tensor", bhld(att.attend(q, k, v, ends, 0.25, layout), layout), want, 2e-5)
+    full, _ = oracle(q, k, v, torch.full((q.shape[2 if layout == "bhld" else 1],), Lk), 0.25, layout)
+    with att.use_attention_backend("flex"):
+        assert_close("flex unmasked", bhld(att.attend(q, k, v, scale=0.25, layout=layout), layout), full, 2e-5)
+
+
+def test_backend_choice():
+    """Defaults by device, capability and dtype; forced backends; errors."""
+    choose = att.attention_backend
+    kernel = "kernel" if varcore.ops.extension.LIBRARY is not None else "sdpa"
+    assert choose("cpu", True) == kernel and choose("cpu", False) == "sdpa"
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert choose("cuda", True, dtype, (9, 0)) == "flex"  # never the own kernel's portable path by default
+        assert choose("cuda", True, dtype, (7, 5)) == "sdpa"
+    assert choose("cuda", True, torch.float64, (9, 0)) == "sdpa"
+    assert choose("cuda", False, torch.float32, (9, 0)) == "sdpa"
+    flash = "flash_attn" if att._flash_attn_importable() else "sdpa"
+    assert choose("cuda", False, torch.bfloat16, (9, 0)) == flash
+    assert choose("cuda", False, torch.bfloat16, (7, 5)) == "sdpa"
+    with att.use_attention_backend("sdpa"):
+        assert choose("cpu", True) == "sdpa" and choose("cuda", True, torch.bfloat16, (9, 0)) == "sdpa"
+        with att.use_attention_backend("flex"):
+            assert choose("cpu", True) == "flex"
+        assert choose("cpu", True) == "sdpa"
+    assert choose("cpu", True) == kernel
+    with pytest.raises(ValueError, match="must be one of"):
+        with att.use_attention_backend("triton"):
+            pass
+    if not att._flash_attn_importable():
+        with pytest.raises(ValueError, match=r"varcore\[flash\]"):
+            with att.use_attention_backend("flash_attn"):
+                pass
+    if varcore.ops.extension.LIBRARY is not None:
+        q, k, v = make_qkv(1, 1, 4, 4, 8, torch.float64, "bhld", seed=0)
+        with att.use_attention_backend("kernel"):  # the CPU kernel covers float64
+            assert_close("kernel float64 unmasked", att.attend(q, k, v, scale=0.5),
+                         oracle(q, k, v, torch.full((4,), 4), 0.5)[0], 1e-10)

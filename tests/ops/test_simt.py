@@ -468,3 +468,76 @@ def test_emulated_schemas_are_the_real_ones(ops):
     if library.WITH_CUDA:
         has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key
         assert {name for name in real if has_cuda(f"varcore::{name}", "CUDA")} == set(emulated)
+
+
+# ---- tensor-core fragments ---------------------------------------------------------------------------------
+# The register layout of PTX mma.m16n8k16 that the WMMA emulation documents (csrc/simt/simt_wmma.h), written
+# out independently: (row, column) of element i of lane l, with g = l // 4 and t = l % 4.
+def _layout_a(lane, i):
+    g, t = divmod(lane, 4)
+    return g + 8 * (i // 2 % 2), 2 * t + i % 2 + 8 * (i // 4)
+
+
+def _layout_b(lane, i):
+    g, t = divmod(lane, 4)
+    j = i % 4
+    return 2 * t + j % 2 + 8 * (j // 2), 8 * (i // 4) + g
+
+
+def _layout_acc(lane, i):
+    g, t = divmod(lane, 4)
+    j = i % 4
+    return g + 8 * (j // 2), 8 * (i // 4) + 2 * t + j % 2
+
+
+def _fragment(tile, layout):
+    return torch.tensor([[tile[layout(lane, i)].item() for i in range(8)] for lane in range(32)])
+
+
+def _in_memory(tile, col_major, ld, offset=0):
+    """A 16x16 tile in a 1-D buffer: element (r, c) at offset + r * ld + c (row-major) or + c * ld + r."""
+    mem = torch.full((offset + 16 * ld,), float("nan"), dtype=tile.dtype)
+    view = mem[offset:offset + 16 * ld].view(16, ld)[:, :16]
+    view.copy_(tile.t() if col_major else tile)
+    return mem
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("a_col,b_col", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("ld", [16, 24])
+def test_wmma_fragments(ops, dtype, a_col, b_col, ld):
+    """d = a b + c through common/mma.h's WMMA branch, every layout pair; the fragments hold the documented
+    elements. Inputs are small integers, so every product and sum is exact and d must equal a b + c exactly."""
+    g = torch.Generator().manual_seed(ld + 2 * a_col + b_col)
+    a, b = (torch.randint(-8, 8, (16, 16), generator=g).to(dtype) for _ in range(2))
+    c = torch.randint(-64, 64, (16, 16), generator=g).float()
+    d, frag_a, frag_b, frag_c = ops.selftest_wmma(_in_memory(a, a_col, ld), _in_memory(b, b_col, ld), c, a_col,
+                                                  b_col, ld)
+    torch.testing.assert_close(d, a.float() @ b.float() + c, rtol=0, atol=0)
+    assert torch.equal(frag_a, _fragment(a.float(), _layout_a)), "matrix_a fragment layout"
+    assert torch.equal(frag_b, _fragment(b.float(), _layout_b)), "matrix_b fragment layout"
+    assert torch.equal(frag_c, _fragment(c, _layout_acc)), "accumulator fragment layout"
+
+
+def test_wmma_fragments_of_random_values(ops):
+    """Random bfloat16 tiles: float accumulation of exact products, to float rounding."""
+    g = torch.Generator().manual_seed(7)
+    a, b = (torch.randn(16, 16, generator=g).bfloat16() for _ in range(2))
+    c = torch.randn(16, 16, generator=g)
+    d = ops.selftest_wmma(_in_memory(a, False, 16), _in_memory(b, True, 16), c, False, True, 16)[0]
+    torch.testing.assert_close(d, a.double() @ b.double() + c.double(), rtol=1e-6, atol=1e-5, check_dtype=False)
+
+
+def test_wmma_rules(ops):
+    """As on a GPU: 32-byte aligned pointers and ldm a multiple of 16 bytes, else the launch fails."""
+    a = torch.zeros(16, 16, dtype=torch.float16)
+    c = torch.zeros(16, 16)
+    with pytest.raises(RuntimeError, match="32-byte aligned"):
+        ops.selftest_wmma(_in_memory(a, False, 16, offset=8), _in_memory(a, False, 16), c, False, False, 16, 8)
+    with pytest.raises(RuntimeError, match="multiple of 8 elements"):
+        ops.selftest_wmma(_in_memory(a, False, 20), _in_memory(a, False, 20), c, False, False, 20)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        ops.selftest_wmma(torch.zeros(256), torch.zeros(256), c, False, False, 16)
+    # an aligned offset is fine: 16 half elements are 32 bytes
+    d = ops.selftest_wmma(_in_memory(a, False, 16, offset=16), _in_memory(a, False, 16), c, False, False, 16, 16)[0]
+    assert torch.equal(d, c)

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from varcore.ops.attention import attend, visible_end_mask
+from varcore.ops.attention import BlockCausalMask, attend, visible_end_mask
 
 __all__ = ["attention", "autocasting", "StaticKVCache", "DropPath", "FFN", "SelfAttention", "AdaLNSelfAttn",
            "AdaLNBeforeHead"]
@@ -22,24 +22,24 @@ def autocasting(device: torch.device) -> bool:
 
 
 def attention(q_BHLc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor,
-              attn_bias: Optional[torch.Tensor], scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+              attn_bias, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """Multi-head attention ``softmax(q k^T * scale + mask) v`` -> (B, H, Lq, c).
 
     q may be shorter than k and v (KV-cached inference). ``attn_bias`` is None, an additive float mask
-    broadcastable to (B, H, Lq, Lk) (the official form), or an integer tensor ``visible_end`` of length Lq (query i
-    sees keys ``[0, visible_end[i])``), which runs varcore's block-causal attention kernel when it is built (see
-    :func:`varcore.ops.attention.attend`), except under autocast, where the official call runs: SDPA with the
-    additive mask, all in the autocast dtype. q, k and v are cast to v's dtype first: the L2-normalised q comes out
+    broadcastable to (B, H, Lq, Lk) (the official form), or a block-causal mask (query i sees keys
+    ``[0, visible_end[i])``): a :class:`~varcore.ops.attention.BlockCausalMask` (as the models pass it) or an
+    integer tensor ``visible_end`` of length Lq, which runs through :func:`varcore.ops.attention.attend`, except
+    under autocast, where the official call runs: SDPA with the additive mask, all in the autocast dtype. q, k and v are cast to v's dtype first: the L2-normalised q comes out
     in float32 while v may be half precision.
     """
     dtype = v_BHLc.dtype
     q_BHLc, k_BHLc = q_BHLc.to(dtype), k_BHLc.to(dtype)
-    if attn_bias is not None and not attn_bias.is_floating_point():
+    if isinstance(attn_bias, BlockCausalMask) or (attn_bias is not None and not attn_bias.is_floating_point()):
         if dropout_p == 0.0 and not autocasting(v_BHLc.device):
             return attend(q_BHLc, k_BHLc, v_BHLc, visible_end=attn_bias, scale=scale)
         # the kernel has no attention dropout; under autocast the official additive mask gives the official values
         attn_bias = torch.zeros((), dtype=dtype, device=v_BHLc.device).masked_fill(
-            ~visible_end_mask(attn_bias, k_BHLc.shape[2]), -torch.inf)
+            ~visible_end_mask(attn_bias, k_BHLc.shape[2], v_BHLc.device), -torch.inf)
     if attn_bias is not None:
         attn_bias = attn_bias.to(dtype)
     return F.scaled_dot_product_attention(q_BHLc, k_BHLc, v_BHLc, attn_mask=attn_bias, dropout_p=dropout_p,

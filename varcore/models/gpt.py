@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from varcore.ops import extension
-from varcore.ops.attention import attend, group_visible_end
+from varcore.ops.attention import BlockCausalMask, attend, group_visible_end, visible_end_mask
 from varcore.ops.linear import decode_linear_pack
 from varcore.ops.par_order import par_permutation
 
@@ -178,9 +178,10 @@ def rotate_complex(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * rot[None, :, None]).reshape(B, S, H, D)
 
 
-def attention(q, k, v, visible_end: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The one attention call of the model, (B, H, L, D) layout: query i sees keys [0, visible_end[i]), or every
-    key when ``visible_end`` is None. Swap the backend here."""
+def attention(q, k, v, visible_end=None) -> torch.Tensor:
+    """The one attention call of the model, (B, H, L, D) layout: query i sees keys [0, visible_end[i]) (a
+    :class:`~varcore.ops.attention.BlockCausalMask` or an integer tensor), or every key when ``visible_end`` is
+    None. The backend is :func:`varcore.ops.attention.attend`'s choice."""
     return attend(q, k, v, visible_end=visible_end, layout="bhld")
 
 
@@ -359,8 +360,7 @@ class Attention(nn.Module):
             k, v = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))
         dropout = self.attn_dropout_p if self.training else 0.0
         if dropout > 0 or official_form or packed is not None:
-            mask = None if visible_end is None else \
-                (torch.arange(k.shape[2], device=x.device) < visible_end[:, None]).repeat(B, 1, 1, 1)
+            mask = None if visible_end is None else visible_end_mask(visible_end, k.shape[2], x.device).repeat(B, 1, 1, 1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         else:
             out = attention(q, k, v, visible_end)
@@ -518,7 +518,7 @@ class Transformer(nn.Module):
         h = self.tok_dropout(self.teacher_forcing_embeddings(idx, cond_idx))
         S = h.shape[1]
         freqs = self._rope(0, S, h.device)
-        visible_end = self.visible_end(S, device=h.device)
+        visible_end = self.block_mask(S)
         for layer in self.layers:
             h = layer(h, freqs, visible_end)
         # the last M*M - 1 outputs would predict tokens past the grid: keep len(idx) + 1
@@ -528,6 +528,16 @@ class Transformer(nn.Module):
         """The official group-causal mask over ``seq_len`` positions as "position p sees [0, visible_end[p])":
         causal over the first ``ar_token_num`` positions, then groups of ``spe_token_num + 1``."""
         return group_visible_end(seq_len, self.ar_token_num, self.spe_token_num + 1, device=device)
+
+    def block_mask(self, seq_len: int) -> BlockCausalMask:
+        """:meth:`visible_end`'s mask over ``seq_len`` positions, built once per length and kept."""
+        return self._mask(("train", seq_len), lambda: (self.visible_end(seq_len), seq_len))
+
+    def _mask(self, key, ends_and_keys) -> BlockCausalMask:
+        masks = self.__dict__.setdefault("_block_masks", {})
+        if key not in masks:
+            masks[key] = BlockCausalMask(*ends_and_keys())
+        return masks[key]
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype: torch.dtype) -> None:
         """Allocate static KV caches for ``max_batch_size`` rows (2B under CFG) and ``max_seq_length`` positions
@@ -564,7 +574,9 @@ class Transformer(nn.Module):
             raise ValueError(f"batch {h.shape[0]} must equal the cache batch {self.max_batch_size}")
         ends = self._visible_end[start:start + n]
         end = max(ends)
-        visible_end = None if min(ends) == end else torch.tensor(ends, device=h.device)
+        # positions of several groups: the mask of these positions (kept per place while the caches last)
+        visible_end = None if min(ends) == end else self._mask(("cached", self.max_seq_length, start, n),
+                                                               lambda: (ends, end))
         if packed is None:
             freqs = self._rope(start, start + n, h.device)
             for layer in self.layers:

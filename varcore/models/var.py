@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from varcore.ops.attention import BlockCausalMask, scale_visible_end
 from varcore.ops.quant import check_patch_nums
 from varcore.ops.value_checks import check_range
 
@@ -217,16 +218,24 @@ class VAR(nn.Module):
         main_type = torch.get_autocast_dtype(device.type) if autocasting(device) else x_BLC.dtype
         x_BLC = x_BLC.to(main_type)
         cond_BD_or_gss = cond_BD_or_gss.to(main_type)
-        # attn_bias_for_masking as "query i sees keys [0, visible_end[i])", the form the attention kernel takes;
-        # derived from the (sorted) level buffer rather than stored, so checkpoints keep the official keys.
-        lvl_L = self.lvl_1L[0, :mask_l]
-        attn_bias = torch.searchsorted(lvl_L, lvl_L, right=True).to(torch.int32)  # <= mask_l (cut inside a scale)
+        attn_bias = self.block_mask(mask_l)
         for block in self.blocks:
             x_BLC = block(x=x_BLC, cond_BD=cond_BD_or_gss, attn_bias=attn_bias)
         logits_BLV = self.get_logits(x_BLC.float(), cond_BD)
         if prog_si == 0 and B:
             logits_BLV[0, 0, 0] += self.word_embed.weight[0, 0] * 0 + self.word_embed.bias[0] * 0
         return logits_BLV
+
+    def block_mask(self, mask_l: Optional[int] = None) -> BlockCausalMask:
+        """``attn_bias_for_masking`` over the first ``mask_l`` tokens (default all L) as "query i sees keys
+        ``[0, visible_end[i])``", the form the attention backends take; built once per length and kept (not a
+        buffer, so checkpoints keep the official keys)."""
+        mask_l = self.L if mask_l is None else mask_l
+        masks = self.__dict__.setdefault("_block_masks", {})
+        if mask_l not in masks:
+            ends = scale_visible_end(self.patch_nums)[:mask_l].clamp(max=mask_l)  # a cut inside a scale
+            masks[mask_l] = BlockCausalMask(ends, mask_l)
+        return masks[mask_l]
 
     # ---------------------------------------------------------------- sampling (official method names)
     @torch.no_grad()

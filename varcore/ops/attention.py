@@ -17,6 +17,7 @@ models call: it picks the fastest available implementation for the device and ma
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import math
@@ -29,7 +30,7 @@ from varcore.ops.value_checks import check_range
 
 __all__ = [
     "block_causal_attention", "block_causal_attention_ref", "block_causal_attention_backward_ref",
-    "attend", "attention_backends", "attention_backend",
+    "attend", "attention_backends", "attention_backend", "use_attention_backend", "BACKENDS", "BlockCausalMask",
     "scale_visible_end", "var_visible_end", "code_prefill_visible_end", "par_visible_end", "group_visible_end",
     "visible_end_mask",
 ]
@@ -100,9 +101,64 @@ def group_visible_end(seq_len: int, ar_token_num: int, group_size: int, device=N
     return torch.where(in_group, group_end, pos + 1).to(torch.int32)
 
 
-def visible_end_mask(visible_end: torch.Tensor, Lk: int) -> torch.Tensor:
-    """The dense boolean mask (Lq, Lk) of ``visible_end`` (True = attend)."""
+def visible_end_mask(visible_end, Lk: int, device=None) -> torch.Tensor:
+    """The dense boolean mask (Lq, Lk) of ``visible_end`` (True = attend): of a tensor (on its device), or of a
+    :class:`BlockCausalMask` (its cached dense form on ``device``, keys past the mask's own Lk invisible)."""
+    if isinstance(visible_end, BlockCausalMask):
+        return visible_end.dense(device, Lk)
     return torch.arange(Lk, device=visible_end.device) < visible_end[:, None]
+
+
+class BlockCausalMask:
+    """The mask "query i sees keys ``[0, ends[i])``" of one schedule, built once and passed down from the model.
+
+    ``ends``: a sequence of ints or an integer tensor of length Lq (read once, here), each in [0, Lk]; ``Lk``: the
+    number of keys (default: the largest end). The values are checked here, so that an attention call taking the
+    mask reads none of them (no host synchronisation per call). The form each backend takes is built on first use
+    per device and kept: the int32 ``visible_end`` tensor (varcore's kernel), the FlexAttention ``BlockMask`` and
+    the dense boolean mask (SDPA). The models keep one mask per (schedule, length); the device is part of each
+    form's key.
+    """
+
+    def __init__(self, ends, Lk: int = None):
+        if isinstance(ends, torch.Tensor):
+            if ends.dim() != 1 or ends.is_floating_point() or ends.is_complex() or ends.dtype == torch.bool:
+                raise TypeError(f"ends must be a 1-D integer tensor or a sequence of ints, got a {ends.dim()}-D "
+                                f"{ends.dtype} tensor")
+            ends = ends.tolist()
+        ends = tuple(ends)
+        if not ends or any(isinstance(e, bool) or not isinstance(e, int) for e in ends):
+            raise TypeError(f"ends must be a non-empty sequence of ints, got {ends[:8]!r}")
+        Lk = max(ends) if Lk is None else Lk
+        if isinstance(Lk, bool) or not isinstance(Lk, int) or Lk < 1:
+            raise ValueError(f"Lk must be a positive int (the number of keys), got {Lk!r}")
+        if min(ends) < 0 or max(ends) > Lk:
+            raise ValueError(f"ends must lie in [0, Lk] = [0, {Lk}], got values in [{min(ends)}, {max(ends)}]")
+        self.ends, self.Lq, self.Lk = ends, len(ends), Lk
+        self._forms: dict = {}
+
+    def __repr__(self) -> str:
+        return f"BlockCausalMask(Lq={self.Lq}, Lk={self.Lk})"
+
+    def _form(self, name: str, device, build):
+        key = (name, str(torch.device("cpu" if device is None else device)))
+        form = self._forms.get(key)
+        if form is None:
+            form = self._forms[key] = build(torch.device(key[1]))
+        return form
+
+    def visible_end(self, device=None) -> torch.Tensor:
+        """The int32 (Lq,) tensor of the ends on ``device``."""
+        return self._form("visible_end", device, lambda d: torch.tensor(self.ends, dtype=torch.int32, device=d))
+
+    def dense(self, device=None, Lk: int = None) -> torch.Tensor:
+        """The boolean (Lq, Lk) mask (True = attend) on ``device``, over ``Lk`` keys (default: the mask's)."""
+        Lk = self.Lk if Lk is None else Lk
+        return self._form(f"dense{Lk}", device, lambda d: visible_end_mask(self.visible_end(d), Lk))
+
+    def block_mask(self, device=None):
+        """The FlexAttention ``BlockMask`` on ``device``."""
+        return self._form("block_mask", device, lambda d: _flex_block_mask(self.visible_end(d), self.Lk))
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -112,14 +168,13 @@ def _check_layout(layout) -> bool:
     return layout == "blhd"
 
 
-def _check_inputs(q, k, v, visible_end, scale, layout, op="block_causal_attention"):
-    """Validates the arguments; returns (B, H, Lq, Lk, D, blhd, scale)."""
+def _check_qkv(q, k, v, scale, layout, op):
+    """Validates q, k, v, the scale and the layout; returns (B, H, Lq, Lk, D, blhd, scale)."""
     blhd = _check_layout(layout)
     shape = "(B, L, H, D)" if blhd else "(B, H, L, D)"
-    for t, name in ((q, "q"), (k, "k"), (v, "v"), (visible_end, "visible_end")):
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    for t, name in ((q, "q"), (k, "k"), (v, "v")):
         if t.dim() != 4:
             raise ValueError(f"{op}: {name} must be 4-D {shape}, got shape {tuple(t.shape)}")
         if t.device != q.device:
@@ -141,6 +196,20 @@ def _check_inputs(q, k, v, visible_end, scale, layout, op="block_causal_attentio
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"{op}: head dim must be in [1, {MAX_HEAD_DIM}], got {D}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"{op}: scale must be a finite float or None, got {scale!r}")
+    return B, H, Lq, Lk, D, blhd, float(scale)
+
+
+def _check_inputs(q, k, v, visible_end, scale, layout, op="block_causal_attention"):
+    """Validates the arguments, the values of ``visible_end`` included (on the device for accelerator tensors);
+    returns (B, H, Lq, Lk, D, blhd, scale)."""
+    if not isinstance(visible_end, torch.Tensor):
+        raise TypeError(f"{op}: visible_end must be a torch.Tensor, got {type(visible_end).__name__}")
+    dims = _check_qkv(q, k, v, scale, layout, op)
+    Lq, Lk = dims[2], dims[3]
     if visible_end.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{op}: visible_end must be int32 or int64, got {visible_end.dtype}")
     if tuple(visible_end.shape) != (Lq,):
@@ -148,11 +217,7 @@ def _check_inputs(q, k, v, visible_end, scale, layout, op="block_causal_attentio
     if visible_end.device != q.device:
         raise ValueError(f"{op}: visible_end is on {visible_end.device} but q on {q.device}")
     check_range(visible_end, 0, Lk + 1, f"{op}: visible_end", f"[0, Lk] = [0, {Lk}]")
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"{op}: scale must be a finite float or None, got {scale!r}")
-    return B, H, Lq, Lk, D, blhd, float(scale)
+    return dims
 
 
 def _bhld(t: torch.Tensor, blhd: bool) -> torch.Tensor:
@@ -246,6 +311,10 @@ if extension.has_schema("block_causal_attention"):
 
 
 # ---------------------------------------------------------------------------------------------- backend choice
+BACKENDS = ("kernel", "flex", "flash_attn", "sdpa")
+_FORCED: list = []  # the backends forced by use_attention_backend, innermost last
+
+
 def _flash_attn_importable() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
@@ -254,44 +323,98 @@ def _flex_available() -> bool:
     return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
-def attention_backend(device, masked: bool, dtype=torch.float32) -> str:
+def _capability(device: torch.device, capability):
+    if capability is not None or device.type != "cuda":
+        return capability
+    return torch.cuda.get_device_capability(device)
+
+
+def attention_backend(device, masked: bool, dtype=torch.float32, capability=None) -> str:
     """The implementation :func:`attend` uses on ``device`` for ``dtype``, with a mask (``masked``) or without.
 
-    masked:   'kernel' (varcore's, when built for the device) > 'flex' (compiled FlexAttention, CUDA only: on the
-              CPU it needs a C++ compiler at run time and the kernel is faster) > 'sdpa' (dense boolean mask).
-    unmasked: 'flash_attn' (CUDA, float16/bfloat16, when importable) > 'sdpa'.
+    ``capability`` is the CUDA compute capability (major, minor) (default: queried from the device). Defaults:
+
+    * CPU: masked 'kernel' (varcore's, when built) > 'sdpa' (dense boolean mask); unmasked 'sdpa'.
+    * CUDA from compute capability 8.0 (the FlexAttention and flash-attn kernels' range): masked 'flex' (compiled
+      FlexAttention with the mask's cached ``BlockMask``); unmasked float16/bfloat16 'flash_attn' when the
+      ``flash`` extra is installed; everything else 'sdpa' (PyTorch's fused kernels). varcore's own CUDA kernel
+      runs only when asked for (:func:`use_attention_backend`): no measurement on a GPU shows it ahead of these.
+    * float64: 'kernel' on the CPU when built, else 'sdpa'.
+
+    Inside :func:`use_attention_backend` the forced backend is returned wherever it can run the call (flash-attn
+    has no mask: masked calls keep the default).
     """
     device = torch.device(device)
+    if _FORCED and not (masked and _FORCED[-1] == "flash_attn"):
+        return _FORCED[-1]
+    cuda_fast = (device.type == "cuda" and dtype != torch.float64
+                 and tuple(_capability(device, capability)) >= (8, 0))
     if masked:
-        if extension.use_kernel("block_causal_attention", device) and (device.type == "cpu" or dtype != torch.float64):
+        if device.type == "cpu" and extension.use_kernel("block_causal_attention", device):
             return "kernel"
-        if device.type == "cuda" and _flex_available():
+        if cuda_fast and _flex_available():
             return "flex"
         return "sdpa"
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _flash_attn_importable():
+    if cuda_fast and dtype in (torch.float16, torch.bfloat16) and _flash_attn_importable():
         return "flash_attn"
     return "sdpa"
 
 
+@contextlib.contextmanager
+def use_attention_backend(name: str):
+    """Run :func:`attend` (every model's attention) through ``name`` inside the block: 'kernel' (varcore's),
+    'flex' (FlexAttention; on the CPU it compiles C++ at first use), 'flash_attn' (unmasked calls only) or
+    'sdpa'. Raises a ValueError for an unknown name or one that is not available here."""
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {name!r}")
+    if name == "flash_attn" and not _flash_attn_importable():
+        raise ValueError("attention backend 'flash_attn' needs flash-attn: pip install 'varcore[flash]'")
+    if name == "flex" and not _flex_available():
+        raise ValueError(f"attention backend 'flex' needs torch.nn.attention.flex_attention (torch {torch.__version__} "
+                         f"has none)")
+    if name == "kernel" and extension.LIBRARY is None:
+        raise ValueError("attention backend 'kernel' needs varcore's compiled extension (see varcore.info())")
+    _FORCED.append(name)
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
 def attention_backends() -> dict:
     """What :func:`attend` runs, for ``varcore.info()``: {device: {'masked': ..., 'unmasked': ...}} for float32 on
-    the CPU and bfloat16 on CUDA."""
-    return {dev: {case: attention_backend(dev, case == "masked", dtype) for case in ("masked", "unmasked")}
-            for dev, dtype in (("cpu", torch.float32), ("cuda", torch.bfloat16))}
+    the CPU and bfloat16 on a CUDA GPU of compute capability 9.0."""
+    return {dev: {case: attention_backend(dev, case == "masked", dtype, cap) for case in ("masked", "unmasked")}
+            for dev, dtype, cap in (("cpu", torch.float32, None), ("cuda", torch.bfloat16, (9, 0)))}
 
 
 def attend(q, k, v, visible_end=None, scale=None, layout="bhld"):
     """Attention output for the models: block-causal with ``visible_end`` (training, CoDe prefill, PAR), or full
     attention of the queries over all keys without it (KV-cache steps). Same layouts and scale as
-    :func:`block_causal_attention`; returns only the output."""
-    blhd = _check_layout(layout)
-    if visible_end is not None:
-        _, _, _, Lk, _, _, scale = _check_inputs(q, k, v, visible_end, scale, layout)
-    elif scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    :func:`block_causal_attention`; returns only the output.
+
+    ``visible_end`` is an integer tensor (its values checked per call, on the device for accelerator tensors) or a
+    :class:`BlockCausalMask` (checked when it was built; its per-device forms are cached, so a call reads no
+    values and builds no mask). The backend is :func:`attention_backend`'s choice.
+    """
+    if isinstance(visible_end, BlockCausalMask):
+        _, _, Lq, Lk, _, blhd, scale = _check_qkv(q, k, v, scale, layout, "attend")
+        if (visible_end.Lq, visible_end.Lk) != (Lq, Lk):
+            raise ValueError(f"attend: the mask is for (Lq, Lk) = ({visible_end.Lq}, {visible_end.Lk}), the inputs "
+                             f"have ({Lq}, {Lk})")
+    elif visible_end is not None:
+        _, _, Lq, Lk, _, blhd, scale = _check_inputs(q, k, v, visible_end, scale, layout, "attend")
+    else:
+        _, _, Lq, Lk, _, blhd, scale = _check_qkv(q, k, v, scale, layout, "attend")
     backend = attention_backend(q.device, visible_end is not None, q.dtype)
     if backend == "kernel":
-        return torch.ops.varcore.block_causal_attention(q, k, v, visible_end, scale, layout)[0]
+        if not _kernel_for(q):
+            raise ValueError(f"attend: attention backend 'kernel' has no kernel for {q.dtype} on {q.device}")
+        if visible_end is None:
+            ends = torch.full((Lq,), Lk, dtype=torch.int32, device=q.device)
+        else:
+            ends = _visible_end_tensor(visible_end, q.device)
+        return torch.ops.varcore.block_causal_attention(q, k, v, ends, scale, layout)[0]
     if backend == "flash_attn":
         from flash_attn import flash_attn_func
 
@@ -300,14 +423,22 @@ def attend(q, k, v, visible_end=None, scale=None, layout="bhld"):
         return out if blhd else out.transpose(1, 2)
     qh, kh, vh = (_bhld(t, blhd) for t in (q, k, v))
     if backend == "flex":
-        out = _flex_attention()(qh, kh, vh, block_mask=_flex_block_mask(visible_end, Lk), scale=scale)
+        if isinstance(visible_end, BlockCausalMask):
+            block_mask = visible_end.block_mask(q.device)
+        else:  # a tensor: a BlockMask of its own per call (build a BlockCausalMask to build it once)
+            block_mask = None if visible_end is None else _flex_block_mask(visible_end, Lk)
+        out = _flex_attention()(qh, kh, vh, block_mask=block_mask, scale=scale)
     elif visible_end is None:
         out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
     else:
-        mask = visible_end_mask(visible_end, Lk)
+        mask = visible_end_mask(visible_end, Lk, q.device)
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
         out = torch.where(mask.any(-1)[:, None], out, 0.0)  # SDPA gives NaN for a query that sees nothing
     return _bhld(out, blhd)
+
+
+def _visible_end_tensor(visible_end, device) -> torch.Tensor:
+    return visible_end.visible_end(device) if isinstance(visible_end, BlockCausalMask) else visible_end
 
 
 @functools.lru_cache(maxsize=1)
@@ -317,17 +448,11 @@ def _flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _flex_block_mask(visible_end, Lk):
-    return _cached_block_mask(str(visible_end.device), Lk, tuple(visible_end.tolist()))
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_block_mask(device, Lk, ends):
+def _flex_block_mask(visible_end: torch.Tensor, Lk: int):
+    """The FlexAttention BlockMask of a ``visible_end`` tensor, built on its device from its values there."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    ends_t = torch.tensor(ends, dtype=torch.int32, device=device)
-
     def mask_mod(b, h, q_idx, kv_idx):
-        return kv_idx < ends_t[q_idx]
+        return kv_idx < visible_end[q_idx]
 
-    return create_block_mask(mask_mod, None, None, len(ends), Lk, device=device)
+    return create_block_mask(mask_mod, None, None, visible_end.shape[0], Lk, device=visible_end.device)

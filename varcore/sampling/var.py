@@ -41,7 +41,7 @@ from varcore.models.basic_var import StaticKVCache
 from varcore.models.var import VAR
 from varcore.models.vqvae import VQVAE
 from varcore.ops import quant as quant_ops
-from varcore.ops.attention import code_prefill_visible_end
+from varcore.ops.attention import BlockCausalMask, code_prefill_visible_end
 from varcore.sampling.auto_dtype import resolve_dtype
 from varcore.sampling.draw import (check_batch, check_bool, check_images_finite, class_labels, guide_var,
                                    nonfinite_rows, raise_if_nonfinite, scale_options, temper, top_k_top_p_filter_)
@@ -74,7 +74,7 @@ class ScaleOptions:
 class _CallState:
     """Per-call tensors of a run ``key = (B, start, stop)``: the class embeddings of the CFG batch, the modulations
     of each block and of the head, lvl+pos embeddings, the KV cache, and a prefill's block-causal mask
-    (``visible_end``, or None)."""
+    (a :class:`~varcore.ops.attention.BlockCausalMask`, or None)."""
 
     def __init__(self, key, cond_B2D, kv: Optional[StaticKVCache], mods, head_mods, lvl_pos_1LC, visible_end):
         self.key, self.cond_B2D, self.kv, self.mods, self.head_mods = key, cond_B2D, kv, mods, head_mods
@@ -140,6 +140,7 @@ class VARSampler:
         self._graphs: dict = {}
         self._graph_states: dict = {}
         self._graph_pool = None
+        self._prefill_masks: dict = {}
 
     def _graphs_supported(self) -> bool:
         if self.device.type != "cuda":
@@ -182,7 +183,7 @@ class VARSampler:
         cond_or_gss = var.shared_ada_lin(cond_B2D)
         fresh = ([block.modulations(cond_or_gss) for block in var.blocks], var.head_nm.modulations(cond_B2D),
                  var.lvl_embed(var.lvl_1L) + var.pos_1LC)
-        visible_end = code_prefill_visible_end(self.patch_nums, start, device=self.device) if start else None
+        visible_end = self._prefill_mask(start) if start else None
         key = (B, start, stop)
         if not self.cuda_graphs:
             return _CallState(key, cond_B2D, self._cache(B, stop), *fresh, visible_end)
@@ -194,6 +195,12 @@ class VARSampler:
         _map_tensors(lambda dst, src: dst.copy_(src), (state.mods, state.head_mods, state.lvl_pos_1LC), fresh)
         state.cond_B2D = cond_B2D
         return state
+
+    def _prefill_mask(self, start: int) -> BlockCausalMask:
+        """The block-causal mask of a prefill over scales ``0..start`` (built once per ``start``)."""
+        if start not in self._prefill_masks:
+            self._prefill_masks[start] = BlockCausalMask(code_prefill_visible_end(self.patch_nums, start))
+        return self._prefill_masks[start]
 
     def _cache(self, B: int, stop: int) -> StaticKVCache:
         return StaticKVCache(len(self.var.blocks), 2 * B, self.heads, self.head_dim, self.patch_nums[:stop],
