@@ -11,8 +11,8 @@ printed before and after, and the kernel's peak memory growth from L=680 to L=22
 
 On CUDA in float16/bfloat16 the run also times flash-attn's ``flash_attn_func`` when it is installed, without a
 mask: full attention does 1.5-1.6x the block-causal work at these lengths (every key for every query), so its time
-is the unmasked ceiling a masked kernel should stay under, not a like-for-like competitor. Whatever is left out (flash-attn not installed or not
-applicable, FlexAttention with ``--skip-flex``) gets a row saying why.
+is the unmasked ceiling a masked kernel should stay under, not a like-for-like competitor. Whatever is left out
+(flash-attn not installed or not applicable, FlexAttention with ``--skip-flex``) gets a row saying why.
 """
 import argparse
 import os
@@ -149,6 +149,7 @@ def main():
                              "time_vs_sdpa": t.median_ms / base, "repeats": t.repeats,
                              "note": "no mask: the unmasked ceiling" if name == FLASH else None})
             rows += [{"L": L, "mode": mode, "impl": name, "note": note} for name, note in notes.items()]
+        write_json("attention", header, rows, args.out)  # so far: a run cut short keeps the lengths it measured
     header["loadavg_after"] = os.getloadavg()
     print_table(rows, ["L", "mode", "impl", "median_ms", "p20_p80_ms", "time_vs_sdpa", "peak_MB", "repeats", "note"])
     print(f"# load average after: {header['loadavg_after'][0]:.2f} (1 min) on {os.cpu_count()} cores; "

@@ -16,10 +16,13 @@ its images, and each shape and batch size runs five configurations:
 
 Each configuration gets two untimed warm-up calls (the first compiles or captures the graphs; the second is the
 cost of one timed call), then ``--repeats`` rounds time one call of every configuration in turn
-(``common.bench_interleaved``, synchronised around every call); images/s is the batch over the median. The
-tokens of every configuration are compared with those of ``fast`` (the drop-in under autocast and compiled kernels
-round differently, so in bfloat16 they may differ in places), and each configuration's images/s is set against
-the drop-in's.
+(``common.bench_interleaved``, synchronised around every call); images/s is the batch over the median. The runs
+go in two passes over the shapes and batch sizes: first ``drop-in``, ``fast`` and ``fast+graphs`` interleaved,
+then ``fast`` again with the two compiled configurations, so that compiling (minutes, and not predictable before
+it has been measured once) cannot crowd out the other measurements. Every row has its time against ``fast`` of
+the same rounds (``vs_fast``); the first pass's rows also against the drop-in (``vs_dropin``). The tokens of every
+configuration are compared with those of ``fast`` (the drop-in under autocast and compiled kernels round
+differently, so in bfloat16 they may differ in places).
 
 The float32 check runs first, on the first shape at batch 8 (``--quick``: at its batch): the drop-in without
 autocast and ``VARSampler`` in float32 (and, on CUDA, with CUDA graphs) run the same arithmetic and must draw
@@ -27,14 +30,16 @@ identical tokens; a difference is recorded as a failure.
 
 What would overrun ``--budget-s`` is skipped, saying so: warm-ups and rounds are predicted from the configuration's
 last measurement (scaled by FLOPs, and compile time by depth); the first compile, whose time nothing predicts, is
-tried only while at least a quarter of the budget is left. A CUDA-graph configuration keeps its KV cache between
-calls; it is skipped when that cache and the other configurations' peak would not fit in the free GPU memory. A
-configuration that fails (an exception, a graph capture that falls back to the eager step) is recorded with the
-reason, and the rest still run. The JSON is rewritten after every shape and batch size, so a run cut short keeps
-what it measured.
+tried only while at least a quarter of the budget is left, and a run still busy 5 s after the budget is over
+writes what it has, with a row saying where it stopped, and exits. A CUDA-graph configuration keeps its KV cache
+between calls; it is skipped when that cache and the other configurations' peak would not fit in the free GPU
+memory. A configuration that fails (an exception, a graph capture that falls back to the eager step) is recorded
+with the reason, and the rest still run. The JSON is rewritten after every shape and batch size.
 """
 import argparse
 import gc
+import os
+import threading
 import time
 import warnings
 
@@ -52,6 +57,8 @@ SHAPES = {
 }
 SAMPLING = dict(cfg=1.5, top_k=900, top_p=0.96)  # the official FID protocol
 CONFIGS = ("drop-in", "fast", "fast+graphs", "fast+compile", "fast+graphs+compile")
+PASSES = {"eager": ("drop-in", "fast", "fast+graphs"), "compile": ("fast", "fast+compile", "fast+graphs+compile")}
+GRACE_S = 5.0  # past the budget, a run that is still busy (a compile) writes what it has and exits
 CHECK_BATCH = 8
 FIRST_COMPILE_SHARE = 0.25  # an unpredictable first compile is tried only with this share of the budget left
 
@@ -83,15 +90,22 @@ class Budget:
         call = call0 * work / w0
         return call + max(0.0, first0 - call0) * depth / d0, call
 
-    def reserve(self, later, repeats) -> float:
-        """Predicted seconds of the configurations without compile in the ``later`` groups ((work, depth) each):
-        kept back when deciding on a compile, so that compiling does not crowd out the other shapes."""
-        total = 0.0
-        for work, depth in later:
-            for config in CONFIGS:
-                p = None if "compile" in config else self.predict(config, work, depth)
-                total += 0.0 if p is None else p[0] + (1 + repeats) * p[1]
-        return total
+
+class Watchdog:
+    """Ends the run ``GRACE_S`` after the budget: writes the rows so far and a row naming what was running, then
+    exits (a compile cannot be interrupted from Python)."""
+
+    def __init__(self, budget: Budget, save):
+        self.activity, self.save = None, save
+        self.timer = threading.Timer(max(0.0, budget.left()) + GRACE_S, self.expire)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def expire(self):
+        print(f"# the time budget ran out during {self.activity}: stopping", flush=True)
+        self.save(dict(self.activity or {}, note="skipped: the time budget ran out while this ran (the run "
+                                                 "stopped here)"))
+        os._exit(0)
 
 
 def _sync(device):
@@ -194,26 +208,30 @@ def float32_check(shape, var, B, device):
     return rows
 
 
-def run_group(shape, B, var, device, args, budget, later):
-    """Warm up and time every configuration at one shape and batch size (``later``: (work, depth) of the groups
-    still to come, see :meth:`Budget.reserve`); returns the rows."""
+def run_group(shape, B, var, device, args, budget, pass_name, watchdog):
+    """Warm up and time the configurations of pass ``pass_name`` at one shape and batch size; returns the rows."""
     depth = len(var.blocks)
     work = flops_per_image(var) * B
     rows, calls, samplers, state, skipped = [], {}, {}, {}, {}
-    base = dict(shape=shape, B=B, dtype="bfloat16")
-    for config in CONFIGS:
-        reason = skip_reason(config, device, args)
+    base = dict(shape=shape, B=B, dtype="bfloat16", **{"pass": pass_name})
+    static = {config: skip_reason(config, device, args) for config in PASSES[pass_name]}
+    if all(static[c] for c in PASSES[pass_name] if c != "fast"):  # nothing to set against the fast anchor
+        return [dict(base, config=c, note=static[c]) for c in PASSES[pass_name] if c != "fast"]
+    # in the compile pass the fast anchor comes last: it runs only when something compiled runs beside it
+    order = sorted(PASSES[pass_name], key=lambda c: pass_name == "compile" and c == "fast")
+    for config in order:
+        reason = static[config]
+        if pass_name == "compile" and config == "fast" and not state:
+            reason = "skipped: no compiled configuration ran to set it against"
         predicted = budget.predict(config, work, depth)
-        reserve = budget.reserve(later, args.repeats) if "compile" in config else 0.0
-        kept = f", {reserve:.0f} s of it kept for the later shapes" if reserve else ""
-        if reason is None and predicted is not None and sum(predicted) > budget.left() - reserve:
+        if reason is None and predicted is not None and sum(predicted) > budget.left():
             reason = (f"skipped: over the time budget (warm-up predicted at {sum(predicted):.0f} s, "
-                      f"{budget.left():.0f} s left{kept})")
-        if reason is None and budget.left() - reserve <= 0:
-            reason = f"skipped: the time budget is spent ({budget.left():.0f} s left{kept})"
+                      f"{budget.left():.0f} s left)")
+        if reason is None and budget.left() <= 0:
+            reason = f"skipped: the time budget is spent ({budget.left():.0f} s left)"
         if reason is None and predicted is None and "compile" in config \
-                and budget.left() - reserve < FIRST_COMPILE_SHARE * budget.seconds:
-            reason = f"skipped: no compile time measured yet and only {budget.left():.0f} s left{kept}"
+                and budget.left() < FIRST_COMPILE_SHARE * budget.seconds:
+            reason = f"skipped: no compile time measured yet and only {budget.left():.0f} s left"
         sampler = fn = None
         try:
             if reason is None:
@@ -227,6 +245,7 @@ def run_group(shape, B, var, device, args, budget, later):
                         reason = (f"skipped: its resident KV cache and the other configurations' peak need "
                                   f"{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
             if reason is None:
+                watchdog.activity = dict(base, config=config, stage="warm-up")
                 first_s, call_s, tokens, peak, resident, notes = warm_up(fn, device)
         except torch.cuda.OutOfMemoryError as err:
             reason = f"skipped: out of GPU memory ({_first_line(err)[:160]})"
@@ -257,6 +276,7 @@ def run_group(shape, B, var, device, args, budget, later):
         state[config]["skip"] = (f"skipped: over the time budget (a round predicted at {per_round:.1f} s, "
                                  f"{budget.left():.0f} s left)")
     timings = {}
+    watchdog.activity = dict(base, config=" ".join(calls), stage="timed rounds")
     while calls:
         try:
             timings = bench_interleaved(calls, device=device, warmup=0, repeats=min(args.repeats, fit),
@@ -273,9 +293,9 @@ def run_group(shape, B, var, device, args, budget, later):
             for config in calls:
                 state[config]["skip"] = f"failed: in the timed rounds: {_first_line(err)}"
             break
-    drop_in = timings.get("drop-in")
+    drop_in, fast = timings.get("drop-in"), timings.get("fast")
     reference = state.get("fast", {}).get("tokens")
-    for config in CONFIGS:
+    for config in PASSES[pass_name]:
         if config in skipped:
             rows.append(dict(base, config=config, note=skipped[config]))
         if config not in state:
@@ -291,11 +311,26 @@ def run_group(shape, B, var, device, args, budget, later):
         if t is not None:
             row.update(median_ms=t.median_ms, p20_p80_ms=f"{t.p20_ms:.4g}-{t.p80_ms:.4g}", repeats=t.repeats,
                        img_s=B / (t.median_ms * 1e-3),
+                       vs_fast=None if fast is None else fast.median_ms / t.median_ms,
                        vs_dropin=None if drop_in is None else drop_in.median_ms / t.median_ms)
         rows.append(row)
     samplers.clear()
     calls.clear()
     return rows
+
+
+def build_model(shape, device):
+    """The random-weight VAR of ``shape`` in eval mode (its VQVAE inside), or the reason its build failed."""
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    try:
+        vae, var = build_vae_var(device, **SHAPES[shape])
+    except Exception as err:  # noqa: BLE001 - e.g. out of memory for the larger shape: the rest still runs
+        _release(device)
+        return f"failed: building the model: {_first_line(err)}"
+    vae.eval()
+    print(f"# {shape}: built in {time.perf_counter() - t0:.1f} s", flush=True)
+    return var.eval()
 
 
 def main():
@@ -324,37 +359,35 @@ def main():
                   batches=batches, sampling=SAMPLING, repeats=args.repeats, budget_s=args.budget_s,
                   tf32_matmul=torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None)
     # FLOPs per image of every shape, from the configuration on the meta device (nothing allocated)
-    flops = {s: flops_per_image(build_vae_var("meta", **SHAPES[s])[1]) for s in shapes}
-    header["flops_per_image"] = flops
-    groups = [(s, b) for s in shapes for b in batches]
-    rows = []
-    for si, shape in enumerate(shapes):
-        torch.manual_seed(0)
-        t0 = time.perf_counter()
-        try:
-            vae, var = build_vae_var(device, **SHAPES[shape])
-        except Exception as err:  # noqa: BLE001 - e.g. out of memory for the larger shape: the rest still runs
-            rows.append(dict(shape=shape, note=f"failed: building the model: {_first_line(err)}"))
-            _release(device)
-            continue
-        var.eval()
-        vae.eval()
-        print(f"# {shape}: built in {time.perf_counter() - t0:.1f} s", flush=True)
-        with torch.inference_mode():
-            if si == 0:
-                rows += float32_check(shape, var, batches[0] if args.quick else CHECK_BATCH, device)
-            for B in batches:
-                later = [(flops[s] * b, SHAPES[s]["depth"]) for s, b in groups[groups.index((shape, B)) + 1:]]
-                rows += run_group(shape, B, var, device, args, budget, later)
-                write_json("bench_gpu_sampler", header, rows, args.json)
-                _release(device)
-                torch._dynamo.reset()  # compiled steps are specialised per sampler: drop them with the samplers
-        vae = var = None
-        _release(device)
+    header["flops_per_image"] = {s: flops_per_image(build_vae_var("meta", **SHAPES[s])[1]) for s in shapes}
+    rows, models = [], {}
+    watchdog = Watchdog(budget, lambda last: write_json("bench_gpu_sampler", header, rows + [last], args.json))
+    for pass_name in PASSES:
+        for si, shape in enumerate(shapes):
+            if shape not in models:
+                watchdog.activity = dict(shape=shape, stage="building the model")
+                models[shape] = build_model(shape, device)
+            var = models[shape]
+            if isinstance(var, str):  # the build failed: said once, in the first pass
+                if pass_name == "eager":
+                    rows.append(dict(shape=shape, note=var))
+                continue
+            with torch.inference_mode():
+                if si == 0 and pass_name == "eager":
+                    watchdog.activity = dict(shape=shape, stage="float32 check")
+                    rows += float32_check(shape, var, batches[0] if args.quick else CHECK_BATCH, device)
+                for B in batches:
+                    rows += run_group(shape, B, var, device, args, budget, pass_name, watchdog)
+                    write_json("bench_gpu_sampler", header, rows, args.json)
+                    _release(device)
+                    torch._dynamo.reset()  # compiled steps are specialised per sampler: dropped with the samplers
+    watchdog.timer.cancel()
+    models.clear()
+    _release(device)
     header["seconds"] = time.perf_counter() - budget.start
     print_header(f"VAR sampler on {device}: drop-in vs VARSampler bfloat16, CUDA graphs and compile on/off", header)
-    print_table(rows, ["shape", "B", "config", "check", "img_s", "median_ms", "vs_dropin", "warmup_first_s",
-                       "tokens_vs_fast", "equal_to_dropin", "peak_MiB", "note"])
+    print_table(rows, ["pass", "shape", "B", "config", "check", "img_s", "median_ms", "vs_dropin", "vs_fast",
+                       "warmup_first_s", "tokens_vs_fast", "equal_to_dropin", "peak_MiB", "note"])
     print(f"\nwrote {write_json('bench_gpu_sampler', header, rows, args.json)}")
 
 

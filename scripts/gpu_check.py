@@ -25,8 +25,8 @@ output of each step goes to ``OUT.logs/<step>.log``. At the end a short summary 
 if a step failed, 0 when every step passed or was skipped with a reason.
 
 ``--dry-run`` tests this script without a GPU: no build and no CUDA tests (both "skipped: dry run"), the
-benchmarks at their quick sizes on the CPU (FlexAttention and torch.compile left out, as compiling them on a CPU
-takes minutes); the JSON has the same structure.
+benchmarks at their quick sizes on the CPU with one thread (FlexAttention and torch.compile left out, as
+compiling them on a CPU takes minutes); the JSON has the same structure.
 """
 import argparse
 import json
@@ -46,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LOG_TAIL = 3000  # characters of a failed step's output kept in the JSON
 # The most each step may take, and the least kept back for each step still to come.
-CAPS_S = {"card": 60, "build": 300, "info": 60, "tests": 150, "bench_attention": 120, "bench_sampler": None}
+CAPS_S = {"card": 60, "build": 300, "info": 60, "tests": 150, "bench_attention": 150, "bench_sampler": None}
 KEEP_S = {"info": 15, "tests": 30, "bench_attention": 30, "bench_sampler": 60}
 STEPS = ("build", "info", "tests", "bench_attention", "bench_sampler")
 
@@ -96,6 +96,8 @@ class Run:
         self.env = dict(os.environ, PYTHONUNBUFFERED="1",
                         PYTHONPATH=os.pathsep.join([str(ROOT)] + _split(os.environ.get("PYTHONPATH"))),
                         PATH=os.pathsep.join([str(Path(self.python).parent)] + _split(os.environ.get("PATH"))))
+        if args.dry_run:  # a functional check: one thread each, which a busy CPU does not stall
+            self.env.setdefault("OMP_NUM_THREADS", "1")
 
     def left(self) -> float:
         return self.args.budget_s - (time.monotonic() - self.start)
@@ -110,25 +112,32 @@ class Run:
         return max(0.0, min(cap, self.left() - keep))
 
     def call(self, step: str, cmd, timeout: float, env=None):
-        """Run ``cmd`` in the checkout (its own process group, killed whole on timeout); returns (exit status or
-        None on timeout, output), the output also written to the step's log."""
+        """Run ``cmd`` in the checkout in a process group of its own, its output going to the step's log; returns
+        (exit status, or None when it was killed at ``timeout``, and its output). What the command left running
+        (compile workers, ninja, nvcc) is ended with it: its process group is killed once it has exited."""
         log = self.logs / f"{step}.log"
         with open(log, "a" if step in self.started_logs else "w") as f:
             self.started_logs.add(step)
             f.write(f"$ {' '.join(map(str, cmd))}\n")
-        proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env or self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the child and what it started (ninja, nvcc, workers)
-            out, _ = proc.communicate()
-            rc = None
+            f.flush()
+            offset = log.stat().st_size
+            proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env or self.env, stdout=f,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                rc = None
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):  # nothing of it is left
+                pass
+            proc.wait()
+        with open(log, "rb") as f:
+            f.seek(offset)
+            out = f.read().decode(errors="replace")
         with open(log, "a") as f:
-            f.write(out or "")
             f.write(f"\n[exit status {rc if rc is not None else f'none: killed after {timeout:.0f} s'}]\n")
-        return rc, out or ""
+        return rc, out
 
 
 def _split(paths):
@@ -288,14 +297,19 @@ def info(run: Run) -> dict:
 
 # ---------------------------------------------------------------------------------------------- tests
 def parse_junit(path) -> dict:
-    """Counts (passed, failed, errors, skipped) and the failures' names from a pytest junit XML file."""
+    """Counts (passed, failed, errors, skipped), the failures' names, the skip reasons and the test modules that
+    could not be imported (with the error's last line) from a pytest junit XML file."""
     root = ET.parse(path).getroot()
     counts = dict(passed=0, failed=0, errors=0, skipped=0)
-    failures, skips = [], {}
+    failures, skips, not_imported = [], {}, []
     for case in root.iter("testcase"):
         name = f"{case.get('classname', '')}::{case.get('name', '')}"
         kinds = {child.tag for child in case}
-        if "failure" in kinds:
+        error = next((c for c in case if c.tag == "error"), None)
+        if error is not None and error.get("message") == "collection failure":
+            last = [ln.strip() for ln in (error.text or "").splitlines() if ln.startswith("E ")][-1:]
+            not_imported.append(f"{case.get('name', '')}: {last[0][1:].strip() if last else 'collection failure'}")
+        elif "failure" in kinds:
             counts["failed"] += 1
             failures.append(name)
         elif "error" in kinds:
@@ -308,13 +322,15 @@ def parse_junit(path) -> dict:
         else:
             counts["passed"] += 1
     top_skips = dict(sorted(skips.items(), key=lambda kv: -kv[1])[:8])
-    return dict(counts, failures=failures, skip_reasons=top_skips)
+    return dict(counts, failures=failures, skip_reasons=top_skips, not_imported=not_imported)
 
 
 def tests(run: Run) -> dict:
     t0 = time.monotonic()
     xml = run.tmp / "junit.xml"
-    cmd = [run.python, "-m", "pytest", "tests", "-m", "cuda", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}"]
+    # a module that cannot be imported here (an optional package missing) is reported, and the others still run
+    cmd = [run.python, "-m", "pytest", "tests", "-m", "cuda", "-q", "-p", "no:cacheprovider",
+           "--continue-on-collection-errors", f"--junitxml={xml}"]
     rc, out = run.call("tests", cmd, run.timeout("tests"))
     seconds = time.monotonic() - t0
     if rc is None:
@@ -329,9 +345,11 @@ def tests(run: Run) -> dict:
 def tests_verdict(rc, figures) -> tuple:
     """(status, reason) of the tests step from pytest's exit status and the junit counts."""
     bad = figures["failed"] + figures["errors"]
-    if bad:
+    missing = figures.get("not_imported") or []
+    if bad or missing:
         shown = ", ".join(figures["failures"][:5]) + (" ..." if bad > 5 else "")
-        return "failed", f"{bad} failed: {shown}"
+        unimported = f"{len(missing)} test modules not imported: {'; '.join(missing[:3])}" if missing else ""
+        return "failed", "; ".join(x for x in (f"{bad} failed: {shown}" if bad else "", unimported) if x)
     if rc == 5 or figures["passed"] == 0:
         return "failed", "no CUDA test ran (all skipped or none collected)"
     if rc != 0:

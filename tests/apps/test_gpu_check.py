@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,7 @@ def test_sampler_rows(dry_run):
     no_gpu = "skipped: cuda_graphs needs a CUDA device"
     assert rows["fast+graphs"]["note"] == rows["fast+graphs+compile"]["note"] == no_gpu
     assert rows["fast+compile"]["note"] == "skipped: --no-compile"
+    assert [rows[c]["pass"] for c in rows] == ["eager"] * 3 + ["compile"] * 2
 
 
 def test_build_environment_targets_the_card_only():
@@ -126,6 +128,25 @@ def test_build_falls_back_to_an_in_place_build_where_pip_refuses(tmp_path, monke
     shutil.rmtree(run.tmp)
 
 
+def test_commands_are_timed_out_and_leave_nothing_running(tmp_path):
+    """A command that outlives its timeout is killed (None), one that exits is not waited on for what it left
+    running, and what it started is ended with it; the output is read back from the step's log."""
+    gpu_check = _load_script()
+    run = gpu_check.Run(argparse.Namespace(out=str(tmp_path / "r.json"), budget_s=60.0, dry_run=True,
+                                           skip_build=False))
+    child = "import subprocess, sys, time; p = subprocess.Popen(['sleep', '30']); print(p.pid, flush=True); "
+    t0 = time.monotonic()
+    rc, out = run.call("x", [sys.executable, "-c", child + "time.sleep(30)"], timeout=2)
+    assert rc is None and time.monotonic() - t0 < 15
+    rc, out = run.call("x", [sys.executable, "-c", child + "print('done')"], timeout=20)
+    assert rc == 0 and out.split()[1] == "done" and time.monotonic() - t0 < 25
+    time.sleep(0.5)
+    assert not Path(f"/proc/{out.split()[0]}").exists() or "Z" in Path(f"/proc/{out.split()[0]}/stat").read_text()
+    log = (tmp_path / "r.logs" / "x.log").read_text()
+    assert log.count("$ ") == 2 and "killed after 2 s" in log and "[exit status 0]" in log
+    shutil.rmtree(run.tmp)
+
+
 def test_info_expects_the_kernels_the_cuda_sources_bind():
     ops = _load_script().cuda_ops_in_source()
     assert {"block_causal_attention", "block_causal_attention_backward", "nearest_code", "par_gather"} <= set(ops)
@@ -140,15 +161,22 @@ def test_junit_counts_and_verdict(tmp_path):
         <testcase classname="tests.ops.test_a" name="test_bad[cuda]"><failure message="assert 1 == 2"/></testcase>
         <testcase classname="tests.ops.test_b" name="test_boom[cuda]"><error message="fixture"/></testcase>
         <testcase classname="tests.ops.test_b" name="test_skip[cuda]"><skipped message="no CUDA device"/></testcase>
+        <testcase classname="" name="tests.apps.test_digits"><error message="collection failure">ImportError while
+    importing test module
+E   ModuleNotFoundError: No module named 'sklearn'</error></testcase>
         </testsuite></testsuites>""")
     figures = gpu_check.parse_junit(xml)
     assert {k: figures[k] for k in ("passed", "failed", "errors", "skipped")} == dict(passed=1, failed=1, errors=1,
                                                                                        skipped=1)
     assert figures["failures"] == ["tests.ops.test_a::test_bad[cuda]", "tests.ops.test_b::test_boom[cuda] (error)"]
     assert figures["skip_reasons"] == {"no CUDA device": 1}
+    assert figures["not_imported"] == ["tests.apps.test_digits: ModuleNotFoundError: No module named 'sklearn'"]
     status, reason = gpu_check.tests_verdict(1, figures)
-    assert status == "failed" and "2 failed" in reason and "test_bad[cuda]" in reason
-    assert gpu_check.tests_verdict(0, dict(figures, failed=0, errors=0, failures=[])) == ("ok", None)
-    assert gpu_check.tests_verdict(0, dict(passed=0, failed=0, errors=0, skipped=3, failures=[]))[0] == "failed"
+    assert status == "failed" and "2 failed" in reason and "test_bad[cuda]" in reason and "sklearn" in reason
+    passing = dict(figures, failed=0, errors=0, failures=[], not_imported=[])
+    assert gpu_check.tests_verdict(0, passing) == ("ok", None)
+    unimported = gpu_check.tests_verdict(1, dict(passing, not_imported=["m: E"]))
+    assert unimported == ("failed", "1 test modules not imported: m: E")
+    assert gpu_check.tests_verdict(0, dict(passing, passed=0))[0] == "failed"
     assert gpu_check.overall_status([{"status": "ok"}, {"status": "skipped"}]) == 0
     assert gpu_check.overall_status([{"status": "ok"}, {"status": "failed"}]) == 1
