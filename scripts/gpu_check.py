@@ -7,7 +7,7 @@ Steps, each timed and recorded in ``OUT.json`` as ``{"name", "status": "ok" | "f
 "seconds", ...figures}``; a step that fails, or finds no time left, is recorded with its reason and the next one
 still runs:
 
-  build            ``pip install --no-deps --no-build-isolation -e .`` for the card's architecture only
+  build            ``pip install --no-deps --no-build-isolation --no-index -e .`` for the card's arch only
                    (``TORCH_CUDA_ARCH_LIST=<major>.<minor>``, ``VARCORE_CUDA=1``, ``MAX_JOBS=<cpus>``); where pip
                    is missing or refuses the environment, ``setup.py build_ext --inplace`` instead
   info             ``varcore.info()`` of that build: its report; failed unless every op whose family has CUDA
@@ -234,7 +234,9 @@ def build(run: Run, card_info: dict) -> dict:
     # without ninja on PATH torch compiles one file at a time, which would not fit the budget
     figures = dict(arch_list=env.get("TORCH_CUDA_ARCH_LIST"), max_jobs=env["MAX_JOBS"], arch_note=note,
                    ninja=shutil.which("ninja", path=env["PATH"]))
-    pip = [run.python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", "."]
+    # nothing is fetched: no dependencies, no build environment, no index, no version check
+    pip = [run.python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+           "--disable-pip-version-check", "-e", "."]
     rc, out = run.call("build", pip, run.timeout("build"), env=env)
     figures["command"] = " ".join(pip[1:])
     if rc is not None and rc != 0 and ("No module named pip" in out or "externally-managed-environment" in out):
