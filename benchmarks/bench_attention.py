@@ -8,6 +8,11 @@ the block-causal mask (a token sees its own scale and every earlier one). Forwar
 through autograd. FlexAttention is compiled once before timing (its compile time is not counted). Ratios are
 taken against SDPA measured in the same run, the kernel and SDPA taking turns call by call; the load average is
 printed before and after, and the kernel's peak memory growth from L=680 to L=2240 is set against L's and L²'s.
+
+On CUDA in float16/bfloat16 the run also times flash-attn's ``flash_attn_func`` when it is installed, without a
+mask: full attention does 1.5-1.6x the block-causal work at these lengths (every key for every query), so its time
+is the unmasked ceiling a masked kernel should stay under, not a like-for-like competitor. Whatever is left out
+(flash-attn not installed or not applicable, FlexAttention with ``--skip-flex``) gets a row saying why.
 """
 import argparse
 import os
@@ -18,8 +23,10 @@ import torch.nn.functional as F
 from common import bench, bench_interleaved, machine_header, print_header, print_table, write_json
 
 from varcore.ops import attention as att
+from varcore.ops.extension import use_kernel
 
 SCHEDULES = {680: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 2240: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}
+FLASH = "flash-attn unmasked"  # the row label of flash-attn's full (unmasked) attention, the ceiling
 
 
 def implementations(ends, L, device):
@@ -38,6 +45,21 @@ def implementations(ends, L, device):
     except ImportError:
         pass
     return impls
+
+
+def flash_attention(device, dtype):
+    """(f(q, k, v) in the (B, H, L, D) layout, None) running flash-attn without a mask, or (None, why not)."""
+    if torch.device(device).type != "cuda":
+        return None, "skipped: flash-attn runs on CUDA only"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None, f"skipped: flash-attn needs float16 or bfloat16, not {str(dtype)[6:]}"
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return None, "skipped: flash-attn not installed"
+    # flash-attn takes (B, L, H, D); the transposed views keep the head dim contiguous, so nothing is copied
+    return (lambda q, k, v: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2),
+            None)
 
 
 def fwd_bwd(fn, q, k, v, grad):
@@ -66,11 +88,15 @@ def main():
     parser.add_argument("--skip-flex", action="store_true", help="leave out FlexAttention (slow on the CPU)")
     parser.add_argument("--out", help="JSON file (default: bench_results/attention-<date>.json)")
     args = parser.parse_args()
-    if att.attention_backend(args.device, masked=True) != "kernel":
-        raise SystemExit(f"no compiled kernel for {args.device}: build varcore first (see varcore.info())")
+    if not use_kernel("block_causal_attention", torch.device(args.device)):
+        raise SystemExit(f"no compiled block_causal_attention kernel for {args.device}: build varcore first "
+                         f"(see varcore.info())")
     dtype = getattr(torch, args.dtype)
+    flash, flash_skip = flash_attention(args.device, dtype)
 
     header = machine_header()
+    header.update(device=args.device, dtype=args.dtype, flash_attn=flash_skip or "timed (unmasked)",
+                  flex="skipped: --skip-flex" if args.skip_flex else "timed")
     header["loadavg_before"] = os.getloadavg()
     print_header(f"block-causal attention, B=4 H=16 D=64 {args.dtype}: kernel vs dense masked SDPA vs FlexAttention",
                  header)
@@ -86,6 +112,8 @@ def main():
         impls = implementations(ends, L, args.device)
         if args.skip_flex:
             impls.pop("flex", None)
+        if flash is not None:
+            impls[FLASH] = flash
         for mode in ("forward", "forward+backward"):
             calls = {}
             for name, fn in impls.items():
@@ -100,20 +128,30 @@ def main():
             # (far slower on the CPU) is timed on its own.
             timings = bench_interleaved({n: calls[n] for n in ("kernel", "sdpa")}, device=args.device, warmup=1,
                                         repeats=repeats)
-            if "flex" in calls:
-                try:
-                    timings["flex"] = bench(f"flex L={L} {mode}", calls["flex"], device=args.device, warmup=1,
-                                            repeats=repeats)
-                except NotImplementedError as e:  # FlexAttention has no CPU backward
-                    print(f"# flex {mode} L={L} not run: {e}".splitlines()[0])
+            notes = {}
+            for name in ("flex", FLASH):
+                if name in calls:
+                    try:
+                        timings[name] = bench(f"{name} L={L} {mode}", calls[name], device=args.device, warmup=1,
+                                              repeats=repeats)
+                    except NotImplementedError as e:  # FlexAttention has no CPU backward
+                        notes[name] = f"skipped: {e}".splitlines()[0]
+                        print(f"# {name} {mode} L={L} not run: {e}".splitlines()[0])
+            if args.skip_flex:
+                notes["flex"] = "skipped: --skip-flex"
+            if flash_skip:
+                notes[FLASH] = flash_skip
             base = timings["sdpa"].median_ms
             for name, t in timings.items():
                 rows.append({"L": L, "mode": mode, "impl": name, "median_ms": t.median_ms,
                              "p20_p80_ms": f"{t.p20_ms:.3g}-{t.p80_ms:.3g}",
                              "peak_MB": None if t.peak_bytes is None else t.peak_bytes / 2**20,
-                             "time_vs_sdpa": t.median_ms / base, "repeats": t.repeats})
+                             "time_vs_sdpa": t.median_ms / base, "repeats": t.repeats,
+                             "note": "no mask: the unmasked ceiling" if name == FLASH else None})
+            rows += [{"L": L, "mode": mode, "impl": name, "note": note} for name, note in notes.items()]
+        write_json("attention", header, rows, args.out)  # so far: a run cut short keeps the lengths it measured
     header["loadavg_after"] = os.getloadavg()
-    print_table(rows, ["L", "mode", "impl", "median_ms", "p20_p80_ms", "time_vs_sdpa", "peak_MB", "repeats"])
+    print_table(rows, ["L", "mode", "impl", "median_ms", "p20_p80_ms", "time_vs_sdpa", "peak_MB", "repeats", "note"])
     print(f"# load average after: {header['loadavg_after'][0]:.2f} (1 min) on {os.cpu_count()} cores; "
           f"figures taken under load are noisy (compare the ratios, which come from interleaved runs)")
     growth = memory_growth(rows)
