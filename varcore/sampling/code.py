@@ -237,7 +237,7 @@ class CoDeSampler:
                more_smooth: bool = False, *, temperature: Union[float, Sequence[float]] = 1.0,
                output: str = "images", generator: Optional[torch.Generator] = None, per_image_seeds: bool = False,
                seeds: Optional[Sequence[int]] = None, rng_parity: bool = True, cfg_skip: int = 0,
-               progress: bool = False):
+               prune=None, progress: bool = False):
         """Sample B images with CoDe; the arguments before ``*`` are the drop-in ones (as ``VARSampler.sample``).
 
         ``top_k``, ``top_p`` and ``temperature`` are scalars or one value per scale (CoDe's
@@ -245,12 +245,15 @@ class CoDeSampler:
         ``generator``, ``per_image_seeds`` or ``seeds``. ``rng_parity`` (default True) reproduces the official
         random stream; False continues the drafter's generators instead (no replayed draws). ``cfg_skip``: the
         last ``cfg_skip`` scales without guidance (see ``VARSampler.sample``), whichever model draws them.
+        ``prune``: FastVAR's token pruning per scale (see ``VARSampler.sample``), whichever model draws the scale;
+        pruning the refiner's first scale prunes it inside the prefill.
 
         ``output``: ``"images"`` (B, 3, H, W) in [0, 1]; ``"tokens"`` the SN (B, pn^2) token maps, drafter's then
         refiner's (no decode); ``"both"`` (images, tokens); ``"details"`` a :class:`~varcore.models.code.CoDeResult`.
         """
         check_batch(B)
-        opts = self.drafter_stage.options(cfg, top_k, top_p, temperature, more_smooth, cfg_skip=cfg_skip)
+        opts = self.drafter_stage.options(cfg, top_k, top_p, temperature, more_smooth, cfg_skip=cfg_skip,
+                                          prune=prune)
         check_bool(rng_parity, "rng_parity")
         if output not in ("images", "tokens", "both", "details"):
             raise ValueError(f"output must be 'images', 'tokens', 'both' or 'details', got {output!r}")
