@@ -205,10 +205,13 @@ class CoDeSampler:
         self.device = drafter.lvl_1L.device
 
     # ------------------------------------------------------------------------------------------ memory
-    def kv_cache_bytes(self, B: int) -> Dict[str, int]:
+    def kv_cache_bytes(self, B: int, prune=None) -> Dict[str, int]:
         """KV-cache bytes for a batch of B: the drafter's (N scales), the refiner's, and the peak, which is the
-        larger of the two (the drafter's cache is freed before the refiner's is allocated)."""
-        d, r = self.drafter_stage.kv_cache_bytes(B, self.draft_steps), self.refiner_stage.kv_cache_bytes(B)
+        larger of the two (the drafter's cache is freed before the refiner's is allocated); with the token pruning
+        ``prune`` of :meth:`sample` (the refiner's prefill writes every drafted token)."""
+        N = self.draft_steps
+        d = self.drafter_stage.kv_cache_bytes(B, N, prune)
+        r = self.refiner_stage.kv_cache_bytes(B, prune=prune, start=N)
         return {"drafter": d, "refiner": r, "peak": max(d, r)}
 
     def memory_report(self, B: int) -> Dict[str, float]:

@@ -184,12 +184,23 @@ class VARSampler:
             return False
         return True
 
-    def kv_cache_bytes(self, B: int, scales: Optional[int] = None) -> int:
+    def kv_cache_bytes(self, B: int, scales: Optional[int] = None, prune=None, start: int = 0) -> int:
         """Bytes of the KV cache for a batch of B images (2B rows with CFG), for a run over the first ``scales``
-        scales (None: all of them)."""
+        scales (None: all of them) with the token pruning ``prune`` (see :meth:`sample`) from scale ``start`` on
+        (a run from ``start > 0``, CoDe's refiner, writes every token of the scales before it)."""
         check_batch(B)
-        T = StaticKVCache.positions(len(self.var.blocks), self.patch_nums[:scales])
+        stop = self.SN if scales is None else scales
+        tokens = self.written(start, stop, keep_counts(prune, self.patch_nums))
+        T = StaticKVCache.positions(len(self.var.blocks), self.patch_nums[:stop], tokens)
         return 2 * 2 * B * self.heads * T * self.head_dim * self.dtype.itemsize
+
+    def written(self, start: int, stop: int, keeps: Sequence[Optional[int]]) -> Optional[List[int]]:
+        """The tokens each scale ``0..stop-1`` of a run from ``start`` writes to the KV cache, for the kept counts
+        ``keeps`` (None per unpruned scale): None when every scale writes all its tokens."""
+        if all(k is None for k in keeps[start:stop]):
+            return None
+        return [pn * pn if si < start or keeps[si] is None else keeps[si]
+                for si, pn in enumerate(self.patch_nums[:stop])]
 
     def concat_kv_cache_bytes(self, B: int) -> int:
         """Bytes the official ``torch.cat`` cache holds at the end of a call (float32), for comparison."""
@@ -213,30 +224,33 @@ class VARSampler:
                              guided=guided[si], guided_next=guided[min(si + 1, self.SN - 1)], keep=keeps[si])
                 for si in range(self.SN)]
 
-    def call_state(self, labels: torch.Tensor, start: int = 0, stop: Optional[int] = None) -> _CallState:
+    def call_state(self, labels: torch.Tensor, start: int = 0, stop: Optional[int] = None,
+                   keeps: Optional[Sequence[Optional[int]]] = None) -> _CallState:
         """The conditioning of the CFG batch ``[labels; null]``, computed once per call, a KV cache for scales
-        ``0..stop-1`` and, for a run that starts at scale ``start > 0``, its prefill mask."""
+        ``0..stop-1`` (sized for the tokens they keep, ``keeps`` as :func:`keep_counts` gives them) and, for a run
+        that starts at scale ``start > 0``, its prefill mask."""
         var, B, stop = self.var, labels.shape[0], self.SN if stop is None else stop
+        tokens = None if keeps is None else self.written(start, stop, keeps)
         cond_B2D = var.class_emb(torch.cat((labels, torch.full_like(labels, var.num_classes))))
         cond_or_gss = var.shared_ada_lin(cond_B2D)
         fresh = ([block.modulations(cond_or_gss) for block in var.blocks], var.head_nm.modulations(cond_B2D),
                  var.lvl_embed(var.lvl_1L) + var.pos_1LC)
         visible_end = code_prefill_visible_end(self.patch_nums, start, device=self.device) if start else None
-        key = (B, start, stop)
+        key = (B, start, stop) if tokens is None else (B, start, stop, tuple(tokens))
         if not self.cuda_graphs:
-            return _CallState(key, cond_B2D, self._cache(B, stop), *fresh, visible_end)
+            return _CallState(key, cond_B2D, self._cache(B, stop, tokens), *fresh, visible_end)
         # graphs read fixed addresses: keep this run's buffers and copy the new values in
         state = self._graph_states.get(key)
         if state is None:
-            state = self._graph_states[key] = _CallState(key, cond_B2D, self._cache(B, stop),
+            state = self._graph_states[key] = _CallState(key, cond_B2D, self._cache(B, stop, tokens),
                                                          *_map_tensors(torch.clone, fresh), visible_end)
         _map_tensors(lambda dst, src: dst.copy_(src), (state.mods, state.head_mods, state.lvl_pos_1LC), fresh)
         state.cond_B2D = cond_B2D
         return state
 
-    def _cache(self, B: int, stop: int) -> StaticKVCache:
+    def _cache(self, B: int, stop: int, tokens: Optional[List[int]] = None) -> StaticKVCache:
         return StaticKVCache(len(self.var.blocks), 2 * B, self.heads, self.head_dim, self.patch_nums[:stop],
-                             self.dtype, self.device)
+                             self.dtype, self.device, tokens)
 
     def first_input(self, state: _CallState, hub_BlCv: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Scale 0's transformer input (2B, first_l, C): class embedding + start position + lvl/pos embedding; with
@@ -429,7 +443,7 @@ class VARSampler:
         Non-finite logits raise a ValueError naming ``what`` after the loop; ``bar`` (tqdm) ticks per scale.
         """
         stop = self.SN if stop is None else stop
-        state = self.call_state(labels, start, stop)
+        state = self.call_state(labels, start, stop, [o.keep for o in opts])
         x_BlC = self.first_input(state, hub_BlCv)
         B = labels.shape[0]
         if f_hat is None:
