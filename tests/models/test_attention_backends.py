@@ -77,7 +77,7 @@ def test_code_prefill_same_through_every_backend(var, backend):
 
     def prefill():
         st = sampler.call_state(labels, start=2)
-        return sampler.forward(opts, sampler.first_input(st, hub), st)
+        return sampler.forward(opts, sampler.first_input(st, hub), None, st)
 
     with torch.no_grad():
         want = prefill()

@@ -3,9 +3,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from tiny_var import tiny_var, tiny_vae
+from tiny_var import agree as _agree, phase_flops, tiny_var, tiny_vae
 from varcore.sampling.code import CoDeSampler
 from varcore.sampling.var import VARSampler
 
@@ -27,10 +26,6 @@ def var():
 
 LABELS = torch.tensor([1, 4, 7])
 KW = dict(g_seed=3, cfg=3.0, top_k=20, output="tokens")
-
-
-def _agree(a, b):
-    return sum(int((x == y).sum()) for x, y in zip(a, b)) / sum(x.numel() for x in a)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -68,20 +63,7 @@ def test_skipped_scales_draw_from_the_conditional_logits(var, K, more_smooth):
 
 def _flops_per_phase(sampler, **kw):
     """Counted FLOPs of each (phase, scale) of one call (the GEMMs of the transformer, the head and the quantiser)."""
-    flops, real = {}, sampler._run
-
-    def counted(phase, opts, inputs, state):
-        with FlopCounterMode(display=False) as counter:
-            out = real(phase, opts, inputs, state)
-        flops[(phase, opts.si)] = counter.get_total_flops()
-        return out
-
-    sampler._run = counted
-    try:
-        sampler.sample(3, LABELS, **KW, **kw)
-    finally:
-        del sampler._run
-    return flops
+    return phase_flops(sampler, LABELS, **KW, **kw)
 
 
 @pytest.mark.parametrize("K", [1, 3])

@@ -53,14 +53,16 @@ class StaticKVCache:
     the last scale. Block ``j`` owns positions ``[o_j, o_j + P)`` with ``o_j = (depth - 1 - j) * P``; at the last
     scale it writes its new tokens at ``[o_j + P, o_j + L)``, which is block ``j - 1``'s region (or the
     ``pn_last^2`` spare positions at the end for block 0): block ``j - 1`` has finished the last scale by then.
-    :meth:`growing` makes the cache of the official ``kv_caching`` path instead.
+    ``tokens``, the number of tokens each scale writes (default ``pn^2``; fewer where a sampler prunes tokens),
+    replaces the ``pn^2`` in these sizes. :meth:`growing` makes the cache of the official ``kv_caching`` path instead.
     """
 
     def __init__(self, depth: int, batch2: int, heads: int, head_dim: int, patch_nums: Sequence[int],
-                 dtype: torch.dtype, device):
+                 dtype: torch.dtype, device, tokens: Optional[Sequence[int]] = None):
         self.depth = depth
-        self.P = sum(pn * pn for pn in patch_nums) - patch_nums[-1] ** 2
-        T = self.positions(depth, patch_nums)
+        counts = self.counts(patch_nums, tokens)
+        self.P = sum(counts) - counts[-1]
+        T = self.positions(depth, patch_nums, tokens)
         self.k = torch.empty(batch2, heads, T, head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
 
@@ -73,10 +75,21 @@ class StaticKVCache:
         return cache
 
     @staticmethod
-    def positions(depth: int, patch_nums: Sequence[int]) -> int:
-        """Cache length T (per batch row and head) for ``depth`` blocks and the schedule ``patch_nums``."""
-        L = sum(pn * pn for pn in patch_nums)
-        return depth * (L - patch_nums[-1] ** 2) + patch_nums[-1] ** 2
+    def counts(patch_nums: Sequence[int], tokens: Optional[Sequence[int]] = None) -> list:
+        """The tokens each scale writes: ``tokens``, or ``pn^2`` per scale of ``patch_nums``."""
+        if tokens is None:
+            return [pn * pn for pn in patch_nums]
+        if len(tokens) != len(patch_nums) or not all(0 < t <= pn * pn for t, pn in zip(tokens, patch_nums)):
+            raise ValueError(f"tokens must give each of the {len(patch_nums)} scales between 1 and pn^2 tokens, "
+                             f"got {list(tokens)}")
+        return list(tokens)
+
+    @classmethod
+    def positions(cls, depth: int, patch_nums: Sequence[int], tokens: Optional[Sequence[int]] = None) -> int:
+        """Cache length T (per batch row and head) for ``depth`` blocks and the schedule ``patch_nums`` (each scale
+        writing ``tokens`` of its tokens, default all)."""
+        counts = cls.counts(patch_nums, tokens)
+        return depth * (sum(counts) - counts[-1]) + counts[-1]
 
     def update(self, j: int, pos: int, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor, rows: slice = slice(None)):
         """Store block ``j``'s k/v of the tokens from ``pos`` on for the batch rows ``rows`` and return its k/v over

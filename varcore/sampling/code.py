@@ -205,10 +205,13 @@ class CoDeSampler:
         self.device = drafter.lvl_1L.device
 
     # ------------------------------------------------------------------------------------------ memory
-    def kv_cache_bytes(self, B: int) -> Dict[str, int]:
+    def kv_cache_bytes(self, B: int, prune=None) -> Dict[str, int]:
         """KV-cache bytes for a batch of B: the drafter's (N scales), the refiner's, and the peak, which is the
-        larger of the two (the drafter's cache is freed before the refiner's is allocated)."""
-        d, r = self.drafter_stage.kv_cache_bytes(B, self.draft_steps), self.refiner_stage.kv_cache_bytes(B)
+        larger of the two (the drafter's cache is freed before the refiner's is allocated); with the token pruning
+        ``prune`` of :meth:`sample` (the refiner's prefill writes every drafted token)."""
+        N = self.draft_steps
+        d = self.drafter_stage.kv_cache_bytes(B, N, prune)
+        r = self.refiner_stage.kv_cache_bytes(B, prune=prune, start=N)
         return {"drafter": d, "refiner": r, "peak": max(d, r)}
 
     def memory_report(self, B: int) -> Dict[str, float]:
@@ -237,7 +240,7 @@ class CoDeSampler:
                more_smooth: bool = False, *, temperature: Union[float, Sequence[float]] = 1.0,
                output: str = "images", generator: Optional[torch.Generator] = None, per_image_seeds: bool = False,
                seeds: Optional[Sequence[int]] = None, rng_parity: bool = True, cfg_skip: int = 0,
-               progress: bool = False):
+               prune=None, progress: bool = False):
         """Sample B images with CoDe; the arguments before ``*`` are the drop-in ones (as ``VARSampler.sample``).
 
         ``top_k``, ``top_p`` and ``temperature`` are scalars or one value per scale (CoDe's
@@ -245,12 +248,15 @@ class CoDeSampler:
         ``generator``, ``per_image_seeds`` or ``seeds``. ``rng_parity`` (default True) reproduces the official
         random stream; False continues the drafter's generators instead (no replayed draws). ``cfg_skip``: the
         last ``cfg_skip`` scales without guidance (see ``VARSampler.sample``), whichever model draws them.
+        ``prune``: FastVAR's token pruning per scale (see ``VARSampler.sample``), whichever model draws the scale;
+        pruning the refiner's first scale prunes it inside the prefill.
 
         ``output``: ``"images"`` (B, 3, H, W) in [0, 1]; ``"tokens"`` the SN (B, pn^2) token maps, drafter's then
         refiner's (no decode); ``"both"`` (images, tokens); ``"details"`` a :class:`~varcore.models.code.CoDeResult`.
         """
         check_batch(B)
-        opts = self.drafter_stage.options(cfg, top_k, top_p, temperature, more_smooth, cfg_skip=cfg_skip)
+        opts = self.drafter_stage.options(cfg, top_k, top_p, temperature, more_smooth, cfg_skip=cfg_skip,
+                                          prune=prune)
         check_bool(rng_parity, "rng_parity")
         if output not in ("images", "tokens", "both", "details"):
             raise ValueError(f"output must be 'images', 'tokens', 'both' or 'details', got {output!r}")

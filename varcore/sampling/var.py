@@ -30,6 +30,7 @@ The weights are read when the sampler is built: build a new sampler after changi
 """
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from numbers import Real
 from typing import List, Optional, Sequence, Tuple, Union
 import warnings
 
@@ -47,7 +48,7 @@ from varcore.sampling.draw import (check_batch, check_bool, check_images_finite,
                                    nonfinite_rows, raise_if_nonfinite, scale_options, temper, top_k_top_p_filter_)
 from varcore.sampling.rng import generators, model_generator
 
-__all__ = ["VARSampler", "StaticKVCache", "ScaleOptions", "autoregressive_infer_cfg", "row_chunks"]
+__all__ = ["VARSampler", "StaticKVCache", "ScaleOptions", "autoregressive_infer_cfg", "row_chunks", "keep_counts"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CHUNK_BYTES = 64 << 20  # bound on a block's FFN hidden (or the head's logits) per row chunk
@@ -69,6 +70,42 @@ class ScaleOptions:
     embed_next: bool = True  # the draw embeds the next scale's transformer input (not at a run's last scale)
     guided: bool = True  # both halves of the CFG batch; False: the conditional half only (logits = conditional)
     guided_next: bool = True  # the next scale's input is embedded for both halves
+    keep: Optional[int] = None  # tokens run through the blocks (pruning, see keep_counts); None: all pn^2
+    cache_pos: Optional[int] = None  # where the scale's k/v start in the KV cache; None: at the scale's first token
+
+
+def keep_counts(prune, patch_nums: Sequence[int]) -> List[Optional[int]]:
+    """The tokens each scale runs through the blocks under the token-pruning option ``prune`` (see
+    :meth:`VARSampler.sample`): None where a scale keeps all its tokens.
+
+    ``prune`` is None or empty (no pruning), a dict ``{scale index: keep ratio}`` or a sequence of one keep ratio
+    per scale, every ratio a real number in (0, 1]. Scale ``si`` keeps ``max(1, round(ratio * pn^2))`` tokens
+    (Python's ``round``: halves to even); a count of ``pn^2`` (ratio 1.0) leaves the scale unpruned.
+    """
+    SN = len(patch_nums)
+    expected = (f"prune must be None, a dict {{scale index in [0, {SN - 1}]: keep ratio in (0, 1]}} or a sequence of "
+                f"{SN} keep ratios in (0, 1]")
+    if prune is None:
+        ratios = {}
+    elif isinstance(prune, dict):
+        for si in prune:
+            if isinstance(si, bool) or not isinstance(si, int) or not 0 <= si < SN:
+                raise ValueError(f"{expected}, got the scale index {si!r}")
+        ratios = prune
+    elif isinstance(prune, (list, tuple)):
+        if prune and len(prune) != SN:
+            raise ValueError(f"{expected}, got {len(prune)} values")
+        ratios = dict(enumerate(prune))
+    else:
+        raise ValueError(f"{expected}, got {type(prune).__name__} {prune!r}")
+    keeps: List[Optional[int]] = [None] * SN
+    for si, ratio in ratios.items():
+        if isinstance(ratio, bool) or not isinstance(ratio, Real) or not 0 < ratio <= 1:
+            raise ValueError(f"{expected}, got {ratio!r} at scale {si}")
+        tokens = patch_nums[si] ** 2
+        keep = max(1, round(ratio * tokens))
+        keeps[si] = keep if keep < tokens else None
+    return keeps
 
 
 class _CallState:
@@ -148,12 +185,23 @@ class VARSampler:
             return False
         return True
 
-    def kv_cache_bytes(self, B: int, scales: Optional[int] = None) -> int:
+    def kv_cache_bytes(self, B: int, scales: Optional[int] = None, prune=None, start: int = 0) -> int:
         """Bytes of the KV cache for a batch of B images (2B rows with CFG), for a run over the first ``scales``
-        scales (None: all of them)."""
+        scales (None: all of them) with the token pruning ``prune`` (see :meth:`sample`) from scale ``start`` on
+        (a run from ``start > 0``, CoDe's refiner, writes every token of the scales before it)."""
         check_batch(B)
-        T = StaticKVCache.positions(len(self.var.blocks), self.patch_nums[:scales])
+        stop = self.SN if scales is None else scales
+        tokens = self.written(start, stop, keep_counts(prune, self.patch_nums))
+        T = StaticKVCache.positions(len(self.var.blocks), self.patch_nums[:stop], tokens)
         return 2 * 2 * B * self.heads * T * self.head_dim * self.dtype.itemsize
+
+    def written(self, start: int, stop: int, keeps: Sequence[Optional[int]]) -> Optional[List[int]]:
+        """The tokens each scale ``0..stop-1`` of a run from ``start`` writes to the KV cache, for the kept counts
+        ``keeps`` (None per unpruned scale): None when every scale writes all its tokens."""
+        if all(k is None for k in keeps[start:stop]):
+            return None
+        return [pn * pn if si < start or keeps[si] is None else keeps[si]
+                for si, pn in enumerate(self.patch_nums[:stop])]
 
     def concat_kv_cache_bytes(self, B: int) -> int:
         """Bytes the official ``torch.cat`` cache holds at the end of a call (float32), for comparison."""
@@ -162,49 +210,59 @@ class VARSampler:
 
     # ------------------------------------------------------------------------------------------ one call
     def options(self, cfg, top_k, top_p, temperature, more_smooth,
-                temperature_name: str = "temperature", cfg_skip: int = 0) -> List[ScaleOptions]:
+                temperature_name: str = "temperature", cfg_skip: int = 0, prune=None) -> List[ScaleOptions]:
         """The checked options of every scale (see :func:`~varcore.sampling.draw.scale_options`); the last
-        ``cfg_skip`` scales unguided (see :meth:`sample`)."""
+        ``cfg_skip`` scales unguided and the tokens kept at each scale by ``prune`` (:func:`keep_counts`; see
+        :meth:`sample`)."""
         cfg, top_ks, top_ps, temps = scale_options(self.SN, self.var.V, cfg, top_k, top_p, temperature, more_smooth,
                                                    temperature_name)
         if isinstance(cfg_skip, bool) or not isinstance(cfg_skip, int) or not 0 <= cfg_skip < self.SN:
             raise ValueError(f"cfg_skip must be an int in [0, {self.SN - 1}] (scales run without guidance, counted "
                              f"from the last), got {cfg_skip!r}")
         guided = [si < self.SN - cfg_skip for si in range(self.SN)]
+        keeps = keep_counts(prune, self.patch_nums)
         return [ScaleOptions(si, cfg * (si / (self.SN - 1)), top_ks[si], top_ps[si], temps[si], more_smooth,
-                             guided=guided[si], guided_next=guided[min(si + 1, self.SN - 1)])
+                             guided=guided[si], guided_next=guided[min(si + 1, self.SN - 1)], keep=keeps[si])
                 for si in range(self.SN)]
 
-    def call_state(self, labels: torch.Tensor, start: int = 0, stop: Optional[int] = None) -> _CallState:
+    def call_state(self, labels: torch.Tensor, start: int = 0, stop: Optional[int] = None,
+                   keeps: Optional[Sequence[Optional[int]]] = None) -> _CallState:
         """The conditioning of the CFG batch ``[labels; null]``, computed once per call, a KV cache for scales
-        ``0..stop-1`` and, for a run that starts at scale ``start > 0``, its prefill mask."""
+        ``0..stop-1`` (sized for the tokens they keep, ``keeps`` as :func:`keep_counts` gives them) and, for a run
+        that starts at scale ``start > 0``, its prefill mask."""
         var, B, stop = self.var, labels.shape[0], self.SN if stop is None else stop
+        tokens = None if keeps is None else self.written(start, stop, keeps)
         cond_B2D = var.class_emb(torch.cat((labels, torch.full_like(labels, var.num_classes))))
         cond_or_gss = var.shared_ada_lin(cond_B2D)
         fresh = ([block.modulations(cond_or_gss) for block in var.blocks], var.head_nm.modulations(cond_B2D),
                  var.lvl_embed(var.lvl_1L) + var.pos_1LC)
         visible_end = self._prefill_mask(start) if start else None
-        key = (B, start, stop)
+        key = (B, start, stop) if tokens is None else (B, start, stop, tuple(tokens))
         if not self.cuda_graphs:
-            return _CallState(key, cond_B2D, self._cache(B, stop), *fresh, visible_end)
+            return _CallState(key, cond_B2D, self._cache(B, stop, tokens), *fresh, visible_end)
         # graphs read fixed addresses: keep this run's buffers and copy the new values in
         state = self._graph_states.get(key)
         if state is None:
-            state = self._graph_states[key] = _CallState(key, cond_B2D, self._cache(B, stop),
+            state = self._graph_states[key] = _CallState(key, cond_B2D, self._cache(B, stop, tokens),
                                                          *_map_tensors(torch.clone, fresh), visible_end)
         _map_tensors(lambda dst, src: dst.copy_(src), (state.mods, state.head_mods, state.lvl_pos_1LC), fresh)
         state.cond_B2D = cond_B2D
         return state
 
-    def _prefill_mask(self, start: int) -> BlockCausalMask:
-        """The block-causal mask of a prefill over scales ``0..start`` (built once per ``start``)."""
-        if start not in self._prefill_masks:
-            self._prefill_masks[start] = BlockCausalMask(code_prefill_visible_end(self.patch_nums, start))
-        return self._prefill_masks[start]
+    def _prefill_mask(self, start: int, keep: Optional[int] = None) -> BlockCausalMask:
+        """The block-causal mask of a prefill over scales ``0..start`` (built once per ``start`` and ``keep``);
+        with ``keep``, scale ``start`` has only its ``keep`` pivotal tokens, which close the prefix."""
+        if (start, keep) not in self._prefill_masks:
+            ends = code_prefill_visible_end(self.patch_nums, start).tolist()
+            if keep is not None:
+                begin = self.var.begin_ends[start][0]
+                ends = ends[:begin] + [begin + keep] * keep
+            self._prefill_masks[start, keep] = BlockCausalMask(ends)
+        return self._prefill_masks[start, keep]
 
-    def _cache(self, B: int, stop: int) -> StaticKVCache:
+    def _cache(self, B: int, stop: int, tokens: Optional[List[int]] = None) -> StaticKVCache:
         return StaticKVCache(len(self.var.blocks), 2 * B, self.heads, self.head_dim, self.patch_nums[:stop],
-                             self.dtype, self.device)
+                             self.dtype, self.device, tokens)
 
     def first_input(self, state: _CallState, hub_BlCv: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Scale 0's transformer input (2B, first_l, C): class embedding + start position + lvl/pos embedding; with
@@ -230,24 +288,78 @@ class VARSampler:
     # A scale runs as two functions with static shapes and no random ops, so that each can be compiled or captured
     # as a CUDA graph; the scale's random numbers are drawn between them (nothing else is random, so the official
     # draw order is kept) and the eager path frees the KV cache between them at the last scale.
-    def forward(self, opts: ScaleOptions, x_BlC: torch.Tensor, state: _CallState) -> torch.Tensor:
+    def forward(self, opts: ScaleOptions, x_BlC: torch.Tensor, prev_BlC: Optional[torch.Tensor],
+                state: _CallState) -> torch.Tensor:
         """The blocks over one scale's tokens (2B, l, C) (the conditional half (B, l, C) of an unguided scale), or
         over the prefill's tokens of scales ``0..si``, reading and extending the KV cache (those rows of it): the
-        hidden states of the scale's tokens."""
+        hidden states of the scale's tokens.
+
+        A pruned scale (``opts.keep`` set) runs only its pivotal tokens (:meth:`pivotal`) through the blocks and
+        restores the others from ``prev_BlC``, the previous scale's hidden states (:meth:`restore`); a pruned
+        prefill takes them from its own output at the scale before."""
+        var, si, l = self.var, opts.si, self.patch_nums[opts.si] ** 2
+        begin = var.begin_ends[si][0]  # the scale's first token in the schedule (and in a prefill's input)
+        mask = state.visible_end if opts.prefill else None
+        pos = 0 if opts.prefill else (begin if opts.cache_pos is None else opts.cache_pos)
+        if opts.keep is not None:
+            idx_Bk = self.pivotal(opts, x_BlC[:, -l:], state)
+            kept = x_BlC[:, -l:].gather(1, idx_Bk.unsqueeze(-1).expand(-1, -1, x_BlC.shape[2]))
+            if opts.prefill:  # the kept tokens close the prefix and see all of it
+                x_BlC = torch.cat((x_BlC[:, :begin], kept), dim=1)
+                mask = self._prefill_mask(si, opts.keep)
+            else:
+                x_BlC = kept
+        x_BlC = self._blocks(opts, x_BlC, state, pos, mask)
+        if opts.keep is None:
+            return x_BlC[:, -l:] if opts.prefill else x_BlC
+        if opts.prefill:
+            prev_BlC, x_BlC = x_BlC[:, var.begin_ends[si - 1][0]:begin], x_BlC[:, begin:]
+        return self.restore(si, prev_BlC, x_BlC, idx_Bk)
+
+    def _blocks(self, opts: ScaleOptions, x_BlC: torch.Tensor, state: _CallState, pos: int,
+                mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Every block over the tokens ``x_BlC``, whose k/v go to the KV cache from position ``pos`` on."""
         var = self.var
-        begin, mask = (0, state.visible_end) if opts.prefill else (var.begin_ends[opts.si][0], None)
         chunks = row_chunks(*x_BlC.shape[:2], var.C, self.dtype.itemsize)
         for j, (block, w) in enumerate(zip(var.blocks, self.weights)):
             if len(chunks) == 1:  # all rows (the first B, the conditional half, of an unguided scale)
                 rows = slice(None) if opts.guided else slice(0, x_BlC.shape[0])
-                x_BlC = block.step(x_BlC, [m[rows] for m in state.mods[j]], w, state.kv, j, begin, rows, mask)
+                x_BlC = block.step(x_BlC, [m[rows] for m in state.mods[j]], w, state.kv, j, pos, rows, mask)
                 continue
             out_BlC = torch.empty_like(x_BlC)
             for rows in chunks:
                 mods = [m[rows] for m in state.mods[j]]
-                out_BlC[rows] = block.step(x_BlC[rows], mods, w, state.kv, j, begin, rows, mask)
+                out_BlC[rows] = block.step(x_BlC[rows], mods, w, state.kv, j, pos, rows, mask)
             x_BlC = out_BlC
-        return x_BlC[:, -self.patch_nums[opts.si] ** 2:] if opts.prefill else x_BlC
+        return x_BlC
+
+    def pivotal(self, opts: ScaleOptions, x_BlC: torch.Tensor, state: _CallState) -> torch.Tensor:
+        """The indices (rows, keep) of the ``opts.keep`` pivotal tokens of scale ``opts.si`` among its transformer
+        inputs ``x_BlC`` (rows, pn^2, C), largest score first.
+
+        The score is FastVAR's (``masked_previous_scale_cache`` in its ``fastvar_utils.py``): the squared L2
+        distance of a token's feature from the mean feature of the scale's tokens (its ``(1, 1)`` average pool),
+        the largest kept. The feature is the token's word embedding, the input without the level and position
+        embeddings: FastVAR's backbones position their tokens with RoPE, so their block inputs carry no position
+        term, and a learned position embedding would bias the choice towards fixed places. Both halves of the CFG
+        batch embed the same next-scale input, so the conditional half's score picks the kept tokens of both.
+        """
+        begin, end = self.var.begin_ends[opts.si]
+        B = x_BlC.shape[0] // 2 if opts.guided else x_BlC.shape[0]
+        feat = x_BlC[:B].float() - state.lvl_pos_1LC[:, begin:end]
+        score_Bl = (feat - feat.mean(dim=1, keepdim=True)).square().sum(dim=-1)
+        idx_Bk = score_Bl.topk(opts.keep, dim=1).indices
+        return idx_Bk.repeat(2, 1) if opts.guided else idx_Bk
+
+    def restore(self, si: int, prev_BlC: torch.Tensor, kept_BkC: torch.Tensor, idx_Bk: torch.Tensor) -> torch.Tensor:
+        """Scale ``si``'s hidden states (rows, pn^2, C): the previous scale's ``prev_BlC`` upsampled with ``area``
+        interpolation (FastVAR's ``unmerge``), the blocks' outputs ``kept_BkC`` scattered in at ``idx_Bk``. An
+        unguided scale after a guided one takes the conditional half of ``prev_BlC``."""
+        rows, C = kept_BkC.shape[0], kept_BkC.shape[2]
+        pn, pp = self.patch_nums[si], self.patch_nums[si - 1]
+        prev_BChw = prev_BlC[:rows].transpose(1, 2).reshape(rows, C, pp, pp)
+        out_BlC = F.interpolate(prev_BChw, size=(pn, pn), mode="area").flatten(2).transpose(1, 2).contiguous()
+        return out_BlC.scatter_(1, idx_Bk.unsqueeze(-1).expand(-1, -1, C), kept_BkC.to(out_BlC.dtype))
 
     def _guided_logits(self, x_BlC: torch.Tensor, state: _CallState, t: float, guided: bool = True) -> torch.Tensor:
         """Float32 CFG logits (B, l, V): ``(1 + t) cond - t uncond``, or the conditional logits of the
@@ -343,18 +455,22 @@ class VARSampler:
         Non-finite logits raise a ValueError naming ``what`` after the loop; ``bar`` (tqdm) ticks per scale.
         """
         stop = self.SN if stop is None else stop
-        state = self.call_state(labels, start, stop)
+        state = self.call_state(labels, start, stop, [o.keep for o in opts])
         x_BlC = self.first_input(state, hub_BlCv)
         B = labels.shape[0]
         if f_hat is None:
             f_hat = x_BlC.new_zeros(B, self.var.Cvae, self.patch_nums[-1], self.patch_nums[-1])
         idx_Bl_list, next_list = [], []
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        pos, prev_BlC = self.var.begin_ends[start][0], None  # pruned scales leave fewer k/v for the later ones
         for si in range(start, stop):
-            o = replace(opts[si], prefill=si == start and start > 0, embed_next=si + 1 < stop)
+            o = replace(opts[si], prefill=si == start and start > 0, embed_next=si + 1 < stop, cache_pos=pos)
+            pos += self.patch_nums[si] ** 2 if o.keep is None else o.keep
             if not o.guided and x_BlC.shape[0] == 2 * B:  # a run's first scale: its input was built for both halves
                 x_BlC = x_BlC[:B]
-            x_BlC = self._run("forward", o, (x_BlC,), state)
+            x_BlC = self._run("forward", o, (x_BlC, prev_BlC), state)
+            # a pruned next scale restores its other tokens from these hidden states
+            prev_BlC = x_BlC if si + 1 < stop and opts[si + 1].keep is not None else None
             if si == stop - 1 and not self.cuda_graphs:
                 state.kv = None  # nothing reads the cache any more: free it before the head
             noise_NV, gumbel_BlV = self.noise(B, self.patch_nums[si] ** 2, o.more_smooth, gens)
@@ -385,10 +501,11 @@ class VARSampler:
     @staticmethod
     def graph_key(opts: ScaleOptions, state: _CallState) -> tuple:
         """What a captured forward pass depends on: the run (batch, first and last scale: the KV cache and the
-        per-call buffers), the scale, whether it is a prefill and whether it is guided. Everything that changes
+        per-call buffers), the scale, whether it is a prefill and whether it is guided, and with pruning the tokens
+        it keeps and where its k/v go. Everything that changes
         only values (cfg, top-k, top-p, temperature, labels, seeds) is outside the graphs: the draw runs eagerly,
         so one set of graphs serves every sampling setting."""
-        return state.key, opts.si, opts.prefill, opts.guided
+        return state.key, opts.si, opts.prefill, opts.guided, opts.keep, opts.cache_pos
 
     def _graph_call(self, key, fn, opts: ScaleOptions, inputs: tuple, state: _CallState):
         """Capture ``fn`` once per key (its static inputs are clones of the first call's), then replay it.
@@ -445,7 +562,7 @@ class VARSampler:
                more_smooth: bool = False, *, temperature: Union[float, Sequence[float]] = 1.0,
                output: str = "images", generator: Optional[torch.Generator] = None,
                per_image_seeds: bool = False, seeds: Optional[Sequence[int]] = None, cfg_skip: int = 0,
-               progress: bool = False
+               prune=None, progress: bool = False
                ) -> Union[torch.Tensor, List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Sample B images with classifier-free guidance; the arguments before ``*`` are the drop-in ones.
 
@@ -466,9 +583,14 @@ class VARSampler:
         ``cfg_skip`` (an accelerator, off by default): the last ``cfg_skip`` scales run without guidance (as SkipVAR
         and StageVAR do at the late scales): their unconditional half is dropped, so their transformer and head run
         on B rows instead of 2B (half the FLOPs of those scales) and their logits are the conditional ones.
+
+        ``prune`` (FastVAR's cached token pruning, an accelerator, off by default): a dict ``{scale index: keep
+        ratio}`` or one keep ratio in (0, 1] per scale (:func:`keep_counts`); a pruned scale runs only its pivotal
+        tokens through the blocks (and keeps only their k/v), the others take the previous scale's hidden states
+        upsampled (:meth:`forward`); its head and draw still cover every token. Composes with ``cfg_skip``.
         """
         check_batch(B)
-        opts = self.options(cfg, top_k, top_p, temperature, more_smooth, cfg_skip=cfg_skip)
+        opts = self.options(cfg, top_k, top_p, temperature, more_smooth, cfg_skip=cfg_skip, prune=prune)
         if output not in ("images", "tokens", "both"):
             raise ValueError(f"output must be 'images', 'tokens' or 'both', got {output!r}")
         gens = generators(B, self.device, g_seed, generator, per_image_seeds, seeds)
