@@ -26,12 +26,15 @@ def var():
     return tiny_var(vae, depth=2, width=64)
 
 
-def _var_loss(var, seed):
+def _var_inputs(var, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(3, var.L - var.first_l, var.Cvae, generator=g)
-    label = torch.randint(0, 10, (3,), generator=g)
+    return torch.randint(0, 10, (3,), generator=g), x
+
+
+def _var_loss(var, seed):
     var.zero_grad()
-    logits = var(label, x)
+    logits = var(*_var_inputs(var, seed))
     logits.square().mean().backward()
     return logits.detach(), [p.grad.clone() for p in var.parameters() if p.grad is not None]
 
@@ -45,17 +48,18 @@ def test_var_training_mask_built_once(var):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_var_training_step_same_through_every_backend(var, backend):
+    """The training forward and its gradients; FlexAttention has no CPU backward in this torch, so through it the
+    forward only."""
     var.train()
     var.cond_drop_rate = 0.0
     want_logits, want_grads = _var_loss(var, 0)  # the default backend
     with att.use_attention_backend(backend):
         if backend == "flex":
-            try:
-                logits, grads = _var_loss(var, 0)
-            except NotImplementedError as err:  # a torch without FlexAttention's CPU backward
-                pytest.skip(f"FlexAttention backward on the CPU: {err}".splitlines()[0])
-        else:
-            logits, grads = _var_loss(var, 0)
+            with torch.no_grad():
+                logits = var(*_var_inputs(var, 0))
+            _close(logits, want_logits)
+            return
+        logits, grads = _var_loss(var, 0)
     _close(logits, want_logits)
     for g, w in zip(grads, want_grads):
         _close(g, w, 5e-5)

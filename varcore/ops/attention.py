@@ -326,7 +326,12 @@ def _flex_available() -> bool:
 def _capability(device: torch.device, capability):
     if capability is not None or device.type != "cuda":
         return capability
-    return torch.cuda.get_device_capability(device)
+    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int):
+    return torch.cuda.get_device_capability(index)  # asked once per device: attention_backend runs per call
 
 
 def attention_backend(device, masked: bool, dtype=torch.float32, capability=None) -> str:
@@ -412,8 +417,10 @@ def attend(q, k, v, visible_end=None, scale=None, layout="bhld"):
             raise ValueError(f"attend: attention backend 'kernel' has no kernel for {q.dtype} on {q.device}")
         if visible_end is None:
             ends = torch.full((Lq,), Lk, dtype=torch.int32, device=q.device)
+        elif isinstance(visible_end, BlockCausalMask):
+            ends = visible_end.visible_end(q.device)
         else:
-            ends = _visible_end_tensor(visible_end, q.device)
+            ends = visible_end
         return torch.ops.varcore.block_causal_attention(q, k, v, ends, scale, layout)[0]
     if backend == "flash_attn":
         from flash_attn import flash_attn_func
@@ -435,10 +442,6 @@ def attend(q, k, v, visible_end=None, scale=None, layout="bhld"):
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
         out = torch.where(mask.any(-1)[:, None], out, 0.0)  # SDPA gives NaN for a query that sees nothing
     return _bhld(out, blhd)
-
-
-def _visible_end_tensor(visible_end, device) -> torch.Tensor:
-    return visible_end.visible_end(device) if isinstance(visible_end, BlockCausalMask) else visible_end
 
 
 @functools.lru_cache(maxsize=1)
