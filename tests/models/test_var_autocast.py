@@ -8,15 +8,13 @@ CUDA autocast around the embeddings (``torch.cuda.amp.autocast(enabled=False)``)
 in the autocast dtype; CPU autocast leaves ``F.normalize`` in the input's dtype; the training mask is an additive
 float mask in the autocast dtype; the VAE's attention multiplies contiguous copies.
 """
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import varcore
+from conftest import load_code_small, load_expected, load_var_small
 from half_gemm import require_recorded_rounding
-from varcore.models import VAR, VQVAE, build_vae_var_ctf
 from varcore.models.basic_var import attention
 from varcore.ops.attention import var_visible_end, visible_end_mask
 
@@ -41,22 +39,11 @@ def _require_recorded_rounding(name):
                     f"to run them)")
 
 
-def _load(folder, name):
-    return torch.load(folder / name, map_location="cpu", weights_only=True)
-
-
 @pytest.fixture(scope="module")
 def var_small(golden_dir):
+    _, var, cfg = load_var_small(golden_dir)
     folder = golden_dir / "var-small"
-    cfg = json.loads((folder / "config.json").read_text())
-    c = cfg["config"]
-    vae = VQVAE(vocab_size=c["V"], z_channels=c["Cvae"], ch=c["ch"], share_quant_resi=4,
-                v_patch_nums=tuple(c["patch_nums"]))
-    vae.load_state_dict(_load(folder, "vae.pth"), strict=True)
-    var = VAR(vae, num_classes=c["num_classes"], depth=c["depth"], embed_dim=c["width"], num_heads=c["heads"],
-              mlp_ratio=4.0, norm_eps=1e-6, shared_aln=False, attn_l2_norm=True, patch_nums=tuple(c["patch_nums"]))
-    var.load_state_dict(_load(folder, "var.pth"), strict=True)
-    return var.eval(), cfg, _load(folder, "expected.pt"), _load(folder, "expected_autocast.pt")
+    return var, cfg, load_expected(folder), load_expected(folder, "expected_autocast.pt")
 
 
 def _equal_lists(a, b):
@@ -115,16 +102,9 @@ def test_masked_attention_under_autocast_is_the_official_sdpa_call(dtype, patch_
 # ---------------------------------------------------------------- CoDe
 @pytest.fixture(scope="module")
 def code_small(golden_dir):
+    _, drafter, refiner, cfg = load_code_small(golden_dir)
     folder = golden_dir / "code-small"
-    cfg = json.loads((folder / "config.json").read_text())
-    vae, drafter, refiner = build_vae_var_ctf(
-        V=cfg["V"], Cvae=cfg["Cvae"], ch=cfg["ch"], share_quant_resi=4, device="cpu",
-        patch_nums=tuple(cfg["patch_nums"]), num_classes=cfg["num_classes"], depth_draft=cfg["draft"]["depth"],
-        depth_refine=cfg["refine"]["depth"], shared_aln=False)
-    for model, name in ((vae, "vae"), (drafter, "drafter"), (refiner, "refiner")):
-        model.load_state_dict(_load(folder, f"{name}.pth"), strict=True)
-        model.eval()
-    return drafter, refiner, cfg, _load(folder, "expected.pt"), _load(folder, "expected_autocast.pt")
+    return drafter, refiner, cfg, load_expected(folder), load_expected(folder, "expected_autocast.pt")
 
 
 def test_every_code_autocast_key_is_checked(code_small):

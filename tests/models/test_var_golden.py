@@ -3,9 +3,9 @@ import json
 
 import pytest
 import torch
-from conftest import load_expected
+from conftest import load_expected, load_var_small
 
-from varcore.models import PATCH_NUMS, VAR, VQVAE
+from varcore.models import PATCH_NUMS, VQVAE
 from varcore.models.quant import phi_index_table
 from varcore.ops.quant import upsample_sum_ref
 
@@ -17,17 +17,8 @@ CHECKED_KEYS = {"img", "labels", "idx_Bl", "fhat_per_scale", "img_reconstructed"
 
 @pytest.fixture(scope="module")
 def var_small(golden_dir):
-    folder = golden_dir / "var-small"
-    cfg = json.loads((folder / "config.json").read_text())
-    c = cfg["config"]
-    vae = VQVAE(vocab_size=c["V"], z_channels=c["Cvae"], ch=c["ch"], share_quant_resi=4,
-                v_patch_nums=tuple(c["patch_nums"]))
-    vae.load_state_dict(torch.load(folder / "vae.pth", weights_only=True), strict=True)
-    var = VAR(vae, num_classes=c["num_classes"], depth=c["depth"], embed_dim=c["width"], num_heads=c["heads"],
-              mlp_ratio=4.0, norm_eps=1e-6, shared_aln=False, attn_l2_norm=True, patch_nums=tuple(c["patch_nums"]))
-    var.load_state_dict(torch.load(folder / "var.pth", weights_only=True), strict=True)
-    var.eval()
-    return vae, var, cfg, load_expected(folder)
+    vae, var, cfg = load_var_small(golden_dir)
+    return vae, var, cfg, load_expected(golden_dir / "var-small")
 
 
 def _assert_list_close(actual, expected, atol):

@@ -1,10 +1,10 @@
 """VARSampler: the same tokens as the drop-in ``autoregressive_infer_cfg`` in float32, options, memory, seeding."""
-import json
 import warnings
 
 import pytest
 import torch
 
+from conftest import load_expected, load_var_small
 from varcore.models import VAR, VQVAE
 from varcore.sampling.draw import top_k_top_p_filter_
 from varcore.sampling.var import StaticKVCache, VARSampler, row_chunks
@@ -73,17 +73,8 @@ def test_label_forms_and_global_rng(models, label_B):
 
 @pytest.fixture(scope="module")
 def golden_var(golden_dir):
-    folder = golden_dir / "var-small"
-    c = json.loads((folder / "config.json").read_text())
-    vae = VQVAE(vocab_size=c["config"]["V"], z_channels=c["config"]["Cvae"], ch=c["config"]["ch"],
-                share_quant_resi=4, v_patch_nums=tuple(c["config"]["patch_nums"]))
-    vae.load_state_dict(torch.load(folder / "vae.pth", weights_only=True))
-    cc = c["config"]
-    var = VAR(vae, num_classes=cc["num_classes"], depth=cc["depth"], embed_dim=cc["width"], num_heads=cc["heads"],
-              attn_l2_norm=True, patch_nums=tuple(cc["patch_nums"]))
-    var.load_state_dict(torch.load(folder / "var.pth", weights_only=True))
-    expected = torch.load(folder / "expected.pt", weights_only=True)
-    return var.eval(), c, expected
+    _, var, cfg = load_var_small(golden_dir)
+    return var, cfg, load_expected(golden_dir / "var-small")
 
 
 @pytest.mark.parametrize("i", [0, 1])

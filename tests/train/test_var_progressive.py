@@ -8,16 +8,15 @@ its ``train.py`` schedule and ``lr_wd_annealing``) run on the CPU in float32 on 
 (``ep=2`` of 10 iterations, ``wp=0.3`` epochs so 3 warm-up steps, wp0 0.005, wpe 0.01), ``pg=0.8``, ``pg0=1``,
 ``pgwp=0.2`` epochs (2 steps), the same batch every step, ``torch.manual_seed(0)`` before the first step.
 """
-import json
 
 import pytest
 import torch
 
-from varcore.models import VAR, VQVAE
+from varcore.models import VQVAE
 from varcore.train import TrainConfig, VARTrainer
 from varcore.train.code_trainer import DrafterTrainer
 from varcore.train.schedule import lr_factor, prog_si_at, prog_warmup, progressive_schedule
-from conftest import load_expected
+from conftest import load_expected, load_var_small
 
 PNS = (1, 2, 3, 4)
 
@@ -44,15 +43,8 @@ OFFICIAL_PROG_X = {0: None, 1: (2, 4, 8), 2: (2, 13, 8), 3: (2, 29, 8)}
 
 @pytest.fixture()
 def golden(golden_dir):
-    folder = golden_dir / "var-small"
-    cfg = json.loads((folder / "config.json").read_text())["config"]
-    vae = VQVAE(vocab_size=cfg["V"], z_channels=cfg["Cvae"], ch=cfg["ch"], share_quant_resi=4,
-                v_patch_nums=tuple(cfg["patch_nums"]), test_mode=True)
-    vae.load_state_dict(torch.load(folder / "vae.pth", weights_only=True), strict=True)
-    var = VAR(vae, num_classes=cfg["num_classes"], depth=cfg["depth"], embed_dim=cfg["width"],
-              num_heads=cfg["heads"], attn_l2_norm=True, patch_nums=tuple(cfg["patch_nums"]), cond_drop_rate=0.1)
-    var.load_state_dict(torch.load(folder / "var.pth", weights_only=True), strict=True)
-    return vae, var, load_expected(folder)
+    vae, var, _ = load_var_small(golden_dir)
+    return vae, var, load_expected(golden_dir / "var-small")
 
 
 # ---------------------------------------------------------------------------------------------- model
