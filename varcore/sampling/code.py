@@ -47,7 +47,7 @@ from varcore.models.var import VAR
 from varcore.models.vqvae import VQVAE
 from varcore.sampling.draw import check_batch, check_bool, check_images_finite, class_labels
 from varcore.sampling.rng import generators, model_generator
-from varcore.sampling.var import ScaleOptions, VARSampler
+from varcore.sampling.var import ScaleOptions, VARSampler, kv_budgets
 
 __all__ = ["CoDeSampler", "collaborative_infer_cfg", "draft", "refine", "draft_stage", "refine_stage",
            "replay_draws"]
@@ -205,19 +205,35 @@ class CoDeSampler:
         self.device = drafter.lvl_1L.device
 
     # ------------------------------------------------------------------------------------------ memory
-    def kv_cache_bytes(self, B: int, prune=None) -> Dict[str, int]:
+    def kv_cache_bytes(self, B: int, prune=None, kv_budget=None) -> Dict[str, int]:
         """KV-cache bytes for a batch of B: the drafter's (N scales), the refiner's, and the peak, which is the
         larger of the two (the drafter's cache is freed before the refiner's is allocated); with the token pruning
-        ``prune`` of :meth:`sample` (the refiner's prefill writes every drafted token)."""
+        ``prune`` and the KV-cache compression ``kv_budget`` of :meth:`sample` (the refiner's prefill writes every
+        drafted token; the budgets of the scales before N apply to the drafter only)."""
         N = self.draft_steps
-        d = self.drafter_stage.kv_cache_bytes(B, N, prune)
-        r = self.refiner_stage.kv_cache_bytes(B, prune=prune, start=N)
+        d_budget, r_budget = self._budgets(kv_budget)
+        d = self.drafter_stage.kv_cache_bytes(B, N, prune, kv_budget=d_budget)
+        r = self.refiner_stage.kv_cache_bytes(B, prune=prune, start=N, kv_budget=r_budget)
         return {"drafter": d, "refiner": r, "peak": max(d, r)}
 
-    def memory_report(self, B: int) -> Dict[str, float]:
-        """KV-cache bytes of CoDe against the drafter alone, for these static caches and for the official
-        ``torch.cat`` caches (float32; the drafter holds its N scales' tokens, the refiner all L)."""
-        ours = self.kv_cache_bytes(B)
+    def _budgets(self, kv_budget):
+        """``kv_budget`` for each stage: per-block ratios are the drafter's at its scales and the refiner's at
+        the others, whose depths may differ (one ratio for every block applies to both)."""
+        if kv_budget is None:
+            return None, None
+        if isinstance(kv_budget, (list, tuple)):
+            kv_budget = dict(enumerate(kv_budget))
+        if not isinstance(kv_budget, dict):
+            kv_budgets(kv_budget, self.patch_nums, len(self.drafter.blocks))  # raises the ValueError
+        N = self.draft_steps
+        return ({si: r for si, r in kv_budget.items() if not isinstance(si, int) or si < N},
+                {si: r for si, r in kv_budget.items() if not isinstance(si, int) or si >= N})
+
+    def memory_report(self, B: int, prune=None, kv_budget=None) -> Dict[str, float]:
+        """KV-cache bytes of CoDe (with ``prune`` and ``kv_budget`` as for :meth:`sample`) against the drafter
+        alone (plain), for these static caches and for the official ``torch.cat`` caches (float32; the drafter
+        holds its N scales' tokens, the refiner all L)."""
+        ours = self.kv_cache_bytes(B, prune, kv_budget)
         alone = self.drafter_stage.kv_cache_bytes(B)  # the same drafter sampling all scales
 
         def concat(var: VAR, tokens: int) -> int:
@@ -240,7 +256,7 @@ class CoDeSampler:
                more_smooth: bool = False, *, temperature: Union[float, Sequence[float]] = 1.0,
                output: str = "images", generator: Optional[torch.Generator] = None, per_image_seeds: bool = False,
                seeds: Optional[Sequence[int]] = None, rng_parity: bool = True, cfg_skip: int = 0,
-               prune=None, progress: bool = False):
+               prune=None, kv_budget=None, progress: bool = False):
         """Sample B images with CoDe; the arguments before ``*`` are the drop-in ones (as ``VARSampler.sample``).
 
         ``top_k``, ``top_p`` and ``temperature`` are scalars or one value per scale (CoDe's
@@ -249,14 +265,19 @@ class CoDeSampler:
         random stream; False continues the drafter's generators instead (no replayed draws). ``cfg_skip``: the
         last ``cfg_skip`` scales without guidance (see ``VARSampler.sample``), whichever model draws them.
         ``prune``: FastVAR's token pruning per scale (see ``VARSampler.sample``), whichever model draws the scale;
-        pruning the refiner's first scale prunes it inside the prefill.
+        pruning the refiner's first scale prunes it inside the prefill. ``kv_budget``: KV-cache compression after
+        each scale (see ``VARSampler.sample``) in the model that draws it: a budget at scale N compresses the
+        refiner's prefill cache; per-block ratios name the blocks of that model (``VARSampler.kv_plan`` of each).
 
         ``output``: ``"images"`` (B, 3, H, W) in [0, 1]; ``"tokens"`` the SN (B, pn^2) token maps, drafter's then
         refiner's (no decode); ``"both"`` (images, tokens); ``"details"`` a :class:`~varcore.models.code.CoDeResult`.
         """
         check_batch(B)
+        d_budget, r_budget = self._budgets(kv_budget)
         opts = self.drafter_stage.options(cfg, top_k, top_p, temperature, more_smooth, cfg_skip=cfg_skip,
-                                          prune=prune)
+                                          prune=prune, kv_budget=d_budget)
+        r_opts = self.refiner_stage.options(cfg, top_k, top_p, temperature, more_smooth, cfg_skip=cfg_skip,
+                                            prune=prune, kv_budget=r_budget)
         check_bool(rng_parity, "rng_parity")
         if output not in ("images", "tokens", "both", "details"):
             raise ValueError(f"output must be 'images', 'tokens', 'both' or 'details', got {output!r}")
@@ -272,7 +293,8 @@ class CoDeSampler:
             if rng_parity and (more_smooth or not seeded):
                 gens = generators(B, self.device, *seeding) if seeded else gens
                 replay_draws(self.refiner_stage, B, N, gens, relabel=label_B is None)
-            refine_idx, f_hat = refine_stage(self.refiner_stage, labels, hub, draft_f_hat.clone(), gens, opts, N, bar)
+            refine_idx, f_hat = refine_stage(self.refiner_stage, labels, hub, draft_f_hat.clone(), gens, r_opts, N,
+                                             bar)
             tokens = draft_idx + refine_idx
             if output == "tokens":
                 return tokens
