@@ -90,7 +90,8 @@ class KVPlan:
             held = kept
         keep.append(None)
         offsets = tuple(sum(need[j + 1:]) for j in range(depth))
-        T = max(o + p for o, p in zip(offsets, held))  # the last scale's tokens after each block's kept ones
+        # every region, and the last scale's tokens after each block's kept ones
+        T = max([sum(need)] + [o + p for o, p in zip(offsets, held)])
         return cls(tuple(pos), tuple(keep), offsets, T)
 
 

@@ -221,10 +221,10 @@ class CoDeSampler:
         the others, whose depths may differ (one ratio for every block applies to both)."""
         if kv_budget is None:
             return None, None
-        if isinstance(kv_budget, (list, tuple)):
-            kv_budget = dict(enumerate(kv_budget))
-        if not isinstance(kv_budget, dict):
+        if not isinstance(kv_budget, dict) and not (isinstance(kv_budget, (list, tuple))
+                                                    and len(kv_budget) in (0, self.SN - 1)):
             kv_budgets(kv_budget, self.patch_nums, len(self.drafter.blocks))  # raises the ValueError
+        kv_budget = kv_budget if isinstance(kv_budget, dict) else dict(enumerate(kv_budget))
         N = self.draft_steps
         return ({si: r for si, r in kv_budget.items() if not isinstance(si, int) or si < N},
                 {si: r for si, r in kv_budget.items() if not isinstance(si, int) or si >= N})

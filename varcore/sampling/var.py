@@ -91,19 +91,7 @@ def keep_counts(prune, patch_nums: Sequence[int]) -> List[Optional[int]]:
     SN = len(patch_nums)
     expected = (f"prune must be None, a dict {{scale index in [0, {SN - 1}]: keep ratio in (0, 1]}} or a sequence of "
                 f"{SN} keep ratios in (0, 1]")
-    if prune is None:
-        ratios = {}
-    elif isinstance(prune, dict):
-        for si in prune:
-            if isinstance(si, bool) or not isinstance(si, int) or not 0 <= si < SN:
-                raise ValueError(f"{expected}, got the scale index {si!r}")
-        ratios = prune
-    elif isinstance(prune, (list, tuple)):
-        if prune and len(prune) != SN:
-            raise ValueError(f"{expected}, got {len(prune)} values")
-        ratios = dict(enumerate(prune))
-    else:
-        raise ValueError(f"{expected}, got {type(prune).__name__} {prune!r}")
+    ratios = _scale_entries(prune, SN, expected, "values")
     keeps: List[Optional[int]] = [None] * SN
     for si, ratio in ratios.items():
         if isinstance(ratio, bool) or not isinstance(ratio, Real) or not 0 < ratio <= 1:
@@ -112,6 +100,23 @@ def keep_counts(prune, patch_nums: Sequence[int]) -> List[Optional[int]]:
         keep = max(1, round(ratio * tokens))
         keeps[si] = keep if keep < tokens else None
     return keeps
+
+
+def _scale_entries(value, n: int, expected: str, what: str) -> dict:
+    """``{scale index: entry}`` of a per-scale option: None (off), a dict with indices in [0, n) or a sequence of
+    n entries (empty: off); a ValueError starting with ``expected`` for anything else."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        for si in value:
+            if isinstance(si, bool) or not isinstance(si, int) or not 0 <= si < n:
+                raise ValueError(f"{expected}, got the scale index {si!r}")
+        return value
+    if isinstance(value, (list, tuple)):
+        if value and len(value) != n:
+            raise ValueError(f"{expected}, got {len(value)} {what}")
+        return dict(enumerate(value))
+    raise ValueError(f"{expected}, got {type(value).__name__} {value!r}")
 
 
 def kv_budgets(kv_budget, patch_nums: Sequence[int], depth: int) -> List[Optional[Tuple[float, ...]]]:
@@ -127,19 +132,7 @@ def kv_budgets(kv_budget, patch_nums: Sequence[int], depth: int) -> List[Optiona
     SN = len(patch_nums)
     expected = (f"kv_budget must be None, a dict {{scale index in [0, {SN - 2}]: keep ratio in (0, 1] or {depth} "
                 f"of them}} or a sequence of {SN - 1} such entries")
-    if kv_budget is None:
-        entries = {}
-    elif isinstance(kv_budget, dict):
-        for si in kv_budget:
-            if isinstance(si, bool) or not isinstance(si, int) or not 0 <= si < SN - 1:
-                raise ValueError(f"{expected}, got the scale index {si!r}")
-        entries = kv_budget
-    elif isinstance(kv_budget, (list, tuple)):
-        if kv_budget and len(kv_budget) != SN - 1:
-            raise ValueError(f"{expected}, got {len(kv_budget)} entries")
-        entries = dict(enumerate(kv_budget))
-    else:
-        raise ValueError(f"{expected}, got {type(kv_budget).__name__} {kv_budget!r}")
+    entries = _scale_entries(kv_budget, SN - 1, expected, "entries")
 
     def ratio(r, si):
         if isinstance(r, bool) or not isinstance(r, Real) or not 0 < r <= 1:
@@ -720,8 +713,9 @@ class VARSampler:
         At each of those scales every block's *dispersion* is measured: the entropy of its observation window's
         attention mass over the cached keys (:func:`~varcore.models.basic_var.window_attention_mass`, normalised
         to sum 1), divided by ``log(keys)`` and averaged over the batch rows and heads. The ``round(drafters *
-        depth)`` most dispersed blocks are drafters and keep ``drafter_ratio`` (default ``min(1, 2 * ratio)``) of
-        the tokens written so far, the others refiners, keeping what makes the mean over blocks ``ratio``. Returns
+        depth)`` most dispersed blocks are drafters and keep ``drafter_ratio`` (default ``min(1, 1.5 * ratio)``,
+        about ScaleKV's ratio) of the tokens written so far, the others refiners, keeping what makes the mean over
+        blocks ``ratio``. Returns
         ``{scale: (ratio of block 0, ..., block depth-1)}``; ``stats``, a dict, receives the dispersions
         ``{scale: [per block]}``. The calibration call reads its statistics on the host once, at its end.
         """
@@ -733,7 +727,7 @@ class VARSampler:
             raise ValueError(f"from_scale must be an int in [0, {self.SN - 2}], got {from_scale!r}")
         check_number("drafters", drafters, 0.0, 1.0)
         n_d = round(drafters * depth)
-        r_d = min(1.0, 2 * ratio) if drafter_ratio is None else check_number("drafter_ratio", drafter_ratio, 0.0, 1.0)
+        r_d = min(1.0, 1.5 * ratio) if drafter_ratio is None else check_number("drafter_ratio", drafter_ratio, 0.0, 1.0)
         r_r = ratio if n_d in (0, depth) else (depth * ratio - n_d * r_d) / (depth - n_d)
         if n_d not in (0, depth) and not (0 < r_r <= 1 and r_d >= ratio):
             raise ValueError(f"drafter_ratio must lie in [ratio, 1] and leave the refiners a ratio in (0, 1]: got "
