@@ -308,6 +308,26 @@ def test_kv_plan_splits_drafters_and_refiners(deep, monkeypatch):
     assert _equal(tokens[:3], sampler.sample(3, LABELS, **KW)[:3])
 
 
+@pytest.mark.parametrize("from_scale", [0, 2])
+def test_code_kv_plan_splits_each_model_at_its_scales(from_scale):
+    """CoDe's plan: the depth-4 drafter's blocks at its scales but its last, the depth-2 refiner's from its prefill
+    scale on, each by the dispersion the calibration call measured in that model; a plan that samples."""
+    vae = tiny_vae(PATCH_NUMS)
+    code = CoDeSampler(tiny_var(vae, depth=4, seed=2).eval(), tiny_var(vae, seed=3).eval(), draft_steps=2)
+    stats = {}
+    plan = code.kv_plan(3, LABELS, 3, ratio=0.5, from_scale=from_scale, drafters=0.5, stats=stats)
+    assert sorted(plan) == sorted(stats) == list(range(from_scale, 1)) + [2, 3]
+    for si, ratios in plan.items():
+        depth = 4 if si < 2 else 2
+        assert len(ratios) == len(stats[si]) == depth
+        drafters = sorted(range(depth), key=lambda j: -stats[si][j])[:depth // 2]
+        assert [ratios[j] for j in drafters] == pytest.approx([0.75] * (depth // 2))
+        assert sum(ratios) == pytest.approx(0.5 * depth)
+    tokens = code.sample(3, LABELS, kv_budget=plan, **KW)
+    assert code.kv_cache_bytes(3, kv_budget=plan)["refiner"] < code.kv_cache_bytes(3)["refiner"]
+    assert _equal(tokens[:2 if from_scale else 1], code.sample(3, LABELS, **KW)[:2 if from_scale else 1])
+
+
 @pytest.mark.parametrize("kw, match", [(dict(ratio=0.0, from_scale=2), "ratio must be"),
                                        (dict(ratio=0.5, from_scale=4), r"from_scale must be an int in \[0, 3\]"),
                                        (dict(ratio=0.5, from_scale=2, drafters=1.5), "drafters must be"),

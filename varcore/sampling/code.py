@@ -47,25 +47,29 @@ from varcore.models.var import VAR
 from varcore.models.vqvae import VQVAE
 from varcore.sampling.draw import check_batch, check_bool, check_images_finite, class_labels
 from varcore.sampling.rng import generators, model_generator
-from varcore.sampling.var import ScaleOptions, VARSampler, kv_budgets
+from varcore.sampling.var import ScaleOptions, VARSampler, kv_budgets, kv_plan_from_attention, kv_split
 
 __all__ = ["CoDeSampler", "collaborative_infer_cfg", "draft", "refine", "draft_stage", "refine_stage",
            "replay_draws"]
 
 
 # ---------------------------------------------------------------------------------------------- the two stages
-def draft_stage(sampler: VARSampler, labels: torch.Tensor, gens, opts: List[ScaleOptions], N: int, bar=None):
-    """The drafter's half on its sampler: scales ``0..N-1``. Returns (tokens per scale, f_hat, token hub)."""
-    idx_Bl_list, f_hat, next_list = sampler.run(labels, gens, opts, "CoDe's drafter", stop=N, bar=bar)
+def draft_stage(sampler: VARSampler, labels: torch.Tensor, gens, opts: List[ScaleOptions], N: int, bar=None,
+                kv_stats: Optional[dict] = None):
+    """The drafter's half on its sampler: scales ``0..N-1``. Returns (tokens per scale, f_hat, token hub).
+    ``kv_stats`` as for :meth:`~varcore.sampling.var.VARSampler.run`."""
+    idx_Bl_list, f_hat, next_list = sampler.run(labels, gens, opts, "CoDe's drafter", stop=N, bar=bar,
+                                                kv_stats=kv_stats)
     return idx_Bl_list, f_hat, torch.cat(next_list, dim=1)
 
 
 def refine_stage(sampler: VARSampler, labels: torch.Tensor, hub: torch.Tensor, f_hat: torch.Tensor, gens,
-                 opts: List[ScaleOptions], N: int, bar=None):
+                 opts: List[ScaleOptions], N: int, bar=None, kv_stats: Optional[dict] = None):
     """The refiner's half on its sampler: the prefill of scales ``0..N`` over the token ``hub``, then scales
-    ``N+1..``; ``f_hat`` (the drafter's) is continued in place. Returns (tokens of scales ``N..SN-1``, f_hat)."""
+    ``N+1..``; ``f_hat`` (the drafter's) is continued in place. Returns (tokens of scales ``N..SN-1``, f_hat).
+    ``kv_stats`` as for :meth:`~varcore.sampling.var.VARSampler.run`."""
     idx_Bl_list, f_hat, _ = sampler.run(labels, gens, opts, "CoDe's refiner", start=N, hub_BlCv=hub, f_hat=f_hat,
-                                        bar=bar)
+                                        bar=bar, kv_stats=kv_stats)
     return idx_Bl_list, f_hat
 
 
@@ -248,6 +252,30 @@ class CoDeSampler:
             "official_peak_bytes": max(off_d, off_r), "official_drafter_alone_bytes": off_alone,
             "official_peak_ratio": max(off_d, off_r) / off_alone,
         }
+
+    @torch.no_grad()
+    def kv_plan(self, B: int, label_B, g_seed: Optional[int] = 0, *, ratio: float, from_scale: int,
+                drafters: float = 0.25, drafter_ratio: Optional[float] = None, cfg: float = 1.5, top_k=0,
+                top_p=0.0, prune=None, cfg_skip: int = 0, stats: Optional[dict] = None) -> Dict[int, tuple]:
+        """A ``kv_budget`` for :meth:`sample` from one uncompressed CoDe calibration call of B images, as
+        ``VARSampler.kv_plan``: the drafter's blocks split at its scales from ``from_scale`` to N-2 (its last
+        scale's cache is freed), the refiner's at its scales from ``max(from_scale, N)`` to the last but one, its
+        prefill (scale N) included. ``stats`` receives the dispersions ``{scale: [per block]}``."""
+        d, r, N = self.drafter_stage, self.refiner_stage, self.draft_steps
+        splits = (kv_split(len(self.drafter.blocks), ratio, drafters, drafter_ratio),
+                  kv_split(len(self.refiner.blocks), ratio, drafters, drafter_ratio))
+        d_opts = d.measure_options(from_scale, cfg, top_k, top_p, prune, cfg_skip)
+        r_opts = r.measure_options(from_scale, cfg, top_k, top_p, prune, cfg_skip)
+        check_batch(B)
+        gens = generators(B, self.device, g_seed, None, False, None)
+        found_d, found_r = {}, {}
+        with d.eval_mode(), r.eval_mode():
+            labels = class_labels(B, label_B, self.drafter.num_classes, self.device, gens)
+            _, f_hat, hub = draft_stage(d, labels, gens, d_opts, N, kv_stats=found_d)
+            refine_stage(r, labels, hub, f_hat, gens, r_opts, N, kv_stats=found_r)
+        plan = kv_plan_from_attention({si: m for si, m in found_d.items() if si < N - 1}, splits[0], stats)
+        plan.update(kv_plan_from_attention({si: m for si, m in found_r.items() if si >= N}, splits[1], stats))
+        return plan
 
     # ------------------------------------------------------------------------------------------ sampling
     @torch.no_grad()

@@ -50,7 +50,7 @@ from varcore.sampling.draw import (check_batch, check_bool, check_images_finite,
 from varcore.sampling.rng import generators, model_generator
 
 __all__ = ["VARSampler", "StaticKVCache", "ScaleOptions", "autoregressive_infer_cfg", "row_chunks", "keep_counts",
-           "kv_budgets"]
+           "kv_budgets", "kv_split", "kv_plan_from_attention"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CHUNK_BYTES = 64 << 20  # bound on a block's FFN hidden (or the head's logits) per row chunk
@@ -707,53 +707,72 @@ class VARSampler:
     def kv_plan(self, B: int, label_B, g_seed: Optional[int] = 0, *, ratio: float, from_scale: int,
                 drafters: float = 0.25, drafter_ratio: Optional[float] = None, cfg: float = 1.5, top_k=0,
                 top_p=0.0, prune=None, cfg_skip: int = 0, stats: Optional[dict] = None) -> Dict[int, Tuple[float, ...]]:
-        """A ``kv_budget`` for :meth:`sample` from the attention of one calibration call (uncompressed, with these
-        sampling arguments): ScaleKV's drafter/refiner split per scale, from ``from_scale`` to the last but one.
-
-        At each of those scales every block's *dispersion* is measured: the entropy of its observation window's
-        attention mass over the cached keys (:func:`~varcore.models.basic_var.window_attention_mass`, normalised
-        to sum 1), divided by ``log(keys)`` and averaged over the batch rows and heads. The ``round(drafters *
-        depth)`` most dispersed blocks are drafters and keep ``drafter_ratio`` (default ``min(1, 1.5 * ratio)``,
-        about ScaleKV's ratio) of the tokens written so far, the others refiners, keeping what makes the mean over
-        blocks ``ratio``. Returns
-        ``{scale: (ratio of block 0, ..., block depth-1)}``; ``stats``, a dict, receives the dispersions
-        ``{scale: [per block]}``. The calibration call reads its statistics on the host once, at its end.
-        """
-        depth = len(self.var.blocks)
-        check_number("ratio", ratio, 0.0)
-        if not 0 < ratio <= 1:
-            raise ValueError(f"ratio must be a real number in (0, 1], got {ratio!r}")
-        if isinstance(from_scale, bool) or not isinstance(from_scale, int) or not 0 <= from_scale < self.SN - 1:
-            raise ValueError(f"from_scale must be an int in [0, {self.SN - 2}], got {from_scale!r}")
-        check_number("drafters", drafters, 0.0, 1.0)
-        n_d = round(drafters * depth)
-        r_d = min(1.0, 1.5 * ratio) if drafter_ratio is None else check_number("drafter_ratio", drafter_ratio, 0.0, 1.0)
-        r_r = ratio if n_d in (0, depth) else (depth * ratio - n_d * r_d) / (depth - n_d)
-        if n_d not in (0, depth) and not (0 < r_r <= 1 and r_d >= ratio):
-            raise ValueError(f"drafter_ratio must lie in [ratio, 1] and leave the refiners a ratio in (0, 1]: got "
-                             f"drafter_ratio={r_d!r} for ratio={ratio!r} and {n_d} of {depth} drafters")
-        opts = [replace(o, kv_measure=o.si >= from_scale and o.si < self.SN - 1)
-                for o in self.options(cfg, top_k, top_p, 1.0, False, cfg_skip=cfg_skip, prune=prune)]
+        """A ``kv_budget`` for :meth:`sample` from the attention of one calibration call of B images (uncompressed,
+        with these sampling arguments): ScaleKV's drafter/refiner split at each scale from ``from_scale`` to the
+        last but one, by :func:`kv_split` and :func:`kv_plan_from_attention` (see there). Returns ``{scale: (ratio
+        of block 0, ..., block depth-1)}``; ``stats``, a dict, receives the dispersions ``{scale: [per block]}``.
+        The calibration call reads its statistics on the host once, at its end."""
+        split = kv_split(len(self.var.blocks), ratio, drafters, drafter_ratio)
+        opts = self.measure_options(from_scale, cfg, top_k, top_p, prune, cfg_skip)
         check_batch(B)
         gens = generators(B, self.device, g_seed, None, False, None)
         found: dict = {}
         with self.eval_mode():
             labels = class_labels(B, label_B, self.var.num_classes, self.device, gens)
             self.run(labels, gens, opts, "the KV-cache calibration", kv_stats=found)
-        plan = {}
-        for si in sorted(found):
-            per_block = [[] for _ in range(depth)]
-            for j, mass_BHn in found[si]:
-                p = mass_BHn / mass_BHn.sum(dim=-1, keepdim=True)
-                entropy = -(p * p.clamp_min(1e-30).log()).sum(dim=-1) / math.log(max(p.shape[-1], 2))
-                per_block[j].append(entropy.flatten())
-            dispersion = torch.stack([torch.cat(e).mean() for e in per_block]).tolist()
-            if stats is not None:
-                stats[si] = dispersion
-            order = sorted(range(depth), key=lambda j: -dispersion[j])
-            drafter_set = set(order[:n_d])
-            plan[si] = tuple(r_d if j in drafter_set else r_r for j in range(depth))
-        return plan
+        return kv_plan_from_attention(found, split, stats)
+
+    def measure_options(self, from_scale: int, cfg, top_k, top_p, prune, cfg_skip: int) -> List[ScaleOptions]:
+        """The options of a calibration call (:meth:`kv_plan`): each block's window attention recorded at the
+        scales from ``from_scale`` to the last but one."""
+        if isinstance(from_scale, bool) or not isinstance(from_scale, int) or not 0 <= from_scale < self.SN - 1:
+            raise ValueError(f"from_scale must be an int in [0, {self.SN - 2}], got {from_scale!r}")
+        return [replace(o, kv_measure=from_scale <= o.si < self.SN - 1)
+                for o in self.options(cfg, top_k, top_p, 1.0, False, cfg_skip=cfg_skip, prune=prune)]
+
+
+def kv_split(depth: int, ratio: float, drafters: float = 0.25,
+             drafter_ratio: Optional[float] = None) -> Tuple[int, int, float, float]:
+    """ScaleKV's budget split of ``depth`` blocks with mean keep ratio ``ratio``: ``(depth, drafter count
+    round(drafters * depth), drafter ratio, refiner ratio)``; the drafters keep ``drafter_ratio`` (default
+    ``min(1, 1.5 * ratio)``, about ScaleKV's ratio between its two budgets), the refiners what makes the mean over
+    blocks ``ratio``."""
+    check_number("ratio", ratio, 0.0)
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be a real number in (0, 1], got {ratio!r}")
+    check_number("drafters", drafters, 0.0, 1.0)
+    n_d = round(drafters * depth)
+    r_d = min(1.0, 1.5 * ratio) if drafter_ratio is None else check_number("drafter_ratio", drafter_ratio, 0.0, 1.0)
+    r_r = ratio if n_d in (0, depth) else (depth * ratio - n_d * r_d) / (depth - n_d)
+    if n_d not in (0, depth) and not (0 < r_r <= 1 and r_d >= ratio):
+        raise ValueError(f"drafter_ratio must lie in [ratio, 1] and leave the refiners a ratio in (0, 1]: got "
+                         f"drafter_ratio={r_d!r} for ratio={ratio!r} and {n_d} of {depth} drafters")
+    return depth, n_d, (r_d if n_d else ratio), r_r
+
+
+def kv_plan_from_attention(found: dict, split: Tuple[int, int, float, float],
+                           stats: Optional[dict] = None) -> Dict[int, Tuple[float, ...]]:
+    """Per-block keep ratios per scale from the window attention ``found`` (``{scale: [(block, mass (rows, H,
+    keys))]}``, as a calibration run records it) and the :func:`kv_split` ``split``.
+
+    A block's *dispersion* at a scale is the entropy of its window's attention mass over the cached keys
+    (:func:`~varcore.models.basic_var.window_attention_mass`, normalised to sum 1), divided by ``log(keys)`` and
+    averaged over the batch rows and heads; the most dispersed blocks are the drafters. ``stats`` (a dict) receives
+    the dispersions ``{scale: [per block]}``. Reads the statistics on the host."""
+    depth, n_d, r_d, r_r = split
+    plan = {}
+    for si in sorted(found):
+        per_block = [[] for _ in range(depth)]
+        for j, mass_BHn in found[si]:
+            p = mass_BHn / mass_BHn.sum(dim=-1, keepdim=True)
+            entropy = -(p * p.clamp_min(1e-30).log()).sum(dim=-1) / math.log(max(p.shape[-1], 2))
+            per_block[j].append(entropy.flatten())
+        dispersion = torch.stack([torch.cat(e).mean() for e in per_block]).tolist()
+        if stats is not None:
+            stats[si] = dispersion
+        drafter_set = set(sorted(range(depth), key=lambda j: -dispersion[j])[:n_d])
+        plan[si] = tuple(r_d if j in drafter_set else r_r for j in range(depth))
+    return plan
 
 
 @torch.no_grad()
