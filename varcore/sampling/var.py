@@ -576,7 +576,10 @@ class VARSampler:
         return idx_Bl_list, f_hat, next_list
 
     def _run(self, phase: str, opts: ScaleOptions, inputs: tuple, state: _CallState):
-        """Run ``phase`` ("forward" or "draw") eagerly, compiled, or (the forward) as a CUDA graph replay."""
+        """Run ``phase`` ("forward" or "draw") eagerly, compiled, or (the forward) as a CUDA graph replay; a
+        calibration step (``opts.kv_measure``, which records tensors from inside the step) always eagerly."""
+        if opts.kv_measure:
+            return (self.forward if phase == "forward" else self.draw)(opts, *inputs, state)
         fn = self._phases[phase]
         if self.cuda_graphs and phase == "forward":
             try:
@@ -610,11 +613,17 @@ class VARSampler:
         entry = self._graphs.get(key)
         if entry is None:
             static_in = tuple(None if t is None else t.clone() for t in inputs)
+            # a compressing step rewrites the cached keys it reads (not idempotent): the warm-up's must be undone
+            saved = (state.kv.k.clone(), state.kv.v.clone()) if opts.kv_keep is not None else None
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up outside the graph (lazy inits), on copies: fn works in place
                 fn(opts, *(None if t is None else t.clone() for t in static_in), state)
+                if saved is not None:
+                    state.kv.k.copy_(saved[0])
+                    state.kv.v.copy_(saved[1])
             torch.cuda.current_stream().wait_stream(stream)
+            del saved
             graph = torch.cuda.CUDAGraph()
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
