@@ -4,7 +4,8 @@ Module and parameter names follow the official ``basic_var.py`` so state-dict ke
 through :func:`attention`, the one place to swap in another kernel.
 """
 import math
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 
 from varcore.ops.attention import BlockCausalMask, attend, visible_end_mask
 
-__all__ = ["attention", "autocasting", "StaticKVCache", "DropPath", "FFN", "SelfAttention", "AdaLNSelfAttn",
+__all__ = ["attention", "autocasting", "StaticKVCache", "KVPlan", "KVCompress", "window_attention_mass", "DropPath",
+           "FFN", "SelfAttention", "AdaLNSelfAttn",
            "AdaLNBeforeHead"]
 
 
@@ -46,6 +48,86 @@ def attention(q_BHLc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor,
                                           scale=scale)
 
 
+@dataclass(frozen=True)
+class KVPlan:
+    """Where each block's k/v go in a :class:`StaticKVCache` scale by scale, under KV-cache compression.
+
+    ``pos[si][j]``: block j's write position (within its region) at scale si, the tokens it holds before it;
+    ``keep[si][j]``: the tokens block j keeps after scale si (None: it keeps all it holds); ``offsets[j]``: the start
+    of block j's region; ``T``: the cache length. Block j's region holds the most tokens it has at any scale but the
+    last one; at the last scale it writes its new tokens after its kept ones, over the regions of the blocks before
+    it, which have finished (blocks are ordered ``depth-1 .. 0`` in the cache).
+    """
+
+    pos: Tuple[Tuple[int, ...], ...]
+    keep: Tuple[Optional[Tuple[Optional[int], ...]], ...]
+    offsets: Tuple[int, ...]
+    T: int
+
+    @classmethod
+    def build(cls, depth: int, counts: Sequence[int], budgets: Optional[Sequence] = None,
+              start: int = 0) -> "KVPlan":
+        """The plan for ``depth`` blocks whose scales write ``counts`` tokens each, compressed by ``budgets``: per
+        scale None or ``depth`` keep ratios; after scale si block j keeps ``min(held, max(1, round(r * W_si)))``
+        tokens, ``W_si`` the tokens written by scales ``0..si``, ``held`` the tokens it holds then. Budgets of the
+        last scale (its k/v are never read) and of the scales before ``start`` (a refiner's prefill writes them
+        all at once) are not applied."""
+        held, need, written, pos, keep = [0] * depth, [0] * depth, 0, [], []
+        last = len(counts) - 1
+        for si, c in enumerate(counts):
+            written += c
+            pos.append(tuple(held))
+            held = [h + c for h in held]
+            if si == last:
+                break
+            need = [max(a, b) for a, b in zip(need, held)]
+            ratios = None if budgets is None or si < start else budgets[si]
+            if ratios is None:
+                keep.append(None)
+                continue
+            kept = [min(h, max(1, round(r * written))) for h, r in zip(held, ratios)]
+            keep.append(None if kept == held else tuple(None if k == h else k for k, h in zip(kept, held)))
+            held = kept
+        keep.append(None)
+        offsets = tuple(sum(need[j + 1:]) for j in range(depth))
+        # every region, and the last scale's tokens after each block's kept ones
+        T = max([sum(need)] + [o + p for o, p in zip(offsets, held)])
+        return cls(tuple(pos), tuple(keep), offsets, T)
+
+
+@dataclass(frozen=True)
+class KVCompress:
+    """One block's KV-cache compression at one scale: the ``queries`` last queries are the scale's; its observation
+    window is the ``min(4, pn)^2`` grid of them at the centres of a ``pn x pn`` map's cells (ScaleKV's 16-query
+    window), or all of them where ``pn`` is None (a pruned scale, whose queries are not a grid). ``keep``: the keys
+    the block keeps after the scale, those with the largest :func:`window_attention_mass`, per batch row and head
+    (None: none dropped). ``stats``: a list that receives ``(block, mass)`` (calibration only)."""
+
+    keep: Optional[int]
+    queries: int
+    pn: Optional[int] = None
+    stats: Optional[list] = field(default=None, compare=False, hash=False)
+
+    def window(self, q_BHLc: torch.Tensor) -> torch.Tensor:
+        """The window's queries (B, H, w, c) among q (B, H, L, c)."""
+        q_BHlc = q_BHLc[:, :, q_BHLc.shape[2] - self.queries:]
+        if self.pn is None:
+            return q_BHlc
+        pn = self.pn
+        g = min(4, pn)
+        s = pn // g
+        cells = slice((s - 1) // 2, (s - 1) // 2 + (g - 1) * s + 1, s)
+        B, H, _, c = q_BHlc.shape
+        return q_BHlc.reshape(B, H, pn, pn, c)[:, :, cells, cells].reshape(B, H, g * g, c)
+
+
+def window_attention_mass(q_BHwc: torch.Tensor, k_BHnc: torch.Tensor, scale: float) -> torch.Tensor:
+    """The attention probability each key gets from the window's queries, summed over them: (B, H, n) float32
+    (``softmax(q k^T * scale)`` per query, in float32; the queries see every key, as a scale's queries do)."""
+    logits = torch.matmul(q_BHwc.float() * scale, k_BHnc.float().transpose(-1, -2))
+    return logits.softmax(dim=-1).sum(dim=-2)
+
+
 class StaticKVCache:
     """Preallocated keys and values of all blocks for a CFG-doubled batch of ``batch2`` rows.
 
@@ -54,16 +136,20 @@ class StaticKVCache:
     scale it writes its new tokens at ``[o_j + P, o_j + L)``, which is block ``j - 1``'s region (or the
     ``pn_last^2`` spare positions at the end for block 0): block ``j - 1`` has finished the last scale by then.
     ``tokens``, the number of tokens each scale writes (default ``pn^2``; fewer where a sampler prunes tokens),
-    replaces the ``pn^2`` in these sizes. :meth:`growing` makes the cache of the official ``kv_caching`` path instead.
+    replaces the ``pn^2`` in these sizes. With ``budgets`` (KV-cache compression, see :class:`KVPlan`; ``start``:
+    the run's first scale) each block's region holds only the tokens it keeps, and :meth:`compact` moves the kept
+    ones to its front. :meth:`growing` makes the cache of the official ``kv_caching`` path instead.
     """
 
     def __init__(self, depth: int, batch2: int, heads: int, head_dim: int, patch_nums: Sequence[int],
-                 dtype: torch.dtype, device, tokens: Optional[Sequence[int]] = None):
+                 dtype: torch.dtype, device, tokens: Optional[Sequence[int]] = None,
+                 budgets: Optional[Sequence] = None, start: int = 0):
         self.depth = depth
         counts = self.counts(patch_nums, tokens)
         self.P = sum(counts) - counts[-1]
-        T = self.positions(depth, patch_nums, tokens)
-        self.k = torch.empty(batch2, heads, T, head_dim, dtype=dtype, device=device)
+        self.plan = KVPlan.build(depth, counts, budgets, start)
+        self.offsets: List[int] = list(self.plan.offsets)
+        self.k = torch.empty(batch2, heads, self.plan.T, head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
 
     @classmethod
@@ -85,11 +171,12 @@ class StaticKVCache:
         return list(tokens)
 
     @classmethod
-    def positions(cls, depth: int, patch_nums: Sequence[int], tokens: Optional[Sequence[int]] = None) -> int:
+    def positions(cls, depth: int, patch_nums: Sequence[int], tokens: Optional[Sequence[int]] = None,
+                  budgets: Optional[Sequence] = None, start: int = 0) -> int:
         """Cache length T (per batch row and head) for ``depth`` blocks and the schedule ``patch_nums`` (each scale
-        writing ``tokens`` of its tokens, default all)."""
-        counts = cls.counts(patch_nums, tokens)
-        return depth * (sum(counts) - counts[-1]) + counts[-1]
+        writing ``tokens`` of its tokens, default all), compressed by ``budgets`` from ``start`` on (:class:`KVPlan`);
+        ``depth * P + pn_last^2`` without compression."""
+        return KVPlan.build(depth, cls.counts(patch_nums, tokens), budgets, start).T
 
     def update(self, j: int, pos: int, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor, rows: slice = slice(None)):
         """Store block ``j``'s k/v of the tokens from ``pos`` on for the batch rows ``rows`` and return its k/v over
@@ -99,10 +186,18 @@ class StaticKVCache:
                 k_BHlc, v_BHlc = torch.cat((self.k, k_BHlc), dim=2), torch.cat((self.v, v_BHlc), dim=2)
             self.k, self.v = k_BHlc, v_BHlc
             return k_BHlc, v_BHlc
-        o, end = (self.depth - 1 - j) * self.P, pos + k_BHlc.shape[2]
+        o, end = self.offsets[j], pos + k_BHlc.shape[2]
         self.k[rows, :, o + pos:o + end].copy_(k_BHlc)
         self.v[rows, :, o + pos:o + end].copy_(v_BHlc)
         return self.k[rows, :, o:o + end], self.v[rows, :, o:o + end]
+
+    def compact(self, j: int, n: int, idx_BHk: torch.Tensor, rows: slice = slice(None)) -> None:
+        """Keep block ``j``'s tokens ``idx_BHk`` (ascending, per row of ``rows`` and head) of the ``n`` it holds:
+        they move to the front of its region, in order (the rest of it is free for the next scale's tokens)."""
+        o, keep = self.offsets[j], idx_BHk.shape[2]
+        for buf in (self.k, self.v):
+            kept = buf[rows, :, o:o + n].gather(2, idx_BHk.unsqueeze(-1).expand(-1, -1, -1, buf.shape[3]))
+            buf[rows, :, o:o + keep].copy_(kept)
 
     @property
     def nbytes(self) -> int:
@@ -236,11 +331,13 @@ class SelfAttention(nn.Module):
         return self.step(x, self.weights(), self.kv_cache, attn_bias=attn_bias)
 
     def step(self, x: torch.Tensor, w: tuple, cache: Optional[StaticKVCache] = None, j: int = 0, pos: int = 0,
-             rows: slice = slice(None), attn_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+             rows: slice = slice(None), attn_bias: Optional[torch.Tensor] = None,
+             compress: Optional[KVCompress] = None) -> torch.Tensor:
         """Attention of the tokens ``x`` (B, l, C) with the weights ``w`` (see :meth:`weights`; ``x`` is cast to
         their dtype). With a ``cache`` their k and v are stored as block ``j``'s, at token ``pos`` on, for the batch
         rows ``rows``, and the queries attend over all of that block's cached tokens. ``attn_bias`` as for
-        :func:`attention`."""
+        :func:`attention`. ``compress`` (with a cache): afterwards the block keeps only the cached keys that the
+        observation window attends to most (:class:`KVCompress`)."""
         B, L, C = x.shape
         qkv = F.linear(x.to(w[0].dtype), w[0], w[1])
         q, k, v = qkv.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, c)
@@ -256,8 +353,19 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(j, pos, k, v, rows)
         out_BHLc = attention(q, k, v, attn_bias, self.scale, self.attn_drop if self.training else 0.0)
+        if compress is not None:
+            self._compress(compress, q, k, cache, j, rows)
         out = F.linear(out_BHLc.transpose(1, 2).reshape(B, L, C), w[2], w[3])
         return self.proj_drop(out) if self.training else out
+
+    def _compress(self, compress: KVCompress, q: torch.Tensor, k: torch.Tensor, cache: StaticKVCache, j: int,
+                  rows: slice) -> None:
+        mass_BHn = window_attention_mass(compress.window(q), k, self.scale)
+        if compress.stats is not None:
+            compress.stats.append((j, mass_BHn))
+        if compress.keep is not None:
+            idx_BHk = mass_BHn.topk(compress.keep, dim=-1).indices.sort(dim=-1).values
+            cache.compact(j, k.shape[2], idx_BHk, rows)
 
     def extra_repr(self) -> str:
         return f"attn_l2_norm={self.attn_l2_norm}"
@@ -311,12 +419,14 @@ class AdaLNSelfAttn(nn.Module):
         return self.step(x, self.modulations(cond_BD), self.weights(), self.attn.kv_cache, attn_bias=attn_bias)
 
     def step(self, x: torch.Tensor, mods: tuple, w: tuple, cache: Optional[StaticKVCache] = None, j: int = 0,
-             pos: int = 0, rows: slice = slice(None), attn_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+             pos: int = 0, rows: slice = slice(None), attn_bias: Optional[torch.Tensor] = None,
+             compress: Optional[KVCompress] = None) -> torch.Tensor:
         """The block on ``x`` (B, l, C) with the :meth:`modulations` ``mods`` of its rows and the :meth:`weights`
-        ``w``; ``cache``, ``j``, ``pos``, ``rows`` and ``attn_bias`` as for :meth:`SelfAttention.step`. Each branch
-        modulates its own input, so that it dies inside the branch."""
+        ``w``; ``cache``, ``j``, ``pos``, ``rows``, ``attn_bias`` and ``compress`` as for :meth:`SelfAttention.step`.
+        Each branch modulates its own input, so that it dies inside the branch."""
         gamma1, gamma2, scale1p, scale2p, shift1, shift2 = mods
-        h = self.attn.step(self._modulate(x, scale1p, shift1), w[0], cache, j, pos, rows, attn_bias) * gamma1
+        h = self.attn.step(self._modulate(x, scale1p, shift1), w[0], cache, j, pos, rows, attn_bias,
+                           compress) * gamma1
         x = x + (self.drop_path(h) if self.training else h)
         h = self.ffn.step(self._modulate(x, scale2p, shift2), w[1]) * gamma2
         return x + (self.drop_path(h) if self.training else h)

@@ -47,25 +47,29 @@ from varcore.models.var import VAR
 from varcore.models.vqvae import VQVAE
 from varcore.sampling.draw import check_batch, check_bool, check_images_finite, class_labels
 from varcore.sampling.rng import generators, model_generator
-from varcore.sampling.var import ScaleOptions, VARSampler
+from varcore.sampling.var import ScaleOptions, VARSampler, kv_budgets, kv_plan_from_attention, kv_split
 
 __all__ = ["CoDeSampler", "collaborative_infer_cfg", "draft", "refine", "draft_stage", "refine_stage",
            "replay_draws"]
 
 
 # ---------------------------------------------------------------------------------------------- the two stages
-def draft_stage(sampler: VARSampler, labels: torch.Tensor, gens, opts: List[ScaleOptions], N: int, bar=None):
-    """The drafter's half on its sampler: scales ``0..N-1``. Returns (tokens per scale, f_hat, token hub)."""
-    idx_Bl_list, f_hat, next_list = sampler.run(labels, gens, opts, "CoDe's drafter", stop=N, bar=bar)
+def draft_stage(sampler: VARSampler, labels: torch.Tensor, gens, opts: List[ScaleOptions], N: int, bar=None,
+                kv_stats: Optional[dict] = None):
+    """The drafter's half on its sampler: scales ``0..N-1``. Returns (tokens per scale, f_hat, token hub).
+    ``kv_stats`` as for :meth:`~varcore.sampling.var.VARSampler.run`."""
+    idx_Bl_list, f_hat, next_list = sampler.run(labels, gens, opts, "CoDe's drafter", stop=N, bar=bar,
+                                                kv_stats=kv_stats)
     return idx_Bl_list, f_hat, torch.cat(next_list, dim=1)
 
 
 def refine_stage(sampler: VARSampler, labels: torch.Tensor, hub: torch.Tensor, f_hat: torch.Tensor, gens,
-                 opts: List[ScaleOptions], N: int, bar=None):
+                 opts: List[ScaleOptions], N: int, bar=None, kv_stats: Optional[dict] = None):
     """The refiner's half on its sampler: the prefill of scales ``0..N`` over the token ``hub``, then scales
-    ``N+1..``; ``f_hat`` (the drafter's) is continued in place. Returns (tokens of scales ``N..SN-1``, f_hat)."""
+    ``N+1..``; ``f_hat`` (the drafter's) is continued in place. Returns (tokens of scales ``N..SN-1``, f_hat).
+    ``kv_stats`` as for :meth:`~varcore.sampling.var.VARSampler.run`."""
     idx_Bl_list, f_hat, _ = sampler.run(labels, gens, opts, "CoDe's refiner", start=N, hub_BlCv=hub, f_hat=f_hat,
-                                        bar=bar)
+                                        bar=bar, kv_stats=kv_stats)
     return idx_Bl_list, f_hat
 
 
@@ -205,19 +209,35 @@ class CoDeSampler:
         self.device = drafter.lvl_1L.device
 
     # ------------------------------------------------------------------------------------------ memory
-    def kv_cache_bytes(self, B: int, prune=None) -> Dict[str, int]:
+    def kv_cache_bytes(self, B: int, prune=None, kv_budget=None) -> Dict[str, int]:
         """KV-cache bytes for a batch of B: the drafter's (N scales), the refiner's, and the peak, which is the
         larger of the two (the drafter's cache is freed before the refiner's is allocated); with the token pruning
-        ``prune`` of :meth:`sample` (the refiner's prefill writes every drafted token)."""
+        ``prune`` and the KV-cache compression ``kv_budget`` of :meth:`sample` (the refiner's prefill writes every
+        drafted token; the budgets of the scales before N apply to the drafter only)."""
         N = self.draft_steps
-        d = self.drafter_stage.kv_cache_bytes(B, N, prune)
-        r = self.refiner_stage.kv_cache_bytes(B, prune=prune, start=N)
+        d_budget, r_budget = self._budgets(kv_budget)
+        d = self.drafter_stage.kv_cache_bytes(B, N, prune, kv_budget=d_budget)
+        r = self.refiner_stage.kv_cache_bytes(B, prune=prune, start=N, kv_budget=r_budget)
         return {"drafter": d, "refiner": r, "peak": max(d, r)}
 
-    def memory_report(self, B: int) -> Dict[str, float]:
-        """KV-cache bytes of CoDe against the drafter alone, for these static caches and for the official
-        ``torch.cat`` caches (float32; the drafter holds its N scales' tokens, the refiner all L)."""
-        ours = self.kv_cache_bytes(B)
+    def _budgets(self, kv_budget):
+        """``kv_budget`` for each stage: per-block ratios are the drafter's at its scales and the refiner's at
+        the others, whose depths may differ (one ratio for every block applies to both)."""
+        if kv_budget is None:
+            return None, None
+        if not isinstance(kv_budget, dict) and not (isinstance(kv_budget, (list, tuple))
+                                                    and len(kv_budget) in (0, self.SN - 1)):
+            kv_budgets(kv_budget, self.patch_nums, len(self.drafter.blocks))  # raises the ValueError
+        kv_budget = kv_budget if isinstance(kv_budget, dict) else dict(enumerate(kv_budget))
+        N = self.draft_steps
+        return ({si: r for si, r in kv_budget.items() if not isinstance(si, int) or si < N},
+                {si: r for si, r in kv_budget.items() if not isinstance(si, int) or si >= N})
+
+    def memory_report(self, B: int, prune=None, kv_budget=None) -> Dict[str, float]:
+        """KV-cache bytes of CoDe (with ``prune`` and ``kv_budget`` as for :meth:`sample`) against the drafter
+        alone (plain), for these static caches and for the official ``torch.cat`` caches (float32; the drafter
+        holds its N scales' tokens, the refiner all L)."""
+        ours = self.kv_cache_bytes(B, prune, kv_budget)
         alone = self.drafter_stage.kv_cache_bytes(B)  # the same drafter sampling all scales
 
         def concat(var: VAR, tokens: int) -> int:
@@ -233,6 +253,30 @@ class CoDeSampler:
             "official_peak_ratio": max(off_d, off_r) / off_alone,
         }
 
+    @torch.no_grad()
+    def kv_plan(self, B: int, label_B, g_seed: Optional[int] = 0, *, ratio: float, from_scale: int,
+                drafters: float = 0.25, drafter_ratio: Optional[float] = None, cfg: float = 1.5, top_k=0,
+                top_p=0.0, prune=None, cfg_skip: int = 0, stats: Optional[dict] = None) -> Dict[int, tuple]:
+        """A ``kv_budget`` for :meth:`sample` from one uncompressed CoDe calibration call of B images, as
+        ``VARSampler.kv_plan``: the drafter's blocks split at its scales from ``from_scale`` to N-2 (its last
+        scale's cache is freed), the refiner's at its scales from ``max(from_scale, N)`` to the last but one, its
+        prefill (scale N) included. ``stats`` receives the dispersions ``{scale: [per block]}``."""
+        d, r, N = self.drafter_stage, self.refiner_stage, self.draft_steps
+        splits = (kv_split(len(self.drafter.blocks), ratio, drafters, drafter_ratio),
+                  kv_split(len(self.refiner.blocks), ratio, drafters, drafter_ratio))
+        d_opts = d.measure_options(from_scale, cfg, top_k, top_p, prune, cfg_skip)
+        r_opts = r.measure_options(from_scale, cfg, top_k, top_p, prune, cfg_skip)
+        check_batch(B)
+        gens = generators(B, self.device, g_seed, None, False, None)
+        found_d, found_r = {}, {}
+        with d.eval_mode(), r.eval_mode():
+            labels = class_labels(B, label_B, self.drafter.num_classes, self.device, gens)
+            _, f_hat, hub = draft_stage(d, labels, gens, d_opts, N, kv_stats=found_d)
+            refine_stage(r, labels, hub, f_hat, gens, r_opts, N, kv_stats=found_r)
+        plan = kv_plan_from_attention({si: m for si, m in found_d.items() if si < N - 1}, splits[0], stats)
+        plan.update(kv_plan_from_attention({si: m for si, m in found_r.items() if si >= N}, splits[1], stats))
+        return plan
+
     # ------------------------------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample(self, B: int, label_B: Optional[Union[int, torch.Tensor]], g_seed: Optional[int] = None,
@@ -240,7 +284,7 @@ class CoDeSampler:
                more_smooth: bool = False, *, temperature: Union[float, Sequence[float]] = 1.0,
                output: str = "images", generator: Optional[torch.Generator] = None, per_image_seeds: bool = False,
                seeds: Optional[Sequence[int]] = None, rng_parity: bool = True, cfg_skip: int = 0,
-               prune=None, progress: bool = False):
+               prune=None, kv_budget=None, progress: bool = False):
         """Sample B images with CoDe; the arguments before ``*`` are the drop-in ones (as ``VARSampler.sample``).
 
         ``top_k``, ``top_p`` and ``temperature`` are scalars or one value per scale (CoDe's
@@ -249,14 +293,19 @@ class CoDeSampler:
         random stream; False continues the drafter's generators instead (no replayed draws). ``cfg_skip``: the
         last ``cfg_skip`` scales without guidance (see ``VARSampler.sample``), whichever model draws them.
         ``prune``: FastVAR's token pruning per scale (see ``VARSampler.sample``), whichever model draws the scale;
-        pruning the refiner's first scale prunes it inside the prefill.
+        pruning the refiner's first scale prunes it inside the prefill. ``kv_budget``: KV-cache compression after
+        each scale (see ``VARSampler.sample``) in the model that draws it: a budget at scale N compresses the
+        refiner's prefill cache; per-block ratios name the blocks of that model (``VARSampler.kv_plan`` of each).
 
         ``output``: ``"images"`` (B, 3, H, W) in [0, 1]; ``"tokens"`` the SN (B, pn^2) token maps, drafter's then
         refiner's (no decode); ``"both"`` (images, tokens); ``"details"`` a :class:`~varcore.models.code.CoDeResult`.
         """
         check_batch(B)
+        d_budget, r_budget = self._budgets(kv_budget)
         opts = self.drafter_stage.options(cfg, top_k, top_p, temperature, more_smooth, cfg_skip=cfg_skip,
-                                          prune=prune)
+                                          prune=prune, kv_budget=d_budget)
+        r_opts = self.refiner_stage.options(cfg, top_k, top_p, temperature, more_smooth, cfg_skip=cfg_skip,
+                                            prune=prune, kv_budget=r_budget)
         check_bool(rng_parity, "rng_parity")
         if output not in ("images", "tokens", "both", "details"):
             raise ValueError(f"output must be 'images', 'tokens', 'both' or 'details', got {output!r}")
@@ -272,7 +321,8 @@ class CoDeSampler:
             if rng_parity and (more_smooth or not seeded):
                 gens = generators(B, self.device, *seeding) if seeded else gens
                 replay_draws(self.refiner_stage, B, N, gens, relabel=label_B is None)
-            refine_idx, f_hat = refine_stage(self.refiner_stage, labels, hub, draft_f_hat.clone(), gens, opts, N, bar)
+            refine_idx, f_hat = refine_stage(self.refiner_stage, labels, hub, draft_f_hat.clone(), gens, r_opts, N,
+                                             bar)
             tokens = draft_idx + refine_idx
             if output == "tokens":
                 return tokens

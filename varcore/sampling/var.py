@@ -29,26 +29,28 @@ A run may also stop early or start late (:meth:`VARSampler.run`): CoDe's drafter
 The weights are read when the sampler is built: build a new sampler after changing the model's weights.
 """
 from contextlib import contextmanager
+import math
 from dataclasses import dataclass, replace
 from numbers import Real
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 import warnings
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from varcore.models.basic_var import StaticKVCache
+from varcore.models.basic_var import KVCompress, StaticKVCache
 from varcore.models.var import VAR
 from varcore.models.vqvae import VQVAE
 from varcore.ops import quant as quant_ops
 from varcore.ops.attention import BlockCausalMask, code_prefill_visible_end
 from varcore.sampling.auto_dtype import resolve_dtype
-from varcore.sampling.draw import (check_batch, check_bool, check_images_finite, class_labels, guide_var,
+from varcore.sampling.draw import (check_batch, check_bool, check_images_finite, check_number, class_labels, guide_var,
                                    nonfinite_rows, raise_if_nonfinite, scale_options, temper, top_k_top_p_filter_)
 from varcore.sampling.rng import generators, model_generator
 
-__all__ = ["VARSampler", "StaticKVCache", "ScaleOptions", "autoregressive_infer_cfg", "row_chunks", "keep_counts"]
+__all__ = ["VARSampler", "StaticKVCache", "ScaleOptions", "autoregressive_infer_cfg", "row_chunks", "keep_counts",
+           "kv_budgets", "kv_split", "kv_plan_from_attention"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CHUNK_BYTES = 64 << 20  # bound on a block's FFN hidden (or the head's logits) per row chunk
@@ -72,6 +74,10 @@ class ScaleOptions:
     guided_next: bool = True  # the next scale's input is embedded for both halves
     keep: Optional[int] = None  # tokens run through the blocks (pruning, see keep_counts); None: all pn^2
     cache_pos: Optional[int] = None  # where the scale's k/v start in the KV cache; None: at the scale's first token
+    kv_ratio: Optional[Tuple[float, ...]] = None  # KV-cache compression after this scale: a keep ratio per block
+    kv_pos: Optional[Tuple[int, ...]] = None  # with compression: where each block writes the scale's k/v
+    kv_keep: Optional[Tuple[Optional[int], ...]] = None  # with compression: the keys each block keeps (None: all)
+    kv_measure: bool = False  # record each block's window attention (KVPlan calibration, see VARSampler.kv_plan)
 
 
 def keep_counts(prune, patch_nums: Sequence[int]) -> List[Optional[int]]:
@@ -85,19 +91,7 @@ def keep_counts(prune, patch_nums: Sequence[int]) -> List[Optional[int]]:
     SN = len(patch_nums)
     expected = (f"prune must be None, a dict {{scale index in [0, {SN - 1}]: keep ratio in (0, 1]}} or a sequence of "
                 f"{SN} keep ratios in (0, 1]")
-    if prune is None:
-        ratios = {}
-    elif isinstance(prune, dict):
-        for si in prune:
-            if isinstance(si, bool) or not isinstance(si, int) or not 0 <= si < SN:
-                raise ValueError(f"{expected}, got the scale index {si!r}")
-        ratios = prune
-    elif isinstance(prune, (list, tuple)):
-        if prune and len(prune) != SN:
-            raise ValueError(f"{expected}, got {len(prune)} values")
-        ratios = dict(enumerate(prune))
-    else:
-        raise ValueError(f"{expected}, got {type(prune).__name__} {prune!r}")
+    ratios = _scale_entries(prune, SN, expected, "values")
     keeps: List[Optional[int]] = [None] * SN
     for si, ratio in ratios.items():
         if isinstance(ratio, bool) or not isinstance(ratio, Real) or not 0 < ratio <= 1:
@@ -108,6 +102,56 @@ def keep_counts(prune, patch_nums: Sequence[int]) -> List[Optional[int]]:
     return keeps
 
 
+def _scale_entries(value, n: int, expected: str, what: str) -> dict:
+    """``{scale index: entry}`` of a per-scale option: None (off), a dict with indices in [0, n) or a sequence of
+    n entries (empty: off); a ValueError starting with ``expected`` for anything else."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        for si in value:
+            if isinstance(si, bool) or not isinstance(si, int) or not 0 <= si < n:
+                raise ValueError(f"{expected}, got the scale index {si!r}")
+        return value
+    if isinstance(value, (list, tuple)):
+        if value and len(value) != n:
+            raise ValueError(f"{expected}, got {len(value)} {what}")
+        return dict(enumerate(value))
+    raise ValueError(f"{expected}, got {type(value).__name__} {value!r}")
+
+
+def kv_budgets(kv_budget, patch_nums: Sequence[int], depth: int) -> List[Optional[Tuple[float, ...]]]:
+    """The per-block keep ratios after each scale under the KV-cache compression option ``kv_budget`` (see
+    :meth:`VARSampler.sample`): None where a scale compresses nothing.
+
+    ``kv_budget`` is None or empty (off), a dict ``{scale index: ratio}`` or a sequence of one entry per scale but
+    the last (whose k/v are never read), an entry being None (no compression there), one keep ratio for every block
+    or a sequence of ``depth`` ratios (one per block, as :meth:`VARSampler.kv_plan` gives them); every ratio is a
+    real number in (0, 1]. After scale ``si`` block ``j`` keeps ``min(held, max(1, round(ratio * W)))`` keys, ``W``
+    the tokens scales ``0..si`` wrote and ``held`` the keys it holds (:class:`~varcore.models.basic_var.KVPlan`).
+    """
+    SN = len(patch_nums)
+    expected = (f"kv_budget must be None, a dict {{scale index in [0, {SN - 2}]: keep ratio in (0, 1] or {depth} "
+                f"of them}} or a sequence of {SN - 1} such entries")
+    entries = _scale_entries(kv_budget, SN - 1, expected, "entries")
+
+    def ratio(r, si):
+        if isinstance(r, bool) or not isinstance(r, Real) or not 0 < r <= 1:
+            raise ValueError(f"{expected}, got {r!r} at scale {si}")
+        return float(r)
+
+    budgets: List[Optional[Tuple[float, ...]]] = [None] * SN
+    for si, entry in entries.items():
+        if entry is None:
+            continue
+        if isinstance(entry, (list, tuple)):
+            if len(entry) != depth:
+                raise ValueError(f"{expected}, got {len(entry)} ratios at scale {si}")
+            budgets[si] = tuple(ratio(r, si) for r in entry)
+        else:
+            budgets[si] = (ratio(entry, si),) * depth
+    return budgets
+
+
 class _CallState:
     """Per-call tensors of a run ``key = (B, start, stop)``: the class embeddings of the CFG batch, the modulations
     of each block and of the head, lvl+pos embeddings, the KV cache, and a prefill's block-causal mask
@@ -116,6 +160,7 @@ class _CallState:
     def __init__(self, key, cond_B2D, kv: Optional[StaticKVCache], mods, head_mods, lvl_pos_1LC, visible_end):
         self.key, self.cond_B2D, self.kv, self.mods, self.head_mods = key, cond_B2D, kv, mods, head_mods
         self.lvl_pos_1LC, self.visible_end = lvl_pos_1LC, visible_end
+        self.kv_stats: Optional[dict] = None  # {scale: [(block, window attention mass)]} while calibrating
 
 
 class VARSampler:
@@ -185,15 +230,30 @@ class VARSampler:
             return False
         return True
 
-    def kv_cache_bytes(self, B: int, scales: Optional[int] = None, prune=None, start: int = 0) -> int:
+    def kv_cache_bytes(self, B: int, scales: Optional[int] = None, prune=None, start: int = 0,
+                       kv_budget=None) -> int:
         """Bytes of the KV cache for a batch of B images (2B rows with CFG), for a run over the first ``scales``
-        scales (None: all of them) with the token pruning ``prune`` (see :meth:`sample`) from scale ``start`` on
-        (a run from ``start > 0``, CoDe's refiner, writes every token of the scales before it)."""
+        scales (None: all of them) with the token pruning ``prune`` and the KV-cache compression ``kv_budget`` (see
+        :meth:`sample`) from scale ``start`` on (a run from ``start > 0``, CoDe's refiner, writes every token of the
+        scales before it): ``2 (k, v) * 2B * heads * T * head_dim * itemsize``, T the cache length of
+        :class:`~varcore.models.basic_var.KVPlan`. The cache is allocated once per call, so this is also the most
+        it holds."""
         check_batch(B)
         stop = self.SN if scales is None else scales
         tokens = self.written(start, stop, keep_counts(prune, self.patch_nums))
-        T = StaticKVCache.positions(len(self.var.blocks), self.patch_nums[:stop], tokens)
+        budgets = kv_budgets(kv_budget, self.patch_nums, len(self.var.blocks))
+        T = StaticKVCache.positions(len(self.var.blocks), self.patch_nums[:stop], tokens, budgets, start)
         return 2 * 2 * B * self.heads * T * self.head_dim * self.dtype.itemsize
+
+    def memory_report(self, B: int, prune=None, kv_budget=None) -> Dict[str, float]:
+        """KV-cache bytes of a call with ``prune`` and ``kv_budget`` (see :meth:`sample`) against the plain call,
+        for this static cache and for the official ``torch.cat`` cache (float32, all L tokens of every block):
+        ``peak_bytes`` (what the call allocates and holds at most), ``plain_bytes``, ``peak_ratio``,
+        ``official_peak_bytes`` and ``official_peak_ratio`` (``peak_bytes`` over the official cache's)."""
+        peak, plain, official = (self.kv_cache_bytes(B, prune=prune, kv_budget=kv_budget), self.kv_cache_bytes(B),
+                                 self.concat_kv_cache_bytes(B))
+        return {"peak_bytes": peak, "plain_bytes": plain, "peak_ratio": peak / plain,
+                "official_peak_bytes": official, "official_peak_ratio": peak / official}
 
     def written(self, start: int, stop: int, keeps: Sequence[Optional[int]]) -> Optional[List[int]]:
         """The tokens each scale ``0..stop-1`` of a run from ``start`` writes to the KV cache, for the kept counts
@@ -210,10 +270,11 @@ class VARSampler:
 
     # ------------------------------------------------------------------------------------------ one call
     def options(self, cfg, top_k, top_p, temperature, more_smooth,
-                temperature_name: str = "temperature", cfg_skip: int = 0, prune=None) -> List[ScaleOptions]:
+                temperature_name: str = "temperature", cfg_skip: int = 0, prune=None,
+                kv_budget=None) -> List[ScaleOptions]:
         """The checked options of every scale (see :func:`~varcore.sampling.draw.scale_options`); the last
-        ``cfg_skip`` scales unguided and the tokens kept at each scale by ``prune`` (:func:`keep_counts`; see
-        :meth:`sample`)."""
+        ``cfg_skip`` scales unguided, the tokens kept at each scale by ``prune`` (:func:`keep_counts`) and the KV
+        cache's keep ratios after each scale by ``kv_budget`` (:func:`kv_budgets`; see :meth:`sample`)."""
         cfg, top_ks, top_ps, temps = scale_options(self.SN, self.var.V, cfg, top_k, top_p, temperature, more_smooth,
                                                    temperature_name)
         if isinstance(cfg_skip, bool) or not isinstance(cfg_skip, int) or not 0 <= cfg_skip < self.SN:
@@ -221,29 +282,36 @@ class VARSampler:
                              f"from the last), got {cfg_skip!r}")
         guided = [si < self.SN - cfg_skip for si in range(self.SN)]
         keeps = keep_counts(prune, self.patch_nums)
+        budgets = kv_budgets(kv_budget, self.patch_nums, len(self.var.blocks))
         return [ScaleOptions(si, cfg * (si / (self.SN - 1)), top_ks[si], top_ps[si], temps[si], more_smooth,
-                             guided=guided[si], guided_next=guided[min(si + 1, self.SN - 1)], keep=keeps[si])
+                             guided=guided[si], guided_next=guided[min(si + 1, self.SN - 1)], keep=keeps[si],
+                             kv_ratio=budgets[si])
                 for si in range(self.SN)]
 
     def call_state(self, labels: torch.Tensor, start: int = 0, stop: Optional[int] = None,
-                   keeps: Optional[Sequence[Optional[int]]] = None) -> _CallState:
+                   keeps: Optional[Sequence[Optional[int]]] = None, budgets: Optional[Sequence] = None) -> _CallState:
         """The conditioning of the CFG batch ``[labels; null]``, computed once per call, a KV cache for scales
-        ``0..stop-1`` (sized for the tokens they keep, ``keeps`` as :func:`keep_counts` gives them) and, for a run
-        that starts at scale ``start > 0``, its prefill mask."""
+        ``0..stop-1`` (sized for the tokens they keep, ``keeps`` as :func:`keep_counts` gives them, and compressed
+        by ``budgets`` as :func:`kv_budgets` gives them) and, for a run that starts at scale ``start > 0``, its
+        prefill mask."""
         var, B, stop = self.var, labels.shape[0], self.SN if stop is None else stop
         tokens = None if keeps is None else self.written(start, stop, keeps)
+        if budgets is not None and all(b is None for b in budgets[start:stop - 1]):
+            budgets = None
         cond_B2D = var.class_emb(torch.cat((labels, torch.full_like(labels, var.num_classes))))
         cond_or_gss = var.shared_ada_lin(cond_B2D)
         fresh = ([block.modulations(cond_or_gss) for block in var.blocks], var.head_nm.modulations(cond_B2D),
                  var.lvl_embed(var.lvl_1L) + var.pos_1LC)
         visible_end = self._prefill_mask(start) if start else None
         key = (B, start, stop) if tokens is None else (B, start, stop, tuple(tokens))
+        if budgets is not None:
+            key = key + (tuple(budgets[:stop]),)
         if not self.cuda_graphs:
-            return _CallState(key, cond_B2D, self._cache(B, stop, tokens), *fresh, visible_end)
+            return _CallState(key, cond_B2D, self._cache(B, stop, tokens, budgets, start), *fresh, visible_end)
         # graphs read fixed addresses: keep this run's buffers and copy the new values in
         state = self._graph_states.get(key)
         if state is None:
-            state = self._graph_states[key] = _CallState(key, cond_B2D, self._cache(B, stop, tokens),
+            state = self._graph_states[key] = _CallState(key, cond_B2D, self._cache(B, stop, tokens, budgets, start),
                                                          *_map_tensors(torch.clone, fresh), visible_end)
         _map_tensors(lambda dst, src: dst.copy_(src), (state.mods, state.head_mods, state.lvl_pos_1LC), fresh)
         state.cond_B2D = cond_B2D
@@ -260,9 +328,10 @@ class VARSampler:
             self._prefill_masks[start, keep] = BlockCausalMask(ends)
         return self._prefill_masks[start, keep]
 
-    def _cache(self, B: int, stop: int, tokens: Optional[List[int]] = None) -> StaticKVCache:
+    def _cache(self, B: int, stop: int, tokens: Optional[List[int]] = None, budgets: Optional[Sequence] = None,
+               start: int = 0) -> StaticKVCache:
         return StaticKVCache(len(self.var.blocks), 2 * B, self.heads, self.head_dim, self.patch_nums[:stop],
-                             self.dtype, self.device, tokens)
+                             self.dtype, self.device, tokens, None if budgets is None else budgets[:stop], start)
 
     def first_input(self, state: _CallState, hub_BlCv: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Scale 0's transformer input (2B, first_l, C): class embedding + start position + lvl/pos embedding; with
@@ -309,7 +378,7 @@ class VARSampler:
                 mask = self._prefill_mask(si, opts.keep)
             else:
                 x_BlC = kept
-        x_BlC = self._blocks(opts, x_BlC, state, pos, mask)
+        x_BlC = self._blocks(opts, x_BlC, state, pos, mask, self._compressions(opts, state))
         if opts.keep is None:
             return x_BlC[:, -l:] if opts.prefill else x_BlC
         if opts.prefill:
@@ -317,21 +386,37 @@ class VARSampler:
         return self.restore(si, prev_BlC, x_BlC, idx_Bk)
 
     def _blocks(self, opts: ScaleOptions, x_BlC: torch.Tensor, state: _CallState, pos: int,
-                mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """Every block over the tokens ``x_BlC``, whose k/v go to the KV cache from position ``pos`` on."""
+                mask: Optional[torch.Tensor], compress: Sequence[Optional[KVCompress]]) -> torch.Tensor:
+        """Every block over the tokens ``x_BlC``, whose k/v go to the KV cache from position ``pos`` on (block j's
+        from ``opts.kv_pos[j]`` under KV-cache compression, outside a prefill), block j compressing its cache
+        afterwards by ``compress[j]``."""
         var = self.var
         chunks = row_chunks(*x_BlC.shape[:2], var.C, self.dtype.itemsize)
         for j, (block, w) in enumerate(zip(var.blocks, self.weights)):
+            pos_j = pos if opts.kv_pos is None or opts.prefill else opts.kv_pos[j]
             if len(chunks) == 1:  # all rows (the first B, the conditional half, of an unguided scale)
                 rows = slice(None) if opts.guided else slice(0, x_BlC.shape[0])
-                x_BlC = block.step(x_BlC, [m[rows] for m in state.mods[j]], w, state.kv, j, pos, rows, mask)
+                x_BlC = block.step(x_BlC, [m[rows] for m in state.mods[j]], w, state.kv, j, pos_j, rows, mask,
+                                   compress[j])
                 continue
             out_BlC = torch.empty_like(x_BlC)
             for rows in chunks:
                 mods = [m[rows] for m in state.mods[j]]
-                out_BlC[rows] = block.step(x_BlC[rows], mods, w, state.kv, j, pos, rows, mask)
+                out_BlC[rows] = block.step(x_BlC[rows], mods, w, state.kv, j, pos_j, rows, mask, compress[j])
             x_BlC = out_BlC
         return x_BlC
+
+    def _compressions(self, opts: ScaleOptions, state: _CallState) -> List[Optional[KVCompress]]:
+        """Each block's :class:`~varcore.models.basic_var.KVCompress` after scale ``opts.si`` (None: it keeps its
+        cache): the window is the scale's grid of queries, or all its queries where it is pruned."""
+        depth = len(self.var.blocks)
+        if opts.kv_keep is None and not opts.kv_measure:
+            return [None] * depth
+        pn = self.patch_nums[opts.si]
+        queries, grid = (pn * pn, pn) if opts.keep is None else (opts.keep, None)
+        stats = state.kv_stats.setdefault(opts.si, []) if opts.kv_measure else None
+        keeps = opts.kv_keep or (None,) * depth
+        return [None if k is None and stats is None else KVCompress(k, queries, grid, stats) for k in keeps]
 
     def pivotal(self, opts: ScaleOptions, x_BlC: torch.Tensor, state: _CallState) -> torch.Tensor:
         """The indices (rows, keep) of the ``opts.keep`` pivotal tokens of scale ``opts.si`` among its transformer
@@ -444,7 +529,8 @@ class VARSampler:
     # ------------------------------------------------------------------------------------------ the loop
     def run(self, labels: torch.Tensor, gens, opts: Sequence[ScaleOptions], what: str, start: int = 0,
             stop: Optional[int] = None, hub_BlCv: Optional[torch.Tensor] = None, f_hat: Optional[torch.Tensor] = None,
-            bar=None) -> Tuple[List[torch.Tensor], torch.Tensor, List[Optional[torch.Tensor]]]:
+            bar=None, kv_stats: Optional[dict] = None
+            ) -> Tuple[List[torch.Tensor], torch.Tensor, List[Optional[torch.Tensor]]]:
         """Scales ``start..stop-1`` of one call with the per-scale options ``opts`` (all SN of them): conditioning,
         then per scale the forward pass, its random numbers and the draw. Returns (idx_Bl per scale, f_hat, the
         next-scale inputs (B, pn^2, Cvae) drawn at each scale).
@@ -453,9 +539,13 @@ class VARSampler:
         :meth:`first_input`) and continues ``f_hat`` (modified in place); a run may stop before the last scale,
         with a KV cache sized for its scales. The cache is freed after the last forward pass (without CUDA graphs).
         Non-finite logits raise a ValueError naming ``what`` after the loop; ``bar`` (tqdm) ticks per scale.
+        ``kv_stats`` (a dict) receives the window attention of each block at the scales whose options have
+        ``kv_measure`` set, ``{scale: [(block, mass (rows, H, keys))]}`` (:meth:`kv_plan`).
         """
         stop = self.SN if stop is None else stop
-        state = self.call_state(labels, start, stop, [o.keep for o in opts])
+        state = self.call_state(labels, start, stop, [o.keep for o in opts], [o.kv_ratio for o in opts])
+        plan = state.kv.plan if any(o.kv_ratio is not None for o in opts[start:stop - 1]) else None
+        state.kv_stats = kv_stats
         x_BlC = self.first_input(state, hub_BlCv)
         B = labels.shape[0]
         if f_hat is None:
@@ -465,6 +555,8 @@ class VARSampler:
         pos, prev_BlC = self.var.begin_ends[start][0], None  # pruned scales leave fewer k/v for the later ones
         for si in range(start, stop):
             o = replace(opts[si], prefill=si == start and start > 0, embed_next=si + 1 < stop, cache_pos=pos)
+            if plan is not None:  # KV-cache compression: each block's own write position and kept keys
+                o = replace(o, kv_pos=plan.pos[si], kv_keep=plan.keep[si])
             pos += self.patch_nums[si] ** 2 if o.keep is None else o.keep
             if not o.guided and x_BlC.shape[0] == 2 * B:  # a run's first scale: its input was built for both halves
                 x_BlC = x_BlC[:B]
@@ -484,7 +576,10 @@ class VARSampler:
         return idx_Bl_list, f_hat, next_list
 
     def _run(self, phase: str, opts: ScaleOptions, inputs: tuple, state: _CallState):
-        """Run ``phase`` ("forward" or "draw") eagerly, compiled, or (the forward) as a CUDA graph replay."""
+        """Run ``phase`` ("forward" or "draw") eagerly, compiled, or (the forward) as a CUDA graph replay; a
+        calibration step (``opts.kv_measure``, which records tensors from inside the step) always eagerly."""
+        if opts.kv_measure:
+            return (self.forward if phase == "forward" else self.draw)(opts, *inputs, state)
         fn = self._phases[phase]
         if self.cuda_graphs and phase == "forward":
             try:
@@ -505,7 +600,7 @@ class VARSampler:
         it keeps and where its k/v go. Everything that changes
         only values (cfg, top-k, top-p, temperature, labels, seeds) is outside the graphs: the draw runs eagerly,
         so one set of graphs serves every sampling setting."""
-        return state.key, opts.si, opts.prefill, opts.guided, opts.keep, opts.cache_pos
+        return state.key, opts.si, opts.prefill, opts.guided, opts.keep, opts.cache_pos, opts.kv_pos, opts.kv_keep
 
     def _graph_call(self, key, fn, opts: ScaleOptions, inputs: tuple, state: _CallState):
         """Capture ``fn`` once per key (its static inputs are clones of the first call's), then replay it.
@@ -518,11 +613,17 @@ class VARSampler:
         entry = self._graphs.get(key)
         if entry is None:
             static_in = tuple(None if t is None else t.clone() for t in inputs)
+            # a compressing step rewrites the cached keys it reads (not idempotent): the warm-up's must be undone
+            saved = (state.kv.k.clone(), state.kv.v.clone()) if opts.kv_keep is not None else None
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up outside the graph (lazy inits), on copies: fn works in place
                 fn(opts, *(None if t is None else t.clone() for t in static_in), state)
+                if saved is not None:
+                    state.kv.k.copy_(saved[0])
+                    state.kv.v.copy_(saved[1])
             torch.cuda.current_stream().wait_stream(stream)
+            del saved
             graph = torch.cuda.CUDAGraph()
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
@@ -562,7 +663,7 @@ class VARSampler:
                more_smooth: bool = False, *, temperature: Union[float, Sequence[float]] = 1.0,
                output: str = "images", generator: Optional[torch.Generator] = None,
                per_image_seeds: bool = False, seeds: Optional[Sequence[int]] = None, cfg_skip: int = 0,
-               prune=None, progress: bool = False
+               prune=None, kv_budget=None, progress: bool = False
                ) -> Union[torch.Tensor, List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Sample B images with classifier-free guidance; the arguments before ``*`` are the drop-in ones.
 
@@ -588,9 +689,16 @@ class VARSampler:
         ratio}`` or one keep ratio in (0, 1] per scale (:func:`keep_counts`); a pruned scale runs only its pivotal
         tokens through the blocks (and keeps only their k/v), the others take the previous scale's hidden states
         upsampled (:meth:`forward`); its head and draw still cover every token. Composes with ``cfg_skip``.
+
+        ``kv_budget`` (KV-cache compression after ScaleKV, off by default): a dict ``{scale index: keep ratio}`` (or
+        one entry per scale but the last, :func:`kv_budgets`), a ratio for every block or one per block
+        (:meth:`kv_plan`); after such a scale each block keeps, per batch row and head, only the cached keys its
+        observation window attends to most, so the later scales attend over fewer keys and the cache is allocated
+        for the kept ones (:meth:`kv_cache_bytes`). Composes with ``prune`` and ``cfg_skip``.
         """
         check_batch(B)
-        opts = self.options(cfg, top_k, top_p, temperature, more_smooth, cfg_skip=cfg_skip, prune=prune)
+        opts = self.options(cfg, top_k, top_p, temperature, more_smooth, cfg_skip=cfg_skip, prune=prune,
+                            kv_budget=kv_budget)
         if output not in ("images", "tokens", "both"):
             raise ValueError(f"output must be 'images', 'tokens' or 'both', got {output!r}")
         gens = generators(B, self.device, g_seed, generator, per_image_seeds, seeds)
@@ -603,6 +711,77 @@ class VARSampler:
         return img if output == "images" else (img, idx_Bl_list)
 
     __call__ = sample
+
+    @torch.no_grad()
+    def kv_plan(self, B: int, label_B, g_seed: Optional[int] = 0, *, ratio: float, from_scale: int,
+                drafters: float = 0.25, drafter_ratio: Optional[float] = None, cfg: float = 1.5, top_k=0,
+                top_p=0.0, prune=None, cfg_skip: int = 0, stats: Optional[dict] = None) -> Dict[int, Tuple[float, ...]]:
+        """A ``kv_budget`` for :meth:`sample` from the attention of one calibration call of B images (uncompressed,
+        with these sampling arguments): ScaleKV's drafter/refiner split at each scale from ``from_scale`` to the
+        last but one, by :func:`kv_split` and :func:`kv_plan_from_attention` (see there). Returns ``{scale: (ratio
+        of block 0, ..., block depth-1)}``; ``stats``, a dict, receives the dispersions ``{scale: [per block]}``.
+        The calibration call reads its statistics on the host once, at its end."""
+        split = kv_split(len(self.var.blocks), ratio, drafters, drafter_ratio)
+        opts = self.measure_options(from_scale, cfg, top_k, top_p, prune, cfg_skip)
+        check_batch(B)
+        gens = generators(B, self.device, g_seed, None, False, None)
+        found: dict = {}
+        with self.eval_mode():
+            labels = class_labels(B, label_B, self.var.num_classes, self.device, gens)
+            self.run(labels, gens, opts, "the KV-cache calibration", kv_stats=found)
+        return kv_plan_from_attention(found, split, stats)
+
+    def measure_options(self, from_scale: int, cfg, top_k, top_p, prune, cfg_skip: int) -> List[ScaleOptions]:
+        """The options of a calibration call (:meth:`kv_plan`): each block's window attention recorded at the
+        scales from ``from_scale`` to the last but one."""
+        if isinstance(from_scale, bool) or not isinstance(from_scale, int) or not 0 <= from_scale < self.SN - 1:
+            raise ValueError(f"from_scale must be an int in [0, {self.SN - 2}], got {from_scale!r}")
+        return [replace(o, kv_measure=from_scale <= o.si < self.SN - 1)
+                for o in self.options(cfg, top_k, top_p, 1.0, False, cfg_skip=cfg_skip, prune=prune)]
+
+
+def kv_split(depth: int, ratio: float, drafters: float = 0.25,
+             drafter_ratio: Optional[float] = None) -> Tuple[int, int, float, float]:
+    """ScaleKV's budget split of ``depth`` blocks with mean keep ratio ``ratio``: ``(depth, drafter count
+    round(drafters * depth), drafter ratio, refiner ratio)``; the drafters keep ``drafter_ratio`` (default
+    ``min(1, 1.5 * ratio)``, about ScaleKV's ratio between its two budgets), the refiners what makes the mean over
+    blocks ``ratio``."""
+    check_number("ratio", ratio, 0.0)
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be a real number in (0, 1], got {ratio!r}")
+    check_number("drafters", drafters, 0.0, 1.0)
+    n_d = round(drafters * depth)
+    r_d = min(1.0, 1.5 * ratio) if drafter_ratio is None else check_number("drafter_ratio", drafter_ratio, 0.0, 1.0)
+    r_r = ratio if n_d in (0, depth) else (depth * ratio - n_d * r_d) / (depth - n_d)
+    if n_d not in (0, depth) and not (0 < r_r <= 1 and r_d >= ratio):
+        raise ValueError(f"drafter_ratio must lie in [ratio, 1] and leave the refiners a ratio in (0, 1]: got "
+                         f"drafter_ratio={r_d!r} for ratio={ratio!r} and {n_d} of {depth} drafters")
+    return depth, n_d, (r_d if n_d else ratio), r_r
+
+
+def kv_plan_from_attention(found: dict, split: Tuple[int, int, float, float],
+                           stats: Optional[dict] = None) -> Dict[int, Tuple[float, ...]]:
+    """Per-block keep ratios per scale from the window attention ``found`` (``{scale: [(block, mass (rows, H,
+    keys))]}``, as a calibration run records it) and the :func:`kv_split` ``split``.
+
+    A block's *dispersion* at a scale is the entropy of its window's attention mass over the cached keys
+    (:func:`~varcore.models.basic_var.window_attention_mass`, normalised to sum 1), divided by ``log(keys)`` and
+    averaged over the batch rows and heads; the most dispersed blocks are the drafters. ``stats`` (a dict) receives
+    the dispersions ``{scale: [per block]}``. Reads the statistics on the host."""
+    depth, n_d, r_d, r_r = split
+    plan = {}
+    for si in sorted(found):
+        per_block = [[] for _ in range(depth)]
+        for j, mass_BHn in found[si]:
+            p = mass_BHn / mass_BHn.sum(dim=-1, keepdim=True)
+            entropy = -(p * p.clamp_min(1e-30).log()).sum(dim=-1) / math.log(max(p.shape[-1], 2))
+            per_block[j].append(entropy.flatten())
+        dispersion = torch.stack([torch.cat(e).mean() for e in per_block]).tolist()
+        if stats is not None:
+            stats[si] = dispersion
+        drafter_set = set(sorted(range(depth), key=lambda j: -dispersion[j])[:n_d])
+        plan[si] = tuple(r_d if j in drafter_set else r_r for j in range(depth))
+    return plan
 
 
 @torch.no_grad()
