@@ -122,3 +122,74 @@ def test_plots_draw_from_a_report(tmp_path):
     assert {p.name for p in paths} == {"speedup.png", "images_per_s.png", "code_speed_quality.png", "kv_cache.png",
                                       "ceiling_share.png"}
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+# ---------------------------------------------------------------------------------------------- bench_accel
+def _counted_flops(monkeypatch, call):
+    """(GEMM FLOPs, attention FLOPs) of ``call()``, counted independently of the FLOP model: FlopCounterMode's
+    mm/addmm for every linear layer, and a spy on the blocks' attention for its visible (query, key) pairs (all of
+    them without a mask, a block-causal mask's ends otherwise), 2 * 2 * head_dim FLOPs per pair, head and row."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import varcore.models.basic_var as basic_var
+
+    real, pairs = basic_var.attention, []
+
+    def spy(q, k, v, attn_bias, scale, dropout_p=0.0):
+        rows, heads, Lq, D = q.shape
+        if attn_bias is None:
+            visible = Lq * k.shape[2]
+        else:
+            assert isinstance(attn_bias, att.BlockCausalMask) and attn_bias.Lq == Lq
+            visible = sum(attn_bias.ends)
+        pairs.append(rows * heads * visible * 2 * 2 * D)
+        return real(q, k, v, attn_bias, scale, dropout_p)
+
+    monkeypatch.setattr(basic_var, "attention", spy)
+    with FlopCounterMode(display=False) as counter:
+        call()
+    gemm = sum(n for op, n in counter.get_flop_counts()["Global"].items() if str(op) in ("aten.mm", "aten.addmm"))
+    return gemm, sum(pairs)
+
+
+def _model_split(flops: dict):
+    runs = [flops] if "scales" in flops else [flops["drafter"], flops["refiner"]]
+    gemm = sum(r["conditioning"] + sum(e["linear"] + e["head"] + e["embed"] for e in r["scales"]) for r in runs)
+    attention = sum(e["attention"] for r in runs for e in r["scales"])
+    assert gemm + attention == flops["total"]
+    return gemm, attention
+
+
+TINY_PNS = (1, 2, 3, 4, 5)
+
+
+@pytest.mark.parametrize("prune, cfg_skip, dtype", [
+    (None, 0, torch.float32), ({3: 0.5, 4: 0.4}, 0, torch.float32), (None, 2, torch.float32),
+    ({2: 0.5, 4: 0.3}, 1, torch.float32), ({3: 0.5, 4: 0.25}, 1, torch.bfloat16)])
+def test_var_flop_model_matches_the_counted_flops(monkeypatch, prune, cfg_skip, dtype):
+    from tiny_var import tiny_vae, tiny_var
+    from varcore.sampling.var import VARSampler
+
+    var = tiny_var(tiny_vae(TINY_PNS), depth=3).eval()
+    sampler, B = VARSampler(var, dtype=dtype), 3
+    counted = _counted_flops(monkeypatch, lambda: sampler.sample(B, torch.tensor([1, 4, 7]), g_seed=0, cfg=2.0,
+                                                                 prune=prune, cfg_skip=cfg_skip, output="tokens"))
+    model = costs.var_run_flops(var, B, prune=prune, cfg_skip=cfg_skip, exact=dtype == torch.float32)
+    assert _model_split(model) == counted
+    plain = costs.var_run_flops(var, B)
+    assert (model["total"] < plain["total"]) == (bool(prune) or cfg_skip > 0)
+
+
+@pytest.mark.parametrize("N, prune, cfg_skip", [(2, None, 0), (2, {2: 0.5, 4: 0.4}, 1), (3, {1: 0.5, 4: 0.5}, 2)])
+def test_code_flop_model_matches_the_counted_flops(monkeypatch, N, prune, cfg_skip):
+    """CoDe: the drafter's scales, the refiner's block-causal prefill (its own scale pruned in the second case) and
+    the refiner's other scales."""
+    from tiny_var import tiny_vae, tiny_var
+    from varcore.sampling.code import CoDeSampler
+
+    vae = tiny_vae(TINY_PNS)
+    drafter, refiner = tiny_var(vae, depth=3, seed=2).eval(), tiny_var(vae, depth=2, width=32, seed=3).eval()
+    sampler, B = CoDeSampler(drafter, refiner, N), 2
+    counted = _counted_flops(monkeypatch, lambda: sampler.sample(B, torch.tensor([1, 4]), g_seed=0, cfg=2.0,
+                                                                 prune=prune, cfg_skip=cfg_skip, output="tokens"))
+    assert _model_split(costs.code_call_flops(drafter, refiner, N, B, prune=prune, cfg_skip=cfg_skip)) == counted
