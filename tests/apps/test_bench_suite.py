@@ -193,3 +193,55 @@ def test_code_flop_model_matches_the_counted_flops(monkeypatch, N, prune, cfg_sk
     counted = _counted_flops(monkeypatch, lambda: sampler.sample(B, torch.tensor([1, 4]), g_seed=0, cfg=2.0,
                                                                  prune=prune, cfg_skip=cfg_skip, output="tokens"))
     assert _model_split(costs.code_call_flops(drafter, refiner, N, B, prune=prune, cfg_skip=cfg_skip)) == counted
+
+
+def test_bench_accel_quick(tmp_path, capsys):
+    """bench_accel --quick: every case against the plain sampler, the implied speed-up the FLOP model's ratio."""
+    import json
+
+    import bench_accel
+
+    out = tmp_path / "accel.json"
+    assert bench_accel.main(["--quick", "--repeats", "1", "--out", str(out)]) == 0
+    assert "implied_speedup" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    rows = {r["case"]: r for r in data["rows"]}
+    shape = bench_accel.SHAPES["quick"]
+    SN, N = len(shape["patch_nums"]), shape["draft_steps"]
+    assert list(rows) == ["plain", "prune", "cfg_skip=2", "prune+cfg_skip", f"CoDe N={N}",
+                          f"CoDe N={N}+prune+cfg_skip"]
+    plain = rows["plain"]
+    assert plain["speedup"] == plain["implied_speedup"] == plain["share"] == 1
+    for r in rows.values():
+        assert r["passes"] == SN and r["s"] > 0
+        assert r["speedup"] == pytest.approx(plain["s"] / r["s"])
+        assert r["implied_speedup"] == pytest.approx(plain["GFLOP"] / r["GFLOP"])
+        assert r["share"] == pytest.approx(r["speedup"] / r["implied_speedup"])
+    assert rows["prune+cfg_skip"]["options"] == {"prune": {str(SN - 2): 0.5, str(SN - 1): 0.5}, "cfg_skip": 2}
+    # each accelerator saves FLOPs, the stack more than either, CoDe with the stack the most
+    g = {k: r["GFLOP"] for k, r in rows.items()}
+    assert g["plain"] > g["prune"] > g["prune+cfg_skip"] and g["cfg_skip=2"] > g["prune+cfg_skip"]
+    assert g[f"CoDe N={N}"] > g[f"CoDe N={N}+prune+cfg_skip"] == min(g.values())
+
+
+def test_bench_accel_families_are_table_entries(monkeypatch, tmp_path):
+    """A family is one entry of FAMILIES: its cases are timed against its own baseline, in the same table."""
+    import json
+
+    import bench_accel
+
+    calls = []
+
+    def toy(args):
+        slow = bench_accel.Case(lambda: calls.append("base") or sum(range(20000)), 4e9, lambda: 8)
+        fast = bench_accel.Case(lambda: calls.append("fast") or sum(range(10000)), 1e9, lambda: 3, {"w": 4})
+        return bench_accel.Family("base", {"base": slow, "fast": fast}, {"model": "toy"})
+
+    monkeypatch.setitem(bench_accel.FAMILIES, "toy", toy)
+    out = tmp_path / "toy.json"
+    assert bench_accel.main(["--families", "toy", "--repeats", "4", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert calls == ["base", "fast"] + ["base", "fast", "fast", "base"] * 2  # warm-up, then rotating rounds
+    rows = {r["case"]: r for r in data["rows"]}
+    assert rows["fast"]["family"] == "toy" and rows["fast"]["passes"] == 3 and rows["fast"]["options"] == {"w": 4}
+    assert rows["fast"]["implied_speedup"] == 4 and data["header"]["families"]["toy"]["baseline"] == "base"
