@@ -114,13 +114,21 @@ def test_plots_draw_from_a_report(tmp_path):
             "code_quality": [{"decoding": "CoDe N=1", "images_per_s": 3.0, "class_consistency": 0.9, "frechet": 2.0},
                              {"decoding": "VAR (drafter alone)", "images_per_s": 2.0, "class_consistency": 0.95,
                               "frechet": 1.0}],
+            "accel_sweep": [{"config": "m:cfg_skip=1,vs=b", "class_consistency": 0.9,
+                             "baseline": {"model": "b", "class_consistency": 0.95},
+                             "vs_baseline": {"images_per_s": 1.4}}],
             "results": {"batch": {"status": "ok", "json": {"header": {"models": "m"}, "rows": [
                 {"sampler": "VAR", "B": 1, "img_s": 1.0, "kv_KiB": 4.0},
                 {"sampler": "VAR", "B": 8, "img_s": 6.0, "kv_KiB": 32.0}]}},
-                "quant": {"status": "ok", "json": {"rows": [{"case": "q", "speedup": 2.0}]}}}}
+                "quant": {"status": "ok", "json": {"rows": [{"case": "q", "speedup": 2.0}]}},
+                "accel": {"status": "ok", "json": {"header": {"families": {"var": {"baseline": "plain"}}}, "rows": [
+                    {"family": "var", "case": "plain", "speedup": 1.0},
+                    {"family": "var", "case": "prune", "speedup": 1.5}]}}}}
+    assert ("accel var prune vs plain", 1.5) in plots.speedups(data)
+    assert not any("accel var plain" in label for label, _ in plots.speedups(data))
     paths = plots.draw_all(data, tmp_path)
     assert {p.name for p in paths} == {"speedup.png", "images_per_s.png", "code_speed_quality.png", "kv_cache.png",
-                                      "ceiling_share.png"}
+                                      "ceiling_share.png", "accel_speed_quality.png"}
     assert all(p.stat().st_size > 1000 for p in paths)
 
 
