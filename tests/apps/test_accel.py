@@ -9,6 +9,7 @@ from varcore.__main__ import main
 from varcore.digits import DigitsSampler
 from varcore.digits.accel import ACCEL_OPTIONS, option_names, parse_config
 from varcore.digits.evaluate import ACCEL_KEYS, ACCEL_MEASURES, SWEEP, evaluate_accel
+from varcore.sampling.code import CoDeSampler
 from varcore.sampling.par import PARSampler
 from varcore.sampling.var import VARSampler
 
@@ -94,13 +95,15 @@ def test_digits_sampler_passes_the_accelerators_through():
     labels = torch.tensor([1, 4, 7, 9])
     opts = dict(cfg_skip=1, prune={3: 0.5})
     got = sampler.sample(labels, seed=5, **opts)
-    direct = VARSampler(sampler.modules.var, sampler.modules.vae).sample(4, labels, g_seed=5, cfg=2.0, top_p=0.0,
-                                                                        **opts)
+    var_sampler = VARSampler(sampler.modules.var, sampler.modules.vae)
+    direct = var_sampler.sample(4, labels, g_seed=5, cfg=2.0, top_p=0.0, **opts)
     assert torch.equal(got, direct) and not torch.equal(got, sampler.sample(labels, seed=5))
-    assert sampler.kv_cache_bytes(4, **opts) == sampler._sampler.kv_cache_bytes(4, prune={3: 0.5})
-    assert sampler.kv_cache_bytes(4, **opts) < sampler.kv_cache_bytes(4)
+    assert sampler.kv_cache_bytes(4, **opts) == var_sampler.kv_cache_bytes(4, prune={3: 0.5})
+    assert sampler.kv_cache_bytes(4, **opts) < sampler.kv_cache_bytes(4) == var_sampler.kv_cache_bytes(4)
     code = DigitsSampler("digits-code")
-    assert code.kv_cache_bytes(4, prune={3: 0.5}) == code._sampler.kv_cache_bytes(4, prune={3: 0.5})["peak"]
+    m = code.modules
+    peak = CoDeSampler(m.drafter, m.refiner, m.draft_steps, m.vae).kv_cache_bytes(4, prune={3: 0.5})["peak"]
+    assert code.kv_cache_bytes(4, prune={3: 0.5}) == peak
     with pytest.raises(TypeError, match=r"digits-var \(var\) takes the accelerator keywords \['cfg_skip', 'prune'\]"):
         sampler.sample(labels, seed=5, sjd=4)
     with pytest.raises(TypeError, match="digits-par"):
@@ -228,3 +231,17 @@ def test_harness_interleaves_each_group(harness):
 def test_sweep_configs_parse():
     parsed = [parse_config(c) for c in SWEEP]
     assert len({c.text for c in parsed}) == len(SWEEP) and not any(c.is_baseline for c in parsed)
+
+
+def test_cli_sweep_and_json(monkeypatch, capsys):
+    import varcore.digits.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "SWEEP", ("digits-var-small:cfg_skip=1,vs=digits-var",))
+    assert main(["eval", "--sweep", "--json", "--per-class", "1", "--batch-size", "10", "--no-progress"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert list(row) == list(ACCEL_KEYS) and row["config"] == "digits-var-small:cfg_skip=1,vs=digits-var"
+    assert row["options"] == {"cfg_skip": 1} and row["baseline"]["model"] == "digits-var"
+    assert main(["eval", "--accel", "digits-var:cfg_skip=1", "--per-class", "1", "--batch-size", "10",
+                 "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "x baseline" in text and "digits-var:cfg_skip=1" in text
