@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -50,11 +50,12 @@ SAMPLING = dict(cfg=1.5, top_k=900, top_p=0.96)  # the official FID protocol
 
 @dataclass
 class Case:
-    """One timed configuration: ``run()`` is one call; ``flops`` its FLOP-model count; ``passes()`` the model
-    forward calls of the last call; ``options`` the accelerator arguments as the sampler takes them."""
+    """One timed configuration: ``run()`` is one call; ``flops`` its FLOP-model count (None where the family has no
+    FLOP model: its rows then give time and passes only); ``passes()`` the model forward calls of the last call;
+    ``options`` the accelerator arguments as the sampler takes them."""
 
     run: Callable[[], object]
-    flops: float
+    flops: Optional[float]
     passes: Callable[[], int]
     options: dict = field(default_factory=dict)
 
@@ -121,13 +122,14 @@ def measure(name: str, family: Family, repeats: int, device: str) -> list:
     rows = []
     for case_name, c in family.cases.items():
         t = timings[case_name]
-        speedup, implied = base_ms / t.median_ms, base_flops / c.flops
+        speedup = base_ms / t.median_ms
+        implied = None if c.flops is None or base_flops is None else base_flops / c.flops
         rows.append({"family": name, "case": case_name, "options": {k: (v if not isinstance(v, dict) else
                                                                         {str(si): r for si, r in v.items()})
                                                                     for k, v in c.options.items()},
                      "s": t.median_ms / 1e3, "p20_s": t.p20_ms / 1e3, "p80_s": t.p80_ms / 1e3, "repeats": t.repeats,
-                     "passes": c.passes(), "GFLOP": c.flops / 1e9, "speedup": speedup, "implied_speedup": implied,
-                     "share": speedup / implied})
+                     "passes": c.passes(), "GFLOP": None if c.flops is None else c.flops / 1e9, "speedup": speedup,
+                     "implied_speedup": implied, "share": None if implied is None else speedup / implied})
     return rows
 
 

@@ -243,13 +243,19 @@ def test_bench_accel_families_are_table_entries(monkeypatch, tmp_path):
     def toy(args):
         slow = bench_accel.Case(lambda: calls.append("base") or sum(range(20000)), 4e9, lambda: 8)
         fast = bench_accel.Case(lambda: calls.append("fast") or sum(range(10000)), 1e9, lambda: 3, {"w": 4})
-        return bench_accel.Family("base", {"base": slow, "fast": fast}, {"model": "toy"})
+        timed = bench_accel.Case(lambda: calls.append("timed") or sum(range(10000)), None, lambda: 2)
+        return bench_accel.Family("base", {"base": slow, "fast": fast, "timed": timed}, {"model": "toy"})
 
     monkeypatch.setitem(bench_accel.FAMILIES, "toy", toy)
     out = tmp_path / "toy.json"
     assert bench_accel.main(["--families", "toy", "--repeats", "4", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert calls == ["base", "fast"] + ["base", "fast", "fast", "base"] * 2  # warm-up, then rotating rounds
+    order = ["base", "fast", "timed"]
+    rounds = [order[r % 3:] + order[:r % 3] for r in range(4)]
+    assert calls == order + [name for rnd in rounds for name in rnd]  # warm-up, then rotating rounds
     rows = {r["case"]: r for r in data["rows"]}
     assert rows["fast"]["family"] == "toy" and rows["fast"]["passes"] == 3 and rows["fast"]["options"] == {"w": 4}
     assert rows["fast"]["implied_speedup"] == 4 and data["header"]["families"]["toy"]["baseline"] == "base"
+    # a case without a FLOP model: time and passes only
+    assert rows["timed"]["passes"] == 2 and rows["timed"]["speedup"] > 0
+    assert rows["timed"]["GFLOP"] is rows["timed"]["implied_speedup"] is rows["timed"]["share"] is None

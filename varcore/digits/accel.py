@@ -13,7 +13,7 @@ Grammar (no spaces)::
   - ``cfg_skip=K`` (VAR, CoDe): the last K scales without guidance, an int in ``[0, scales - 1]``;
   - ``prune=SI:R[+SI:R ...]`` (VAR, CoDe): FastVAR token pruning, scale ``SI`` keeps the fraction ``R`` in
     (0, 1] of its tokens; a negative ``SI`` counts from the last scale (``-1`` is the last), so one string prunes
-    the same scales of models with different schedules;
+    the last scales of models with different schedules;
 
 * ``vs=MODEL``: the bundled model the configuration is measured against (default: the same model with no options),
   e.g. ``digits-code:vs=digits-var`` measures CoDe's drafter/refiner split against the drafter alone.
@@ -99,7 +99,8 @@ class AccelOption:
 ACCEL_OPTIONS: Dict[str, AccelOption] = {
     "cfg_skip": AccelOption(("var", "code"), _parse_int, "K (an int in [0, scales - 1])",
                             "the last K scales run without guidance (half their rows)"),
-    "prune": AccelOption(("var", "code"), _parse_prune, "SI:R[+SI:R...] (R in (0, 1]; SI < 0 counts from the last scale)",
+    "prune": AccelOption(("var", "code"), _parse_prune,
+                         "SI:R[+SI:R...] (R in (0, 1]; SI < 0 counts from the last scale)",
                          "FastVAR token pruning: scale SI runs the fraction R of its tokens through the blocks",
                          kv=True, bind=_bind_prune),
 }
