@@ -154,7 +154,8 @@ def harness():
     mp = pytest.MonkeyPatch()
     counter = _Counter(mp)
     configs = ["digits-var:prune=-1:0.5,cfg_skip=1", "digits-var:prune=3:1.0", "digits-var",
-               "digits-code:cfg_skip=1,vs=digits-var", "digits-code:prune=2:0.5", "digits-par"]
+               "digits-code:cfg_skip=1,vs=digits-var", "digits-code:prune=2:0.5", "digits-par",
+               "digits-code:cfg_skip=1"]
     try:
         rows = evaluate_accel(configs, per_class=1, batch_size=4, seed=3, progress=False)
     finally:
@@ -203,6 +204,8 @@ def test_harness_options_kv_and_passes(harness):
     assert code["baseline"]["model"] == "digits-code"
     assert code["kv_bytes"] == DigitsSampler("digits-code").kv_cache_bytes(4, prune={2: 0.5})
     assert rows[5]["kv_bytes"] is None and rows[5]["vs_baseline"]["kv_bytes"] is None  # PARSampler has no count
+    assert rows[6]["baseline"]["model"] == "digits-code" and rows[3]["baseline"]["model"] == "digits-var"
+    assert rows[6]["baseline"] == rows[4]["baseline"]
     # forward passes: what the model calls of every sample call of that configuration counted
     for r in rows:
         key = json.dumps({k: v for k, v in r["options"].items()}, sort_keys=True)
@@ -212,14 +215,16 @@ def test_harness_options_kv_and_passes(harness):
 
 def test_harness_interleaves_each_group(harness):
     """After the one-image checks, each baseline's group draws batch i with each of its runs in turn, the order
-    rotating from batch to batch; 10 images in batches of 4 are 3 batches."""
+    rotating from batch to batch; 10 images in batches of 4 are 3 batches. A configuration against two baselines
+    (digits-code:cfg_skip=1 against digits-var and against digits-code) runs in both groups."""
     _, rows, calls = harness
     runs = [(c[0], c[1]) for c in calls]
     checks = len(rows)
     timed = runs[checks:]
     groups = {"digits-var": [("digits-var", "{}"), ("digits-var", '{"cfg_skip": 1, "prune": {"3": 0.5}}'),
                              ("digits-var", '{"prune": {"3": 1.0}}'), ("digits-code", '{"cfg_skip": 1}')],
-              "digits-code": [("digits-code", "{}"), ("digits-code", '{"prune": {"2": 0.5}}')],
+              "digits-code": [("digits-code", "{}"), ("digits-code", '{"prune": {"2": 0.5}}'),
+                              ("digits-code", '{"cfg_skip": 1}')],  # measured again, against its own baseline
               "digits-par": [("digits-par", "{}")]}
     expected = []
     for keys in groups.values():

@@ -176,8 +176,10 @@ def _ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
 
 
-def _run_key(model: str, options: dict) -> str:
-    return json.dumps([model, options], sort_keys=True, default=str)
+def _run_key(baseline: str, model: str, options: dict) -> str:
+    """A run of ``model`` with ``options`` in the group of ``baseline`` (a configuration measured against two
+    baselines runs in both groups, interleaved with each)."""
+    return json.dumps([baseline, model, options], sort_keys=True, default=str)
 
 
 @torch.no_grad()
@@ -207,7 +209,7 @@ def evaluate_accel(configs: Sequence[Union[str, AccelConfig]], per_class: int = 
     row_keys = []
     for c in parsed:
         options = _bind(c, samplers[c.model])
-        base_key, key = _run_key(c.baseline, {}), _run_key(c.model, options)
+        base_key, key = _run_key(c.baseline, c.baseline, {}), _run_key(c.baseline, c.model, options)
         group = groups.setdefault(c.baseline, [base_key])
         runs.setdefault(base_key, _Run(samplers[c.baseline], {}))
         if key not in runs:
