@@ -62,16 +62,73 @@ def measure_ceilings(quick: bool = False) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- model FLOPs
+def var_run_flops(var, B: int = 1, *, prune=None, cfg_skip: int = 0, start: int = 0, stop=None,
+                  exact: bool = True) -> dict:
+    """The FLOP model of one ``VARSampler`` run on B images with the accelerators ``prune`` and ``cfg_skip`` (as
+    ``VARSampler.sample`` takes them), over scales ``start .. stop - 1`` (default all), from the configuration.
+
+    Per scale (``"scales"``, in order, one dict each): ``rows`` of the batch (2B with guidance, B at the last
+    ``cfg_skip`` scales), ``tokens`` run through the blocks (``keep_counts(prune)``, else pn^2), ``keys`` the
+    cached positions they attend over, and the FLOPs (2 per multiply-add) of
+
+    * ``linear``: every block's qkv, proj, fc1 and fc2 on rows x tokens;
+    * ``attention``: every block's q.k and p.v, 2 * 2 * C per visible (query, key) pair and row;
+    * ``head``: the head on every token of the scale (pruned or not) for both halves in float32 (``exact``), for
+      the conditional half where CFG is mixed before it (``exact=False``) or the scale is unguided;
+    * ``embed``: the word embedding of the scale's next-scale input (B rows; scale 0 has none).
+
+    A run from ``start > 0`` (CoDe's refiner) begins with one prefill pass over scales ``0 .. start``: the drafted
+    scales unpruned, without head, block-causal (a query sees the keys up to the end of its scale), with the rows
+    of scale ``start``. ``"conditioning"``: the AdaLN linears computed once per call (every block's and the head's,
+    2B rows). The sampling itself (filters, softmax, draw), pruning's scoring and restoring and the quantiser are
+    not FLOPs of this model. ``"total"`` sums everything.
+    """
+    from varcore.sampling.var import keep_counts
+
+    patch_nums = tuple(var.patch_nums)
+    SN = len(patch_nums)
+    stop = SN if stop is None else stop
+    C, V, Cvae, depth = var.C, var.V, var.Cvae, len(var.blocks)
+    H = var.blocks[0].ffn.fc1.out_features
+    keeps = keep_counts(prune, patch_nums)
+    per_token = depth * 2 * (3 * C * C + C * C + 2 * C * H)
+    scales, pos = [], 0
+    for si in range(stop):
+        pn2 = patch_nums[si] ** 2
+        in_prefill = si < start
+        guided_si = (start if in_prefill else si) < SN - cfg_skip
+        rows = 2 * B if guided_si else B
+        tokens = pn2 if in_prefill or keeps[si] is None else keeps[si]
+        keys = pos + tokens
+        pos = keys
+        head_rows = rows if exact else B
+        entry = {"si": si, "rows": rows, "tokens": tokens, "keys": keys,
+                 "linear": rows * tokens * per_token,
+                 "attention": depth * 2 * 2 * C * rows * tokens * keys,
+                 "head": 0 if in_prefill else 2 * head_rows * pn2 * C * V,
+                 "embed": 2 * B * pn2 * Cvae * C if si > 0 else 0}
+        scales.append(entry)
+    conditioning = 2 * 2 * B * var.D * (6 * C * depth + 2 * C)
+    total = conditioning + sum(e["linear"] + e["attention"] + e["head"] + e["embed"] for e in scales)
+    return {"scales": scales, "conditioning": conditioning, "total": total,
+            "start": start, "stop": stop}
+
+
+def code_call_flops(drafter, refiner, draft_steps: int, B: int = 1, *, prune=None, cfg_skip: int = 0,
+                    exact: bool = True) -> dict:
+    """The FLOP model of one ``CoDeSampler`` call: the drafter's run over scales ``0 .. N - 1`` and the refiner's
+    run from N (its prefill over the drafted scales, then the rest), each as :func:`var_run_flops` gives it."""
+    d = var_run_flops(drafter, B, prune=prune, cfg_skip=cfg_skip, stop=draft_steps, exact=exact)
+    r = var_run_flops(refiner, B, prune=prune, cfg_skip=cfg_skip, start=draft_steps, exact=exact)
+    return {"drafter": d, "refiner": r, "total": d["total"] + r["total"]}
+
+
 def flops_per_image(var, start: int = 0, stop=None, head: bool = True) -> float:
-    """Forward FLOPs of one image (both CFG halves) over scales ``start .. stop - 1`` (default all): block linears
-    24 C^2 per token, attention 4 l L_prefix C per block and scale, the head 2 C V per token (``head=False``
-    leaves it out, for a prefill whose logits are not used). The VQVAE decode is timed separately."""
-    C, V, depth = var.C, var.V, len(var.blocks)
-    total = 0.0
-    for begin, end in var.begin_ends[start:stop]:
-        l = end - begin
-        total += l * (depth * 24 * C * C + 2 * C * V * head) + depth * 4 * l * end * C
-    return 2 * total
+    """Forward FLOPs of one image (both CFG halves) over scales ``start .. stop - 1`` (default all) of a plain
+    float32 run (:func:`var_run_flops`): block linears, attention and the head (``head=False`` leaves it out, for a
+    prefill whose logits are not used). The VQVAE decode is timed separately."""
+    scales = var_run_flops(var, 1, stop=stop)["scales"][start:]
+    return float(sum(e["linear"] + e["attention"] + head * e["head"] for e in scales))
 
 
 def _decoder_flops(run) -> float:

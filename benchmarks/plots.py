@@ -1,6 +1,7 @@
 """PNG plots of a ``run_all`` report (matplotlib, the optional extra: ``pip install 'varcore[plots]'``).
 
     python benchmarks/plots.py bench_results/run_all-<date>.json [MORE.json ...] [--out docs/bench]
+    varcore eval --sweep --json > sweep.json && python benchmarks/plots.py --sweep sweep.json
 """
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ def _rows(data: dict, name: str) -> list:
 
 
 def _caption(data: dict) -> str:
-    h = data["header"]
+    h = data.get("header")
+    if not h:  # figures given without a run_all report (e.g. --sweep alone)
+        return ""
     load = h.get("load_average_start", [None])[0]
     return (f"{h['cpu']}, {h['torch_threads']} threads, torch {h['torch']}, commit {h['commit']}, {h['date']}"
             + (f", load avg {load:.1f} on {h['cores']} cores (shared machine)" if load is not None else ""))
@@ -57,6 +60,8 @@ def speedups(data: dict) -> list:
             out.append((f"VAR sampler {r['path']} B={r['B']} vs drop-in", base["ms"] / r["ms"]))
     out += [(f"CoDe {r['config']} vs drafter alone", r["speedup"]) for r in _rows(data, "code")
             if r.get("config", "").startswith("CoDe")]
+    out += [(f"accel {r['family']} {r['case']} vs {_accel_baseline(data, r['family'])}", r["speedup"])
+            for r in _rows(data, "accel") if r.get("speedup") and r["speedup"] != 1]
     for r in _rows(data, "par"):  # older JSON: "speedup"; newer: "vs_raster" per mode (parity / fast)
         ratio = r.get("vs_raster", r.get("speedup"))
         if r.get("schedule") != "raster" and ratio:
@@ -122,6 +127,39 @@ def plot_code_quality(data, out: Path):
     return _save(fig, data, out / "code_speed_quality.png")
 
 
+def _accel_baseline(data: dict, family: str) -> str:
+    return data["results"]["accel"]["json"]["header"]["families"].get(family, {}).get("baseline", "baseline")
+
+
+def plot_accel_sweep(data, out: Path):
+    """The accelerator sweep (``varcore eval --sweep`` rows, ``accel_sweep``): one point per configuration at its
+    images/s ratio to its baseline (measured in the same run) and its class consistency; the baselines as hollow
+    markers at ratio 1."""
+    rows = data.get("accel_sweep")
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    bases = {r["baseline"]["model"]: r["baseline"]["class_consistency"] for r in rows}
+    colors = {name: f"C{i}" for i, name in enumerate(bases)}
+    for name, cc in bases.items():
+        ax.scatter([1.0], [cc], facecolors="none", edgecolors=colors[name], s=60, label=f"baseline {name}")
+    for i, r in enumerate(rows):
+        x, y = r["vs_baseline"]["images_per_s"], r["class_consistency"]
+        ax.scatter([x], [y], color=colors[r["baseline"]["model"]], s=30)
+        model, _, rest = r["config"].partition(":")  # the baseline is the colour: leave out vs=
+        options = [o for o in rest.split(",") if o and not o.startswith("vs=")]
+        label = model + (":" + ",".join(options) if options else "")
+        ax.annotate(label, (x, y), fontsize=6, textcoords="offset points", xytext=(4, 3 if i % 2 else -9))
+    ax.axvline(1, color="k", lw=0.6)
+    ax.set_xlabel("images/s relative to the baseline (same run, interleaved batches)")
+    ax.set_ylabel("class consistency")
+    ax.set_title("Training-free accelerators on the digits models: speed against quality", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, data, out / "accel_speed_quality.png")
+
+
 def plot_kv_cache(data, out: Path):
     """One panel per source: the digits samplers at their largest batch (bench_batch), VAR's official concat cache
     against the static caches (bench_sampler), CoDe against the drafter alone (bench_code)."""
@@ -179,7 +217,8 @@ def draw_all(data: dict, out: Path) -> list:
     matplotlib."""
     _pyplot()
     out.mkdir(parents=True, exist_ok=True)
-    paths = [f(data, out) for f in (plot_speedups, plot_batch, plot_code_quality, plot_kv_cache, plot_shares)]
+    paths = [f(data, out) for f in (plot_speedups, plot_batch, plot_code_quality, plot_accel_sweep, plot_kv_cache,
+                                    plot_shares)]
     return [p for p in paths if p is not None]
 
 
@@ -196,15 +235,21 @@ def merge(reports: list) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("reports", nargs="+", help="run_all JSON files (several are merged, later ones win)")
+    parser.add_argument("reports", nargs="*", help="run_all JSON files (several are merged, later ones win)")
     parser.add_argument("--script", nargs=2, action="append", default=[], metavar=("NAME", "JSON"),
                         help="add a benchmark script's own JSON as the result NAME (e.g. batch "
                              "bench_results/batch-<date>.json), for a script run outside run_all")
+    parser.add_argument("--sweep", metavar="JSON", help="the rows of varcore eval --sweep --json (or --accel) as the "
+                                                        "accelerator sweep")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs" / "bench"))
     args = parser.parse_args()
+    if not (args.reports or args.script or args.sweep):
+        parser.error("give a run_all report, --script or --sweep")
     reports = [json.loads(Path(r).read_text()) for r in args.reports]
     reports += [{"results": {name: {"status": "ok", "json": json.loads(Path(path).read_text())}}}
                 for name, path in args.script]
+    if args.sweep:
+        reports.append({"accel_sweep": json.loads(Path(args.sweep).read_text())})
     data = merge(reports)
     try:
         paths = draw_all(data, Path(args.out))

@@ -11,6 +11,9 @@ JSON into the run's folder, and a failure or time-out is recorded, not fatal. Th
   rate as a share of its ceiling (work models in :func:`ceiling_shares`), and the GPU floor per image;
 * **quality** of CoDe over N (and VAR alone) on the digits task, with the quality harness of ``varcore eval``
   (:mod:`varcore.digits.quality`), when the bundled weights are installed;
+* **sweep**: the training-free accelerators on the digits models, the fixed configurations of ``varcore eval
+  --sweep`` (:data:`varcore.digits.evaluate.SWEEP`), each against its baseline in interleaved batches: images/s
+  ratio, forward passes, KV bytes, class consistency and Fréchet distance (the speed-quality plot);
 * one JSON ``bench_results/run_all-<date>.json`` (machine, load average, torch, commit, every figure), and PNG plots
   (``--plots``, default ``docs/bench``; needs matplotlib: ``pip install 'varcore[plots]'``).
 """
@@ -43,6 +46,7 @@ SCRIPTS = {
     "par": (["--grids", "16", "--batches", "4", "--repeats", "1", "--modes", "fast"], ["--vq"]),
     "code": (["--shape", "quick", "--draft-steps", "8", "--repeats", "1"], []),
     "batch": ([], []),
+    "accel": ([], []),
 }
 # per script; the full bench_par (GPT-B, both grids and batches, VQ-16 decode of every call) took 53 min idle here
 TIMEOUT_S = {"quick": 600, "full": 7200}
@@ -219,14 +223,33 @@ def code_quality(n_images: int, seed: int = 0) -> list | None:
     return rows
 
 
+def accel_sweep(per_class: int, seed: int = 0) -> list | None:
+    """The rows of ``varcore eval --sweep`` (``per_class`` images of each class per configuration), or None when
+    the bundled weights are not installed."""
+    from varcore.digits import BUNDLED, recipe
+    from varcore.digits.accel import parse_config
+    from varcore.digits.evaluate import SWEEP, evaluate_accel
+
+    names = {n for c in map(parse_config, SWEEP) for n in (c.model, c.baseline)}
+    parts = {p for name in names for p in BUNDLED[name].parts} | {"classifier"}
+    if not all(recipe.weights_path(p).is_file() for p in parts):
+        return None
+
+    return evaluate_accel(SWEEP, per_class=per_class, batch_size=min(100, 10 * per_class), seed=seed,
+                          progress=False)
+
+
 # ---------------------------------------------------------------------------------------------- main
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (a few minutes)")
-    parser.add_argument("--only", nargs="+", choices=list(SCRIPTS) + ["quality"], help="run only these parts")
+    parser.add_argument("--only", nargs="+", choices=list(SCRIPTS) + ["quality", "sweep"],
+                        help="run only these parts")
     parser.add_argument("--threads", type=int, help="torch threads for every benchmark (default: torch's)")
     parser.add_argument("--quality-images", type=int, default=0,
                         help="images per CoDe configuration for the speed-quality curve (default 200, quick 100)")
+    parser.add_argument("--sweep-per-class", type=int, default=0,
+                        help="images per class and configuration of the accelerator sweep (default 50, quick 10)")
     parser.add_argument("--plots", default=str(HERE.parent / "docs" / "bench"),
                         help="folder for the PNG plots (default docs/bench)")
     parser.add_argument("--no-plots", action="store_true", help="skip the plots")
@@ -237,7 +260,7 @@ def main(argv=None):
     from costs import FLOOR_COLUMNS, gpu_floors, measure_ceilings
 
     size = "quick" if args.quick else "full"
-    parts = args.only or list(SCRIPTS) + ["quality"]
+    parts = args.only or list(SCRIPTS) + ["quality", "sweep"]
     header = machine_header()
     header.update(size=size, load_average_start=os.getloadavg())
     print(f"# run_all ({size}) {header['date']} commit {header['commit']}, load average "
@@ -251,7 +274,7 @@ def main(argv=None):
         report["gpu_floors"] = gpu_floors()
     with tempfile.TemporaryDirectory() as tmp:
         for name in parts:
-            if name in ("ceilings", "quality"):
+            if name in ("ceilings", "quality", "sweep"):
                 continue
             res = run_script(name, args.quick, Path(tmp), args.threads)
             report["results"][name] = res
@@ -264,6 +287,10 @@ def main(argv=None):
         report["code_quality"] = code_quality(n)
         if report["code_quality"] is None:
             print("## quality: skipped (the bundled digits weights are not installed)")
+    if "sweep" in parts:
+        report["accel_sweep"] = accel_sweep(args.sweep_per_class or (10 if args.quick else 50))
+        if report["accel_sweep"] is None:
+            print("## sweep: skipped (the bundled digits weights are not installed)")
     header.update(load_average_end=os.getloadavg(), seconds=time.perf_counter() - start)
     path = write_json("run_all", header, [], args.out)
     data = json.loads(path.read_text())
@@ -296,6 +323,15 @@ def print_summary(report: dict, floor_columns: list):
     if report.get("code_quality"):
         print("\n# CoDe on the digits task")
         print_table(report["code_quality"], ["decoding", "N", "images_per_s", "class_consistency", "frechet"])
+    if report.get("accel_sweep"):
+        print("\n# training-free accelerators on the digits models (varcore eval --sweep)")
+        print_table([{"config": r["config"], "baseline": r["baseline"]["model"], "passes": r["forward_passes"],
+                      "kv_bytes": r["kv_bytes"], "images_per_s": r["images_per_s"],
+                      "x_baseline": r["vs_baseline"]["images_per_s"], "class_consistency": r["class_consistency"],
+                      "base_consistency": r["baseline"]["class_consistency"], "frechet": r["frechet"],
+                      "base_frechet": r["baseline"]["frechet"]} for r in report["accel_sweep"]],
+                    ["config", "baseline", "passes", "kv_bytes", "images_per_s", "x_baseline", "class_consistency",
+                     "base_consistency", "frechet", "base_frechet"])
     if not report["results"]:
         return
     print("\n# scripts")

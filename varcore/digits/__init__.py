@@ -16,7 +16,8 @@ Two entry points:
   ``(vq, gpt)`` for the GPTs (all NamedTuples, eval mode, float32, no gradients).
 * :class:`DigitsSampler` ``(name).sample(labels, seed=...)`` draws 16x16 images in [0, 1] with any of them through
   the matching varcore sampler (:class:`~varcore.sampling.var.VARSampler`, :class:`~varcore.sampling.code.
-  CoDeSampler` or :class:`~varcore.sampling.par.PARSampler`), with one interface.
+  CoDeSampler` or :class:`~varcore.sampling.par.PARSampler`), with one interface; the samplers' training-free
+  accelerators (:data:`varcore.digits.accel.ACCEL_OPTIONS`: ``cfg_skip``, ``prune``) pass through as keywords.
 
 The recipe that produced the weights is :mod:`varcore.digits.training` (``varcore train-digits``).
 """
@@ -27,6 +28,7 @@ import torch
 
 from varcore.sampling.rng import seeded_generator
 
+from .accel import ACCEL_OPTIONS
 from .data import IMAGE_SIZE, NUM_CLASSES, load_digits
 from .recipe import WEIGHTS_DIR, load_weights
 
@@ -118,7 +120,9 @@ def _labels_tensor(labels, device) -> torch.Tensor:
 class DigitsSampler:
     """Sampling with a bundled model (``name`` in :data:`BUNDLED`) through one interface.
 
-    ``steps`` is the number of transformer forward passes per call (scales for VAR/CoDe, decoding steps for GPTs).
+    ``steps`` is the number of transformer forward passes per call (scales for VAR/CoDe, decoding steps for GPTs)
+    where it is fixed; :attr:`forward_passes` is the count of the last call. ``scales`` is the scale count of a
+    VAR or CoDe model (None for a GPT).
     ``dtype`` is the VAR and CoDe samplers' compute dtype (``torch.float32``, ``torch.bfloat16``, ``torch.float16``
     or ``"auto"``, see :class:`~varcore.sampling.var.VARSampler`); the GPTs sample in float32.
     """
@@ -133,12 +137,14 @@ class DigitsSampler:
 
             self._sampler = VARSampler(self.modules.var, self.modules.vae, dtype=dtype)
             self.steps = len(self.modules.var.patch_nums)
+            self.scales = self.steps
         elif self.info.family == "code":
             from varcore.sampling.code import CoDeSampler
 
             m = self.modules
             self._sampler = CoDeSampler(m.drafter, m.refiner, m.draft_steps, m.vae, dtype=dtype)
             self.steps = len(m.drafter.patch_nums)
+            self.scales = self.steps
         else:
             from varcore.sampling.par import PARSampler
 
@@ -146,18 +152,53 @@ class DigitsSampler:
                 raise ValueError(f"dtype of a GPT model must be torch.float32 or 'auto' (float32), got {dtype}")
             self._sampler = PARSampler(self.modules.gpt, self.modules.vq)
             self.steps = self._sampler.steps
+            self.scales = None
 
     @property
     def decoding(self) -> str:
         return self.info.decoding
 
+    @property
+    def forward_passes(self) -> int:
+        """Model forward calls of the last :meth:`sample` call: the sampler's own count where it keeps one (a
+        ``forward_passes`` attribute set after each call, for samplers whose count depends on the draws), else the
+        fixed :attr:`steps` (VAR: one per scale; CoDe: the drafter's N scales plus the refiner's prefill and its
+        other scales; GPT: one per decoding step)."""
+        passes = getattr(self._sampler, "forward_passes", None)
+        return self.steps if passes is None else passes
+
+    def accel_options(self) -> list:
+        """The accelerator keywords :meth:`sample` takes for this model (:data:`~varcore.digits.accel.ACCEL_OPTIONS`
+        entries of its family)."""
+        return [k for k, o in ACCEL_OPTIONS.items() if self.info.family in o.families]
+
+    def _check_accel(self, accel: dict) -> None:
+        unknown = [k for k in accel if k not in self.accel_options()]
+        if unknown:
+            raise TypeError(f"{self.name} ({self.info.family}) takes the accelerator keywords "
+                            f"{self.accel_options()}, got {unknown}")
+
+    def kv_cache_bytes(self, B: int, **accel) -> Optional[int]:
+        """KV-cache bytes of a call on B images with the accelerators ``accel`` (those that change the cache are
+        passed to the sampler's ``kv_cache_bytes``; CoDe: the peak of its two stages); None where the sampler has no
+        ``kv_cache_bytes``."""
+        self._check_accel(accel)
+        count = getattr(self._sampler, "kv_cache_bytes", None)
+        if count is None:
+            return None
+        nbytes = count(B, **{k: v for k, v in accel.items() if ACCEL_OPTIONS[k].kv})
+        return nbytes["peak"] if isinstance(nbytes, dict) else int(nbytes)
+
     def sample(self, labels: Union[int, Sequence[int], torch.Tensor], seed: Optional[int] = None,
-               cfg: Optional[float] = None, top_k: int = 0, top_p: float = 1.0, progress: bool = False
+               cfg: Optional[float] = None, top_k: int = 0, top_p: float = 1.0, progress: bool = False, **accel
                ) -> torch.Tensor:
         """Images (B, 3, 16, 16) in [0, 1] for ``labels`` (B,). ``seed`` seeds one generator for the call (None:
         the global RNG); the same seed and labels give the same images. ``cfg`` is the classifier-free guidance
         scale (None: the model's default; VAR ramps it over the scales as official, the GPTs use it constantly);
-        ``top_k`` (0: off) and ``top_p`` (1.0: off) filter the logits of every step."""
+        ``top_k`` (0: off) and ``top_p`` (1.0: off) filter the logits of every step. ``accel``: the sampler's
+        training-free accelerators (:meth:`accel_options`, e.g. ``cfg_skip=1, prune={3: 0.5}`` for VAR and CoDe),
+        passed through as the sampler takes them; others raise TypeError."""
+        self._check_accel(accel)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
         if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
@@ -172,9 +213,9 @@ class DigitsSampler:
         if self.info.family in ("var", "code"):
             # VAR's guidance is (1 + t) cond - t uncond with t ramped to cfg; top_p 0 means off there
             return self._sampler.sample(B, labels, g_seed=seed, cfg=float(cfg), top_k=top_k,
-                                        top_p=0.0 if top_p >= 1.0 else float(top_p), progress=progress)
+                                        top_p=0.0 if top_p >= 1.0 else float(top_p), progress=progress, **accel)
         gen = None if seed is None else seeded_generator(seed, self.device)
         self._sampler.progress = progress
         images = self._sampler.sample(labels, cfg_scale=float(cfg), top_k=top_k, top_p=float(top_p),
-                                      generator=gen)
+                                      generator=gen, **accel)
         return images.clamp(-1, 1).add(1).mul(0.5)

@@ -1,0 +1,168 @@
+"""The training-free accelerators of the bundled models as compact configuration strings (``varcore eval --accel``).
+
+Grammar (no spaces)::
+
+    CONFIG  := MODEL [ ":" OPTION { "," OPTION } ]
+    OPTION  := KEY "=" VALUE
+
+``MODEL`` is a bundled name (:data:`varcore.digits.BUNDLED`); each ``KEY`` appears at most once. The keys:
+
+* the sampler options of :data:`ACCEL_OPTIONS` (passed through :meth:`varcore.digits.DigitsSampler.sample` to the
+  model's sampler), each for the families its entry names:
+
+  - ``cfg_skip=K`` (VAR, CoDe): the last K scales without guidance, an int in ``[0, scales - 1]``;
+  - ``prune=SI:R[+SI:R ...]`` (VAR, CoDe): FastVAR token pruning, scale ``SI`` keeps the fraction ``R`` in
+    (0, 1] of its tokens; a negative ``SI`` counts from the last scale (``-1`` is the last), so one string prunes
+    the last scales of models with different schedules;
+
+* ``vs=MODEL``: the bundled model the configuration is measured against (default: the same model with no options),
+  e.g. ``digits-code:vs=digits-var`` measures CoDe's drafter/refiner split against the drafter alone.
+
+Examples: ``digits-var:prune=3:0.5,cfg_skip=1``, ``digits-code:cfg_skip=1``, ``digits-var:prune=-2:0.5+-1:0.5``,
+``digits-par:vs=digits-raster``.
+
+A new sampler option plugs in as one entry of :data:`ACCEL_OPTIONS`: its families, how its text parses, the accepted
+form (for the error messages), and whether it changes the KV cache (then the harness passes it to the sampler's
+``kv_cache_bytes`` as well). Syntax, unknown keys and options of another family are refused here with a
+ValueError that names the configuration, the key or value and what is allowed; ranges that depend on the model
+(scale counts) are the samplers' own checks, run by the harness before it measures anything.
+"""
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Tuple
+
+__all__ = ["AccelOption", "ACCEL_OPTIONS", "AccelConfig", "parse_config", "option_names", "BASELINE_KEY"]
+
+BASELINE_KEY = "vs"
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("not an int") from None
+
+
+def _parse_ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:  # NaN fails this too
+        raise ValueError(f"the keep ratio {text} is not in (0, 1]")
+    return value
+
+
+def _parse_prune(text: str) -> Dict[int, float]:
+    ratios: Dict[int, float] = {}
+    for item in text.split("+"):
+        si, colon, ratio = item.partition(":")
+        if not colon:
+            raise ValueError(f"{item!r} is not SI:R")
+        try:
+            index = int(si)
+        except ValueError:
+            raise ValueError(f"the scale index {si!r} is not an int") from None
+        if index in ratios:
+            raise ValueError(f"scale {index} is given twice")
+        ratios[index] = _parse_ratio(ratio)
+    return ratios
+
+
+def _bind_prune(ratios: Dict[int, float], scales: int) -> Dict[int, float]:
+    """Negative scale indices counted from the last scale (index ``scales + SI``); others as they are."""
+    bound: Dict[int, float] = {}
+    for si, ratio in ratios.items():
+        index = scales + si if -scales <= si < 0 else si
+        if index in bound:
+            raise ValueError(f"prune: two indices name scale {index} (of scales 0..{scales - 1})")
+        bound[index] = ratio
+    return bound
+
+
+@dataclass(frozen=True)
+class AccelOption:
+    """One sampler option of the configuration grammar.
+
+    ``families``: the bundled families ('var', 'code', 'gpt') whose samplers take it; ``parse``: its value text to
+    the sampler's value (ValueError saying what is wrong); ``form``: the accepted text, for messages and help;
+    ``kv``: it changes the KV cache, so the harness passes it to ``kv_cache_bytes`` too; ``bind``: the parsed value
+    made concrete for a model of ``scales`` scales (or decoding steps) before it reaches the sampler."""
+
+    families: Tuple[str, ...]
+    parse: Callable[[str], Any]
+    form: str
+    help: str
+    kv: bool = False
+    bind: Callable[[Any, int], Any] = field(default=lambda value, scales: value)
+
+
+ACCEL_OPTIONS: Dict[str, AccelOption] = {
+    "cfg_skip": AccelOption(("var", "code"), _parse_int, "K (an int in [0, scales - 1])",
+                            "the last K scales run without guidance (half their rows)"),
+    "prune": AccelOption(("var", "code"), _parse_prune,
+                         "SI:R[+SI:R...] (R in (0, 1]; SI < 0 counts from the last scale)",
+                         "FastVAR token pruning: scale SI runs the fraction R of its tokens through the blocks",
+                         kv=True, bind=_bind_prune),
+}
+
+
+def option_names(family: str) -> list:
+    """The keys a configuration of a model of ``family`` accepts (its sampler options, then ``vs``)."""
+    return [k for k, o in ACCEL_OPTIONS.items() if family in o.families] + [BASELINE_KEY]
+
+
+@dataclass(frozen=True)
+class AccelConfig:
+    """A parsed configuration: the model, its sampler options (parsed, not yet bound to the model's scales) and the
+    baseline model it is measured against."""
+
+    text: str
+    model: str
+    options: Dict[str, Any]
+    baseline: str
+
+    @property
+    def is_baseline(self) -> bool:
+        """Whether this is its own baseline: the baseline model with no options."""
+        return not self.options and self.baseline == self.model
+
+
+def _allowed(family: str) -> str:
+    return "; ".join(f"{k}={ACCEL_OPTIONS[k].form}" if k in ACCEL_OPTIONS else f"{k}=MODEL (a bundled model)"
+                     for k in option_names(family))
+
+
+def parse_config(text: str) -> AccelConfig:
+    """Parse one configuration string (grammar in the module docstring); ValueError naming the bad part."""
+    from varcore.digits import BUNDLED, bundled_names
+
+    if not isinstance(text, str):
+        raise TypeError(f"an accel config must be a str, got {type(text).__name__}")
+    model, colon, rest = text.partition(":")
+    if model not in BUNDLED:
+        raise ValueError(f"accel config {text!r}: the model {model!r} is not one of {bundled_names()}")
+    family = BUNDLED[model].family
+    options: Dict[str, Any] = {}
+    baseline = model
+    seen = set()
+    for item in rest.split(",") if colon else []:
+        key, eq, value = item.partition("=")
+        if not eq or not key or not value:
+            raise ValueError(f"accel config {text!r}: {item!r} is not KEY=VALUE (keys of {model}: {_allowed(family)})")
+        if key in seen:
+            raise ValueError(f"accel config {text!r}: {key} is given twice")
+        seen.add(key)
+        if key == BASELINE_KEY:
+            if value not in BUNDLED:
+                raise ValueError(f"accel config {text!r}: vs={value!r} is not one of {bundled_names()}")
+            baseline = value
+            continue
+        option = ACCEL_OPTIONS.get(key)
+        if option is None or family not in option.families:
+            where = "an unknown key" if option is None else f"not an option of {model} (a {family} model)"
+            raise ValueError(f"accel config {text!r}: {key!r} is {where}; the keys of {model}: {_allowed(family)}")
+        try:
+            options[key] = option.parse(value)
+        except ValueError as e:
+            raise ValueError(f"accel config {text!r}: {key}={value!r}: {e}; expected {key}={option.form}") from None
+    return AccelConfig(text, model, options, baseline)
