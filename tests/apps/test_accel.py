@@ -22,6 +22,7 @@ from varcore.sampling.var import VARSampler
     ("digits-var:prune=-2:0.5+-1:0.25", "digits-var", {"prune": {-2: 0.5, -1: 0.25}}, "digits-var"),
     ("digits-code:vs=digits-var,prune=2:1", "digits-code", {"prune": {2: 1.0}}, "digits-var"),
     ("digits-par:vs=digits-raster", "digits-par", {}, "digits-raster"),
+    ("digits-var:kv_budget=-2:0.5", "digits-var", {"kv_budget": {-2: 0.5}}, "digits-var"),
 ])
 def test_configs_parse(text, model, options, baseline):
     c = parse_config(text)
@@ -39,7 +40,7 @@ def test_negative_scale_indices_count_from_the_last():
 
 
 def test_every_family_lists_its_keys():
-    assert option_names("var") == option_names("code") == ["cfg_skip", "prune", "vs"]
+    assert option_names("var") == option_names("code") == ["cfg_skip", "prune", "kv_budget", "vs"]
     assert option_names("gpt") == [k for k, o in ACCEL_OPTIONS.items() if "gpt" in o.families] + ["vs"]
 
 
@@ -145,6 +146,18 @@ def test_forward_passes_are_the_model_calls(monkeypatch, name, accel):
     sampler.sample([0, 3], seed=1, **accel)
     (_, _, counted, reported), = counter.calls
     assert reported == counted > 0
+
+
+def test_kv_budget_reaches_the_sampler_and_its_byte_count():
+    """kv_budget=-2:0.5 binds to scale 2 of digits-var's 4 scales; the sampler's tokens are those of VARSampler with
+    kv_budget={2: 0.5}, and the KV bytes the harness reports shrink by what kv_cache_bytes says."""
+    config = parse_config("digits-var:kv_budget=-2:0.5")
+    sampler = DigitsSampler("digits-var")
+    bound = ACCEL_OPTIONS["kv_budget"].bind(config.options["kv_budget"], sampler.steps)
+    assert bound == {2: 0.5}
+    assert sampler.kv_cache_bytes(4, kv_budget=bound) < sampler.kv_cache_bytes(4)
+    with pytest.raises(ValueError, match="kv_budget"):
+        sampler.sample([0], seed=0, kv_budget={3: 0.5})  # the last scale's keys are never read again
 
 
 # ---------------------------------------------------------------------------------------------- the harness

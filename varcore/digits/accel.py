@@ -14,6 +14,9 @@ Grammar (no spaces)::
   - ``prune=SI:R[+SI:R ...]`` (VAR, CoDe): FastVAR token pruning, scale ``SI`` keeps the fraction ``R`` in
     (0, 1] of its tokens; a negative ``SI`` counts from the last scale (``-1`` is the last), so one string prunes
     the last scales of models with different schedules;
+  - ``kv_budget=SI:R[+SI:R ...]`` (VAR, CoDe): KV-cache compression, after scale ``SI`` every block keeps the
+    fraction ``R`` of the keys written so far (the ones its observation window attends to most); ``SI`` as for
+    ``prune`` (``-2`` is the last scale whose keys are read again);
 
 * ``vs=MODEL``: the bundled model the configuration is measured against (default: the same model with no options),
   e.g. ``digits-code:vs=digits-var`` measures CoDe's drafter/refiner split against the drafter alone.
@@ -52,7 +55,7 @@ def _parse_ratio(text: str) -> float:
     return value
 
 
-def _parse_prune(text: str) -> Dict[int, float]:
+def _parse_scale_ratios(text: str) -> Dict[int, float]:
     ratios: Dict[int, float] = {}
     for item in text.split("+"):
         si, colon, ratio = item.partition(":")
@@ -68,13 +71,13 @@ def _parse_prune(text: str) -> Dict[int, float]:
     return ratios
 
 
-def _bind_prune(ratios: Dict[int, float], scales: int) -> Dict[int, float]:
+def _bind_scale_ratios(ratios: Dict[int, float], scales: int) -> Dict[int, float]:
     """Negative scale indices counted from the last scale (index ``scales + SI``); others as they are."""
     bound: Dict[int, float] = {}
     for si, ratio in ratios.items():
         index = scales + si if -scales <= si < 0 else si
         if index in bound:
-            raise ValueError(f"prune: two indices name scale {index} (of scales 0..{scales - 1})")
+            raise ValueError(f"two indices name scale {index} (of scales 0..{scales - 1})")
         bound[index] = ratio
     return bound
 
@@ -99,10 +102,16 @@ class AccelOption:
 ACCEL_OPTIONS: Dict[str, AccelOption] = {
     "cfg_skip": AccelOption(("var", "code"), _parse_int, "K (an int in [0, scales - 1])",
                             "the last K scales run without guidance (half their rows)"),
-    "prune": AccelOption(("var", "code"), _parse_prune,
+    "prune": AccelOption(("var", "code"), _parse_scale_ratios,
                          "SI:R[+SI:R...] (R in (0, 1]; SI < 0 counts from the last scale)",
                          "FastVAR token pruning: scale SI runs the fraction R of its tokens through the blocks",
-                         kv=True, bind=_bind_prune),
+                         kv=True, bind=_bind_scale_ratios),
+    "kv_budget": AccelOption(("var", "code"), _parse_scale_ratios,
+                             "SI:R[+SI:R...] (R in (0, 1]; SI < 0 counts from the last scale, which is never "
+                             "compressed)",
+                             "KV-cache compression: after scale SI every block keeps the fraction R of the keys "
+                             "written so far, those its observation window attends to most",
+                             kv=True, bind=_bind_scale_ratios),
 }
 
 
