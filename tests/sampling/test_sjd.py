@@ -218,3 +218,14 @@ def test_sjd_needs_the_model_layout():
     sampler = PARSampler(tiny(M=2, grid=4))
     with pytest.raises(ValueError, match="sjd"):
         sampler.sample_tokens([0], order="par", steps=(1, 4), num_tokens=13, sjd=2)
+
+
+@pytest.mark.parametrize("fast,draw,sample_logits", [(False, None, True), (True, None, True),
+                                                     (True, "multinomial", True), (False, None, False)])
+def test_sjd_refuses_nonfinite_logits(fast, draw, sample_logits):
+    model = tiny(M=1, grid=4)
+    with torch.no_grad():
+        model.output.weight[5, 0] = float("nan")
+    with pytest.raises(ValueError, match="GPT sampler are not finite"):
+        PARSampler(model, fast=fast, draw=draw).sample_tokens([0, 1], cfg_scale=2.0, sample_logits=sample_logits,
+                                                              sjd=4)
