@@ -29,6 +29,9 @@ CDF with one uniform (:func:`varcore.sampling.draw.inverse_cdf_sample`): the sam
 It is the mode to use for speed, for raster and PAR alike. ``draw=`` picks the draw independently of the mode:
 ``fast=True, draw="multinomial"`` follows the official RNG stream, so its tokens equal the parity mode's except
 after a near-tie.
+
+``sjd=W`` (either mode) decodes by speculative Jacobi decoding instead (:mod:`varcore.sampling.sjd`): windows of up
+to W steps per forward pass, drafts verified by speculative sampling, the same distribution in fewer passes.
 """
 import math
 import warnings
