@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from varcore.ops.value_checks import check_range
 
 __all__ = ["top_k_top_p_filter_", "top_k_top_p_filtering", "sample_with_top_k_top_p_", "gumbel_softmax_with_rng",
-           "inverse_cdf_sample", "check_cfg", "check_top_k", "check_top_p", "check_number", "check_batch",
+           "inverse_cdf_sample", "probs_llamagen", "draw_rows", "check_cfg", "check_top_k", "check_top_p",
+           "check_number", "check_batch",
            "per_scale", "temper", "nonfinite_rows", "raise_if_nonfinite", "check_images_finite", "DRAWS",
            "draw_llamagen", "guide_var", "guide_llamagen", "check_bool", "scale_options", "class_labels",
            "label_tensor"]
@@ -257,22 +258,11 @@ def inverse_cdf_sample(weights_NV: torch.Tensor, generator: Optional[torch.Gener
 DRAWS = ("multinomial", "inverse_cdf")
 
 
-def draw_llamagen(logits_BnV: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  sample_logits: bool = True, method: str = "multinomial",
-                  generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
-                  nonfinite: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """LlamaGen's draw (the official ``sample``/``sample_multi``): (B, n, V) logits -> (B, n) tokens.
-
-    Temperature, top-k and top-p (:func:`top_k_top_p_filtering`), softmax, then one draw over all B*n rows:
-    ``method="multinomial"`` (the official draw and RNG stream) or ``"inverse_cdf"`` (:func:`inverse_cdf_sample`,
-    the same distribution from one uniform per row); ``sample_logits=False`` takes the most likely token.
-    ``generator`` may be a sequence of B generators, one per image: image b's n rows are then drawn from its own
-    generator alone, so its tokens do not depend on the other images of the batch.
-    ``nonfinite`` (a bool scalar tensor) is or-ed with whether any row is non-finite, on the device: the random
-    draws refuse such rows and the greedy one would return token 0, so the caller can say why afterwards.
-    """
-    if method not in DRAWS:
-        raise ValueError(f"method must be one of {DRAWS}, got {method!r}")
+def probs_llamagen(logits_BnV: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                   nonfinite: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """LlamaGen's sampling distribution: (B, n, V) logits -> (B * n, V) probabilities after temperature, top-k and
+    top-p (:func:`top_k_top_p_filtering`) and softmax, the rows of :func:`draw_llamagen`'s draw. ``nonfinite`` (a
+    bool scalar tensor) is or-ed with whether any row is non-finite, on the device."""
     B, n, V = logits_BnV.shape
     logits = logits_BnV.reshape(B * n, V)
     if temperature != 1.0:  # x / 1.0 == x: skip a pass over the (B * n, V) logits
@@ -283,9 +273,21 @@ def draw_llamagen(logits_BnV: torch.Tensor, temperature: float = 1.0, top_k: int
         logits = top_k_top_p_filtering(logits, top_k=top_k, top_p=top_p)
     if nonfinite is not None:
         nonfinite.logical_or_(nonfinite_rows(logits).any())
-    probs = F.softmax(logits, dim=-1)
-    if not sample_logits:
-        return torch.topk(probs, k=1, dim=-1)[1].view(B, n)
+    return F.softmax(logits, dim=-1)
+
+
+def draw_rows(weights_NV: torch.Tensor, B: int, method: str = "multinomial",
+              generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
+              nonfinite: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One draw per row of ``weights_NV`` (B * n, V) (non-negative, need not sum to 1): (B * n,) int64 indices.
+
+    ``method="multinomial"`` (one ``torch.multinomial`` call) or ``"inverse_cdf"`` (:func:`inverse_cdf_sample`).
+    ``generator`` may be one generator (or None: the global RNG) for all rows, or a sequence of B generators: the
+    rows are then B equal blocks, block b drawn from generator b alone. ``nonfinite``: as in
+    :func:`inverse_cdf_sample` (the multinomial draw raises on such rows itself).
+    """
+    if method not in DRAWS:
+        raise ValueError(f"method must be one of {DRAWS}, got {method!r}")
 
     def draw(rows_NV, gen):
         if method == "inverse_cdf":
@@ -293,10 +295,38 @@ def draw_llamagen(logits_BnV: torch.Tensor, temperature: float = 1.0, top_k: int
         return torch.multinomial(rows_NV, num_samples=1, generator=gen)
 
     if generator is None or isinstance(generator, torch.Generator):
-        return draw(probs, generator).view(B, n)
-    if len(generator) != B:
+        return draw(weights_NV, generator).view(-1)
+    if len(generator) != B or weights_NV.shape[0] % B:
+        raise ValueError(f"generator must be one generator or B={B} of them for {weights_NV.shape[0]} rows, got "
+                         f"{len(generator)}")
+    n = weights_NV.shape[0] // B
+    return torch.cat([draw(weights_NV[b * n:(b + 1) * n], g) for b, g in enumerate(generator)]).view(-1)
+
+
+def draw_llamagen(logits_BnV: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  sample_logits: bool = True, method: str = "multinomial",
+                  generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
+                  nonfinite: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """LlamaGen's draw (the official ``sample``/``sample_multi``): (B, n, V) logits -> (B, n) tokens.
+
+    Temperature, top-k and top-p (:func:`top_k_top_p_filtering`), softmax (:func:`probs_llamagen`), then one draw
+    over all B*n rows (:func:`draw_rows`): ``method="multinomial"`` (the official draw and RNG stream) or
+    ``"inverse_cdf"`` (:func:`inverse_cdf_sample`, the same distribution from one uniform per row);
+    ``sample_logits=False`` takes the most likely token.
+    ``generator`` may be a sequence of B generators, one per image: image b's n rows are then drawn from its own
+    generator alone, so its tokens do not depend on the other images of the batch.
+    ``nonfinite`` (a bool scalar tensor) is or-ed with whether any row is non-finite, on the device: the random
+    draws refuse such rows and the greedy one would return token 0, so the caller can say why afterwards.
+    """
+    if method not in DRAWS:
+        raise ValueError(f"method must be one of {DRAWS}, got {method!r}")
+    B, n, V = logits_BnV.shape
+    probs = probs_llamagen(logits_BnV, temperature, top_k, top_p, nonfinite)
+    if not sample_logits:
+        return torch.topk(probs, k=1, dim=-1)[1].view(B, n)
+    if generator is not None and not isinstance(generator, torch.Generator) and len(generator) != B:
         raise ValueError(f"generator must be one generator or B={B} of them, got {len(generator)}")
-    return torch.cat([draw(probs[b * n:(b + 1) * n], g) for b, g in enumerate(generator)]).view(B, n)
+    return draw_rows(probs, B, method, generator, nonfinite).view(B, n)
 
 
 def check_bool(value, name: str) -> bool:

@@ -29,6 +29,9 @@ CDF with one uniform (:func:`varcore.sampling.draw.inverse_cdf_sample`): the sam
 It is the mode to use for speed, for raster and PAR alike. ``draw=`` picks the draw independently of the mode:
 ``fast=True, draw="multinomial"`` follows the official RNG stream, so its tokens equal the parity mode's except
 after a near-tie.
+
+``sjd=W`` (either mode) decodes by speculative Jacobi decoding instead (:mod:`varcore.sampling.sjd`): windows of up
+to W steps per forward pass, drafts verified by speculative sampling, the same distribution in fewer passes.
 """
 import math
 import warnings
@@ -42,9 +45,11 @@ from tqdm import tqdm
 
 from varcore.models.gpt import Transformer, unwrap_compiled
 from varcore.ops.par_order import par_scatter
+from varcore.sampling import sjd as jacobi
 from varcore.sampling.rng import generators
-from varcore.sampling.draw import (DRAWS, check_images_finite, check_number, draw_llamagen, guide_llamagen,
-                                   label_tensor, raise_if_nonfinite, top_k_top_p_filtering)
+from varcore.sampling.draw import (DRAWS, check_images_finite, check_number, draw_llamagen, draw_rows,
+                                   guide_llamagen, label_tensor, probs_llamagen, raise_if_nonfinite,
+                                   top_k_top_p_filtering)
 
 __all__ = ["PARSampler", "generate", "top_k_top_p_filtering", "num_steps", "to_uint8", "check_num_tokens"]
 
@@ -83,6 +88,10 @@ class PARSampler:
     sampler is built and again when a call finds that the model's parameters have changed. ``draw`` is
     ``"multinomial"`` (the official draw) or ``"inverse_cdf"`` (one uniform per row); None picks the mode's own
     (multinomial for parity, inverse_cdf for fast).
+
+    After every :meth:`sample_tokens` / :meth:`sample` call, ``forward_passes`` is the number of model forward
+    calls that call made, the class-token prefill included: :attr:`steps` for plain decoding of the whole grid
+    (fewer with ``num_tokens``), one per window with speculative Jacobi decoding (``sjd=``).
     """
 
     def __init__(self, model: Transformer, vq=None, M: Optional[int] = None, progress: bool = False,
@@ -105,32 +114,38 @@ class PARSampler:
         self.model, self.vq, self.M, self.progress = model, vq, model.M, progress
         self.packed = model.pack_for_decoding() if fast else None
         self.grid, self.L = model.config.grid, model.block_size
+        self.forward_passes = 0
 
     @property
     def steps(self) -> int:
         """Forward passes per call."""
         return num_steps(self.L, self.M)
 
-    def step_logits(self, h: torch.Tensor, start: int, cfg_scale: float, guided: bool) -> torch.Tensor:
+    @staticmethod
+    def _mix(z: torch.Tensor, cfg_scale: float, guided: Union[bool, torch.Tensor]) -> torch.Tensor:
+        cond, uncond = z.chunk(2)
+        if isinstance(guided, bool):
+            return guide_llamagen(cond, uncond, cfg_scale) if guided else cond
+        return torch.where(guided.view(1, -1, 1), guide_llamagen(cond, uncond, cfg_scale), cond)
+
+    def step_logits(self, h: torch.Tensor, start: int, cfg_scale: float,
+                    guided: Union[bool, torch.Tensor]) -> torch.Tensor:
         """Logits (B, n, V) of one step for the embeddings ``h`` at positions [start, start + n): rows [cond; uncond]
         (2B) mixed as ``uncond + (cond - uncond) * cfg_scale`` when ``cfg_scale > 1`` (``cond`` alone when not
-        ``guided``); the fast mode mixes the normed hidden states before the head, the parity mode the logits."""
+        ``guided``; ``guided`` may be an (n,) bool tensor, one flag per position); the fast mode mixes the normed
+        hidden states before the head, the parity mode the logits."""
         model, cfg = self.model, cfg_scale > 1.0
         if self.packed is not None:
             z = model.hidden_cached(h, start, self.packed)
             if cfg:
-                cond, uncond = z.chunk(2)
-                z = guide_llamagen(cond, uncond, cfg_scale) if guided else cond
+                z = self._mix(z, cfg_scale, guided)
             return model.logits(z, self.packed)
         # the official decoding steps (not the prefill) run under sdp_kernel(math only); in half precision the
         # math kernel rounds differently from the default CPU kernel (float32 attention is our own)
         half = h.dtype in (torch.bfloat16, torch.float16)
         with sdpa_kernel(SDPBackend.MATH) if start > 0 and half else nullcontext():
             logits = model.forward_cached(h, start)
-        if cfg:
-            cond, uncond = logits.chunk(2)
-            logits = guide_llamagen(cond, uncond, cfg_scale) if guided else cond
-        return logits
+        return self._mix(logits, cfg_scale, guided) if cfg else logits
 
     def _layout(self, num_tokens: Optional[int], steps: Optional[Tuple[int, int]]) -> Tuple[int, int, int]:
         """(N, a, g): N tokens, the first a drawn one at a time, then g per step; checked against the model."""
@@ -145,13 +160,71 @@ class PARSampler:
                              f"spe_token_num={model.spe_token_num}")
         return N, a, g
 
+    def _sjd_phase(self, h0: torch.Tensor, pos0: int, S: int, g: int, guided: Sequence[bool], W: int,
+                   forward, probs, draw, generator, bar) -> torch.Tensor:
+        """Tokens (B, S, g) of a phase of S steps of g tokens by speculative Jacobi decoding with windows of up to W
+        steps: step s sits at positions [pos0 + s * g, pos0 + (s + 1) * g) and draws group s; its input is ``h0``
+        (B, g, dim) for s = 0 and group s - 1 after. ``forward(h, start, guided)`` gives the logits of a window,
+        ``probs`` their (rows, V) distributions, ``draw`` one token per row; ``generator`` draws the uniforms and
+        the initial drafts; ``guided[s]`` is step s's CFG flag.
+
+        A window fed at step c holds the committed input of step c and the drafts of groups c .. c + w - 2 (the
+        cache positions after the committed prefix are overwritten, which is the rollback). Its outputs give p for
+        groups c .. c + w - 1. Every row commits the same count m = min over rows of (accepted_r + 1) groups: the
+        accepted drafts and then, at group c + m - 1, the draft where it passed and a residual redraw where it
+        failed (or, when all drafts passed, the draw from the window's last output). The outputs' draws for the
+        groups after the committed ones are the next drafts (q = the p they came from); new positions start from
+        uniform random drafts with q one-hot."""
+        model = self.model
+        B, V, device = h0.shape[0], model.vocab_size, h0.device
+        out = torch.empty(B, S, g, dtype=torch.long, device=device)
+        drafts = torch.empty(B, 0, g, dtype=torch.long, device=device)  # drafts of groups c, c + 1, ...
+        q = torch.empty(B, 0, g, V, device=device)  # the distribution each draft was drawn from
+        c = 0
+        while c < S:
+            w = min(W, S - c)
+            k = w - 1
+            if drafts.shape[1] < k:
+                new = jacobi.random_drafts(B, (k - drafts.shape[1]) * g, V, generator, device).view(B, -1, g)
+                drafts = torch.cat([drafts, new], dim=1)
+                q = torch.cat([q, F.one_hot(new, V).to(q.dtype)], dim=1)
+            drafts, q = drafts[:, :k], q[:, :k]
+            first = h0 if c == 0 else model.tok_embeddings(out[:, c - 1])
+            h = torch.cat([first, model.tok_embeddings(drafts.reshape(B, k * g))], dim=1) if k else first
+            flags = list(guided[c:c + w])
+            mix = flags[0] if len(set(flags)) == 1 else \
+                torch.tensor(flags, device=device).repeat_interleave(g)
+            p_NV = probs(forward(h, pos0 + c * g, mix))
+            x = draw(p_NV, B).view(B, w, g)
+            p = p_NV.view(B, w, g, V)
+            if k == 0:
+                out[:, c] = x[:, 0]
+                m = 1
+            else:
+                u = jacobi.uniforms(B, k * g, generator, device).view(B, k, g)
+                p_d = p[:, :k].gather(-1, drafts[..., None])[..., 0]
+                q_d = q.gather(-1, drafts[..., None])[..., 0]
+                ok, accepted = jacobi.verify(drafts, p_d, q_d, u)
+                m = int(accepted.min()) + 1  # the one host read of an iteration: where the next window starts
+                j = m - 1
+                out[:, c:c + j] = drafts[:, :j]
+                if j == k:  # every row passed every draft
+                    out[:, c + j] = x[:, k]
+                else:
+                    redraw = draw(jacobi.residual(p[:, j].reshape(B * g, V), q[:, j].reshape(B * g, V)), B)
+                    out[:, c + j] = torch.where(ok[:, j], drafts[:, j], redraw.view(B, g))
+            drafts, q = x[:, m:], p[:, m:]
+            c += m
+            bar.update(m)
+        return out
+
     @torch.no_grad()
     def sample_tokens(self, labels: Union[torch.Tensor, Sequence[int], int], cfg_scale: float = 1.5,
                       cfg_interval: float = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                       sample_logits: bool = True, generator: Optional[torch.Generator] = None,
                       order: str = "raster", num_tokens: Optional[int] = None,
-                      steps: Optional[Tuple[int, int]] = None, seeds: Optional[Sequence[int]] = None
-                      ) -> torch.Tensor:
+                      steps: Optional[Tuple[int, int]] = None, seeds: Optional[Sequence[int]] = None,
+                      sjd: Optional[int] = None) -> torch.Tensor:
         """Tokens for ``labels`` (B,): (B, G, G) int64 in raster order, or (B, L) in PAR order with
         ``order="par"``. ``cfg_scale`` <= 1 disables guidance (no doubled batch).
 
@@ -164,6 +237,13 @@ class PARSampler:
         ``seeds`` (B ints in [0, 2**64), instead of ``generator``) gives each image its own generator
         (:func:`varcore.sampling.rng.seeded_generator`): an image's tokens then depend on its seed and label only,
         not on the rest of the batch (up to the float rounding of the batched forward).
+
+        ``sjd`` = W decodes by speculative Jacobi decoding with windows of up to W steps (drafts verified by
+        speculative sampling: the same distribution in fewer forward passes; None or 0: off; docs/par.md).
+        It works in both phases (the tokens drawn one at a time, then the parallel steps of M*M tokens, each window
+        within one phase) with the model's own layout. With several images every image commits as many steps per
+        window as the image that accepts fewest, so with ``seeds`` an image still draws from its own generator but
+        its tokens then depend on the batch. ``sjd=1`` (no drafts) gives the tokens of plain decoding.
         """
         model = self.model
         if order not in ("raster", "par"):
@@ -172,6 +252,11 @@ class PARSampler:
             raise ValueError("num_tokens and steps need order='par' (a raster grid needs every token of the model's "
                              "layout)")
         N, a, g = self._layout(num_tokens, steps)
+        W = jacobi.check_window(sjd, self.L)
+        if W and (a, g) != (model.ar_token_num, model.spe_token_num + 1):
+            raise ValueError(f"sjd needs the model's own layout steps=({model.ar_token_num}, "
+                             f"{model.spe_token_num + 1}) (a window's attention mask is the model's), "
+                             f"got steps={steps}")
         check_number("cfg_scale", cfg_scale, 0.0)
         check_number("cfg_interval", cfg_interval, -math.inf)
         check_number("temperature", temperature, 0.0)
@@ -191,11 +276,28 @@ class PARSampler:
         nonfinite = torch.zeros((), dtype=torch.bool, device=labels.device)  # set by any non-finite row
         draw = dict(temperature=temperature, top_k=top_k, top_p=top_p, sample_logits=sample_logits,
                     method=self.draw, generator=generator, nonfinite=nonfinite)
+        passes = [0]
 
-        def step(h, start, guided):
+        def forward(h, start, guided):
             # token inputs are shared by both CFG halves; the prefill brings its own null-class half
             h = torch.cat([h, h]) if cfg and h.shape[0] == B else h
-            return draw_llamagen(self.step_logits(h, start, cfg_scale, guided), **draw)
+            passes[0] += 1
+            return self.step_logits(h, start, cfg_scale, guided)
+
+        def step(h, start, guided):
+            return draw_llamagen(forward(h, start, guided), **draw)
+
+        def probs(logits_BnV):  # the distribution every draw of a step uses; greedy: one-hot on the argmax
+            p = probs_llamagen(logits_BnV, temperature, top_k, top_p, nonfinite)
+            return p if sample_logits else F.one_hot(p.topk(1, dim=-1)[1][:, 0], p.shape[-1]).to(p.dtype)
+
+        def draw_from(weights_NV, rows):
+            if not sample_logits:
+                return weights_NV.topk(1, dim=-1)[1].view(-1)
+            return draw_rows(weights_NV, rows, self.draw, generator, nonfinite)
+
+        def phase(h0, pos0, S, g, guided):
+            return self._sjd_phase(h0, pos0, S, g, guided, W, forward, probs, draw_from, generator, bar)
 
         was_training = model.training
         model.eval()
@@ -205,27 +307,36 @@ class PARSampler:
         seq = torch.empty(B, N, dtype=torch.long, device=labels.device)
         total = min(N, a) + (N - a) // g if N > a else N
         bar = tqdm(total=total, disable=not self.progress, desc=f"PAR M={self.M}", dynamic_ncols=True)
+        # the CFG flag of each single-token step and of each parallel step (whose counter advances by g)
+        guided_single = [not (cfg_interval > -1 and i > cfg_interval) for i in range(min(N, a) - 1)]
+        guided_par = [not (cfg_interval > -1 and i > cfg_interval) for i in range(0, N - a, g)]
         try:
             cond_h = model.cls_embedding(labels, train=False)
             if cfg:
                 cond_h = torch.cat([cond_h, model.cls_embedding(torch.full_like(labels, model.num_classes), False)])
             seq[:, :1] = step(cond_h, 0, True)
             bar.update(1)
-            for i in range(min(N, a) - 1):  # first token of every region, one at a time
-                guided = not (cfg_interval > -1 and i > cfg_interval)
-                seq[:, i + 1:i + 2] = step(model.tok_embeddings(seq[:, i:i + 1]), i + 1, guided)
-                bar.update(1)
+            if W and guided_single:
+                seq[:, 1:min(N, a)] = phase(model.tok_embeddings(seq[:, :1]), 1, len(guided_single), 1,
+                                            guided_single).view(B, -1)
+            else:
+                for i, guided in enumerate(guided_single):  # first token of every region, one at a time
+                    seq[:, i + 1:i + 2] = step(model.tok_embeddings(seq[:, i:i + 1]), i + 1, guided)
+                    bar.update(1)
             if N > a:
                 h = model.transition_embeddings(seq[:, a - 1:a])
-            for j, i in enumerate(range(0, N - a, g)):  # one group (g tokens) per step
-                guided = not (cfg_interval > -1 and i > cfg_interval)
-                seq[:, a + i:a + g + i] = step(h, a + j * g, guided)
-                h = model.tok_embeddings(seq[:, a + i:a + g + i])
-                bar.update(1)
+            if W and N > a:
+                seq[:, a:] = phase(h, a, len(guided_par), g, guided_par).view(B, -1)
+            else:
+                for j, guided in enumerate(guided_par):  # one group (g tokens) per step
+                    seq[:, a + j * g:a + (j + 1) * g] = step(h, a + j * g, guided)
+                    h = model.tok_embeddings(seq[:, a + j * g:a + (j + 1) * g])
+                    bar.update(1)
         except (RuntimeError, ValueError):  # a draw refused non-finite probabilities: say why
             raise_if_nonfinite(nonfinite, "the GPT sampler", cfg_scale if cfg else None)
             raise
         finally:
+            self.forward_passes = passes[0]
             bar.close()
             model.clear_caches()
             model.train(was_training)
@@ -236,10 +347,10 @@ class PARSampler:
     def sample(self, labels: Union[torch.Tensor, Sequence[int], int], cfg_scale: float = 1.5,
                cfg_interval: float = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                generator: Optional[torch.Generator] = None, image_size: Optional[int] = None,
-               seeds: Optional[Sequence[int]] = None) -> torch.Tensor:
+               seeds: Optional[Sequence[int]] = None, sjd: Optional[int] = None) -> torch.Tensor:
         """Images in [-1, 1] (B, 3, H, W) decoded by the VQ tokenizer, bicubic-resized to ``image_size`` when given
-        (the official evaluation samples at 384 and resizes to 256); ``seeds``: one generator per image, as in
-        :meth:`sample_tokens`."""
+        (the official evaluation samples at 384 and resizes to 256); ``seeds``: one generator per image, and
+        ``sjd``: speculative Jacobi decoding with windows of up to ``sjd`` steps, as in :meth:`sample_tokens`."""
         if self.vq is None:
             raise ValueError("sample() needs a VQ tokenizer: PARSampler(model, vq=...); use sample_tokens() "
                              "for tokens only")
@@ -247,7 +358,8 @@ class PARSampler:
                                        or image_size < 1):
             raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
         tokens = self.sample_tokens(labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
-                                    top_k=top_k, top_p=top_p, generator=generator, order="raster", seeds=seeds)
+                                    top_k=top_k, top_p=top_p, generator=generator, order="raster", seeds=seeds,
+                                    sjd=sjd)
         B = tokens.shape[0]
         shape = (B, self.vq.config.codebook_embed_dim, self.grid, self.grid)
         images = self.vq.decode_code(tokens.reshape(B, -1).to(self.vq.quant_conv.weight.device), shape)
