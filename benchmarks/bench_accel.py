@@ -11,7 +11,15 @@ changes, is not timed):
   drawing the last two: per token it costs 0.14 of the drafter, as CoDe's released d16 refiner costs 0.15 of its d30
   drafter (``bench_code.py --shape half`` runs that pair itself); ``CoDe+prune+cfg_skip``: with both accelerators.
 
-``--quick`` runs the same cases on a tiny model (depth 2, width 128, 6 scales, batch 2) in seconds.
+The ``gpt`` family: raster decoding of a GPT shaped like LlamaGen's GPT-B on a 24x24 grid, batch 1, plain and with
+speculative Jacobi decoding (``sjd=8/16/32``): seconds and forward passes (no FLOP model: a pass of a window costs
+more than a plain step, by the window's tokens). With random weights the next-token distributions are nearly
+uniform and change little with the prefix, so drafts pass far more often than on a trained model: the pass counts
+of this family show the mechanics and the cost per pass, not a trained model's acceptance (``varcore eval --accel
+digits-raster:sjd=8`` measures that on the bundled raster GPT).
+
+``--quick`` runs the same cases on tiny models (VAR depth 2, width 128, 6 scales, batch 2; GPT 2 layers on 8x8) in
+seconds.
 
 Every case runs in turns with the baseline and the others (one call of each per round, the order rotating, after a
 warm-up call each), so machine load falls on all of them alike; the figures are medians over the rounds. Per case:
@@ -38,7 +46,9 @@ import torch
 from common import bench_interleaved, machine_header, print_header, print_table, write_json
 from costs import code_call_flops, var_run_flops
 from varcore.models import PATCH_NUMS, VAR, build_vae_var
+from varcore.models.gpt import GPT_CONFIGS, ModelArgs, Transformer
 from varcore.sampling.code import CoDeSampler
+from varcore.sampling.par import PARSampler
 from varcore.sampling.var import VARSampler
 
 SHAPES = {
@@ -107,9 +117,41 @@ def var_family(args) -> Family:
     return Family("plain", cases, header)
 
 
+def gpt_family(args) -> Family:
+    """Raster decoding of a GPT shaped like LlamaGen's GPT-B (12 layers, width 768, 12 heads, V=16384) on a 24x24
+    grid (576 tokens), batch 1, fast mode, cfg 2.0, plain and with speculative Jacobi decoding (``sjd=W``)."""
+    n_layer, n_head, dim = (2, 2, 64) if args.quick else GPT_CONFIGS["GPT-B"]
+    grid, vocab = (8, 256) if args.quick else (24, 16384)
+    torch.manual_seed(0)
+    with torch.inference_mode(False):  # the sampler tracks the parameters' versions: no inference tensors
+        model = Transformer(ModelArgs(n_layer=n_layer, n_head=n_head, dim=dim, vocab_size=vocab,
+                                      block_size=grid * grid, ar_token_num=1, spe_token_num=0)).to(args.device)
+        torch.nn.init.normal_(model.output.weight, std=0.02)  # the official init zeroes the head: uniform logits
+        sampler = PARSampler(model.eval(), fast=True)
+    B = args.batch or 1
+    labels = torch.arange(B, device=args.device) * 7 % 1000
+
+    def case(options):
+        gen, passes = torch.Generator(args.device), []
+
+        def run():  # the sampler is shared by the cases: keep this case's own pass count
+            tokens = sampler.sample_tokens(labels, cfg_scale=2.0, generator=gen.manual_seed(0), **options)
+            passes.append(sampler.forward_passes)
+            return tokens
+
+        return Case(run, None, lambda: passes[-1], options)
+
+    windows = (4, 8) if args.quick else (8, 16, 32)
+    cases = {"plain": case({}), **{f"sjd={w}": case({"sjd": w}) for w in windows}}
+    header = {"model": f"GPT {n_layer} layers, width {dim}, {n_head} heads, V={vocab}, grid {grid}x{grid}, raster",
+              "batch": B, "sampling": "cfg 2.0, no top-k/top-p, fast mode"}
+    return Family("plain", cases, header)
+
+
 # family name -> builder; a family's rows are measured against its own baseline
 FAMILIES: Dict[str, Callable[[argparse.Namespace], Family]] = {
     "var": var_family,
+    "gpt": gpt_family,
 }
 
 

@@ -23,6 +23,7 @@ from varcore.sampling.var import VARSampler
     ("digits-code:vs=digits-var,prune=2:1", "digits-code", {"prune": {2: 1.0}}, "digits-var"),
     ("digits-par:vs=digits-raster", "digits-par", {}, "digits-raster"),
     ("digits-var:kv_budget=-2:0.5", "digits-var", {"kv_budget": {-2: 0.5}}, "digits-var"),
+    ("digits-raster:sjd=8", "digits-raster", {"sjd": 8}, "digits-raster"),
 ])
 def test_configs_parse(text, model, options, baseline):
     c = parse_config(text)
@@ -158,6 +159,18 @@ def test_kv_budget_reaches_the_sampler_and_its_byte_count():
     assert sampler.kv_cache_bytes(4, kv_budget=bound) < sampler.kv_cache_bytes(4)
     with pytest.raises(ValueError, match="kv_budget"):
         sampler.sample([0], seed=0, kv_budget={3: 0.5})  # the last scale's keys are never read again
+
+
+def test_sjd_reaches_the_gpt_sampler_and_its_pass_count(monkeypatch):
+    """sjd=W: the tokens of PARSampler.sample with sjd=W, and forward_passes the model calls it made (fewer than
+    plain decoding's steps on a bundled GPT at this window)."""
+    counter = _Counter(monkeypatch)
+    sampler = DigitsSampler("digits-raster")
+    sampler.sample([1], seed=0, sjd=16)
+    (_, _, counted, reported), = counter.calls
+    assert reported == counted < sampler.steps
+    with pytest.raises(ValueError, match="sjd"):
+        sampler.sample([1], seed=0, sjd=0.5)
 
 
 # ---------------------------------------------------------------------------------------------- the harness

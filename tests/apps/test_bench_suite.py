@@ -213,7 +213,7 @@ def test_bench_accel_quick(tmp_path, capsys):
     assert bench_accel.main(["--quick", "--repeats", "1", "--out", str(out)]) == 0
     assert "implied_speedup" in capsys.readouterr().out
     data = json.loads(out.read_text())
-    rows = {r["case"]: r for r in data["rows"]}
+    rows = {r["case"]: r for r in data["rows"] if r["family"] == "var"}
     shape = bench_accel.SHAPES["quick"]
     SN, N = len(shape["patch_nums"]), shape["draft_steps"]
     assert list(rows) == ["plain", "prune", "cfg_skip=2", "prune+cfg_skip", f"CoDe N={N}",
@@ -230,6 +230,11 @@ def test_bench_accel_quick(tmp_path, capsys):
     g = {k: r["GFLOP"] for k, r in rows.items()}
     assert g["plain"] > g["prune"] > g["prune+cfg_skip"] and g["cfg_skip=2"] > g["prune+cfg_skip"]
     assert g[f"CoDe N={N}"] > g[f"CoDe N={N}+prune+cfg_skip"] == min(g.values())
+    # the GPT family: plain raster decoding makes one pass per token; SJD fewer, whatever they cost
+    gpt = {r["case"]: r for r in data["rows"] if r["family"] == "gpt"}
+    assert list(gpt) == ["plain", "sjd=4", "sjd=8"] and gpt["plain"]["passes"] == 64
+    assert all(r["GFLOP"] is None and r["share"] is None for r in gpt.values())
+    assert gpt["plain"]["passes"] > gpt["sjd=4"]["passes"] >= gpt["sjd=8"]["passes"] >= 64 // 8
 
 
 def test_bench_accel_families_are_table_entries(monkeypatch, tmp_path):

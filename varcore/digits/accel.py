@@ -17,12 +17,14 @@ Grammar (no spaces)::
   - ``kv_budget=SI:R[+SI:R ...]`` (VAR, CoDe): KV-cache compression, after scale ``SI`` every block keeps the
     fraction ``R`` of the keys written so far (the ones its observation window attends to most); ``SI`` as for
     ``prune`` (``-2`` is the last scale whose keys are read again);
+  - ``sjd=W`` (PAR, raster): speculative Jacobi decoding with windows of up to W steps (the model's distribution in
+    fewer forward passes);
 
 * ``vs=MODEL``: the bundled model the configuration is measured against (default: the same model with no options),
   e.g. ``digits-code:vs=digits-var`` measures CoDe's drafter/refiner split against the drafter alone.
 
 Examples: ``digits-var:prune=3:0.5,cfg_skip=1``, ``digits-code:cfg_skip=1``, ``digits-var:prune=-2:0.5+-1:0.5``,
-``digits-par:vs=digits-raster``.
+``digits-par:vs=digits-raster``, ``digits-raster:sjd=8``.
 
 A new sampler option plugs in as one entry of :data:`ACCEL_OPTIONS`: its families, how its text parses, the accepted
 form (for the error messages), and whether it changes the KV cache (then the harness passes it to the sampler's
@@ -112,6 +114,8 @@ ACCEL_OPTIONS: Dict[str, AccelOption] = {
                              "KV-cache compression: after scale SI every block keeps the fraction R of the keys "
                              "written so far, those its observation window attends to most",
                              kv=True, bind=_bind_scale_ratios),
+    "sjd": AccelOption(("gpt",), _parse_int, "W (an int >= 1: the window in decoding steps)",
+                       "speculative Jacobi decoding: windows of up to W steps drafted and verified in one pass"),
 }
 
 

@@ -43,6 +43,9 @@ SWEEP = (
     "digits-code:prune=-1:0.5,cfg_skip=1,vs=digits-var",
     "digits-var-small:vs=digits-var",
     "digits-par:vs=digits-raster",
+    "digits-var:kv_budget=-2:0.5",
+    "digits-raster:sjd=8",
+    "digits-raster:sjd=16",
 )
 
 
