@@ -106,7 +106,8 @@ def test_digits_sampler_passes_the_accelerators_through():
     m = code.modules
     peak = CoDeSampler(m.drafter, m.refiner, m.draft_steps, m.vae).kv_cache_bytes(4, prune={3: 0.5})["peak"]
     assert code.kv_cache_bytes(4, prune={3: 0.5}) == peak
-    with pytest.raises(TypeError, match=r"digits-var \(var\) takes the accelerator keywords \['cfg_skip', 'prune'\]"):
+    keywords = r"digits-var \(var\) takes the accelerator keywords \['cfg_skip', 'prune', 'kv_budget'\]"
+    with pytest.raises(TypeError, match=keywords):
         sampler.sample(labels, seed=5, sjd=4)
     with pytest.raises(TypeError, match="digits-par"):
         DigitsSampler("digits-par").sample(labels, seed=5, cfg_skip=1)
