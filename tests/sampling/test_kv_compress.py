@@ -8,7 +8,7 @@ import torch
 
 import varcore.models.basic_var as basic_var
 from tiny_var import agree as _agree, tiny_var, tiny_vae
-from varcore.models.basic_var import StaticKVCache
+from varcore.models.basic_var import KVPlan, StaticKVCache
 from varcore.sampling.code import CoDeSampler
 from varcore.sampling.var import VARSampler, keep_counts, kv_budgets
 
@@ -48,23 +48,33 @@ def test_neutral_setting_keeps_the_tokens(var, kv_budget, dtype):
     assert sampler.kv_cache_bytes(3, kv_budget=kv_budget) == sampler.kv_cache_bytes(3)
 
 
-def _held(depth, counts, budgets):
-    """The documented rule, written out: the keys each block holds after each scale, and the cache length
-    (each block's region the most it holds before the last scale, blocks depth-1..0, the last scale's tokens after
-    each block's kept ones)."""
-    held, need, written = [0] * depth, [0] * depth, 0
-    for si, c in enumerate(counts):
+def _held(depth, counts, budgets, start=0):
+    """The documented rule, written out: the cache length, the shorter of two layouts (the one without a scratch
+    where they tie). Blocks depth-1..0 own regions in that order, the last scale's tokens go after each block's kept
+    keys. Without a scratch a region holds the most its block holds at any scale but the last, new tokens
+    included. With one, the scales from the first compressed one to the last but one run through the scratch (the
+    most any block holds there, after the regions): a region holds the most its block holds after writing a scale
+    before that, or keeps after a scale from that on. A run from ``start`` writes scales 0..start at once."""
+    held, written, before, kept = [0] * depth, 0, [], []
+    for si, c in enumerate(counts[:-1]):
         written += c
+        before.append(held)
         held = [h + c for h in held]
-        if si == len(counts) - 1:
-            break
-        need = [max(n, h) for n, h in zip(need, held)]
         if budgets[si] is not None:
             held = [min(h, max(1, round(r * written))) for h, r in zip(held, budgets[si])]
-    T = sum(need)  # the regions
-    for j in range(depth):
-        T = max(T, sum(need[j + 1:]) + held[j])
-    return T
+        kept.append(held)
+    first = next((si for si in range(len(kept)) if kept[si] != [h + counts[si] for h in before[si]]), None)
+
+    def length(region, scratch=0):
+        return max([sum(region) + scratch] + [sum(region[j + 1:]) + held[j] + counts[-1] for j in range(depth)])
+
+    need = [max(b[j] + c for b, c in zip(before, counts)) for j in range(depth)]
+    if first is None:
+        return length(need)
+    region = [max([before[si][j] + counts[si] for si in range(start, first)] + [k[j] for k in kept[first:]])
+              for j in range(depth)]
+    scratch = max(before[si][j] + counts[si] for si in range(first, len(kept)) for j in range(depth))
+    return min(length(need), length(region, scratch))
 
 
 def _cache_bytes(sampler, seen):
@@ -96,11 +106,40 @@ def test_the_kv_cache_holds_the_kept_keys_only(deep, kv_budget, prune):
 
 
 def test_a_single_compressed_scale_by_hand(var):
-    """{3: 0.5}: after scale 3 (30 tokens written) each block keeps 15 keys; block 1's region holds 30, block 0's
-    the 30 it has at scale 3; at the last scale block 0 writes its 25 after its 15 kept (depth 2)."""
-    T = 30 + 15 + 25
-    assert StaticKVCache.positions(2, PATCH_NUMS, None, kv_budgets({3: 0.5}, PATCH_NUMS, 2)) == T
-    assert VARSampler(var).kv_cache_bytes(2, kv_budget={3: 0.5}) == 2 * 2 * 2 * var.C * 4 * T
+    """{3: 0.5} (depth 2): after scale 3 (30 tokens written) each block keeps 15 keys. With the scratch each
+    region holds 15 (more than the 14 of scales 0..2) and the scratch 14 + 16 = 30 (scale 3), 60 in all; at the last
+    scale block 0 writes its 25 after its 15 kept, at 15 + 15 + 25 = 55. Without it each region holds the 30 of
+    scale 3 and block 0 writes its 25 at 30 + 15: 70. {3: 0.9} keeps 27: 27 + 27 + 30 = 84 with the scratch, 30 + 27
+    + 25 = 82 without it, the layout chosen."""
+    counts = [pn * pn for pn in PATCH_NUMS]
+    half, mild = kv_budgets({3: 0.5}, PATCH_NUMS, 2), kv_budgets({3: 0.9}, PATCH_NUMS, 2)
+    assert StaticKVCache.positions(2, PATCH_NUMS, None, half) == 60
+    assert VARSampler(var).kv_cache_bytes(2, kv_budget={3: 0.5}) == 2 * 2 * 2 * var.C * 4 * 60
+    staged = KVPlan.build(2, counts, half)
+    assert staged.staged == (False, False, False, True, False) and staged.offsets == (15, 0)
+    assert staged.scratch == 30 and staged.pos[3] == (14, 14) and staged.pos[4] == (15, 15)
+    assert KVPlan.build(2, counts, half, scratch=False).T == 70
+    assert [KVPlan.build(2, counts, mild, scratch=s).T for s in (True, False)] == [84, 82]
+    assert KVPlan.build(2, counts, mild) == KVPlan.build(2, counts, mild, scratch=False)
+    assert not any(KVPlan.build(2, counts, mild).staged)
+    assert VARSampler(var).kv_cache_bytes(2, kv_budget={3: 0.9}) == 2 * 2 * 2 * var.C * 4 * 82
+    with pytest.raises(TypeError, match="scratch must be None or a bool"):
+        KVPlan.build(2, counts, half, scratch=1)
+
+
+@pytest.mark.parametrize("kv_budget, prune, cfg_skip", [({3: 0.5}, None, 0), ({1: 0.5, 3: 0.4}, {3: 0.5}, 1),
+                                                        ({1: (0.5, 1.0, 0.25, 0.75), 3: (0.2, 0.6, 0.4, 1.0)}, None,
+                                                         0), ({0: 0.5, 2: 0.3}, {1: 0.5}, 2)])
+def test_both_layouts_keep_the_same_keys(deep, monkeypatch, kv_budget, prune, cfg_skip):
+    """The layout with the scratch (chosen here) draws the tokens of the one without it (keys compacted in place):
+    the same keys are kept, in the same order."""
+    kw = dict(kv_budget=kv_budget, prune=prune, cfg_skip=cfg_skip, **KW)
+    assert VARSampler(deep)._cache(3, SN, None, kv_budgets(kv_budget, PATCH_NUMS, 4)).plan.scratch > 0
+    staged = VARSampler(deep).sample(3, LABELS, **kw)
+    real = KVPlan.build.__func__
+    monkeypatch.setattr(KVPlan, "build", classmethod(lambda cls, *a: real(cls, *a, scratch=False)))
+    in_place = VARSampler(deep).sample(3, LABELS, **kw)
+    assert _equal(staged, in_place)
 
 
 def _record(monkeypatch):
@@ -113,9 +152,10 @@ def _record(monkeypatch):
         calls.append((q.clone(), k.clone(), scale))
         return real_attention(q, k, v, attn_bias, scale, dropout_p)
 
-    def compact(self, j, n, idx, rows=slice(None)):
-        compactions.append((len(calls) - 1, j, n, idx.clone()))
-        return real_compact(self, j, n, idx, rows)
+    def compact(self, j, n, idx, rows=slice(None), staged=False):
+        if idx is not None:  # a staged block that keeps everything only copies its keys back
+            compactions.append((len(calls) - 1, j, n, idx.clone()))
+        return real_compact(self, j, n, idx, rows, staged)
 
     monkeypatch.setattr(basic_var, "attention", attention)
     monkeypatch.setattr(StaticKVCache, "compact", compact)
@@ -164,8 +204,9 @@ def test_kept_keys_are_the_top_scoring_ones(var, monkeypatch, kv_budget, prune, 
 
 
 def _poison(sampler):
-    """Make every KV cache of ``sampler`` start as NaN and every compaction leave NaN behind its kept keys, so that
-    a read of a position no token wrote, or of an evicted key, shows."""
+    """Make every KV cache of ``sampler`` start as NaN and every compaction leave NaN behind its kept keys in the
+    block's region and in the whole scratch (and the spare positions after it), so that a read of a position no
+    token wrote, of an evicted key, or of another block's staged keys shows."""
     real = sampler._cache
 
     def cache(*args):
@@ -174,11 +215,13 @@ def _poison(sampler):
         kv.v.fill_(float("nan"))
         real_compact = kv.compact
 
-        def compact(j, n, idx, rows=slice(None)):
-            real_compact(j, n, idx, rows)
-            o, keep = kv.offsets[j], idx.shape[2]
-            kv.k[rows, :, o + keep:o + n] = float("nan")
-            kv.v[rows, :, o + keep:o + n] = float("nan")
+        def compact(j, n, idx, rows=slice(None), staged=False):
+            real_compact(j, n, idx, rows, staged)
+            o, keep = kv.offsets[j], n if idx is None else idx.shape[2]
+            end = kv.offsets[j - 1] if j else kv.scratch  # the region's end
+            for buf in (kv.k, kv.v):
+                buf[rows, :, o + keep:end] = float("nan")
+                buf[rows, :, kv.scratch:] = float("nan")
 
         kv.compact = compact
         return kv
@@ -188,10 +231,12 @@ def _poison(sampler):
 
 @pytest.mark.parametrize("kv_budget, prune, cfg_skip, N", [({1: 0.6, 2: 0.5, 3: 0.4}, None, 0, 2),
                                                            ({3: 0.3}, {3: 0.5}, 1, 3),
-                                                           ({2: (0.4, 0.8), 3: 0.5}, {2: 0.5, 4: 0.5}, 2, 1)])
+                                                           ({2: (0.4, 0.8), 3: 0.5}, {2: 0.5, 4: 0.5}, 2, 1),
+                                                           ({2: 0.9, 3: 0.9}, None, 0, 2)])
 def test_compressed_runs_read_only_kept_keys(var, kv_budget, prune, cfg_skip, N):
     """Every scale attends over kept and newly written positions only (a read of an unwritten or evicted slot would
-    read NaN and raise), alone and in CoDe's two stages (the refiner's prefill compressed in the first two cases)."""
+    read NaN and raise), alone and in CoDe's two stages (the refiner's prefill compressed in the first two cases);
+    the last case's budgets are mild enough that the layout without a scratch is chosen."""
     kw = dict(kv_budget=kv_budget, prune=prune, cfg_skip=cfg_skip, **KW)
     sampler = VARSampler(var)
     clean = sampler.sample(3, LABELS, **kw)
@@ -255,7 +300,7 @@ def test_code_pair_budgets_and_bytes():
     assert seen == [expected["drafter"], expected["refiner"]]
     assert expected["drafter"] == 2 * 2 * 3 * 64 * 4 * _held(3, [1, 4, 9], [None, (0.5, 0.7, 1.0), None])
     assert expected["refiner"] == 2 * 2 * 3 * 64 * 4 * _held(2, [pn * pn for pn in PATCH_NUMS],
-                                                               [None, None, None, (0.3, 0.6), None])
+                                                               [None, None, None, (0.3, 0.6), None], start=3)
     assert _equal(tokens[:2], code.sample(3, LABELS, **KW)[:2])
     report = code.memory_report(3, kv_budget=kv_budget)
     assert report["peak_bytes"] == max(seen[:2]) < code.memory_report(3)["peak_bytes"]
@@ -366,4 +411,6 @@ def test_graph_key_follows_the_compression(var):
     sampler = VARSampler(var)
     state = sampler.call_state(LABELS)
     o = sampler.options(1.5, 0, 0.0, 1.0, False)[3]
-    assert sampler.graph_key(replace(o, kv_pos=(0, 0), kv_keep=(5, None)), state) != sampler.graph_key(o, state)
+    compressed = replace(o, kv_pos=(0, 0), kv_keep=(5, None))
+    assert sampler.graph_key(compressed, state) != sampler.graph_key(o, state)
+    assert sampler.graph_key(replace(compressed, kv_stage=True), state) != sampler.graph_key(compressed, state)

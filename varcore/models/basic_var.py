@@ -52,27 +52,47 @@ def attention(q_BHLc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor,
 class KVPlan:
     """Where each block's k/v go in a :class:`StaticKVCache` scale by scale, under KV-cache compression.
 
-    ``pos[si][j]``: block j's write position (within its region) at scale si, the tokens it holds before it;
-    ``keep[si][j]``: the tokens block j keeps after scale si (None: it keeps all it holds); ``offsets[j]``: the start
-    of block j's region; ``T``: the cache length. Block j's region holds the most tokens it has at any scale but the
-    last one; at the last scale it writes its new tokens after its kept ones, over the regions of the blocks before
-    it, which have finished (blocks are ordered ``depth-1 .. 0`` in the cache).
+    ``pos[si][j]``: the tokens block j holds before scale si, where it writes that scale's k/v (in its region, or
+    at a staged scale after its kept keys in the scratch); ``keep[si][j]``: the tokens block j keeps after scale si
+    (None: it keeps all it holds); ``staged[si]``: whether scale si runs through the scratch; ``offsets[j]``: the
+    start of block j's region; ``scratch``: the start of the scratch; ``T``: the cache length.
+
+    The regions are ordered blocks ``depth-1 .. 0``, the scratch follows them. The scales before the first
+    compressed one write into each block's region (which holds all the block's tokens then). From the first
+    compressed scale on, up to the last but one, a scale is staged: block j copies its kept keys to the scratch's
+    front, writes the scale's k/v after them, attends over the scratch, and writes the keys it keeps back to its
+    region, which so holds only the kept keys between scales (the blocks run one after another and share the
+    scratch). At the run's last scale each block writes its tokens after its kept keys in its region, over the
+    regions of the blocks before it, which have finished, and the scratch. So block j's region is the most it
+    holds between scales (or at a scale before the first compressed one, after writing it), the scratch the most
+    any block holds at a staged scale, and ``T = max(sum_j region_j + scratch, max_j(offset_j + kept_j + last))``
+    with ``last`` the tokens of the last scale; without compression that is ``depth * P + last``.
+
+    Where that is no shorter (mild budgets on few blocks), no scale is staged and the scratch is empty: every scale
+    writes into the block's region, which then holds the most the block holds at any scale but the last, new
+    tokens included, and a compressed block moves its kept keys to its region's front in place.
     """
 
     pos: Tuple[Tuple[int, ...], ...]
     keep: Tuple[Optional[Tuple[Optional[int], ...]], ...]
+    staged: Tuple[bool, ...]
     offsets: Tuple[int, ...]
+    scratch: int
     T: int
 
     @classmethod
     def build(cls, depth: int, counts: Sequence[int], budgets: Optional[Sequence] = None,
-              start: int = 0) -> "KVPlan":
+              start: int = 0, scratch: Optional[bool] = None) -> "KVPlan":
         """The plan for ``depth`` blocks whose scales write ``counts`` tokens each, compressed by ``budgets``: per
         scale None or ``depth`` keep ratios; after scale si block j keeps ``min(held, max(1, round(r * W_si)))``
         tokens, ``W_si`` the tokens written by scales ``0..si``, ``held`` the tokens it holds then. Budgets of the
         last scale (its k/v are never read) and of the scales before ``start`` (a refiner's prefill writes them
-        all at once) are not applied."""
-        held, need, written, pos, keep = [0] * depth, [0] * depth, 0, [], []
+        all at once) are not applied; the run's first scale ``start`` writes the tokens of scales ``0..start``.
+        ``scratch``: None chooses the shorter layout (the one without a scratch where they tie), True or False the
+        layout with or without it."""
+        if scratch is not None and not isinstance(scratch, bool):
+            raise TypeError(f"scratch must be None or a bool, got {type(scratch).__name__}")
+        held, written, pos, keep = [0] * depth, 0, [], []
         last = len(counts) - 1
         for si, c in enumerate(counts):
             written += c
@@ -80,19 +100,32 @@ class KVPlan:
             held = [h + c for h in held]
             if si == last:
                 break
-            need = [max(a, b) for a, b in zip(need, held)]
             ratios = None if budgets is None or si < start else budgets[si]
-            if ratios is None:
-                keep.append(None)
-                continue
-            kept = [min(h, max(1, round(r * written))) for h, r in zip(held, ratios)]
+            kept = held if ratios is None else [min(h, max(1, round(r * written))) for h, r in zip(held, ratios)]
             keep.append(None if kept == held else tuple(None if k == h else k for k, h in zip(kept, held)))
             held = kept
         keep.append(None)
-        offsets = tuple(sum(need[j + 1:]) for j in range(depth))
-        # every region, and the last scale's tokens after each block's kept ones
-        T = max([sum(need)] + [o + p for o, p in zip(offsets, held)])
-        return cls(tuple(pos), tuple(keep), offsets, T)
+        first = next((si for si, k in enumerate(keep) if k is not None), last)
+        layouts = [cls._layout(pos, keep, counts, start, (False,) * len(counts)),
+                   cls._layout(pos, keep, counts, start, tuple(first <= si < last for si in range(len(counts))))]
+        if scratch is not None:
+            return layouts[scratch]
+        return min(layouts, key=lambda plan: plan.T)  # the first of equals: no scratch, fewer copies
+
+    @classmethod
+    def _layout(cls, pos, keep, counts, start: int, staged: Tuple[bool, ...]) -> "KVPlan":
+        """The plan whose scales ``staged`` run through the scratch (see the class docstring)."""
+        depth, last = len(pos[0]), len(counts) - 1
+        region, scratch = [0] * depth, 0
+        for si in range(start, last):  # the scales before start are written by start's prefill
+            after = [p + counts[si] for p in pos[si]]  # what each block holds once it has written scale si
+            if staged[si]:
+                scratch = max([scratch] + after)
+                after = list(pos[si + 1])  # what it keeps
+            region = [max(r, a) for r, a in zip(region, after)]
+        offsets = tuple(sum(region[j + 1:]) for j in range(depth))
+        T = max([sum(region) + scratch] + [o + p + counts[last] for o, p in zip(offsets, pos[last])])
+        return cls(tuple(pos), tuple(keep), staged, offsets, sum(region), T)
 
 
 @dataclass(frozen=True)
@@ -101,12 +134,15 @@ class KVCompress:
     window is the ``min(4, pn)^2`` grid of them at the centres of a ``pn x pn`` map's cells (ScaleKV's 16-query
     window), or all of them where ``pn`` is None (a pruned scale, whose queries are not a grid). ``keep``: the keys
     the block keeps after the scale, those with the largest :func:`window_attention_mass`, per batch row and head
-    (None: none dropped). ``stats``: a list that receives ``(block, mass)`` (calibration only)."""
+    (None: none dropped). ``staged``: the scale is staged (:class:`KVPlan`): the block's keys go through the
+    cache's scratch and the kept ones (all where ``keep`` is None) back to its region. ``stats``: a list that
+    receives ``(block, mass)`` (calibration only)."""
 
     keep: Optional[int]
     queries: int
     pn: Optional[int] = None
     stats: Optional[list] = field(default=None, compare=False, hash=False)
+    staged: bool = False
 
     def window(self, q_BHLc: torch.Tensor) -> torch.Tensor:
         """The window's queries (B, H, w, c) among q (B, H, L, c)."""
@@ -137,8 +173,9 @@ class StaticKVCache:
     ``pn_last^2`` spare positions at the end for block 0): block ``j - 1`` has finished the last scale by then.
     ``tokens``, the number of tokens each scale writes (default ``pn^2``; fewer where a sampler prunes tokens),
     replaces the ``pn^2`` in these sizes. With ``budgets`` (KV-cache compression, see :class:`KVPlan`; ``start``:
-    the run's first scale) each block's region holds only the tokens it keeps, and :meth:`compact` moves the kept
-    ones to its front. :meth:`growing` makes the cache of the official ``kv_caching`` path instead.
+    the run's first scale) each block's region holds only the tokens it keeps between scales: at a staged scale
+    :meth:`stage` puts them and the scale's in the scratch shared by the blocks and :meth:`compact` writes the kept
+    ones back. :meth:`growing` makes the cache of the official ``kv_caching`` path instead.
     """
 
     def __init__(self, depth: int, batch2: int, heads: int, head_dim: int, patch_nums: Sequence[int],
@@ -149,6 +186,7 @@ class StaticKVCache:
         self.P = sum(counts) - counts[-1]
         self.plan = KVPlan.build(depth, counts, budgets, start)
         self.offsets: List[int] = list(self.plan.offsets)
+        self.scratch = self.plan.scratch
         self.k = torch.empty(batch2, heads, self.plan.T, head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
 
@@ -175,7 +213,8 @@ class StaticKVCache:
                   budgets: Optional[Sequence] = None, start: int = 0) -> int:
         """Cache length T (per batch row and head) for ``depth`` blocks and the schedule ``patch_nums`` (each scale
         writing ``tokens`` of its tokens, default all), compressed by ``budgets`` from ``start`` on (:class:`KVPlan`);
-        ``depth * P + pn_last^2`` without compression."""
+        ``depth * P + pn_last^2`` without compression, ``max(sum_j region_j + scratch, max_j(offset_j + kept_j +
+        pn_last^2))`` with it."""
         return KVPlan.build(depth, cls.counts(patch_nums, tokens), budgets, start).T
 
     def update(self, j: int, pos: int, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor, rows: slice = slice(None)):
@@ -191,13 +230,31 @@ class StaticKVCache:
         self.v[rows, :, o + pos:o + end].copy_(v_BHlc)
         return self.k[rows, :, o:o + end], self.v[rows, :, o:o + end]
 
-    def compact(self, j: int, n: int, idx_BHk: torch.Tensor, rows: slice = slice(None)) -> None:
-        """Keep block ``j``'s tokens ``idx_BHk`` (ascending, per row of ``rows`` and head) of the ``n`` it holds:
-        they move to the front of its region, in order (the rest of it is free for the next scale's tokens)."""
-        o, keep = self.offsets[j], idx_BHk.shape[2]
+    def stage(self, j: int, held: int, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor, rows: slice = slice(None)):
+        """At a staged scale (:class:`KVPlan`): copy block ``j``'s ``held`` kept tokens from its region to the front
+        of the scratch and store its k/v of the scale's tokens after them, for the batch rows ``rows``; return its
+        k/v over those ``held + l`` tokens (views of the scratch)."""
+        o, s, end = self.offsets[j], self.scratch, self.scratch + held + k_BHlc.shape[2]
+        for buf, new in ((self.k, k_BHlc), (self.v, v_BHlc)):
+            if held:
+                buf[rows, :, s:s + held].copy_(buf[rows, :, o:o + held])
+            buf[rows, :, s + held:end].copy_(new)
+        return self.k[rows, :, s:end], self.v[rows, :, s:end]
+
+    def compact(self, j: int, n: int, idx_BHk: Optional[torch.Tensor], rows: slice = slice(None),
+                staged: bool = False) -> None:
+        """Keep block ``j``'s tokens ``idx_BHk`` (ascending, per row of ``rows`` and head; None: all) of the ``n`` it
+        holds, in the scratch if ``staged`` (:meth:`stage`), else in its region: they go to the front of its region,
+        in order (the rest of it is free)."""
+        o = self.offsets[j]
+        src = self.scratch if staged else o
         for buf in (self.k, self.v):
-            kept = buf[rows, :, o:o + n].gather(2, idx_BHk.unsqueeze(-1).expand(-1, -1, -1, buf.shape[3]))
-            buf[rows, :, o:o + keep].copy_(kept)
+            if idx_BHk is None:
+                if staged:
+                    buf[rows, :, o:o + n].copy_(buf[rows, :, src:src + n])
+                continue
+            kept = buf[rows, :, src:src + n].gather(2, idx_BHk.unsqueeze(-1).expand(-1, -1, -1, buf.shape[3]))
+            buf[rows, :, o:o + idx_BHk.shape[2]].copy_(kept)
 
     @property
     def nbytes(self) -> int:
@@ -337,7 +394,8 @@ class SelfAttention(nn.Module):
         their dtype). With a ``cache`` their k and v are stored as block ``j``'s, at token ``pos`` on, for the batch
         rows ``rows``, and the queries attend over all of that block's cached tokens. ``attn_bias`` as for
         :func:`attention`. ``compress`` (with a cache): afterwards the block keeps only the cached keys that the
-        observation window attends to most (:class:`KVCompress`)."""
+        observation window attends to most (:class:`KVCompress`); at a staged scale its keys go through the
+        cache's scratch (:meth:`StaticKVCache.stage`)."""
         B, L, C = x.shape
         qkv = F.linear(x.to(w[0].dtype), w[0], w[1])
         q, k, v = qkv.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, c)
@@ -351,7 +409,7 @@ class SelfAttention(nn.Module):
             q = F.normalize(q, dim=-1).mul(w[4])
             k = F.normalize(k, dim=-1)
         if cache is not None:
-            k, v = cache.update(j, pos, k, v, rows)
+            k, v = (cache.stage if compress is not None and compress.staged else cache.update)(j, pos, k, v, rows)
         out_BHLc = attention(q, k, v, attn_bias, self.scale, self.attn_drop if self.training else 0.0)
         if compress is not None:
             self._compress(compress, q, k, cache, j, rows)
@@ -360,12 +418,15 @@ class SelfAttention(nn.Module):
 
     def _compress(self, compress: KVCompress, q: torch.Tensor, k: torch.Tensor, cache: StaticKVCache, j: int,
                   rows: slice) -> None:
-        mass_BHn = window_attention_mass(compress.window(q), k, self.scale)
-        if compress.stats is not None:
-            compress.stats.append((j, mass_BHn))
-        if compress.keep is not None:
-            idx_BHk = mass_BHn.topk(compress.keep, dim=-1).indices.sort(dim=-1).values
-            cache.compact(j, k.shape[2], idx_BHk, rows)
+        idx_BHk = None
+        if compress.keep is not None or compress.stats is not None:
+            mass_BHn = window_attention_mass(compress.window(q), k, self.scale)
+            if compress.stats is not None:
+                compress.stats.append((j, mass_BHn))
+            if compress.keep is not None:
+                idx_BHk = mass_BHn.topk(compress.keep, dim=-1).indices.sort(dim=-1).values
+        if idx_BHk is not None or compress.staged:
+            cache.compact(j, k.shape[2], idx_BHk, rows, compress.staged)
 
     def extra_repr(self) -> str:
         return f"attn_l2_norm={self.attn_l2_norm}"

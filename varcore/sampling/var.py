@@ -77,6 +77,7 @@ class ScaleOptions:
     kv_ratio: Optional[Tuple[float, ...]] = None  # KV-cache compression after this scale: a keep ratio per block
     kv_pos: Optional[Tuple[int, ...]] = None  # with compression: where each block writes the scale's k/v
     kv_keep: Optional[Tuple[Optional[int], ...]] = None  # with compression: the keys each block keeps (None: all)
+    kv_stage: bool = False  # with compression: the scale runs through the cache's scratch (KVPlan.staged)
     kv_measure: bool = False  # record each block's window attention (KVPlan calibration, see VARSampler.kv_plan)
 
 
@@ -408,15 +409,17 @@ class VARSampler:
 
     def _compressions(self, opts: ScaleOptions, state: _CallState) -> List[Optional[KVCompress]]:
         """Each block's :class:`~varcore.models.basic_var.KVCompress` after scale ``opts.si`` (None: it keeps its
-        cache): the window is the scale's grid of queries, or all its queries where it is pruned."""
+        cache): the window is the scale's grid of queries, or all its queries where it is pruned. At a staged scale
+        every block has one (its keys go through the cache's scratch)."""
         depth = len(self.var.blocks)
-        if opts.kv_keep is None and not opts.kv_measure:
+        if opts.kv_keep is None and not opts.kv_stage and not opts.kv_measure:
             return [None] * depth
         pn = self.patch_nums[opts.si]
         queries, grid = (pn * pn, pn) if opts.keep is None else (opts.keep, None)
         stats = state.kv_stats.setdefault(opts.si, []) if opts.kv_measure else None
         keeps = opts.kv_keep or (None,) * depth
-        return [None if k is None and stats is None else KVCompress(k, queries, grid, stats) for k in keeps]
+        return [KVCompress(k, queries, grid, stats, opts.kv_stage)
+                if k is not None or stats is not None or opts.kv_stage else None for k in keeps]
 
     def pivotal(self, opts: ScaleOptions, x_BlC: torch.Tensor, state: _CallState) -> torch.Tensor:
         """The indices (rows, keep) of the ``opts.keep`` pivotal tokens of scale ``opts.si`` among its transformer
@@ -556,7 +559,7 @@ class VARSampler:
         for si in range(start, stop):
             o = replace(opts[si], prefill=si == start and start > 0, embed_next=si + 1 < stop, cache_pos=pos)
             if plan is not None:  # KV-cache compression: each block's own write position and kept keys
-                o = replace(o, kv_pos=plan.pos[si], kv_keep=plan.keep[si])
+                o = replace(o, kv_pos=plan.pos[si], kv_keep=plan.keep[si], kv_stage=plan.staged[si])
             pos += self.patch_nums[si] ** 2 if o.keep is None else o.keep
             if not o.guided and x_BlC.shape[0] == 2 * B:  # a run's first scale: its input was built for both halves
                 x_BlC = x_BlC[:B]
@@ -597,10 +600,12 @@ class VARSampler:
     def graph_key(opts: ScaleOptions, state: _CallState) -> tuple:
         """What a captured forward pass depends on: the run (batch, first and last scale: the KV cache and the
         per-call buffers), the scale, whether it is a prefill and whether it is guided, and with pruning the tokens
-        it keeps and where its k/v go. Everything that changes
+        it keeps and where its k/v go (with KV-cache compression each block's position, kept count and whether the
+        scale is staged). Everything that changes
         only values (cfg, top-k, top-p, temperature, labels, seeds) is outside the graphs: the draw runs eagerly,
         so one set of graphs serves every sampling setting."""
-        return state.key, opts.si, opts.prefill, opts.guided, opts.keep, opts.cache_pos, opts.kv_pos, opts.kv_keep
+        return (state.key, opts.si, opts.prefill, opts.guided, opts.keep, opts.cache_pos, opts.kv_pos, opts.kv_keep,
+                opts.kv_stage)
 
     def _graph_call(self, key, fn, opts: ScaleOptions, inputs: tuple, state: _CallState):
         """Capture ``fn`` once per key (its static inputs are clones of the first call's), then replay it.
@@ -613,8 +618,10 @@ class VARSampler:
         entry = self._graphs.get(key)
         if entry is None:
             static_in = tuple(None if t is None else t.clone() for t in inputs)
-            # a compressing step rewrites the cached keys it reads (not idempotent): the warm-up's must be undone
-            saved = (state.kv.k.clone(), state.kv.v.clone()) if opts.kv_keep is not None else None
+            # a compressing step rewrites the cached keys it reads, and a run's last step writes over the regions of
+            # the blocks before it, which those read (not idempotent): the warm-up's writes must be undone
+            undo = state.kv is not None and (opts.kv_keep is not None or opts.kv_stage or not opts.embed_next)
+            saved = (state.kv.k.clone(), state.kv.v.clone()) if undo else None
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up outside the graph (lazy inits), on copies: fn works in place
