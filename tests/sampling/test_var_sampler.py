@@ -277,7 +277,7 @@ def test_graph_key_holds_shapes_only(models):
     state = s.call_state(labels)
     keys = {s.graph_key(o, state) for kw in (dict(cfg=1.5), dict(cfg=4.0, top_k=5, top_p=0.9, temperature=0.7))
             for o in s.options(more_smooth=False, **{"top_k": 0, "top_p": 0.0, "temperature": 1.0, **kw})}
-    assert keys == {((2, 0, s.SN), si, False, True, None, None, None, None) for si in range(s.SN)}
+    assert keys == {((2, 0, s.SN), si, False, True, None, None, None, None, False) for si in range(s.SN)}
     skipped = s.options(1.5, 0, 0.0, 1.0, False, cfg_skip=1)[-1]
     assert s.graph_key(skipped, state) != s.graph_key(s.options(1.5, 0, 0.0, 1.0, False)[-1], state)
     pruned = s.options(1.5, 0, 0.0, 1.0, False, prune={s.SN - 1: 0.5})[-1]  # fewer tokens: other shapes
