@@ -414,3 +414,31 @@ def test_graph_key_follows_the_compression(var):
     compressed = replace(o, kv_pos=(0, 0), kv_keep=(5, None))
     assert sampler.graph_key(compressed, state) != sampler.graph_key(o, state)
     assert sampler.graph_key(replace(compressed, kv_stage=True), state) != sampler.graph_key(compressed, state)
+
+
+class _RunsTwice(VARSampler):
+    """Runs each forward pass a first time on copies of its inputs before the real one, as a CUDA graph capture's
+    warm-up does, undoing the first run's cache writes where ``rewrites_cache`` says (or never, ``undo=False``)."""
+
+    undo = True
+
+    def _run(self, phase, opts, inputs, state):
+        if phase == "forward":
+            saved = state.kv.k.clone(), state.kv.v.clone()
+            self.forward(opts, *(None if t is None else t.clone() for t in inputs), state)
+            if self.undo and self.rewrites_cache(opts):
+                state.kv.k.copy_(saved[0])
+                state.kv.v.copy_(saved[1])
+        return super()._run(phase, opts, inputs, state)
+
+
+@pytest.mark.parametrize("kv_budget, prune", [(None, None), ({2: 0.5, 3: 0.4}, None), ({2: 0.9, 3: 0.9}, {3: 0.5})])
+def test_the_steps_that_rewrite_the_cache_are_known(var, kv_budget, prune):
+    """A forward pass run twice (a graph capture's warm-up, then the capture) draws the tokens of one run where
+    ``rewrites_cache`` undoes the first; without that, the last scale (plain) and the compressed ones differ."""
+    kw = dict(kv_budget=kv_budget, prune=prune, **KW)
+    ref = VARSampler(var).sample(3, LABELS, **kw)
+    assert _equal(_RunsTwice(var).sample(3, LABELS, **kw), ref)
+    careless = _RunsTwice(var)
+    careless.undo = False
+    assert not _equal(careless.sample(3, LABELS, **kw), ref)

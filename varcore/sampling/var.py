@@ -607,6 +607,14 @@ class VARSampler:
         return (state.key, opts.si, opts.prefill, opts.guided, opts.keep, opts.cache_pos, opts.kv_pos, opts.kv_keep,
                 opts.kv_stage)
 
+    @staticmethod
+    def rewrites_cache(opts: ScaleOptions) -> bool:
+        """Whether the forward pass of ``opts`` overwrites cached keys that it reads itself, so that running it
+        twice differs from running it once (a graph capture's warm-up must then be undone): a compressing or
+        staged scale moves each block's kept keys, and a run's last scale writes each block's tokens over the
+        regions of the blocks before it (:class:`~varcore.models.basic_var.KVPlan`)."""
+        return opts.kv_keep is not None or opts.kv_stage or not opts.embed_next
+
     def _graph_call(self, key, fn, opts: ScaleOptions, inputs: tuple, state: _CallState):
         """Capture ``fn`` once per key (its static inputs are clones of the first call's), then replay it.
 
@@ -618,10 +626,7 @@ class VARSampler:
         entry = self._graphs.get(key)
         if entry is None:
             static_in = tuple(None if t is None else t.clone() for t in inputs)
-            # a compressing step rewrites the cached keys it reads, and a run's last step writes over the regions of
-            # the blocks before it, which those read (not idempotent): the warm-up's writes must be undone
-            undo = state.kv is not None and (opts.kv_keep is not None or opts.kv_stage or not opts.embed_next)
-            saved = (state.kv.k.clone(), state.kv.v.clone()) if undo else None
+            saved = (state.kv.k.clone(), state.kv.v.clone()) if self.rewrites_cache(opts) else None
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up outside the graph (lazy inits), on copies: fn works in place
