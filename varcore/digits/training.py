@@ -30,13 +30,15 @@ from tqdm import tqdm
 
 from varcore.argtypes import out_dir_arg, positive_float, positive_int, seed_arg
 from varcore.digits.data import augment, load_digits
-from varcore.digits.recipe import WEIGHTS_DIR, build, load_weights, save_weights, weights_path
+from varcore.digits.recipe import VAR_TOKENIZER, WEIGHTS_DIR, build, load_weights, save_weights, weights_path
 from varcore.train.var_trainer import backward_and_step
 
 __all__ = ["DigitsRecipe", "STAGES", "train_digits", "main"]
 
 DEFAULT_OUT = "digits-weights"
-STAGES = ("classifier", "vqvae", "var-drafter", "var-refiner", "vq", "gpt-par", "gpt-raster")
+# new stages go last: a stage's seeds depend on its position, so appending keeps the others' weights
+STAGES = ("classifier", "vqvae", "var-drafter", "var-refiner", "vq", "gpt-par", "gpt-raster", "vqvae8",
+          "var8-drafter", "var8-refiner")
 
 
 @dataclass
@@ -53,6 +55,9 @@ class DigitsRecipe:
     var_iters: int = 1200
     refiner_iters: int = 1200
     gpt_iters: int = 2100
+    vqvae8_iters: int = 1200
+    var8_iters: int = 3000
+    refiner8_iters: int = 4000
     classifier_lr: float = 2e-3
     tokenizer_lr: float = 2e-3
     var_lr: float = 1e-3
@@ -72,7 +77,7 @@ class DigitsRecipe:
     def tiny(cls, seed: int = 0) -> "DigitsRecipe":
         """A few steps per stage: for tests and smoke runs (the models are not useful)."""
         return cls(seed=seed, batch_size=16, tokenizer_batch_size=8, token_copies=1, classifier_iters=3, vqvae_iters=3, vq_iters=3, var_iters=3,
-                   refiner_iters=3, gpt_iters=3, restart_every=2)
+                   refiner_iters=3, gpt_iters=3, vqvae8_iters=3, var8_iters=3, refiner8_iters=3, restart_every=2)
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -162,8 +167,9 @@ def _train_tokenizer(model, encode_feats: Callable, step_loss: Callable, codeboo
             "test_code_usage": idx.unique().numel() / V, "codes_restarted": restarted}
 
 
-def train_vqvae(recipe: DigitsRecipe, gen: torch.Generator, progress: bool):
-    vae = build("vqvae")
+def train_vqvae(part: str, recipe: DigitsRecipe, gen: torch.Generator, progress: bool):
+    """VAR's multi-scale VQVAE ``part`` ('vqvae' or 'vqvae8')."""
+    vae = build(part)
     q = vae.quantize
 
     def feats(x):
@@ -177,8 +183,8 @@ def train_vqvae(recipe: DigitsRecipe, gen: torch.Generator, progress: bool):
         idx = q.f_to_idxBl_or_fhat(f.detach(), to_fhat=False)
         return F.mse_loss(recon, x) + vq_loss, recon, torch.cat(idx, dim=1).flatten()
 
-    metrics = _train_tokenizer(vae, feats, step_loss, q.embedding.weight.data, recipe.vqvae_iters, recipe, gen,
-                               "vqvae", progress)
+    iters = recipe.vqvae_iters if part == "vqvae" else recipe.vqvae8_iters
+    metrics = _train_tokenizer(vae, feats, step_loss, q.embedding.weight.data, iters, recipe, gen, part, progress)
     vae.requires_grad_(False)
     return vae, metrics
 
@@ -242,7 +248,8 @@ def train_var(part: str, vae, recipe: DigitsRecipe, gen: torch.Generator, progre
     from varcore.train.data import split_scales
     from varcore.train.var_trainer import VARTrainer
 
-    iters = recipe.var_iters if part == "var-drafter" else recipe.refiner_iters
+    iters = {"var-drafter": recipe.var_iters, "var-refiner": recipe.refiner_iters, "var8-drafter": recipe.var8_iters,
+             "var8-refiner": recipe.refiner8_iters}[part]
     var = build(part, vae=vae)
     trainer = VARTrainer(vae, var, _config(iters, recipe.var_lr, grad_clip=2.0))
     patch_nums = var.patch_nums
@@ -306,7 +313,7 @@ def train_digits(recipe: Optional[DigitsRecipe] = None, out_dir=None, parts: Opt
         raise ValueError(f"out_dir is required (the bundled weights are replaced only when it is {WEIGHTS_DIR})")
     out_dir = Path(out_dir)
     results: Dict[str, Dict[str, float]] = {}
-    vae = vq = None
+    tokenizers: Dict[str, torch.nn.Module] = {}
     for stage in STAGES:
         if stage not in parts:
             continue
@@ -314,18 +321,21 @@ def train_digits(recipe: Optional[DigitsRecipe] = None, out_dir=None, parts: Opt
         t0 = time.perf_counter()
         if stage == "classifier":
             model, metrics = train_classifier(recipe, gen, progress)
-        elif stage == "vqvae":
-            model, metrics = train_vqvae(recipe, gen, progress)
-        elif stage.startswith("var-"):
+        elif stage in ("vqvae", "vqvae8"):
+            model, metrics = train_vqvae(stage, recipe, gen, progress)
+        elif stage in VAR_TOKENIZER:
             # tokenizers are always read back from their (float16) files, also right after training them, so a
             # stage gives the same weights whether it runs alone or after the tokenizer's stage
-            vae = _tokenizer("vqvae", out_dir) if vae is None else vae
-            model, metrics = train_var(stage, vae, recipe, gen, progress)
+            tok = VAR_TOKENIZER[stage]
+            if tok not in tokenizers:
+                tokenizers[tok] = _tokenizer(tok, out_dir)
+            model, metrics = train_var(stage, tokenizers[tok], recipe, gen, progress)
         elif stage == "vq":
             model, metrics = train_vq(recipe, gen, progress)
         else:
-            vq = _tokenizer("vq", out_dir) if vq is None else vq
-            model, metrics = train_gpt(stage, vq, recipe, gen, progress)
+            if "vq" not in tokenizers:
+                tokenizers["vq"] = _tokenizer("vq", out_dir)
+            model, metrics = train_gpt(stage, tokenizers["vq"], recipe, gen, progress)
         metrics = {**metrics, "seconds": round(time.perf_counter() - t0, 1), "seed": recipe.seed,
                    "recipe": dataclasses.asdict(recipe)}
         save_weights(stage, model, root=out_dir, info=metrics)
