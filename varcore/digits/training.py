@@ -56,7 +56,7 @@ class DigitsRecipe:
     refiner_iters: int = 1200
     gpt_iters: int = 2100
     vqvae8_iters: int = 1200
-    var8_iters: int = 3000
+    var8_iters: int = 4000
     refiner8_iters: int = 4000
     classifier_lr: float = 2e-3
     tokenizer_lr: float = 2e-3
