@@ -313,7 +313,6 @@ def train_digits(recipe: Optional[DigitsRecipe] = None, out_dir=None, parts: Opt
         raise ValueError(f"out_dir is required (the bundled weights are replaced only when it is {WEIGHTS_DIR})")
     out_dir = Path(out_dir)
     results: Dict[str, Dict[str, float]] = {}
-    tokenizers: Dict[str, torch.nn.Module] = {}
     for stage in STAGES:
         if stage not in parts:
             continue
@@ -324,18 +323,14 @@ def train_digits(recipe: Optional[DigitsRecipe] = None, out_dir=None, parts: Opt
         elif stage in ("vqvae", "vqvae8"):
             model, metrics = train_vqvae(stage, recipe, gen, progress)
         elif stage in VAR_TOKENIZER:
-            # tokenizers are always read back from their (float16) files, also right after training them, so a
-            # stage gives the same weights whether it runs alone or after the tokenizer's stage
-            tok = VAR_TOKENIZER[stage]
-            if tok not in tokenizers:
-                tokenizers[tok] = _tokenizer(tok, out_dir)
-            model, metrics = train_var(stage, tokenizers[tok], recipe, gen, progress)
+            # every stage reads its tokenizer back from the (float16) file, also right after training it or after
+            # another stage used it: building the module to load into draws from the global RNG, so a stage gives
+            # the same weights whether it runs alone or after other stages
+            model, metrics = train_var(stage, _tokenizer(VAR_TOKENIZER[stage], out_dir), recipe, gen, progress)
         elif stage == "vq":
             model, metrics = train_vq(recipe, gen, progress)
         else:
-            if "vq" not in tokenizers:
-                tokenizers["vq"] = _tokenizer("vq", out_dir)
-            model, metrics = train_gpt(stage, tokenizers["vq"], recipe, gen, progress)
+            model, metrics = train_gpt(stage, _tokenizer("vq", out_dir), recipe, gen, progress)
         metrics = {**metrics, "seconds": round(time.perf_counter() - t0, 1), "seed": recipe.seed,
                    "recipe": dataclasses.asdict(recipe)}
         save_weights(stage, model, root=out_dir, info=metrics)
