@@ -10,6 +10,9 @@ All models work on 16x16 digit images (:mod:`varcore.digits.data`):
   per pixel with the convolutions' context, 256 codes);
 * ``gpt-par`` / ``gpt-raster``: two LlamaGen/PAR GPTs of the same size (4 layers, width 64) on the ``vq`` codes,
   one trained for PAR-4x decoding (M = 2) and one for raster decoding (M = 1);
+* ``vqvae8``: the same VQVAE with ``ch_mult`` (1, 1) (x2 downsampling to an 8x8 latent) and scales
+  (1, 2, 3, 4, 6, 8), 130 tokens per image;
+* ``var8-drafter`` / ``var8-refiner``: VARs of the drafter's and the refiner's sizes on ``vqvae8``;
 * ``classifier``: the small CNN of the quality harness (:mod:`varcore.digits.classifier`).
 
 Weights are safetensors files in ``varcore/digits/weights/`` whose metadata holds the recipe version and the

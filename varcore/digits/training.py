@@ -1,6 +1,6 @@
 """Training recipe of the bundled digits models (``varcore train-digits`` / ``python -m varcore.digits.training``).
 
-Seven stages, each seeded from the recipe's seed, so a run is deterministic for a seed (same machine, same torch,
+Ten stages, each seeded from the recipe's seed, so a run is deterministic for a seed (same machine, same torch,
 same number of threads) and any stage can be re-run alone with ``--parts`` (later stages load the tokenizers they
 need from the output directory):
 
@@ -10,7 +10,12 @@ need from the output directory):
 3. ``var-drafter`` and 4. ``var-refiner``: VARs trained with :class:`varcore.train.VARTrainer` on tokens of
    augmented images (class dropout 0.1 for classifier-free guidance);
 5. ``vq``: LlamaGen's single-scale tokenizer (same losses and code restarts);
-6. ``gpt-par`` and 7. ``gpt-raster``: the GPTs trained with :class:`varcore.train.gpt_trainer.GPTTrainer`.
+6. ``gpt-par`` and 7. ``gpt-raster``: the GPTs trained with :class:`varcore.train.gpt_trainer.GPTTrainer`;
+8. ``vqvae8``: the multi-scale VQVAE of the 8x8-latent family (as ``vqvae``), 9. ``var8-drafter`` and
+   10. ``var8-refiner``: VARs on its six scales (as 3. and 4.).
+
+A stage's seeds depend on its position in :data:`STAGES` only; every VAR or GPT stage reads its tokenizer back
+from the output directory.
 
 Every stage trains on the fixed train split with random shifts of up to one pixel, and writes
 ``<stage>.safetensors`` (float16 weights, architecture and final metrics in the metadata) into ``--out``
@@ -339,8 +344,8 @@ def train_digits(recipe: Optional[DigitsRecipe] = None, out_dir=None, parts: Opt
 
 
 def build_arg_parser(prog: str = "python -m varcore.digits.training") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Train the bundled digits models (VQVAE, VAR drafter and "
-                                "refiner, VQ tokenizer, PAR and raster GPTs, harness classifier) on this CPU.")
+    p = argparse.ArgumentParser(prog=prog, description="Train the bundled digits models (VQVAEs, VAR drafters and "
+                                "refiners, VQ tokenizer, PAR and raster GPTs, harness classifier) on this CPU.")
     add_arguments(p)
     return p
 
