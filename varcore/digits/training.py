@@ -61,8 +61,8 @@ class DigitsRecipe:
     refiner_iters: int = 1200
     gpt_iters: int = 2100
     vqvae8_iters: int = 1200
-    var8_iters: int = 4000
-    refiner8_iters: int = 4000
+    var8_iters: int = 2000
+    refiner8_iters: int = 2000
     classifier_lr: float = 2e-3
     tokenizer_lr: float = 2e-3
     var_lr: float = 1e-3
