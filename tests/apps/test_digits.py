@@ -209,7 +209,8 @@ def test_var8_family_shapes():
     images, _ = load_digits("test")
     idx_Bl = vae.img_to_idxBl(images[:2])
     assert [tuple(t.shape) for t in idx_Bl] == [(2, p * p) for p in (1, 2, 3, 4, 6, 8)]
-    assert vae.idxBl_to_img(idx_Bl, same_shape=True, last_one=True).shape == (2, 3, 16, 16)  # x2: 16x16 images, 8x8 latent
+    # x2 downsampling: 16x16 images from the 8x8 latent
+    assert vae.idxBl_to_img(idx_Bl, same_shape=True, last_one=True).shape == (2, 3, 16, 16)
     small = load_bundled("digits-var8-small")
     code = load_bundled("digits-code8")
     assert code.draft_steps == BUNDLED["digits-code8"].draft_steps and 0 < code.draft_steps < len(var.patch_nums)

@@ -33,8 +33,8 @@ from varcore.sampling.rng import seeded_generator
 from .data import IMAGE_SIZE, NUM_CLASSES, load_digits
 from .recipe import WEIGHTS_DIR, load_weights
 
-__all__ = ["BUNDLED", "CODE_DRAFT_STEPS", "CODE8_DRAFT_STEPS", "BundledInfo", "VARBundle", "CoDeBundle", "GPTBundle", "load_bundled",
-           "bundled_names", "DigitsSampler", "load_digits", "IMAGE_SIZE", "NUM_CLASSES"]
+__all__ = ["BUNDLED", "CODE_DRAFT_STEPS", "CODE8_DRAFT_STEPS", "BundledInfo", "VARBundle", "CoDeBundle", "GPTBundle",
+           "load_bundled", "bundled_names", "DigitsSampler", "load_digits", "IMAGE_SIZE", "NUM_CLASSES"]
 
 CODE_DRAFT_STEPS = 2
 CODE8_DRAFT_STEPS = 4

@@ -72,7 +72,8 @@ class DigitsRecipe:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name.endswith("_iters") or f.name in ("batch_size", "tokenizer_batch_size", "token_copies", "restart_every"):
+            if f.name.endswith("_iters") or f.name in ("batch_size", "tokenizer_batch_size", "token_copies",
+                                                       "restart_every"):
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise ValueError(f"{f.name} must be a positive int, got {value!r}")
             elif f.name.endswith("_lr") and not value > 0:
@@ -81,8 +82,9 @@ class DigitsRecipe:
     @classmethod
     def tiny(cls, seed: int = 0) -> "DigitsRecipe":
         """A few steps per stage: for tests and smoke runs (the models are not useful)."""
-        return cls(seed=seed, batch_size=16, tokenizer_batch_size=8, token_copies=1, classifier_iters=3, vqvae_iters=3, vq_iters=3, var_iters=3,
-                   refiner_iters=3, gpt_iters=3, vqvae8_iters=3, var8_iters=3, refiner8_iters=3, restart_every=2)
+        return cls(seed=seed, batch_size=16, tokenizer_batch_size=8, token_copies=1, classifier_iters=3,
+                   vqvae_iters=3, vq_iters=3, var_iters=3, refiner_iters=3, gpt_iters=3, vqvae8_iters=3, var8_iters=3,
+                   refiner8_iters=3, restart_every=2)
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
