@@ -38,9 +38,9 @@ pairs, ``llamagen-b`` ... ``llamagen-3b`` and ``par-xl-4x`` ... ``par-3b-16x`` f
 (official-format checkpoints; the VAE is put on the VAR's scale schedule); ``VQ_PATH,GPT_PATH`` (LlamaGen's VQ-16
 tokenizer and a LlamaGen ``c2i_*.pt`` or PAR ``PAR-*.pt`` checkpoint, recognised by its tensors; ``--grid-size``
 for the 256 px ones); ``VAE_PATH,DRAFTER_PATH,REFINER_PATH,N`` for CoDe with N drafted scales; or a model bundled
-with varcore (``digits-var``, ``digits-var-small``, ``digits-code``, ``digits-par``, ``digits-raster``; see
-``varcore.digits``). Every model takes per-image seeds, so the GPTs are sharded as the VARs are; they sample in
-float32 (``--dtype auto`` resolves to fp32 for them).
+with varcore (``digits-var``, ``digits-var-small``, ``digits-code``, ``digits-var8``, ``digits-var8-small``,
+``digits-code8``, ``digits-par``, ``digits-raster``; see ``varcore.digits``). Every model takes per-image seeds,
+so the GPTs are sharded as the VARs are; they sample in float32 (``--dtype auto`` resolves to fp32 for them).
 """
 import argparse
 import json

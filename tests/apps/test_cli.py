@@ -93,6 +93,21 @@ def test_eval_json_keys_and_ranges():
     assert rows[0]["steps"] == 4 and rows[1]["steps"] == 1 + 3 + 63 and rows[1]["decoding"] == "PAR-4x"
 
 
+def test_sample_and_eval_the_8x8_latent_family(tmp_path, capsys):
+    out = tmp_path / "c.npz"
+    assert main(["sample", "--model", "digits-code8", "--classes", "4", "9", "--seeds", "2", "--out",
+                 str(tmp_path / "c.png"), "--npz", str(out), "--no-progress"]) == 0
+    want = DigitsSampler("digits-code8").sample([4, 9], seed=2)
+    want = want.mul(255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(np.load(out)["arr_0"], want)
+    capsys.readouterr()
+    assert main(["eval", "--json", "--models", "digits-var8", "digits-var8-small", "digits-code8", "--per-class",
+                 "1", "--batch-size", "10", "--no-progress"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in rows] == ["digits-var8", "digits-var8-small", "digits-code8"]
+    assert [r["steps"] for r in rows] == [6, 6, 6] and rows[2]["decoding"].startswith("CoDe N=")
+
+
 def test_eval_table(capsys):
     assert main(["eval", "--models", "digits-var", "--per-class", "2", "--batch-size", "10", "--no-progress"]) == 0
     text = capsys.readouterr().out

@@ -8,7 +8,7 @@ from varcore.digits import (BUNDLED, CoDeBundle, DigitsSampler, GPTBundle, VARBu
 from varcore.digits.data import augment, load_digits
 from varcore.digits.quality import (class_consistency, classifier_features, frechet_distance, load_classifier,
                                     reference_features)
-from varcore.digits.recipe import ARCHS, WEIGHTS_DIR, weights_path
+from varcore.digits.recipe import ARCHS, WEIGHTS_DIR, read_metadata, weights_path
 from varcore.digits.training import DigitsRecipe, train_digits
 
 
@@ -134,6 +134,27 @@ def test_recipe_is_deterministic_for_a_seed(tmp_path):
     assert any(not torch.equal(ta[k], tc[k]) for k in ta)
 
 
+VAR8_STAGES = ["vqvae8", "var8-drafter", "var8-refiner"]
+
+
+def test_var8_recipe_is_deterministic_and_its_stages_run_alone(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    ra = train_digits(DigitsRecipe.tiny(seed=0), out_dir=a, parts=VAR8_STAGES, progress=False)
+    assert all(ra[s]["seconds"] >= 0 for s in VAR8_STAGES)  # the metadata times every stage
+    train_digits(DigitsRecipe.tiny(seed=0), out_dir=b, parts=["vqvae8"], progress=False)
+    for stage in ["var8-refiner", "var8-drafter"]:  # alone, in another order, on the tokenizer read back
+        train_digits(DigitsRecipe.tiny(seed=0), out_dir=b, parts=[stage], progress=False)
+    for stage in VAR8_STAGES:
+        ta, tb = _tensors(a, stage), _tensors(b, stage)
+        assert ta.keys() == tb.keys()
+        assert all(torch.equal(ta[k], tb[k]) for k in ta), f"{stage} differs between two runs with seed 0"
+        assert read_metadata(stage, a)["info"]["seconds"] == ra[stage]["seconds"]
+    vae, var = load_bundled("digits-var8", weights_root=a)
+    assert vae.quantize.v_patch_nums == (1, 2, 3, 4, 6, 8) and var.L == 130
+    with pytest.raises(FileNotFoundError, match="'vqvae8' tokenizer is not in"):
+        train_digits(DigitsRecipe.tiny(), out_dir=tmp_path / "c", parts=["var8-drafter"], progress=False)
+
+
 def test_recipe_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match="parts"):
         train_digits(DigitsRecipe.tiny(), out_dir=tmp_path, parts=["gan"], progress=False)
@@ -174,11 +195,30 @@ def test_bundled_sampling_is_seeded(name):
         sampler.sample([1], top_p=0.0)
 
 
-def test_bundled_var_draws_the_requested_digits(classifier):
-    # a short version of the quality target: most samples of the bundled VAR are read as their class
+@pytest.mark.parametrize("name", ["digits-var", "digits-var8"])
+def test_bundled_var_draws_the_requested_digits(classifier, name):
+    # a short version of the quality target: most samples of the bundled VARs are read as their class
     labels = torch.arange(10).repeat_interleave(10)
-    images = DigitsSampler("digits-var").sample(labels, seed=0)
+    images = DigitsSampler(name).sample(labels, seed=0)
     assert class_consistency(classifier, images, labels) >= 0.8
+
+
+def test_var8_family_shapes():
+    vae, var = load_bundled("digits-var8")
+    assert var.patch_nums == (1, 2, 3, 4, 6, 8) and var.L == sum(p * p for p in var.patch_nums) == 130
+    images, _ = load_digits("test")
+    idx_Bl = vae.img_to_idxBl(images[:2])
+    assert [tuple(t.shape) for t in idx_Bl] == [(2, p * p) for p in (1, 2, 3, 4, 6, 8)]
+    # x2 downsampling: 16x16 images from the 8x8 latent
+    assert vae.idxBl_to_img(idx_Bl, same_shape=True, last_one=True).shape == (2, 3, 16, 16)
+    small = load_bundled("digits-var8-small")
+    code = load_bundled("digits-code8")
+    assert code.draft_steps == BUNDLED["digits-code8"].draft_steps and 0 < code.draft_steps < len(var.patch_nums)
+    assert sum(p.numel() for p in small.var.parameters()) < 0.5 * sum(p.numel() for p in var.parameters())
+    for m in code[1:3]:
+        assert m.patch_nums == var.patch_nums and m.vae_proxy[0] is code.vae
+    sampler = DigitsSampler("digits-code8")
+    assert sampler.steps == 6 and sampler.decoding == f"CoDe N={code.draft_steps}"
 
 
 # ---------------------------------------------------------------------------------------------- trainable

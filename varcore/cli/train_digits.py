@@ -4,9 +4,10 @@ import argparse
 __all__ = ["add_parser", "run"]
 
 DESCRIPTION = """\
-Train the bundled digits models on this CPU, in seven stages: classifier (the quality harness's digit CNN),
-vqvae (VAR's multi-scale VQVAE), var-drafter and var-refiner (VARs), vq (LlamaGen's single-scale tokenizer),
-gpt-par and gpt-raster (the GPTs). Each stage is seeded from --seed alone, so a run is deterministic for a seed
+Train the bundled digits models on this CPU, in ten stages: classifier (the quality harness's digit CNN),
+vqvae (VAR's multi-scale VQVAE, 4x4 latent), var-drafter and var-refiner (VARs), vq (LlamaGen's single-scale
+tokenizer), gpt-par and gpt-raster (the GPTs), vqvae8 (a multi-scale VQVAE with an 8x8 latent and six scales),
+var8-drafter and var8-refiner (VARs on it). Each stage is seeded from --seed alone, so a run is deterministic for a seed
 (same machine, torch version and number of threads), and any stage can run alone with --parts (later stages load
 the tokenizers they need from the output directory).
 

@@ -2,10 +2,13 @@
 
 Names (:data:`BUNDLED`):
 
-* ``digits-var``: the VAR (depth 4) on a multi-scale VQVAE, next-scale prediction over scales (1, 2, 3, 4);
+* ``digits-var``: the VAR (depth 4) on a multi-scale VQVAE, next-scale prediction over scales (1, 2, 3, 4) of a
+  4x4 latent (30 tokens);
 * ``digits-var-small``: the quarter-size VAR (depth 2) alone, the CoDe refiner;
 * ``digits-code``: CoDe, the depth-4 VAR drafting the first :data:`CODE_DRAFT_STEPS` scales and the small VAR
   refining the rest;
+* ``digits-var8``, ``digits-var8-small``, ``digits-code8``: the same three on an 8x8 latent with scales
+  (1, 2, 3, 4, 6, 8) (130 tokens), CoDe drafting the first :data:`CODE8_DRAFT_STEPS` scales;
 * ``digits-par``: a PAR-4x GPT (4 tokens per step) on a single-scale VQ tokenizer (16x16 codes);
 * ``digits-raster``: a GPT of the same size trained for raster decoding (one token per step) on the same codes.
 
@@ -32,22 +35,24 @@ from .accel import ACCEL_OPTIONS
 from .data import IMAGE_SIZE, NUM_CLASSES, load_digits
 from .recipe import WEIGHTS_DIR, load_weights
 
-__all__ = ["BUNDLED", "CODE_DRAFT_STEPS", "BundledInfo", "VARBundle", "CoDeBundle", "GPTBundle", "load_bundled",
-           "bundled_names", "DigitsSampler", "load_digits", "IMAGE_SIZE", "NUM_CLASSES"]
+__all__ = ["BUNDLED", "CODE_DRAFT_STEPS", "CODE8_DRAFT_STEPS", "BundledInfo", "VARBundle", "CoDeBundle", "GPTBundle",
+           "load_bundled", "bundled_names", "DigitsSampler", "load_digits", "IMAGE_SIZE", "NUM_CLASSES"]
 
 CODE_DRAFT_STEPS = 2
+CODE8_DRAFT_STEPS = 4
 
 
 @dataclass(frozen=True)
 class BundledInfo:
-    """A bundled model: its family ('var', 'code' or 'gpt'), the weight files it uses, its decoding and the
-    sampling defaults (classifier-free guidance scale)."""
+    """A bundled model: its family ('var', 'code' or 'gpt'), the weight files it uses, its decoding, the
+    sampling defaults (classifier-free guidance scale) and, for CoDe, the scales the drafter draws."""
 
     family: str
     parts: tuple
     decoding: str
     description: str
     cfg: float
+    draft_steps: int = 0
 
 
 BUNDLED: Dict[str, BundledInfo] = {
@@ -56,11 +61,19 @@ BUNDLED: Dict[str, BundledInfo] = {
     "digits-var-small": BundledInfo("var", ("vqvae", "var-refiner"), "next-scale",
                                     "VAR depth 2 (the CoDe refiner alone)", cfg=2.0),
     "digits-code": BundledInfo("code", ("vqvae", "var-drafter", "var-refiner"), f"CoDe N={CODE_DRAFT_STEPS}",
-                               "CoDe: VAR depth 4 drafts, VAR depth 2 refines", cfg=2.0),
+                               "CoDe: VAR depth 4 drafts, VAR depth 2 refines", cfg=2.0,
+                               draft_steps=CODE_DRAFT_STEPS),
     "digits-par": BundledInfo("gpt", ("vq", "gpt-par"), "PAR-4x",
                               "PAR GPT (4 layers) on a single-scale VQ, 4 tokens per step", cfg=2.0),
     "digits-raster": BundledInfo("gpt", ("vq", "gpt-raster"), "raster",
                                  "GPT (4 layers) on a single-scale VQ, raster order", cfg=2.0),
+    "digits-var8": BundledInfo("var", ("vqvae8", "var8-drafter"), "next-scale",
+                               "VAR depth 4 on an 8x8-latent multi-scale VQVAE, 6 scales", cfg=2.0),
+    "digits-var8-small": BundledInfo("var", ("vqvae8", "var8-refiner"), "next-scale",
+                                     "VAR depth 2 on the 8x8 latent (the CoDe8 refiner alone)", cfg=2.0),
+    "digits-code8": BundledInfo("code", ("vqvae8", "var8-drafter", "var8-refiner"), f"CoDe N={CODE8_DRAFT_STEPS}",
+                                "CoDe on the 8x8 latent: VAR depth 4 drafts, VAR depth 2 refines", cfg=2.0,
+                                draft_steps=CODE8_DRAFT_STEPS),
 }
 
 
@@ -102,7 +115,7 @@ def load_bundled(name: str, device: Union[str, torch.device] = "cpu", weights_ro
     if info.family == "var":
         return VARBundle(first, rest[0])
     if info.family == "code":
-        return CoDeBundle(first, rest[0], rest[1], CODE_DRAFT_STEPS)
+        return CoDeBundle(first, rest[0], rest[1], info.draft_steps)
     return GPTBundle(first, rest[0])
 
 

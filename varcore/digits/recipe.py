@@ -10,6 +10,9 @@ All models work on 16x16 digit images (:mod:`varcore.digits.data`):
   per pixel with the convolutions' context, 256 codes);
 * ``gpt-par`` / ``gpt-raster``: two LlamaGen/PAR GPTs of the same size (4 layers, width 64) on the ``vq`` codes,
   one trained for PAR-4x decoding (M = 2) and one for raster decoding (M = 1);
+* ``vqvae8``: the same VQVAE with ``ch_mult`` (1, 1) (x2 downsampling to an 8x8 latent) and scales
+  (1, 2, 3, 4, 6, 8), 130 tokens per image;
+* ``var8-drafter`` / ``var8-refiner``: VARs of the drafter's and the refiner's sizes on ``vqvae8``;
 * ``classifier``: the small CNN of the quality harness (:mod:`varcore.digits.classifier`).
 
 Weights are safetensors files in ``varcore/digits/weights/`` whose metadata holds the recipe version and the
@@ -28,11 +31,12 @@ from safetensors import safe_open
 from varcore.digits.data import NUM_CLASSES
 
 __all__ = ["WEIGHTS_DIR", "ARCHS", "build", "save_weights", "load_weights", "weights_path", "PATCH_NUMS",
-           "RECIPE_VERSION"]
+           "PATCH_NUMS8", "RECIPE_VERSION", "VAR_TOKENIZER"]
 
 RECIPE_VERSION = "2"  # 2: the GPTs work on a 16x16 code grid (version 1: 8x8, x2 downsampling)
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 PATCH_NUMS = (1, 2, 3, 4)
+PATCH_NUMS8 = (1, 2, 3, 4, 6, 8)  # the 8x8-latent family: 130 tokens per image (30 on the 4x4 latent)
 
 # Training is a few hundred steps over a few epochs of augmented digits: dropout only slows it down here.
 _NO_DROPOUT = dict(token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
@@ -42,6 +46,10 @@ ARCHS: Dict[str, Dict] = {
                   share_quant_resi=4, quant_resi=0.5),
     "var-drafter": dict(depth=4, embed_dim=64, num_heads=2),
     "var-refiner": dict(depth=2, embed_dim=48, num_heads=2),
+    "vqvae8": dict(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 1), v_patch_nums=PATCH_NUMS8,
+                   share_quant_resi=4, quant_resi=0.5),
+    "var8-drafter": dict(depth=4, embed_dim=64, num_heads=2),
+    "var8-refiner": dict(depth=2, embed_dim=48, num_heads=2),
     "vq": dict(codebook_size=256, codebook_embed_dim=8, z_channels=32, ch=32, encoder_ch_mult=[1],
                decoder_ch_mult=[1], num_res_blocks=1, codebook_show_usage=False),
     "gpt-par": dict(dim=64, n_layer=4, n_head=2, multiple_of=32, vocab_size=256, block_size=256,
@@ -51,7 +59,9 @@ ARCHS: Dict[str, Dict] = {
     "classifier": dict(width=32, feature_dim=64),
 }
 # loaded frozen (the tokenizers, as the official loaders do, and the evaluation classifier); the rest trainable
-FROZEN_PARTS = ("vqvae", "vq", "classifier")
+FROZEN_PARTS = ("vqvae", "vqvae8", "vq", "classifier")
+# the multi-scale tokenizer each VAR part predicts the tokens of
+VAR_TOKENIZER = {"var-drafter": "vqvae", "var-refiner": "vqvae", "var8-drafter": "vqvae8", "var8-refiner": "vqvae8"}
 
 
 def _check_part(part: str) -> None:
@@ -64,11 +74,11 @@ def build(part: str, vae: Optional[nn.Module] = None, arch: Optional[Dict] = Non
     recipe's). VAR parts need the multi-scale ``vae`` they predict tokens of."""
     _check_part(part)
     arch = dict(ARCHS[part] if arch is None else arch)
-    if part == "vqvae":
+    if part in ("vqvae", "vqvae8"):
         from varcore.models.vqvae import VQVAE
 
         return VQVAE(test_mode=False, **arch)
-    if part.startswith("var-"):
+    if part in VAR_TOKENIZER:
         from varcore.models.vqvae import VQVAE
         from varcore.train.var_trainer import build_var_for_training
 

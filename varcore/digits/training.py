@@ -1,6 +1,6 @@
 """Training recipe of the bundled digits models (``varcore train-digits`` / ``python -m varcore.digits.training``).
 
-Seven stages, each seeded from the recipe's seed, so a run is deterministic for a seed (same machine, same torch,
+Ten stages, each seeded from the recipe's seed, so a run is deterministic for a seed (same machine, same torch,
 same number of threads) and any stage can be re-run alone with ``--parts`` (later stages load the tokenizers they
 need from the output directory):
 
@@ -10,7 +10,12 @@ need from the output directory):
 3. ``var-drafter`` and 4. ``var-refiner``: VARs trained with :class:`varcore.train.VARTrainer` on tokens of
    augmented images (class dropout 0.1 for classifier-free guidance);
 5. ``vq``: LlamaGen's single-scale tokenizer (same losses and code restarts);
-6. ``gpt-par`` and 7. ``gpt-raster``: the GPTs trained with :class:`varcore.train.gpt_trainer.GPTTrainer`.
+6. ``gpt-par`` and 7. ``gpt-raster``: the GPTs trained with :class:`varcore.train.gpt_trainer.GPTTrainer`;
+8. ``vqvae8``: the multi-scale VQVAE of the 8x8-latent family (as ``vqvae``), 9. ``var8-drafter`` and
+   10. ``var8-refiner``: VARs on its six scales (as 3. and 4.).
+
+A stage's seeds depend on its position in :data:`STAGES` only; every VAR or GPT stage reads its tokenizer back
+from the output directory.
 
 Every stage trains on the fixed train split with random shifts of up to one pixel, and writes
 ``<stage>.safetensors`` (float16 weights, architecture and final metrics in the metadata) into ``--out``
@@ -30,13 +35,15 @@ from tqdm import tqdm
 
 from varcore.argtypes import out_dir_arg, positive_float, positive_int, seed_arg
 from varcore.digits.data import augment, load_digits
-from varcore.digits.recipe import WEIGHTS_DIR, build, load_weights, save_weights, weights_path
+from varcore.digits.recipe import VAR_TOKENIZER, WEIGHTS_DIR, build, load_weights, save_weights, weights_path
 from varcore.train.var_trainer import backward_and_step
 
 __all__ = ["DigitsRecipe", "STAGES", "train_digits", "main"]
 
 DEFAULT_OUT = "digits-weights"
-STAGES = ("classifier", "vqvae", "var-drafter", "var-refiner", "vq", "gpt-par", "gpt-raster")
+# new stages go last: a stage's seeds depend on its position, so appending keeps the others' weights
+STAGES = ("classifier", "vqvae", "var-drafter", "var-refiner", "vq", "gpt-par", "gpt-raster", "vqvae8",
+          "var8-drafter", "var8-refiner")
 
 
 @dataclass
@@ -53,6 +60,9 @@ class DigitsRecipe:
     var_iters: int = 1200
     refiner_iters: int = 1200
     gpt_iters: int = 2100
+    vqvae8_iters: int = 1200
+    var8_iters: int = 2000
+    refiner8_iters: int = 2000
     classifier_lr: float = 2e-3
     tokenizer_lr: float = 2e-3
     var_lr: float = 1e-3
@@ -62,7 +72,8 @@ class DigitsRecipe:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name.endswith("_iters") or f.name in ("batch_size", "tokenizer_batch_size", "token_copies", "restart_every"):
+            if f.name.endswith("_iters") or f.name in ("batch_size", "tokenizer_batch_size", "token_copies",
+                                                       "restart_every"):
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise ValueError(f"{f.name} must be a positive int, got {value!r}")
             elif f.name.endswith("_lr") and not value > 0:
@@ -71,8 +82,9 @@ class DigitsRecipe:
     @classmethod
     def tiny(cls, seed: int = 0) -> "DigitsRecipe":
         """A few steps per stage: for tests and smoke runs (the models are not useful)."""
-        return cls(seed=seed, batch_size=16, tokenizer_batch_size=8, token_copies=1, classifier_iters=3, vqvae_iters=3, vq_iters=3, var_iters=3,
-                   refiner_iters=3, gpt_iters=3, restart_every=2)
+        return cls(seed=seed, batch_size=16, tokenizer_batch_size=8, token_copies=1, classifier_iters=3,
+                   vqvae_iters=3, vq_iters=3, var_iters=3, refiner_iters=3, gpt_iters=3, vqvae8_iters=3, var8_iters=3,
+                   refiner8_iters=3, restart_every=2)
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -162,8 +174,9 @@ def _train_tokenizer(model, encode_feats: Callable, step_loss: Callable, codeboo
             "test_code_usage": idx.unique().numel() / V, "codes_restarted": restarted}
 
 
-def train_vqvae(recipe: DigitsRecipe, gen: torch.Generator, progress: bool):
-    vae = build("vqvae")
+def train_vqvae(part: str, recipe: DigitsRecipe, gen: torch.Generator, progress: bool):
+    """VAR's multi-scale VQVAE ``part`` ('vqvae' or 'vqvae8')."""
+    vae = build(part)
     q = vae.quantize
 
     def feats(x):
@@ -177,8 +190,8 @@ def train_vqvae(recipe: DigitsRecipe, gen: torch.Generator, progress: bool):
         idx = q.f_to_idxBl_or_fhat(f.detach(), to_fhat=False)
         return F.mse_loss(recon, x) + vq_loss, recon, torch.cat(idx, dim=1).flatten()
 
-    metrics = _train_tokenizer(vae, feats, step_loss, q.embedding.weight.data, recipe.vqvae_iters, recipe, gen,
-                               "vqvae", progress)
+    iters = recipe.vqvae_iters if part == "vqvae" else recipe.vqvae8_iters
+    metrics = _train_tokenizer(vae, feats, step_loss, q.embedding.weight.data, iters, recipe, gen, part, progress)
     vae.requires_grad_(False)
     return vae, metrics
 
@@ -242,7 +255,8 @@ def train_var(part: str, vae, recipe: DigitsRecipe, gen: torch.Generator, progre
     from varcore.train.data import split_scales
     from varcore.train.var_trainer import VARTrainer
 
-    iters = recipe.var_iters if part == "var-drafter" else recipe.refiner_iters
+    iters = {"var-drafter": recipe.var_iters, "var-refiner": recipe.refiner_iters, "var8-drafter": recipe.var8_iters,
+             "var8-refiner": recipe.refiner8_iters}[part]
     var = build(part, vae=vae)
     trainer = VARTrainer(vae, var, _config(iters, recipe.var_lr, grad_clip=2.0))
     patch_nums = var.patch_nums
@@ -306,7 +320,6 @@ def train_digits(recipe: Optional[DigitsRecipe] = None, out_dir=None, parts: Opt
         raise ValueError(f"out_dir is required (the bundled weights are replaced only when it is {WEIGHTS_DIR})")
     out_dir = Path(out_dir)
     results: Dict[str, Dict[str, float]] = {}
-    vae = vq = None
     for stage in STAGES:
         if stage not in parts:
             continue
@@ -314,18 +327,17 @@ def train_digits(recipe: Optional[DigitsRecipe] = None, out_dir=None, parts: Opt
         t0 = time.perf_counter()
         if stage == "classifier":
             model, metrics = train_classifier(recipe, gen, progress)
-        elif stage == "vqvae":
-            model, metrics = train_vqvae(recipe, gen, progress)
-        elif stage.startswith("var-"):
-            # tokenizers are always read back from their (float16) files, also right after training them, so a
-            # stage gives the same weights whether it runs alone or after the tokenizer's stage
-            vae = _tokenizer("vqvae", out_dir) if vae is None else vae
-            model, metrics = train_var(stage, vae, recipe, gen, progress)
+        elif stage in ("vqvae", "vqvae8"):
+            model, metrics = train_vqvae(stage, recipe, gen, progress)
+        elif stage in VAR_TOKENIZER:
+            # every stage reads its tokenizer back from the (float16) file, also right after training it or after
+            # another stage used it: building the module to load into draws from the global RNG, so a stage gives
+            # the same weights whether it runs alone or after other stages
+            model, metrics = train_var(stage, _tokenizer(VAR_TOKENIZER[stage], out_dir), recipe, gen, progress)
         elif stage == "vq":
             model, metrics = train_vq(recipe, gen, progress)
         else:
-            vq = _tokenizer("vq", out_dir) if vq is None else vq
-            model, metrics = train_gpt(stage, vq, recipe, gen, progress)
+            model, metrics = train_gpt(stage, _tokenizer("vq", out_dir), recipe, gen, progress)
         metrics = {**metrics, "seconds": round(time.perf_counter() - t0, 1), "seed": recipe.seed,
                    "recipe": dataclasses.asdict(recipe)}
         save_weights(stage, model, root=out_dir, info=metrics)
@@ -334,8 +346,8 @@ def train_digits(recipe: Optional[DigitsRecipe] = None, out_dir=None, parts: Opt
 
 
 def build_arg_parser(prog: str = "python -m varcore.digits.training") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Train the bundled digits models (VQVAE, VAR drafter and "
-                                "refiner, VQ tokenizer, PAR and raster GPTs, harness classifier) on this CPU.")
+    p = argparse.ArgumentParser(prog=prog, description="Train the bundled digits models (VQVAEs, VAR drafters and "
+                                "refiners, VQ tokenizer, PAR and raster GPTs, harness classifier) on this CPU.")
     add_arguments(p)
     return p
 
