@@ -31,21 +31,27 @@ EVAL_KEYS = ("model", "decoding", "steps", "images_per_s", "class_consistency", 
 # ratios configuration / baseline ("vs_baseline": {*measures}; None where a measure is missing or the base is 0)
 ACCEL_MEASURES = ("images_per_s", "forward_passes", "kv_bytes", "class_consistency", "frechet")
 ACCEL_KEYS = ("config", "model", "options", "decoding") + ACCEL_MEASURES + ("baseline", "vs_baseline")
-# the fixed configurations of --sweep and benchmarks/run_all.py: each accelerator alone and stacked on VAR, CoDe
-# (drafter/refiner) against the drafter alone and stacked, the small VAR alone, and PAR against raster decoding
+# the fixed configurations of --sweep and benchmarks/run_all.py: on the 6-scale VAR each accelerator alone and
+# stacked, CoDe (drafter/refiner) against the drafter alone and stacked, the small VAR alone; a few on the 4-scale
+# VAR; PAR against raster decoding and speculative Jacobi decoding of both GPTs
 SWEEP = (
     "digits-var:cfg_skip=1",
     "digits-var:prune=-1:0.5",
-    "digits-var:prune=-2:0.5+-1:0.5",
-    "digits-var:prune=-2:0.5+-1:0.5,cfg_skip=1",
     "digits-code:vs=digits-var",
-    "digits-code:cfg_skip=1,vs=digits-var",
-    "digits-code:prune=-1:0.5,cfg_skip=1,vs=digits-var",
-    "digits-var-small:vs=digits-var",
+    "digits-var8:cfg_skip=2",
+    "digits-var8:prune=-2:0.5+-1:0.5",
+    "digits-var8:prune=-2:0.5+-1:0.5,cfg_skip=2",
+    "digits-var8:kv_budget=3:0.25+4:0.25",
+    "digits-var8:kv_budget=2:0.1+3:0.1+4:0.1",
+    "digits-var8-small:vs=digits-var8",
+    "digits-code8:vs=digits-var8",
+    "digits-code8:cfg_skip=2,vs=digits-var8",
+    "digits-code8:prune=-2:0.5+-1:0.5,cfg_skip=2,vs=digits-var8",
+    "digits-code8:prune=-2:0.5+-1:0.5,cfg_skip=2,kv_budget=2:0.1+3:0.1+4:0.1,vs=digits-var8",
     "digits-par:vs=digits-raster",
-    "digits-var:kv_budget=-2:0.5",
     "digits-raster:sjd=8",
     "digits-raster:sjd=16",
+    "digits-par:sjd=8",
 )
 
 
