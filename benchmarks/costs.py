@@ -191,7 +191,8 @@ def code_image_cost(draft_steps: int) -> dict:
     flops = (flops_per_image(drafter, 0, draft_steps) + flops_per_image(refiner, 0, draft_steps, head=False)
              + flops_per_image(refiner, draft_steps))
     params = sum(p.numel() for m in (drafter, refiner) for p in m.parameters())
-    return {"model": f"CoDe N={draft_steps}", "px": 256, "passes": len(drafter.patch_nums),  # refiner prefill + scale N: one pass
+    # passes: the refiner's prefill and scale N are one pass
+    return {"model": f"CoDe N={draft_steps}", "px": 256, "passes": len(drafter.patch_nums),
             "transformer_flops": flops, "decoder_flops": decode, "weight_bytes": 2 * params}
 
 

@@ -37,7 +37,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=device_arg, default="cpu")
     p.add_argument("--weights", default=None, metavar="DIR",
-                   help="read the weights from DIR (e.g. the output of varcore train-digits --out DIR) instead of the package")
+                   help="read the weights from DIR (e.g. the output of varcore train-digits --out DIR) instead of "
+                        "the package")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
     return p

@@ -31,8 +31,8 @@ def attention(q_BHLc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor,
     broadcastable to (B, H, Lq, Lk) (the official form), or a block-causal mask (query i sees keys
     ``[0, visible_end[i])``): a :class:`~varcore.ops.attention.BlockCausalMask` (as the models pass it) or an
     integer tensor ``visible_end`` of length Lq, which runs through :func:`varcore.ops.attention.attend`, except
-    under autocast, where the official call runs: SDPA with the additive mask, all in the autocast dtype. q, k and v are cast to v's dtype first: the L2-normalised q comes out
-    in float32 while v may be half precision.
+    under autocast, where the official call runs: SDPA with the additive mask, all in the autocast dtype. q, k and
+    v are cast to v's dtype first: the L2-normalised q comes out in float32 while v may be half precision.
     """
     dtype = v_BHLc.dtype
     q_BHLc, k_BHLc = q_BHLc.to(dtype), k_BHLc.to(dtype)
