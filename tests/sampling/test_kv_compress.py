@@ -396,6 +396,8 @@ def test_code_kv_plan_splits_each_model_at_its_scales(from_scale):
 
 
 @pytest.mark.parametrize("kw, match", [(dict(ratio=0.0, from_scale=2), "ratio must be"),
+                                       (dict(ratio=float("nan"), from_scale=2),
+                                        r"ratio must be a real number in \(0, 1\]"),
                                        (dict(ratio=0.5, from_scale=4), r"from_scale must be an int in \[0, 3\]"),
                                        (dict(ratio=0.5, from_scale=2, drafters=1.5), "drafters must be"),
                                        (dict(ratio=0.5, from_scale=2, drafter_ratio=0.3, drafters=0.5),

@@ -758,8 +758,9 @@ def kv_split(depth: int, ratio: float, drafters: float = 0.25,
     round(drafters * depth), drafter ratio, refiner ratio)``; the drafters keep ``drafter_ratio`` (default
     ``min(1, 1.5 * ratio)``, about ScaleKV's ratio between its two budgets), the refiners what makes the mean over
     blocks ``ratio``."""
-    check_number("ratio", ratio, 0.0)
-    if not 0 < ratio <= 1:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise TypeError(f"ratio must be a real number in (0, 1], got {type(ratio).__name__}")
+    if not 0 < ratio <= 1:  # NaN fails this too
         raise ValueError(f"ratio must be a real number in (0, 1], got {ratio!r}")
     check_number("drafters", drafters, 0.0, 1.0)
     n_d = round(drafters * depth)
