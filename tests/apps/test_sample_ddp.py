@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from varcore import sample_ddp
+from varcore.digits import bundled_names
 from varcore.models import VAR, VQVAE
 from varcore.sampling.var import VARSampler
 
@@ -324,7 +325,7 @@ def test_the_whole_50k_plan_has_distinct_streams():
 
 
 # ---------------------------------------------------------------------------------------------- model defaults
-@pytest.mark.parametrize("name", ["digits-var", "digits-var-small", "digits-code", "digits-par", "digits-raster"])
+@pytest.mark.parametrize("name", bundled_names())
 def test_bundled_models_run_with_their_own_defaults(name, tmp_path):
     """Every model `varcore sample` accepts, with the defaults of its family (VAR's top_p 0 and LlamaGen's 1.0 are
     both 'off')."""
