@@ -139,18 +139,21 @@ def plot_accel_sweep(data, out: Path):
     if not rows:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, (ax, side) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": (3, 2)})
+    side.axis("off")
     bases = {r["baseline"]["model"]: r["baseline"]["class_consistency"] for r in rows}
     colors = {name: f"C{i}" for i, name in enumerate(bases)}
     for name, cc in bases.items():
         ax.scatter([1.0], [cc], facecolors="none", edgecolors=colors[name], s=60, label=f"baseline {name}")
-    for i, r in enumerate(rows):
+    key = []  # points carry numbers, the configurations are listed beside the axes (long labels overlap)
+    for i, r in enumerate(rows, 1):
         x, y = r["vs_baseline"]["images_per_s"], r["class_consistency"]
         ax.scatter([x], [y], color=colors[r["baseline"]["model"]], s=30)
+        ax.annotate(str(i), (x, y), fontsize=7, textcoords="offset points", xytext=(4, 3))
         model, _, rest = r["config"].partition(":")  # the baseline is the colour: leave out vs=
         options = [o for o in rest.split(",") if o and not o.startswith("vs=")]
-        label = model + (":" + ",".join(options) if options else "")
-        ax.annotate(label, (x, y), fontsize=6, textcoords="offset points", xytext=(4, 3 if i % 2 else -9))
+        key.append(f"{i:>2}  {model}" + (": " + ", ".join(options) if options else ""))
+    side.text(0, 1, "\n".join(key), fontsize=7, family="monospace", va="top", transform=side.transAxes, wrap=True)
     ax.axvline(1, color="k", lw=0.6)
     ax.set_xlabel("images/s relative to the baseline (same run, interleaved batches)")
     ax.set_ylabel("class consistency")
