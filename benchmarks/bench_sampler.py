@@ -9,7 +9,9 @@ own configuration ("fast auto"), with the dtype it chose and the bf16 GEMM speed
 its time over the fast float32 time among the ratios.
 
 The full mode runs each configuration once (twice at batch 1; a d16 image costs ~600 GFLOP) and skips what would
-overrun ``--budget-min``, saying so. The first timed run of each configuration runs under the memory profiler.
+overrun ``--budget-min``, saying so. The first round runs each configuration once under the memory profiler; the
+other rounds run them in turns, the order rotating from round to round, so that load falls on all of them alike;
+times are medians over the rounds.
 
     python benchmarks/bench_sampler.py --quick
     python benchmarks/bench_sampler.py            # d16, batches 8, 32, 1 (in that order)
@@ -39,8 +41,8 @@ def linear_gemm_gflops(dtype) -> float:
     return gemm_gflops(dtype, 4096, 1024, 4096, repeats=5)
 
 
-def measure(fn, repeats):
-    """Median ms over ``repeats`` runs, the peak memory of the first (run under the profiler), and its result."""
+def measure(fn):
+    """One run under the memory profiler: its ms, its peak memory and its result."""
     times, out = [], []
 
     def timed():
@@ -51,9 +53,7 @@ def measure(fn, repeats):
     peak = peak_memory(timed)
     if not times:  # the profiler failed (peak_memory returns None): time the run without it
         timed()
-    for _ in range(repeats - 1):
-        timed()
-    return statistics.median(times), peak, out[0]
+    return times[0], peak, out[0]
 
 
 CONFIGS = ("drop-in", "fp32", "bf16", "auto")
@@ -110,20 +110,35 @@ def run(args):
                    ("fast", torch.bfloat16, lambda: samplers[torch.bfloat16].sample(
                         B, labels, g_seed=0, output="both", **SAMPLING)[1]),
                    ("auto", auto.dtype, lambda: auto.sample(B, labels, g_seed=0, output="both", **SAMPLING)[1])]
-        for path, dtype, fn in configs:
-            if _config_name(path, dtype) not in args.configs:
-                continue
+        chosen = [(path, dtype, fn) for path, dtype, fn in configs if _config_name(path, dtype) in args.configs]
+        if args.quick and small:
+            for _, _, fn in chosen:
+                fn()  # warm-up (first-call allocations, thread pools)
+        times, firsts, ran = {}, {}, []
+        for path, dtype, fn in chosen:  # round 1: each configuration once, under the memory profiler
             name = f"fast auto ({str(dtype)[6:]})" if path == "auto" else f"{path} {str(dtype)[6:]}"
             if over_budget(B, repeats * (0.5 if dtype == torch.bfloat16 else 1.0)):
                 rows.append(dict(B=B, path=name, note="skipped: over the time budget"))
                 print(f"# skipped {name} B={B} (time budget)", flush=True)
                 continue
-            if args.quick and small:
-                fn()  # warm-up (first-call allocations, thread pools)
-            ms, peak, tokens = measure(fn, repeats)
-            results[(B, path, dtype)] = (ms, peak, tokens)
+            ms, peak, tokens = measure(fn)
+            times[name], firsts[name] = [ms], (path, dtype, peak, tokens)
+            ran.append((name, fn))
             if path == "drop-in":
                 per_image_s = ms / 1e3 / B
+            print(f"# {name} B={B}: {ms / 1e3:.1f} s  ({(time.perf_counter() - start) / 60:.1f} min so far)",
+                  flush=True)
+        for r in range(1, repeats):  # the other rounds in turns, the order rotating: load falls on all alike
+            for name, fn in ran[r % len(ran):] + ran[:r % len(ran)]:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        for name, _ in ran:
+            path, dtype, peak, tokens = firsts[name]
+            results[(B, path, dtype)] = (statistics.median(times[name]), peak, tokens)
+        for name, _ in ran:
+            path, dtype, peak, tokens = firsts[name]
+            ms = results[(B, path, dtype)][0]
             model_ms = ms - decode.median_ms
             if model_ms < 0.05 * ms:  # the decode alone took (nearly) as long: its timing was disturbed
                 print(f"# {name} B={B}: {ms:.0f} ms total but the decode was timed at {decode.median_ms:.0f} ms; "
@@ -135,10 +150,8 @@ def run(args):
             rows.append(dict(
                 B=B, path=name, ms=ms, img_s=B / (ms * 1e-3), ms_scale=None if model_ms is None else model_ms / SN,
                 decode_ms=decode.median_ms, kv_MiB=kv / 2**20, peak_MiB=None if peak is None else peak / 2**20,
-                GFLOP_s=achieved, dtype=dtype, repeats=repeats,
+                GFLOP_s=achieved, dtype=dtype, repeats=len(times[name]),
                 tokens_vs_fp32=None if ref is None or ref[2] is tokens else agreement(tokens, ref[2])))
-            print(f"# done {name} B={B}: {ms / 1e3:.1f} s  ({(time.perf_counter() - start) / 60:.1f} min so far)",
-                  flush=True)
         for dt, readings in gemm_samples.items():
             readings.append(linear_gemm_gflops(dt))
     gemm = {dt: max(readings) for dt, readings in gemm_samples.items()}
