@@ -63,31 +63,34 @@ def _reads(fn):
 
 
 # ---------------------------------------------------------------------------------------------- sampling
-@pytest.mark.parametrize("dtype, prune, kv_budget", [(torch.float32, None, None), (torch.bfloat16, None, None),
-                                                     (torch.float32, {2: 0.5, 3: 0.5}, None),
-                                                     (torch.float32, None, {1: 0.6, 2: (0.3, 0.5)}),
-                                                     (torch.bfloat16, {3: 0.5}, {2: 0.4})])
-def test_var_sampler_reads_one_value_per_call(device_paths, dtype, prune, kv_budget):
+@pytest.mark.parametrize("dtype, prune, kv_budget, draw", [
+    (torch.float32, None, None, "multinomial"), (torch.bfloat16, None, None, "multinomial"),
+    (torch.float32, {2: 0.5, 3: 0.5}, None, "multinomial"), (torch.float32, None, {1: 0.6, 2: (0.3, 0.5)}, "multinomial"),
+    (torch.bfloat16, {3: 0.5}, {2: 0.4}, "multinomial"), (torch.float32, {3: 0.5}, {2: 0.4}, "inverse_cdf")])
+def test_var_sampler_reads_one_value_per_call(device_paths, dtype, prune, kv_budget, draw):
     """Every scale's step reads nothing (token pruning's choice and restoration, KV-cache compression's scores and
-    compaction included); the call reads one flag at its end: whether any logits were not finite
-    (raise_if_nonfinite), after all the work is queued."""
+    compaction, the inverse-CDF draw included); the call reads one flag at its end: whether any logits were not
+    finite (raise_if_nonfinite), after all the work is queued."""
     var = _var(_vae()).eval()
     sampler = VARSampler(var, dtype=dtype)
     where, _ = _reads(lambda: sampler.sample(3, torch.tensor([1, 2, 3]), g_seed=0, top_k=9, top_p=0.9,
-                                             more_smooth=True, prune=prune, kv_budget=kv_budget, output="tokens"))
+                                             more_smooth=True, prune=prune, kv_budget=kv_budget, draw=draw,
+                                             output="tokens"))
     assert where == {"raise_if_nonfinite": 1}
 
 
-@pytest.mark.parametrize("prune, kv_budget", [(None, None), ({1: 0.5, 2: 0.5, 3: 0.5}, None),
-                                              ({3: 0.5}, {1: 0.5, 2: 0.5})])
-def test_code_sampler_reads_one_value_per_stage(device_paths, prune, kv_budget):
+@pytest.mark.parametrize("prune, kv_budget, draw", [(None, None, "multinomial"),
+                                                    ({1: 0.5, 2: 0.5, 3: 0.5}, None, "multinomial"),
+                                                    ({3: 0.5}, {1: 0.5, 2: 0.5}, "multinomial"),
+                                                    ({3: 0.5}, None, "inverse_cdf")])
+def test_code_sampler_reads_one_value_per_stage(device_paths, prune, kv_budget, draw):
     """The drafter's scales, the refiner's block-causal prefill and its scales read nothing but one flag per
     stage (also with token pruning, in the prefill too, and KV-cache compression, of the prefill too)."""
     vae = _vae()
     drafter, refiner = _var(vae, depth=3, seed=2).eval(), _var(vae, depth=2, seed=3).eval()
     sampler = CoDeSampler(drafter, refiner, draft_steps=2)
     where, _ = _reads(lambda: sampler.sample(2, torch.tensor([4, 5]), g_seed=0, prune=prune, kv_budget=kv_budget,
-                                             output="tokens"))
+                                             draw=draw, output="tokens"))
     assert where == {"raise_if_nonfinite": 2}
 
 

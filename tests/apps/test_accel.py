@@ -24,6 +24,9 @@ from varcore.sampling.var import VARSampler
     ("digits-par:vs=digits-raster", "digits-par", {}, "digits-raster"),
     ("digits-var:kv_budget=-2:0.5", "digits-var", {"kv_budget": {-2: 0.5}}, "digits-var"),
     ("digits-raster:sjd=8", "digits-raster", {"sjd": 8}, "digits-raster"),
+    ("digits-code8:draw=inverse_cdf,cfg_skip=1", "digits-code8", {"draw": "inverse_cdf", "cfg_skip": 1},
+     "digits-code8"),
+    ("digits-par:draw=multinomial", "digits-par", {"draw": "multinomial"}, "digits-par"),
 ])
 def test_configs_parse(text, model, options, baseline):
     c = parse_config(text)
@@ -41,7 +44,7 @@ def test_negative_scale_indices_count_from_the_last():
 
 
 def test_every_family_lists_its_keys():
-    assert option_names("var") == option_names("code") == ["cfg_skip", "prune", "kv_budget", "vs"]
+    assert option_names("var") == option_names("code") == ["cfg_skip", "prune", "kv_budget", "draw", "vs"]
     assert option_names("gpt") == [k for k, o in ACCEL_OPTIONS.items() if "gpt" in o.families] + ["vs"]
 
 
@@ -61,6 +64,8 @@ BAD = [
     ("digits-var:prune=x:0.5", "the scale index 'x' is not an int"),
     ("digits-var:prune=3:0.5+3:0.2", "scale 3 is given twice"),
     ("digits-var:vs=nope", "vs='nope' is not one of"),
+    ("digits-var:draw=gumbel", "draw='gumbel': 'gumbel' is not one of multinomial, inverse_cdf; expected "
+                               "draw=multinomial|inverse_cdf"),
 ]
 
 
@@ -106,11 +111,28 @@ def test_digits_sampler_passes_the_accelerators_through():
     m = code.modules
     peak = CoDeSampler(m.drafter, m.refiner, m.draft_steps, m.vae).kv_cache_bytes(4, prune={3: 0.5})["peak"]
     assert code.kv_cache_bytes(4, prune={3: 0.5}) == peak
-    keywords = r"digits-var \(var\) takes the accelerator keywords \['cfg_skip', 'prune', 'kv_budget'\]"
+    keywords = r"digits-var \(var\) takes the accelerator keywords \['cfg_skip', 'prune', 'kv_budget', 'draw'\]"
     with pytest.raises(TypeError, match=keywords):
         sampler.sample(labels, seed=5, sjd=4)
     with pytest.raises(TypeError, match="digits-par"):
         DigitsSampler("digits-par").sample(labels, seed=5, cfg_skip=1)
+
+
+@pytest.mark.parametrize("name", ["digits-var8", "digits-code8", "digits-raster"])
+def test_digits_sampler_passes_the_draw_through(name):
+    """``draw`` reaches the model's sampler: the inverse-CDF draw gives the sampler's own inverse-CDF images, not
+    the official draw's."""
+    sampler, labels = DigitsSampler(name), torch.tensor([0, 3, 8])
+    got = sampler.sample(labels, seed=2, draw="inverse_cdf")
+    assert torch.equal(got, sampler.sample(labels, seed=2, draw="inverse_cdf"))
+    assert not torch.equal(got, sampler.sample(labels, seed=2, draw="multinomial"))
+    assert torch.equal(sampler.sample(labels, seed=2, draw="multinomial"), sampler.sample(labels, seed=2))
+    if sampler.info.family != "gpt":
+        return
+    gen = torch.Generator().manual_seed(2)
+    direct = PARSampler(sampler.modules.gpt, sampler.modules.vq).sample(labels, cfg_scale=sampler.info.cfg,
+                                                                        generator=gen, draw="inverse_cdf")
+    assert torch.equal(got, direct.clamp(-1, 1).add(1).mul(0.5))
 
 
 class _Counter:

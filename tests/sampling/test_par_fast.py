@@ -140,6 +140,28 @@ def test_fast_mode_draws_the_parity_tokens(M, settings):
         assert torch.equal(fast, parity), (seed, (fast != parity).sum().item())
 
 
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("order", ["raster", "par"])
+def test_a_call_can_pick_its_draw(fast, order):
+    """``draw=`` of one call overrides the sampler's own for that call only: the tokens of a sampler built with
+    that draw, and the sampler's own draw again on the next call."""
+    model, labels = tiny(M=2, grid=8, seed=3), torch.tensor([1, 3, 2])
+    sampler = PARSampler(model, fast=fast)
+    own = "inverse_cdf" if fast else "multinomial"
+    other = "multinomial" if fast else "inverse_cdf"
+
+    def tokens(s, **kw):
+        return s.sample_tokens(labels, cfg_scale=2.0, top_k=7, order=order,
+                               generator=torch.Generator().manual_seed(6), **kw)
+
+    picked = tokens(sampler, draw=other)
+    assert torch.equal(picked, tokens(PARSampler(model, fast=fast, draw=other)))
+    assert not torch.equal(picked, tokens(sampler))
+    assert sampler.draw == own and torch.equal(tokens(sampler), tokens(sampler, draw=own))
+    with pytest.raises(ValueError, match="draw must be one of"):
+        tokens(sampler, draw="gumbel")
+
+
 def test_fast_decoder_follows_weight_changes_and_frees_caches():
     """Weights changed in place or loaded after the sampler was built are repacked before the next call."""
     model, other = tiny(M=2, grid=8), tiny(M=2, grid=8, seed=5)

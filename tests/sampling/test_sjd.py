@@ -5,8 +5,8 @@ import itertools
 
 import pytest
 import torch
-from scipy.stats import chi2
 
+from stats import chi_square_p
 from tiny_gpt import one_thread, tiny  # noqa: F401  (one_thread is an autouse fixture)
 import varcore.sampling.sjd as jacobi
 from varcore.sampling.draw import probs_llamagen
@@ -33,25 +33,6 @@ def exact_joint(model, label, N, cfg_scale=1.0, temperature=1.0, top_k=0):
 
 def index_of(seq, V):
     return seq @ (V ** torch.arange(seq.shape[1] - 1, -1, -1))
-
-
-def chi_square_p(counts, probs):
-    """p-value of Pearson's chi-square of ``counts`` against ``probs``: outcomes are taken in order of probability
-    and pooled into consecutive bins of at least 5 expected draws each (the last bin takes the remainder)."""
-    n = counts.sum().item()
-    order = probs.argsort()
-    expected, observed = (probs[order] * n).tolist(), counts[order].tolist()
-    bins, e_bin, o_bin = [], 0.0, 0
-    for e, o in zip(expected, observed):
-        e_bin, o_bin = e_bin + e, o_bin + o
-        if e_bin >= 5:
-            bins.append((o_bin, e_bin))
-            e_bin, o_bin = 0.0, 0
-    if bins and e_bin > 0:
-        o_last, e_last = bins.pop()
-        bins.append((o_last + o_bin, e_last + e_bin))
-    stat = sum((o - e) ** 2 / e for o, e in bins)
-    return chi2.sf(stat, len(bins) - 1)
 
 
 def sjd_counts(sampler, label, B, calls, N, W, seed, **kw):

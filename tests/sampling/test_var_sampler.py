@@ -294,6 +294,14 @@ def test_compiled_step_has_no_graph_breaks(models):
     assert _tokens_equal(toks, ref)
 
 
+def test_compiled_inverse_cdf_draw_has_no_graph_breaks(models):
+    """The inverse-CDF draw (cumulative sum, search) traces with fullgraph=True too, to the eager tokens."""
+    var = models["tiny"]
+    kw = dict(g_seed=2, top_k=5, top_p=0.9, draw="inverse_cdf", output="tokens")
+    toks = VARSampler(var, compile={"backend": "aot_eager"}).sample(2, 1, **kw)
+    assert _tokens_equal(toks, VARSampler(var).sample(2, 1, **kw))
+
+
 @pytest.mark.slow
 def test_inductor_compiled_sampler(models):
     var = models["tiny"]

@@ -19,12 +19,14 @@ Grammar (no spaces)::
     ``prune`` (``-2`` is the last scale whose keys are read again);
   - ``sjd=W`` (PAR, raster): speculative Jacobi decoding with windows of up to W steps (the model's distribution in
     fewer forward passes);
+  - ``draw=inverse_cdf`` (every family): each token drawn from the same distribution by inverting its CDF at one
+    uniform instead of the official draw's one exponential per code (``draw=multinomial``, the default);
 
 * ``vs=MODEL``: the bundled model the configuration is measured against (default: the same model with no options),
   e.g. ``digits-code:vs=digits-var`` measures CoDe's drafter/refiner split against the drafter alone.
 
 Examples: ``digits-var:prune=3:0.5,cfg_skip=1``, ``digits-code:cfg_skip=1``, ``digits-var:prune=-2:0.5+-1:0.5``,
-``digits-par:vs=digits-raster``, ``digits-raster:sjd=8``.
+``digits-par:vs=digits-raster``, ``digits-raster:sjd=8``, ``digits-code8:prune=-1:0.5,draw=inverse_cdf``.
 
 A new sampler option plugs in as one entry of :data:`ACCEL_OPTIONS`: its families, how its text parses, the accepted
 form (for the error messages), and whether it changes the KV cache (then the harness passes it to the sampler's
@@ -34,6 +36,8 @@ ValueError that names the configuration, the key or value and what is allowed; r
 """
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Tuple
+
+from varcore.sampling.draw import DRAWS
 
 __all__ = ["AccelOption", "ACCEL_OPTIONS", "AccelConfig", "parse_config", "option_names", "BASELINE_KEY"]
 
@@ -55,6 +59,12 @@ def _parse_ratio(text: str) -> float:
     if not 0 < value <= 1:  # NaN fails this too
         raise ValueError(f"the keep ratio {text} is not in (0, 1]")
     return value
+
+
+def _parse_draw(text: str) -> str:
+    if text not in DRAWS:
+        raise ValueError(f"{text!r} is not one of {', '.join(DRAWS)}")
+    return text
 
 
 def _parse_scale_ratios(text: str) -> Dict[int, float]:
@@ -116,6 +126,9 @@ ACCEL_OPTIONS: Dict[str, AccelOption] = {
                              kv=True, bind=_bind_scale_ratios),
     "sjd": AccelOption(("gpt",), _parse_int, "W (an int >= 1: the window in decoding steps)",
                        "speculative Jacobi decoding: windows of up to W steps drafted and verified in one pass"),
+    "draw": AccelOption(("var", "code", "gpt"), _parse_draw, "|".join(DRAWS),
+                        "how each token is drawn: inverse_cdf takes one uniform per token instead of the official "
+                        "multinomial's one exponential per code (the same distribution)"),
 }
 
 

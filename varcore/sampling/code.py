@@ -73,14 +73,16 @@ def refine_stage(sampler: VARSampler, labels: torch.Tensor, hub: torch.Tensor, f
     return idx_Bl_list, f_hat
 
 
-def replay_draws(sampler: VARSampler, B: int, N: int, gens, relabel: bool = False) -> None:
+def replay_draws(sampler: VARSampler, B: int, N: int, gens, relabel: bool = False,
+                 draw: str = "multinomial") -> None:
     """Consume the random numbers of the official refiner's discarded draws before scale N: its label draw again
     (``relabel``, where the labels were drawn) and one draw per drafted scale, the Exp(1) numbers of the
-    probabilities' shape (B * pn^2, V) that ``torch.multinomial`` with one sample draws."""
+    probabilities' shape (B * pn^2, V) that ``torch.multinomial`` with one sample draws (with
+    ``draw="inverse_cdf"`` the B * pn^2 uniforms of that draw)."""
     if relabel:
         class_labels(B, None, sampler.var.num_classes, sampler.device, gens)
     for pn in sampler.patch_nums[:N]:
-        sampler.noise(B, pn * pn, False, gens)
+        sampler.noise(B, pn * pn, False, gens, draw)
 
 
 def _options(sampler: VARSampler, cfg, top_k, top_p, more_smooth, temp) -> List[ScaleOptions]:
@@ -284,7 +286,7 @@ class CoDeSampler:
                more_smooth: bool = False, *, temperature: Union[float, Sequence[float]] = 1.0,
                output: str = "images", generator: Optional[torch.Generator] = None, per_image_seeds: bool = False,
                seeds: Optional[Sequence[int]] = None, rng_parity: bool = True, cfg_skip: int = 0,
-               prune=None, kv_budget=None, progress: bool = False):
+               prune=None, kv_budget=None, draw: str = "multinomial", progress: bool = False):
         """Sample B images with CoDe; the arguments before ``*`` are the drop-in ones (as ``VARSampler.sample``).
 
         ``top_k``, ``top_p`` and ``temperature`` are scalars or one value per scale (CoDe's
@@ -296,6 +298,8 @@ class CoDeSampler:
         pruning the refiner's first scale prunes it inside the prefill. ``kv_budget``: KV-cache compression after
         each scale (see ``VARSampler.sample``) in the model that draws it: a budget at scale N compresses the
         refiner's prefill cache; per-block ratios name the blocks of that model (``VARSampler.kv_plan`` of each).
+        ``draw``: ``"multinomial"`` (the official draw) or ``"inverse_cdf"`` (the same distribution from one uniform
+        per token, see ``VARSampler.sample``) in both models.
 
         ``output``: ``"images"`` (B, 3, H, W) in [0, 1]; ``"tokens"`` the SN (B, pn^2) token maps, drafter's then
         refiner's (no decode); ``"both"`` (images, tokens); ``"details"`` a :class:`~varcore.models.code.CoDeResult`.
@@ -303,9 +307,9 @@ class CoDeSampler:
         check_batch(B)
         d_budget, r_budget = self._budgets(kv_budget)
         opts = self.drafter_stage.options(cfg, top_k, top_p, temperature, more_smooth, cfg_skip=cfg_skip,
-                                          prune=prune, kv_budget=d_budget)
+                                          prune=prune, kv_budget=d_budget, draw=draw)
         r_opts = self.refiner_stage.options(cfg, top_k, top_p, temperature, more_smooth, cfg_skip=cfg_skip,
-                                            prune=prune, kv_budget=r_budget)
+                                            prune=prune, kv_budget=r_budget, draw=draw)
         check_bool(rng_parity, "rng_parity")
         if output not in ("images", "tokens", "both", "details"):
             raise ValueError(f"output must be 'images', 'tokens', 'both' or 'details', got {output!r}")
@@ -320,7 +324,7 @@ class CoDeSampler:
             # replay would leave fresh ones, so nothing is drawn (the drop-in replays literally; the tests compare)
             if rng_parity and (more_smooth or not seeded):
                 gens = generators(B, self.device, *seeding) if seeded else gens
-                replay_draws(self.refiner_stage, B, N, gens, relabel=label_B is None)
+                replay_draws(self.refiner_stage, B, N, gens, relabel=label_B is None, draw=draw)
             refine_idx, f_hat = refine_stage(self.refiner_stage, labels, hub, draft_f_hat.clone(), gens, r_opts, N,
                                              bar)
             tokens = draft_idx + refine_idx

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from varcore.ops.value_checks import check_range
 
 __all__ = ["top_k_top_p_filter_", "top_k_top_p_filtering", "sample_with_top_k_top_p_", "gumbel_softmax_with_rng",
-           "inverse_cdf_sample", "probs_llamagen", "draw_rows", "check_cfg", "check_top_k", "check_top_p",
-           "check_number", "check_batch",
+           "inverse_cdf_sample", "inverse_cdf_uniforms", "inverse_cdf_index", "check_draw", "probs_llamagen",
+           "draw_rows", "check_cfg", "check_top_k", "check_top_p", "check_number", "check_batch",
            "per_scale", "temper", "nonfinite_rows", "raise_if_nonfinite", "check_images_finite", "DRAWS",
            "draw_llamagen", "guide_var", "guide_llamagen", "check_bool", "scale_options", "class_labels",
            "label_tensor"]
@@ -234,28 +234,61 @@ def inverse_cdf_sample(weights_NV: torch.Tensor, generator: Optional[torch.Gener
     """One draw per row of ``weights_NV`` (N, V) (non-negative, need not sum to 1): (N, 1) int64 indices.
 
     Same distribution as ``torch.multinomial(weights_NV, 1)`` but a different use of the generator: one uniform
-    float64 per row, inverted through the row's float64 cumulative sum. ``multinomial`` draws one exponential per
-    entry (argmax of p / Exp(1)), which on a CPU costs far more than the rest of a few-row decoding step's draw.
+    float64 per row (:func:`inverse_cdf_uniforms`), inverted through the row's float64 cumulative sum
+    (:func:`inverse_cdf_index`). ``multinomial`` draws one exponential per entry (argmax of p / Exp(1)), which on a
+    CPU costs far more than the rest of a few-row decoding step's draw.
 
     A row that is not finite, has a negative weight or is all zero raises a ValueError, or, with ``nonfinite`` (a
     bool scalar tensor), is or-ed into that flag on the device (no host read; its draw is some index in [0, V)).
     """
     if weights_NV.ndim != 2 or weights_NV.shape[-1] == 0:
         raise ValueError(f"weights_NV must be (N, V) with V > 0, got {tuple(weights_NV.shape)}")
-    cdf_NV = weights_NV.to(torch.float64).cumsum(dim=-1)
-    total_N1 = cdf_NV[:, -1:]
-    bad = ~(torch.isfinite(total_N1).all() & (total_N1 > 0).all() & (weights_NV >= 0).all())
-    if nonfinite is not None:
-        nonfinite.logical_or_(bad)
-    elif bool(bad):
+    flag = torch.zeros((), dtype=torch.bool, device=weights_NV.device) if nonfinite is None else nonfinite
+    cdf_NV = _cdf(weights_NV, flag)  # before the uniforms: a refused row draws nothing from the generator
+    if nonfinite is None and bool(flag):
         raise ValueError("weights_NV rows must be finite, non-negative and not all zero (a diverged model?)")
-    u_N1 = torch.rand(total_N1.shape, dtype=torch.float64, device=weights_NV.device, generator=generator) * total_N1
-    # u < total strictly (the product can round up to it), so the first CDF entry above u has positive weight
-    u_N1 = torch.minimum(u_N1, torch.nextafter(total_N1, torch.zeros_like(total_N1)))
-    return torch.searchsorted(cdf_NV, u_N1, right=True).clamp_(max=weights_NV.shape[-1] - 1)
+    return _invert(cdf_NV, inverse_cdf_uniforms(weights_NV.shape[0], weights_NV.device, generator))
+
+
+def inverse_cdf_uniforms(N: int, device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The random numbers of N inverse-CDF draws: (N, 1) float64 uniforms in [0, 1) from ``generator``."""
+    return torch.rand((N, 1), dtype=torch.float64, device=device, generator=generator)
+
+
+def inverse_cdf_index(weights_NV: torch.Tensor, u_N1: torch.Tensor,
+                      nonfinite: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The inverse-CDF draw of each row of ``weights_NV`` (N, V) (non-negative, need not sum to 1) at the uniform
+    ``u_N1`` (N, 1) in [0, 1) (:func:`inverse_cdf_uniforms`): (N, 1) int64, the first index whose float64
+    cumulative weight exceeds ``u`` times the row's total. A row that is not finite, has a negative weight or is
+    all zero is or-ed into ``nonfinite`` (a bool scalar tensor, on the device; its index is some value in
+    [0, V)); None skips that check, for callers that flag such rows before their softmax. No host reads, static
+    shapes: it can run inside a compiled step."""
+    return _invert(_cdf(weights_NV, nonfinite), u_N1)
+
+
+def _cdf(weights_NV: torch.Tensor, nonfinite: Optional[torch.Tensor]) -> torch.Tensor:
+    cdf_NV = weights_NV.to(torch.float64).cumsum(dim=-1)
+    if nonfinite is not None:
+        total_N1 = cdf_NV[:, -1:]
+        nonfinite.logical_or_(~(torch.isfinite(total_N1).all() & (total_N1 > 0).all() & (weights_NV >= 0).all()))
+    return cdf_NV
+
+
+def _invert(cdf_NV: torch.Tensor, u_N1: torch.Tensor) -> torch.Tensor:
+    total_N1 = cdf_NV[:, -1:]
+    # u * total < total strictly (the product can round up to it), so the first CDF entry above it has weight > 0
+    x_N1 = torch.minimum(u_N1 * total_N1, torch.nextafter(total_N1, torch.zeros_like(total_N1)))
+    return torch.searchsorted(cdf_NV, x_N1, right=True).clamp_(max=cdf_NV.shape[-1] - 1)
 
 
 DRAWS = ("multinomial", "inverse_cdf")
+
+
+def check_draw(draw, name: str = "draw") -> str:
+    """A draw method: one of :data:`DRAWS`."""
+    if draw not in DRAWS:
+        raise ValueError(f"{name} must be one of {DRAWS}, got {draw!r}")
+    return draw
 
 
 def probs_llamagen(logits_BnV: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -286,8 +319,7 @@ def draw_rows(weights_NV: torch.Tensor, B: int, method: str = "multinomial",
     rows are then B equal blocks, block b drawn from generator b alone. ``nonfinite``: as in
     :func:`inverse_cdf_sample` (the multinomial draw raises on such rows itself).
     """
-    if method not in DRAWS:
-        raise ValueError(f"method must be one of {DRAWS}, got {method!r}")
+    check_draw(method, "method")
 
     def draw(rows_NV, gen):
         if method == "inverse_cdf":
@@ -318,8 +350,7 @@ def draw_llamagen(logits_BnV: torch.Tensor, temperature: float = 1.0, top_k: int
     ``nonfinite`` (a bool scalar tensor) is or-ed with whether any row is non-finite, on the device: the random
     draws refuse such rows and the greedy one would return token 0, so the caller can say why afterwards.
     """
-    if method not in DRAWS:
-        raise ValueError(f"method must be one of {DRAWS}, got {method!r}")
+    check_draw(method, "method")
     B, n, V = logits_BnV.shape
     probs = probs_llamagen(logits_BnV, temperature, top_k, top_p, nonfinite)
     if not sample_logits:

@@ -47,7 +47,7 @@ from varcore.models.gpt import Transformer, unwrap_compiled
 from varcore.ops.par_order import par_scatter
 from varcore.sampling import sjd as jacobi
 from varcore.sampling.rng import generators
-from varcore.sampling.draw import (DRAWS, check_images_finite, check_number, draw_llamagen, draw_rows,
+from varcore.sampling.draw import (check_draw, check_images_finite, check_number, draw_llamagen, draw_rows,
                                    guide_llamagen, label_tensor, probs_llamagen, raise_if_nonfinite,
                                    top_k_top_p_filtering)
 
@@ -108,8 +108,8 @@ class PARSampler:
             raise TypeError(f"vq must be a VQ-16 tokenizer (varcore.models.vq16.VQModel), got {type(vq).__name__}")
         if not isinstance(fast, bool):
             raise TypeError(f"fast must be a bool, got {type(fast).__name__}")
-        if draw is not None and draw not in DRAWS:
-            raise ValueError(f"draw must be one of {DRAWS} or None, got {draw!r}")
+        if draw is not None:
+            check_draw(draw)
         self.draw = draw or ("inverse_cdf" if fast else "multinomial")
         self.model, self.vq, self.M, self.progress = model, vq, model.M, progress
         self.packed = model.pack_for_decoding() if fast else None
@@ -224,7 +224,7 @@ class PARSampler:
                       sample_logits: bool = True, generator: Optional[torch.Generator] = None,
                       order: str = "raster", num_tokens: Optional[int] = None,
                       steps: Optional[Tuple[int, int]] = None, seeds: Optional[Sequence[int]] = None,
-                      sjd: Optional[int] = None) -> torch.Tensor:
+                      sjd: Optional[int] = None, draw: Optional[str] = None) -> torch.Tensor:
         """Tokens for ``labels`` (B,): (B, G, G) int64 in raster order, or (B, L) in PAR order with
         ``order="par"``. ``cfg_scale`` <= 1 disables guidance (no doubled batch).
 
@@ -244,6 +244,9 @@ class PARSampler:
         within one phase) with the model's own layout. With several images every image commits as many steps per
         window as the image that accepts fewest, so with ``seeds`` an image still draws from its own generator but
         its tokens then depend on the batch. ``sjd=1`` (no drafts) gives the tokens of plain decoding.
+
+        ``draw`` overrides the sampler's draw for this call (``"multinomial"`` or ``"inverse_cdf"``; None: the
+        sampler's own, :attr:`draw`).
         """
         model = self.model
         if order not in ("raster", "par"):
@@ -253,6 +256,7 @@ class PARSampler:
                              "layout)")
         N, a, g = self._layout(num_tokens, steps)
         W = jacobi.check_window(sjd, self.L)
+        method = self.draw if draw is None else check_draw(draw)
         if W and (a, g) != (model.ar_token_num, model.spe_token_num + 1):
             raise ValueError(f"sjd needs the model's own layout steps=({model.ar_token_num}, "
                              f"{model.spe_token_num + 1}) (a window's attention mask is the model's), "
@@ -275,7 +279,7 @@ class PARSampler:
             generator = generators(B, labels.device, seeds=seeds)
         nonfinite = torch.zeros((), dtype=torch.bool, device=labels.device)  # set by any non-finite row
         draw = dict(temperature=temperature, top_k=top_k, top_p=top_p, sample_logits=sample_logits,
-                    method=self.draw, generator=generator, nonfinite=nonfinite)
+                    method=method, generator=generator, nonfinite=nonfinite)
         passes = [0]
 
         def forward(h, start, guided):
@@ -294,7 +298,7 @@ class PARSampler:
         def draw_from(weights_NV, rows):
             if not sample_logits:
                 return weights_NV.topk(1, dim=-1)[1].view(-1)
-            return draw_rows(weights_NV, rows, self.draw, generator, nonfinite)
+            return draw_rows(weights_NV, rows, method, generator, nonfinite)
 
         def phase(h0, pos0, S, g, guided):
             return self._sjd_phase(h0, pos0, S, g, guided, W, forward, probs, draw_from, generator, bar)
@@ -347,10 +351,12 @@ class PARSampler:
     def sample(self, labels: Union[torch.Tensor, Sequence[int], int], cfg_scale: float = 1.5,
                cfg_interval: float = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                generator: Optional[torch.Generator] = None, image_size: Optional[int] = None,
-               seeds: Optional[Sequence[int]] = None, sjd: Optional[int] = None) -> torch.Tensor:
+               seeds: Optional[Sequence[int]] = None, sjd: Optional[int] = None, draw: Optional[str] = None
+               ) -> torch.Tensor:
         """Images in [-1, 1] (B, 3, H, W) decoded by the VQ tokenizer, bicubic-resized to ``image_size`` when given
-        (the official evaluation samples at 384 and resizes to 256); ``seeds``: one generator per image, and
-        ``sjd``: speculative Jacobi decoding with windows of up to ``sjd`` steps, as in :meth:`sample_tokens`."""
+        (the official evaluation samples at 384 and resizes to 256); ``seeds``: one generator per image,
+        ``sjd``: speculative Jacobi decoding with windows of up to ``sjd`` steps, and ``draw``: this call's draw
+        method, as in :meth:`sample_tokens`."""
         if self.vq is None:
             raise ValueError("sample() needs a VQ tokenizer: PARSampler(model, vq=...); use sample_tokens() "
                              "for tokens only")
@@ -359,7 +365,7 @@ class PARSampler:
             raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
         tokens = self.sample_tokens(labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
                                     top_k=top_k, top_p=top_p, generator=generator, order="raster", seeds=seeds,
-                                    sjd=sjd)
+                                    sjd=sjd, draw=draw)
         B = tokens.shape[0]
         shape = (B, self.vq.config.codebook_embed_dim, self.grid, self.grid)
         images = self.vq.decode_code(tokens.reshape(B, -1).to(self.vq.quant_conv.weight.device), shape)

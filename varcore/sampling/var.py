@@ -45,8 +45,9 @@ from varcore.models.vqvae import VQVAE
 from varcore.ops import quant as quant_ops
 from varcore.ops.attention import BlockCausalMask, code_prefill_visible_end
 from varcore.sampling.auto_dtype import resolve_dtype
-from varcore.sampling.draw import (check_batch, check_bool, check_images_finite, check_number, class_labels, guide_var,
-                                   nonfinite_rows, raise_if_nonfinite, scale_options, temper, top_k_top_p_filter_)
+from varcore.sampling.draw import (check_batch, check_bool, check_draw, check_images_finite, check_number, class_labels,
+                                   guide_var, inverse_cdf_index, inverse_cdf_uniforms, nonfinite_rows,
+                                   raise_if_nonfinite, scale_options, temper, top_k_top_p_filter_)
 from varcore.sampling.rng import generators, model_generator
 
 __all__ = ["VARSampler", "StaticKVCache", "ScaleOptions", "autoregressive_infer_cfg", "row_chunks", "keep_counts",
@@ -79,6 +80,7 @@ class ScaleOptions:
     kv_keep: Optional[Tuple[Optional[int], ...]] = None  # with compression: the keys each block keeps (None: all)
     kv_stage: bool = False  # with compression: the scale runs through the cache's scratch (KVPlan.staged)
     kv_measure: bool = False  # record each block's window attention (KVPlan calibration, see VARSampler.kv_plan)
+    draw: str = "multinomial"  # the official draw (one Exp(1) per code) or "inverse_cdf" (one uniform per token)
 
 
 def keep_counts(prune, patch_nums: Sequence[int]) -> List[Optional[int]]:
@@ -272,10 +274,11 @@ class VARSampler:
     # ------------------------------------------------------------------------------------------ one call
     def options(self, cfg, top_k, top_p, temperature, more_smooth,
                 temperature_name: str = "temperature", cfg_skip: int = 0, prune=None,
-                kv_budget=None) -> List[ScaleOptions]:
+                kv_budget=None, draw: str = "multinomial") -> List[ScaleOptions]:
         """The checked options of every scale (see :func:`~varcore.sampling.draw.scale_options`); the last
-        ``cfg_skip`` scales unguided, the tokens kept at each scale by ``prune`` (:func:`keep_counts`) and the KV
-        cache's keep ratios after each scale by ``kv_budget`` (:func:`kv_budgets`; see :meth:`sample`)."""
+        ``cfg_skip`` scales unguided, the tokens kept at each scale by ``prune`` (:func:`keep_counts`), the KV
+        cache's keep ratios after each scale by ``kv_budget`` (:func:`kv_budgets`) and the ``draw`` method (see
+        :meth:`sample`)."""
         cfg, top_ks, top_ps, temps = scale_options(self.SN, self.var.V, cfg, top_k, top_p, temperature, more_smooth,
                                                    temperature_name)
         if isinstance(cfg_skip, bool) or not isinstance(cfg_skip, int) or not 0 <= cfg_skip < self.SN:
@@ -284,9 +287,10 @@ class VARSampler:
         guided = [si < self.SN - cfg_skip for si in range(self.SN)]
         keeps = keep_counts(prune, self.patch_nums)
         budgets = kv_budgets(kv_budget, self.patch_nums, len(self.var.blocks))
+        check_draw(draw)
         return [ScaleOptions(si, cfg * (si / (self.SN - 1)), top_ks[si], top_ps[si], temps[si], more_smooth,
                              guided=guided[si], guided_next=guided[min(si + 1, self.SN - 1)], keep=keeps[si],
-                             kv_ratio=budgets[si])
+                             kv_ratio=budgets[si], draw=draw)
                 for si in range(self.SN)]
 
     def call_state(self, labels: torch.Tensor, start: int = 0, stop: Optional[int] = None,
@@ -481,7 +485,8 @@ class VARSampler:
         schedule's last; nonfinite is a 0-dim bool tensor set when a row of logits was not finite (checked once per
         call, see :func:`~varcore.sampling.draw.raise_if_nonfinite`).
 
-        ``noise_NV`` (B*pn^2, V) holds the Exp(1) draws of the multinomial, ``gumbel_BlV`` those of ``more_smooth``.
+        ``noise_NV`` holds the multinomial's Exp(1) draws (B*pn^2, V), or with ``opts.draw == "inverse_cdf"`` one
+        uniform per token (B*pn^2, 1); ``gumbel_BlV`` those of ``more_smooth``.
         """
         var, si = self.var, opts.si
         pn = self.patch_nums[si]
@@ -495,8 +500,11 @@ class VARSampler:
             chunk_NV = logits_NV[rows]
             top_k_top_p_filter_(chunk_NV, opts.top_k, opts.top_p, sort_top_k_only=not self.exact)
             nonfinite_N[rows] = nonfinite_rows(chunk_NV)
-            # torch.multinomial(probs, 1) is argmax(probs / q) with q ~ Exp(1): the same draw, without host syncs
-            idx_N[rows] = temper(chunk_NV, opts.temperature).softmax(dim=-1).div_(noise_NV[rows]).argmax(dim=-1)
+            probs_NV = temper(chunk_NV, opts.temperature).softmax(dim=-1)
+            if opts.draw == "inverse_cdf":  # rows that are not finite are flagged above
+                idx_N[rows] = inverse_cdf_index(probs_NV, noise_NV[rows]).view(-1)
+            else:  # torch.multinomial(probs, 1) is argmax(probs / q) with q ~ Exp(1): the same draw, no host syncs
+                idx_N[rows] = probs_NV.div_(noise_NV[rows]).argmax(dim=-1)
         idx_Bl = idx_N.view(B, l)
         embedding = self.vae.quantize.embedding
         if opts.more_smooth:  # Gumbel softmax of the filtered logits, as official
@@ -515,17 +523,22 @@ class VARSampler:
         x_next = self.embed(si + 1, next_BlCv, state, opts.guided_next) if opts.embed_next else None
         return x_next, next_BlCv, f_hat, idx_Bl, nonfinite
 
-    def noise(self, B: int, l: int, more_smooth: bool, gens) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """A scale's Exp(1) draws in the official order: the multinomial's (B*l, V), then more_smooth's (B, l, V)."""
+    def noise(self, B: int, l: int, more_smooth: bool, gens, draw: str = "multinomial"
+              ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """A scale's random numbers in the official order: the multinomial's Exp(1) draws (B*l, V) (or, with
+        ``draw="inverse_cdf"``, one uniform per token, (B*l, 1)), then more_smooth's Exp(1) draws (B, l, V)."""
         V = self.var.V
 
-        def draw(rows, gen):
+        def exp(rows, gen):
             return torch.empty(rows, V, device=self.device).exponential_(generator=gen)
 
+        def pick(rows, gen):
+            return inverse_cdf_uniforms(rows, self.device, gen) if draw == "inverse_cdf" else exp(rows, gen)
+
         if len(gens) == 1:
-            noise_NV = draw(B * l, gens[0])
-            return noise_NV, draw(B * l, gens[0]).view(B, l, V) if more_smooth else None
-        per_image = [(draw(l, g), draw(l, g) if more_smooth else None) for g in gens]
+            noise_NV = pick(B * l, gens[0])
+            return noise_NV, exp(B * l, gens[0]).view(B, l, V) if more_smooth else None
+        per_image = [(pick(l, g), exp(l, g) if more_smooth else None) for g in gens]
         gumbel = torch.stack([g for _, g in per_image]) if more_smooth else None
         return torch.cat([n for n, _ in per_image]), gumbel
 
@@ -568,7 +581,7 @@ class VARSampler:
             prev_BlC = x_BlC if si + 1 < stop and opts[si + 1].keep is not None else None
             if si == stop - 1 and not self.cuda_graphs:
                 state.kv = None  # nothing reads the cache any more: free it before the head
-            noise_NV, gumbel_BlV = self.noise(B, self.patch_nums[si] ** 2, o.more_smooth, gens)
+            noise_NV, gumbel_BlV = self.noise(B, self.patch_nums[si] ** 2, o.more_smooth, gens, o.draw)
             x_BlC, next_BlCv, f_hat, idx_Bl, bad = self._run("draw", o, (x_BlC, f_hat, noise_NV, gumbel_BlV), state)
             nonfinite = nonfinite | bad
             idx_Bl_list.append(idx_Bl)
@@ -675,7 +688,7 @@ class VARSampler:
                more_smooth: bool = False, *, temperature: Union[float, Sequence[float]] = 1.0,
                output: str = "images", generator: Optional[torch.Generator] = None,
                per_image_seeds: bool = False, seeds: Optional[Sequence[int]] = None, cfg_skip: int = 0,
-               prune=None, kv_budget=None, progress: bool = False
+               prune=None, kv_budget=None, draw: str = "multinomial", progress: bool = False
                ) -> Union[torch.Tensor, List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Sample B images with classifier-free guidance; the arguments before ``*`` are the drop-in ones.
 
@@ -707,10 +720,16 @@ class VARSampler:
         (:meth:`kv_plan`); after such a scale each block keeps, per batch row and head, only the cached keys its
         observation window attends to most, so the later scales attend over fewer keys and the cache is allocated
         for the kept ones (:meth:`kv_cache_bytes`). Composes with ``prune`` and ``cfg_skip``.
+
+        ``draw`` (an accelerator): ``"multinomial"`` (default) is the official draw and random stream;
+        ``"inverse_cdf"`` draws each token from the same distribution by inverting its float64 CDF at one uniform
+        (:func:`~varcore.sampling.draw.inverse_cdf_index`) instead of one Exp(1) number per code, other tokens for
+        the same seed but far fewer random numbers (on a CPU the official draw's exponentials can cost as much as
+        the transformer of a small model). Composes with every other option.
         """
         check_batch(B)
         opts = self.options(cfg, top_k, top_p, temperature, more_smooth, cfg_skip=cfg_skip, prune=prune,
-                            kv_budget=kv_budget)
+                            kv_budget=kv_budget, draw=draw)
         if output not in ("images", "tokens", "both"):
             raise ValueError(f"output must be 'images', 'tokens' or 'both', got {output!r}")
         gens = generators(B, self.device, g_seed, generator, per_image_seeds, seeds)
