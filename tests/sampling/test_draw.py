@@ -1,10 +1,11 @@
-"""The one top-k/top-p filter against plain per-row references of the two official conventions."""
+"""The one top-k/top-p filter against plain per-row references of the two official conventions, and the
+inverse-CDF search against a one-level inversion."""
 import numpy as np
 import pytest
 import torch
 
 from varcore.sampling import draw
-from varcore.sampling.draw import top_k_top_p_filter_, top_k_top_p_filtering
+from varcore.sampling.draw import inverse_cdf_index, top_k_top_p_filter_, top_k_top_p_filtering
 
 
 def _softmax(x):
@@ -82,3 +83,28 @@ def test_guidance_of_both_conventions(w):
     torch.testing.assert_close(draw.guide_var(cond, uncond.clone(), w - 1), lg, atol=1e-5, rtol=1e-5)
     if w:
         assert not torch.equal(var, cond)
+
+
+@pytest.mark.parametrize("V", [1, 3, 7, 64, 100, 512, 1000, 16384])
+def test_inverse_cdf_index_is_the_one_level_inversion(V):
+    """The two-level search (block sums, then inside the chosen block) picks the code of a one-level float64
+    inversion, with V a multiple of the block or not, most weights zero, and uniforms landing exactly on a
+    cumulative weight (the draw is then the next code of positive weight): always a code of positive weight."""
+    g = torch.Generator().manual_seed(V)
+    w = torch.rand(1500, V, generator=g)
+    w[torch.rand(1500, V, generator=g) < 0.7] = 0
+    w[:, -1] += (w.sum(-1) == 0).float()
+    u = torch.rand(1500, 1, dtype=torch.float64, generator=g)
+    w[0], u[0] = 0, 0.5  # two equal weights: u * total is exactly the first one's cumulative weight
+    w[0, 0] = w[0, -1] = 1
+    got = inverse_cdf_index(w, u)[:, 0]
+    cdf = w.double().cumsum(-1)
+    expected = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
+    assert torch.equal(got, expected)
+    assert got[0] == V - 1 and bool((w.gather(1, got[:, None]) > 0).all())
+    flag = torch.zeros((), dtype=torch.bool)
+    inverse_cdf_index(w, u, flag)
+    assert not flag
+    w[5, 0] = float("nan")
+    inverse_cdf_index(w, u, flag)
+    assert flag

@@ -32,8 +32,9 @@ EVAL_KEYS = ("model", "decoding", "steps", "images_per_s", "class_consistency", 
 ACCEL_MEASURES = ("images_per_s", "forward_passes", "kv_bytes", "class_consistency", "frechet")
 ACCEL_KEYS = ("config", "model", "options", "decoding") + ACCEL_MEASURES + ("baseline", "vs_baseline")
 # the fixed configurations of --sweep and benchmarks/run_all.py: on the 6-scale VAR each accelerator alone and
-# stacked, CoDe (drafter/refiner) against the drafter alone and stacked, the small VAR alone; a few on the 4-scale
-# VAR; PAR against raster decoding and speculative Jacobi decoding of both GPTs
+# stacked, CoDe (drafter/refiner) against the drafter alone and stacked (with the official and the inverse-CDF
+# draw), the small VAR alone; a few on the 4-scale VAR; PAR against raster decoding, speculative Jacobi decoding
+# of both GPTs and the raster GPT's inverse-CDF draw
 SWEEP = (
     "digits-var:cfg_skip=1",
     "digits-var:prune=-1:0.5",
@@ -48,10 +49,17 @@ SWEEP = (
     "digits-code8:cfg_skip=2,vs=digits-var8",
     "digits-code8:prune=-2:0.5+-1:0.5,cfg_skip=2,vs=digits-var8",
     "digits-code8:prune=-2:0.5+-1:0.5,cfg_skip=2,kv_budget=2:0.1+3:0.1+4:0.1,vs=digits-var8",
+    "digits-var8:draw=inverse_cdf",
+    "digits-code8:draw=inverse_cdf,vs=digits-var8",
+    "digits-code8:prune=-1:0.25,draw=inverse_cdf,vs=digits-var8",
+    "digits-code8:prune=-1:0.5,cfg_skip=1,draw=inverse_cdf,vs=digits-var8",
+    "digits-code8:prune=-2:0.75+-1:0.25,cfg_skip=1,draw=inverse_cdf,vs=digits-var8",
+    "digits-code8:prune=-2:0.5+-1:0.5,cfg_skip=2,draw=inverse_cdf,vs=digits-var8",
     "digits-par:vs=digits-raster",
     "digits-raster:sjd=8",
     "digits-raster:sjd=16",
     "digits-par:sjd=8",
+    "digits-raster:draw=inverse_cdf",
 )
 
 

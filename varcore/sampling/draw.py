@@ -234,7 +234,7 @@ def inverse_cdf_sample(weights_NV: torch.Tensor, generator: Optional[torch.Gener
     """One draw per row of ``weights_NV`` (N, V) (non-negative, need not sum to 1): (N, 1) int64 indices.
 
     Same distribution as ``torch.multinomial(weights_NV, 1)`` but a different use of the generator: one uniform
-    float64 per row (:func:`inverse_cdf_uniforms`), inverted through the row's float64 cumulative sum
+    float64 per row (:func:`inverse_cdf_uniforms`), inverted through the row's float64 cumulative weights
     (:func:`inverse_cdf_index`). ``multinomial`` draws one exponential per entry (argmax of p / Exp(1)), which on a
     CPU costs far more than the rest of a few-row decoding step's draw.
 
@@ -244,10 +244,10 @@ def inverse_cdf_sample(weights_NV: torch.Tensor, generator: Optional[torch.Gener
     if weights_NV.ndim != 2 or weights_NV.shape[-1] == 0:
         raise ValueError(f"weights_NV must be (N, V) with V > 0, got {tuple(weights_NV.shape)}")
     flag = torch.zeros((), dtype=torch.bool, device=weights_NV.device) if nonfinite is None else nonfinite
-    cdf_NV = _cdf(weights_NV, flag)  # before the uniforms: a refused row draws nothing from the generator
+    blocks = _CDFBlocks(weights_NV, flag)  # before the uniforms: a refused row draws nothing from the generator
     if nonfinite is None and bool(flag):
         raise ValueError("weights_NV rows must be finite, non-negative and not all zero (a diverged model?)")
-    return _invert(cdf_NV, inverse_cdf_uniforms(weights_NV.shape[0], weights_NV.device, generator))
+    return blocks.invert(inverse_cdf_uniforms(weights_NV.shape[0], weights_NV.device, generator))
 
 
 def inverse_cdf_uniforms(N: int, device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -258,27 +258,50 @@ def inverse_cdf_uniforms(N: int, device, generator: Optional[torch.Generator] = 
 def inverse_cdf_index(weights_NV: torch.Tensor, u_N1: torch.Tensor,
                       nonfinite: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The inverse-CDF draw of each row of ``weights_NV`` (N, V) (non-negative, need not sum to 1) at the uniform
-    ``u_N1`` (N, 1) in [0, 1) (:func:`inverse_cdf_uniforms`): (N, 1) int64, the first index whose float64
-    cumulative weight exceeds ``u`` times the row's total. A row that is not finite, has a negative weight or is
-    all zero is or-ed into ``nonfinite`` (a bool scalar tensor, on the device; its index is some value in
-    [0, V)); None skips that check, for callers that flag such rows before their softmax. No host reads, static
-    shapes: it can run inside a compiled step."""
-    return _invert(_cdf(weights_NV, nonfinite), u_N1)
+    ``u_N1`` (N, 1) in [0, 1) (:func:`inverse_cdf_uniforms`): (N, 1) int64, the first index whose cumulative
+    weight (in float64) exceeds ``u`` times the row's total, always an index of positive weight. A row that is not
+    finite, has a negative weight or is all zero is or-ed into ``nonfinite`` (a bool scalar tensor, on the device;
+    its index is some value in [0, V)); None skips that check, for callers that flag such rows before their
+    softmax. No host reads, static shapes: it can run inside a compiled step.
+
+    The search runs in two levels, so that no (N, V) float64 tensor is written: the float64 sums of blocks of
+    about sqrt(V) entries are inverted first, then the cumulative weights inside the chosen block (the same
+    distribution up to float64 rounding)."""
+    return _CDFBlocks(weights_NV, nonfinite).invert(u_N1)
 
 
-def _cdf(weights_NV: torch.Tensor, nonfinite: Optional[torch.Tensor]) -> torch.Tensor:
-    cdf_NV = weights_NV.to(torch.float64).cumsum(dim=-1)
-    if nonfinite is not None:
-        total_N1 = cdf_NV[:, -1:]
-        nonfinite.logical_or_(~(torch.isfinite(total_N1).all() & (total_N1 > 0).all() & (weights_NV >= 0).all()))
-    return cdf_NV
+class _CDFBlocks:
+    """A row's weights in blocks of ``bs`` entries (zeros pad V to a multiple) and the float64 cumulative sums of
+    the blocks: the first level of the two-level inverse-CDF search."""
+
+    def __init__(self, weights_NV: torch.Tensor, nonfinite: Optional[torch.Tensor]):
+        N, V = weights_NV.shape
+        self.V, self.bs = V, 1 << max(0, math.ceil(math.log2(V) / 2))  # the power of two >= sqrt(V)
+        nb = -(-V // self.bs)
+        padded = F.pad(weights_NV, (0, nb * self.bs - V)) if nb * self.bs != V else weights_NV
+        self.w_NKb = padded.view(N, nb, self.bs)
+        self.cdf_NK = self.w_NKb.sum(dim=-1, dtype=torch.float64).cumsum(dim=-1)
+        if nonfinite is not None:
+            total_N1 = self.cdf_NK[:, -1:]
+            nonfinite.logical_or_(~(torch.isfinite(total_N1).all() & (total_N1 > 0).all() & (weights_NV >= 0).all()))
+
+    def invert(self, u_N1: torch.Tensor) -> torch.Tensor:
+        N, nb, bs = self.w_NKb.shape
+        total_N1 = self.cdf_NK[:, -1:]
+        x_N1 = torch.minimum(u_N1 * total_N1, _below(total_N1))  # the product can round up to the total
+        j_N1 = torch.searchsorted(self.cdf_NK, x_N1, right=True).clamp_(max=nb - 1)
+        before_N1 = torch.where(j_N1 > 0, self.cdf_NK.gather(1, (j_N1 - 1).clamp(min=0)), torch.zeros_like(x_N1))
+        inner_Nb = self.w_NKb.gather(1, j_N1[:, :, None].expand(N, 1, bs))[:, 0].to(torch.float64).cumsum(dim=-1)
+        # x - before is in [0, block's sum); strictly below the block's own cumulative total, so that the first
+        # entry above it has positive weight whatever the two summation orders round to
+        x_N1 = torch.minimum(x_N1 - before_N1, _below(inner_Nb[:, -1:]))
+        k_N1 = torch.searchsorted(inner_Nb, x_N1, right=True).clamp_(max=bs - 1)
+        return (j_N1 * bs + k_N1).clamp_(max=self.V - 1)
 
 
-def _invert(cdf_NV: torch.Tensor, u_N1: torch.Tensor) -> torch.Tensor:
-    total_N1 = cdf_NV[:, -1:]
-    # u * total < total strictly (the product can round up to it), so the first CDF entry above it has weight > 0
-    x_N1 = torch.minimum(u_N1 * total_N1, torch.nextafter(total_N1, torch.zeros_like(total_N1)))
-    return torch.searchsorted(cdf_NV, x_N1, right=True).clamp_(max=cdf_NV.shape[-1] - 1)
+def _below(t: torch.Tensor) -> torch.Tensor:
+    """The float just below each entry of ``t`` (towards 0)."""
+    return torch.nextafter(t, torch.zeros_like(t))
 
 
 DRAWS = ("multinomial", "inverse_cdf")
