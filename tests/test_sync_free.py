@@ -65,8 +65,9 @@ def _reads(fn):
 # ---------------------------------------------------------------------------------------------- sampling
 @pytest.mark.parametrize("dtype, prune, kv_budget, draw", [
     (torch.float32, None, None, "multinomial"), (torch.bfloat16, None, None, "multinomial"),
-    (torch.float32, {2: 0.5, 3: 0.5}, None, "multinomial"), (torch.float32, None, {1: 0.6, 2: (0.3, 0.5)}, "multinomial"),
-    (torch.bfloat16, {3: 0.5}, {2: 0.4}, "multinomial"), (torch.float32, {3: 0.5}, {2: 0.4}, "inverse_cdf")])
+    (torch.float32, {2: 0.5, 3: 0.5}, None, "multinomial"),
+    (torch.float32, None, {1: 0.6, 2: (0.3, 0.5)}, "multinomial"), (torch.bfloat16, {3: 0.5}, {2: 0.4}, "multinomial"),
+    (torch.float32, {3: 0.5}, {2: 0.4}, "inverse_cdf")])
 def test_var_sampler_reads_one_value_per_call(device_paths, dtype, prune, kv_budget, draw):
     """Every scale's step reads nothing (token pruning's choice and restoration, KV-cache compression's scores and
     compaction, the inverse-CDF draw included); the call reads one flag at its end: whether any logits were not

@@ -27,6 +27,7 @@ from varcore.sampling.var import VARSampler
     ("digits-code8:draw=inverse_cdf,cfg_skip=1", "digits-code8", {"draw": "inverse_cdf", "cfg_skip": 1},
      "digits-code8"),
     ("digits-par:draw=multinomial", "digits-par", {"draw": "multinomial"}, "digits-par"),
+    ("digits-code8:draft_steps=3,vs=digits-var8", "digits-code8", {"draft_steps": 3}, "digits-var8"),
 ])
 def test_configs_parse(text, model, options, baseline):
     c = parse_config(text)
@@ -44,7 +45,8 @@ def test_negative_scale_indices_count_from_the_last():
 
 
 def test_every_family_lists_its_keys():
-    assert option_names("var") == option_names("code") == ["cfg_skip", "prune", "kv_budget", "draw", "vs"]
+    assert option_names("var") == ["cfg_skip", "prune", "kv_budget", "draw", "vs"]
+    assert option_names("code") == ["cfg_skip", "prune", "kv_budget", "draft_steps", "draw", "vs"]
     assert option_names("gpt") == [k for k, o in ACCEL_OPTIONS.items() if "gpt" in o.families] + ["vs"]
 
 
@@ -66,6 +68,8 @@ BAD = [
     ("digits-var:vs=nope", "vs='nope' is not one of"),
     ("digits-var:draw=gumbel", "draw='gumbel': 'gumbel' is not one of multinomial, inverse_cdf; expected "
                                "draw=multinomial|inverse_cdf"),
+    ("digits-var8:draft_steps=3", "'draft_steps' is not an option of digits-var8 (a var model)"),
+    ("digits-code8:draft_steps=x", "draft_steps='x': not an int; expected draft_steps=N"),
 ]
 
 
@@ -80,6 +84,7 @@ def test_bad_configs_name_the_key_and_the_allowed_values(text, message):
     ("digits-var:cfg_skip=9", "cfg_skip must be an int in [0, 3]"),  # ranges: the sampler's own checks
     ("digits-var:prune=7:0.5", "scale index in [0, 3]"),
     ("digits-var:prune=-1:0.5+3:0.5", "two indices name scale 3"),
+    ("digits-code8:draft_steps=6", "draft_steps must be in [1, 5] for 6 scales, got 6"),
 ])
 def test_cli_bad_configs_are_one_line_errors(text, message, capsys):
     assert main(["eval", "--accel", "digits-var", text, "--per-class", "1", "--batch-size", "10",
@@ -133,6 +138,26 @@ def test_digits_sampler_passes_the_draw_through(name):
     direct = PARSampler(sampler.modules.gpt, sampler.modules.vq).sample(labels, cfg_scale=sampler.info.cfg,
                                                                         generator=gen, draw="inverse_cdf")
     assert torch.equal(got, direct.clamp(-1, 1).add(1).mul(0.5))
+
+
+def test_draft_steps_picks_the_code_split():
+    """``draft_steps=N`` samples with CoDe split at N (a sampler per split, built once): the images and KV bytes of
+    CoDeSampler(..., N), the model's own split without the option, and bad splits refused by CoDe's own check."""
+    sampler, labels = DigitsSampler("digits-code8"), torch.tensor([2, 5, 9])
+    m = sampler.modules
+    assert m.draft_steps != 3
+    got = sampler.sample(labels, seed=4, draft_steps=3, prune={5: 0.5}, draw="inverse_cdf")
+    code3 = CoDeSampler(m.drafter, m.refiner, 3, m.vae)
+    direct = code3.sample(3, labels, g_seed=4, cfg=sampler.info.cfg, top_p=0.0, prune={5: 0.5}, draw="inverse_cdf")
+    assert torch.equal(got, direct)
+    assert not torch.equal(got, sampler.sample(labels, seed=4, prune={5: 0.5}, draw="inverse_cdf"))
+    assert torch.equal(sampler.sample(labels, seed=4, draft_steps=m.draft_steps), sampler.sample(labels, seed=4))
+    assert sampler.kv_cache_bytes(3, draft_steps=3, prune={5: 0.5}) == code3.kv_cache_bytes(3, prune={5: 0.5})["peak"]
+    assert sampler.decoding_for({"draft_steps": 3}) == "CoDe N=3" and sampler.decoding_for({}) == sampler.decoding
+    assert sampler._sampler_for({"draft_steps": 3})[0] is sampler._sampler_for({"draft_steps": 3})[0]
+    for bad, error in ((0, ValueError), (6, ValueError), ("3", TypeError), ([3], TypeError)):
+        with pytest.raises(error, match="draft_steps must be"):
+            sampler.sample(labels, seed=4, draft_steps=bad)
 
 
 class _Counter:

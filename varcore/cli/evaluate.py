@@ -6,13 +6,13 @@ class_consistency (a fraction in [0, 1]) and frechet. Needs scikit-learn: pip in
 with the keys cfg_skip=K (VAR, CoDe: the last K scales unguided), prune=SI:R[+SI:R...] (VAR, CoDe: scale SI keeps
 the fraction R of its tokens; SI < 0 counts from the last scale), kv_budget=SI:R[+SI:R...] (VAR, CoDe: after scale SI
 every block keeps the fraction R of the keys written so far), sjd=W (GPTs: speculative Jacobi decoding, windows of W
-steps), draw=multinomial|inverse_cdf (every model: inverse_cdf draws each token from the same distribution with one
-uniform instead of one exponential per code) and vs=MODEL (the baseline; default the same model without options),
-e.g. digits-var:prune=3:0.5,cfg_skip=1 or digits-code:cfg_skip=1,vs=digits-var. Each config is
-sampled alternately with its baseline, batch for batch, and gives one row: images/s, forward passes per batch, KV
-bytes, class consistency, Fréchet distance, the baseline's and the ratios (--json: the keys config, model, options,
-decoding, images_per_s, forward_passes, kv_bytes, class_consistency, frechet, baseline, vs_baseline). --sweep runs
-the fixed list varcore.digits.evaluate.SWEEP."""
+steps), draft_steps=N (CoDe: the drafter draws the first N scales), draw=multinomial|inverse_cdf (every model:
+inverse_cdf draws each token from the same distribution with one uniform instead of one exponential per code) and
+vs=MODEL (the baseline; default the same model without options), e.g. digits-var:prune=3:0.5,cfg_skip=1 or
+digits-code:cfg_skip=1,vs=digits-var. Each config is sampled alternately with its baseline, batch for batch, and
+gives one row: images/s, forward passes per batch, KV bytes, class consistency, Fréchet distance, the baseline's
+and the ratios (--json: the keys config, model, options, decoding, images_per_s, forward_passes, kv_bytes,
+class_consistency, frechet, baseline, vs_baseline). --sweep runs the fixed list varcore.digits.evaluate.SWEEP."""
 import argparse
 
 from varcore.argtypes import device_arg

@@ -29,6 +29,7 @@ from typing import Dict, NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from varcore.models.code import check_draft_steps
 from varcore.sampling.rng import seeded_generator
 
 from .accel import ACCEL_OPTIONS
@@ -156,6 +157,7 @@ class DigitsSampler:
 
             m = self.modules
             self._sampler = CoDeSampler(m.drafter, m.refiner, m.draft_steps, m.vae, dtype=dtype)
+            self._code_samplers = {m.draft_steps: self._sampler}  # one per CoDe split (draft_steps=)
             self.steps = len(m.drafter.patch_nums)
             self.scales = self.steps
         else:
@@ -170,6 +172,11 @@ class DigitsSampler:
     @property
     def decoding(self) -> str:
         return self.info.decoding
+
+    def decoding_for(self, accel: dict) -> str:
+        """The decoding of a call with the accelerators ``accel``: CoDe's with its split, ``draft_steps`` included."""
+        n = accel.get("draft_steps")
+        return self.decoding if n is None else f"CoDe N={n}"
 
     @property
     def forward_passes(self) -> int:
@@ -191,15 +198,32 @@ class DigitsSampler:
             raise TypeError(f"{self.name} ({self.info.family}) takes the accelerator keywords "
                             f"{self.accel_options()}, got {unknown}")
 
+    def _sampler_for(self, accel: dict):
+        """(the sampler, the options of its calls) for the accelerators ``accel``: the options of the sampler's
+        construction (``draft_steps``) pick a sampler, built on first use and kept; the others are passed on."""
+        self._check_accel(accel)
+        call = {k: v for k, v in accel.items() if not ACCEL_OPTIONS[k].build}
+        n = accel.get("draft_steps")
+        if n is None:
+            return self._sampler, call
+        sampler = self._code_samplers.get(check_draft_steps(n, self.scales))
+        if sampler is None:
+            from varcore.sampling.code import CoDeSampler
+
+            m = self.modules
+            sampler = CoDeSampler(m.drafter, m.refiner, n, m.vae, dtype=self._sampler.dtype)
+            self._code_samplers[n] = sampler
+        return sampler, call
+
     def kv_cache_bytes(self, B: int, **accel) -> Optional[int]:
         """KV-cache bytes of a call on B images with the accelerators ``accel`` (those that change the cache are
         passed to the sampler's ``kv_cache_bytes``; CoDe: the peak of its two stages); None where the sampler has no
         ``kv_cache_bytes``."""
-        self._check_accel(accel)
-        count = getattr(self._sampler, "kv_cache_bytes", None)
+        sampler, call = self._sampler_for(accel)
+        count = getattr(sampler, "kv_cache_bytes", None)
         if count is None:
             return None
-        nbytes = count(B, **{k: v for k, v in accel.items() if ACCEL_OPTIONS[k].kv})
+        nbytes = count(B, **{k: v for k, v in call.items() if ACCEL_OPTIONS[k].kv})
         return nbytes["peak"] if isinstance(nbytes, dict) else int(nbytes)
 
     def sample(self, labels: Union[int, Sequence[int], torch.Tensor], seed: Optional[int] = None,
@@ -210,8 +234,9 @@ class DigitsSampler:
         scale (None: the model's default; VAR ramps it over the scales as official, the GPTs use it constantly);
         ``top_k`` (0: off) and ``top_p`` (1.0: off) filter the logits of every step. ``accel``: the sampler's
         training-free accelerators (:meth:`accel_options`, e.g. ``cfg_skip=1, prune={3: 0.5}`` for VAR and CoDe),
-        passed through as the sampler takes them; others raise TypeError."""
-        self._check_accel(accel)
+        passed through as the sampler takes them (``draft_steps=N`` samples CoDe with that split); others raise
+        TypeError."""
+        sampler, call = self._sampler_for(accel)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
         if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
@@ -225,10 +250,9 @@ class DigitsSampler:
         B = labels.shape[0]
         if self.info.family in ("var", "code"):
             # VAR's guidance is (1 + t) cond - t uncond with t ramped to cfg; top_p 0 means off there
-            return self._sampler.sample(B, labels, g_seed=seed, cfg=float(cfg), top_k=top_k,
-                                        top_p=0.0 if top_p >= 1.0 else float(top_p), progress=progress, **accel)
+            return sampler.sample(B, labels, g_seed=seed, cfg=float(cfg), top_k=top_k,
+                                  top_p=0.0 if top_p >= 1.0 else float(top_p), progress=progress, **call)
         gen = None if seed is None else seeded_generator(seed, self.device)
-        self._sampler.progress = progress
-        images = self._sampler.sample(labels, cfg_scale=float(cfg), top_k=top_k, top_p=float(top_p),
-                                      generator=gen, **accel)
+        sampler.progress = progress
+        images = sampler.sample(labels, cfg_scale=float(cfg), top_k=top_k, top_p=float(top_p), generator=gen, **call)
         return images.clamp(-1, 1).add(1).mul(0.5)

@@ -19,6 +19,8 @@ Grammar (no spaces)::
     ``prune`` (``-2`` is the last scale whose keys are read again);
   - ``sjd=W`` (PAR, raster): speculative Jacobi decoding with windows of up to W steps (the model's distribution in
     fewer forward passes);
+  - ``draft_steps=N`` (CoDe): the drafter draws the first N scales and the refiner the others (default: the
+    model's own split);
   - ``draw=inverse_cdf`` (every family): each token drawn from the same distribution by inverting its CDF at one
     uniform instead of the official draw's one exponential per code (``draw=multinomial``, the default);
 
@@ -26,13 +28,15 @@ Grammar (no spaces)::
   e.g. ``digits-code:vs=digits-var`` measures CoDe's drafter/refiner split against the drafter alone.
 
 Examples: ``digits-var:prune=3:0.5,cfg_skip=1``, ``digits-code:cfg_skip=1``, ``digits-var:prune=-2:0.5+-1:0.5``,
-``digits-par:vs=digits-raster``, ``digits-raster:sjd=8``, ``digits-code8:prune=-1:0.5,draw=inverse_cdf``.
+``digits-par:vs=digits-raster``, ``digits-raster:sjd=8``,
+``digits-code8:draft_steps=3,prune=-1:0.5,draw=inverse_cdf``.
 
 A new sampler option plugs in as one entry of :data:`ACCEL_OPTIONS`: its families, how its text parses, the accepted
-form (for the error messages), and whether it changes the KV cache (then the harness passes it to the sampler's
-``kv_cache_bytes`` as well). Syntax, unknown keys and options of another family are refused here with a
-ValueError that names the configuration, the key or value and what is allowed; ranges that depend on the model
-(scale counts) are the samplers' own checks, run by the harness before it measures anything.
+form (for the error messages), whether it changes the KV cache (then the harness passes it to the sampler's
+``kv_cache_bytes`` as well) and whether it is a parameter of the sampler's construction instead of its calls.
+Syntax, unknown keys and options of another family are refused here with a ValueError that names the
+configuration, the key or value and what is allowed; ranges that depend on the model (scale counts) are the
+samplers' own checks, run by the harness before it measures anything.
 """
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Tuple
@@ -100,14 +104,17 @@ class AccelOption:
 
     ``families``: the bundled families ('var', 'code', 'gpt') whose samplers take it; ``parse``: its value text to
     the sampler's value (ValueError saying what is wrong); ``form``: the accepted text, for messages and help;
-    ``kv``: it changes the KV cache, so the harness passes it to ``kv_cache_bytes`` too; ``bind``: the parsed value
-    made concrete for a model of ``scales`` scales (or decoding steps) before it reaches the sampler."""
+    ``kv``: it changes the KV cache, so the harness passes it to ``kv_cache_bytes`` too; ``build``: it is a
+    parameter of the sampler's construction, so :class:`~varcore.digits.DigitsSampler` builds (and keeps) a sampler
+    per value instead of passing it to the calls; ``bind``: the parsed value made concrete for a model of
+    ``scales`` scales (or decoding steps) before it reaches the sampler."""
 
     families: Tuple[str, ...]
     parse: Callable[[str], Any]
     form: str
     help: str
     kv: bool = False
+    build: bool = False
     bind: Callable[[Any, int], Any] = field(default=lambda value, scales: value)
 
 
@@ -126,6 +133,9 @@ ACCEL_OPTIONS: Dict[str, AccelOption] = {
                              kv=True, bind=_bind_scale_ratios),
     "sjd": AccelOption(("gpt",), _parse_int, "W (an int >= 1: the window in decoding steps)",
                        "speculative Jacobi decoding: windows of up to W steps drafted and verified in one pass"),
+    "draft_steps": AccelOption(("code",), _parse_int, "N (an int in [1, scales - 1])",
+                               "CoDe's split: the drafter draws the first N scales, the refiner the others",
+                               build=True),
     "draw": AccelOption(("var", "code", "gpt"), _parse_draw, "|".join(DRAWS),
                         "how each token is drawn: inverse_cdf takes one uniform per token instead of the official "
                         "multinomial's one exponential per code (the same distribution)"),

@@ -33,7 +33,7 @@ ACCEL_MEASURES = ("images_per_s", "forward_passes", "kv_bytes", "class_consisten
 ACCEL_KEYS = ("config", "model", "options", "decoding") + ACCEL_MEASURES + ("baseline", "vs_baseline")
 # the fixed configurations of --sweep and benchmarks/run_all.py: on the 6-scale VAR each accelerator alone and
 # stacked, CoDe (drafter/refiner) against the drafter alone and stacked (with the official and the inverse-CDF
-# draw), the small VAR alone; a few on the 4-scale VAR; PAR against raster decoding, speculative Jacobi decoding
+# draw, at the model's split N=4 and at N=3), the small VAR alone; a few on the 4-scale VAR; PAR against raster decoding, speculative Jacobi decoding
 # of both GPTs and the raster GPT's inverse-CDF draw
 SWEEP = (
     "digits-var:cfg_skip=1",
@@ -55,6 +55,10 @@ SWEEP = (
     "digits-code8:prune=-1:0.5,cfg_skip=1,draw=inverse_cdf,vs=digits-var8",
     "digits-code8:prune=-2:0.75+-1:0.25,cfg_skip=1,draw=inverse_cdf,vs=digits-var8",
     "digits-code8:prune=-2:0.5+-1:0.5,cfg_skip=2,draw=inverse_cdf,vs=digits-var8",
+    "digits-code8:draft_steps=3,vs=digits-var8",
+    "digits-code8:draft_steps=3,draw=inverse_cdf,vs=digits-var8",
+    "digits-code8:draft_steps=3,prune=-1:0.5,draw=inverse_cdf,vs=digits-var8",
+    "digits-code8:draft_steps=3,prune=-1:0.5,cfg_skip=1,draw=inverse_cdf,vs=digits-var8",
     "digits-par:vs=digits-raster",
     "digits-raster:sjd=8",
     "digits-raster:sjd=16",
@@ -250,7 +254,7 @@ def evaluate_accel(configs: Sequence[Union[str, AccelConfig]], per_class: int = 
     for c, key, base_key in row_keys:
         mine, base = measures[key], measures[base_key]
         rows.append({"config": c.text, "model": c.model, "options": runs[key].options,
-                     "decoding": samplers[c.model].decoding, **mine,
+                     "decoding": samplers[c.model].decoding_for(runs[key].options), **mine,
                      "baseline": {"model": c.baseline, **base},
                      "vs_baseline": {m: _ratio(mine[m], base[m]) for m in ACCEL_MEASURES}})
     return rows
