@@ -41,6 +41,11 @@ for the 256 px ones); ``VAE_PATH,DRAFTER_PATH,REFINER_PATH,N`` for CoDe with N d
 with varcore (``digits-var``, ``digits-var-small``, ``digits-code``, ``digits-var8``, ``digits-var8-small``,
 ``digits-code8``, ``digits-par``, ``digits-raster``; see ``varcore.digits``). Every model takes per-image seeds,
 so the GPTs are sharded as the VARs are; they sample in float32 (``--dtype auto`` resolves to fp32 for them).
+
+``--accel KEY=VALUE[,KEY=VALUE...]`` samples with training-free accelerators, in the grammar of ``varcore eval
+--accel`` without the model (:mod:`varcore.digits.accel`): ``prune=-2:0.5+-1:0.5,cfg_skip=2`` for VAR and CoDe,
+``draft_steps=N`` for CoDe's split, ``kv_budget=...``, ``draw=inverse_cdf``, ``sjd=W`` for the GPTs. It is part of
+the settings in ``run.json`` and in every shard, and is checked against the model before anything is written.
 """
 import argparse
 import json
@@ -254,25 +259,38 @@ def _resize(images: torch.Tensor, image_size: Optional[int]) -> torch.Tensor:
 
 def load_sampler(spec: str, device, dtype: str = "fp32", cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
                  more_smooth: bool = False, temperature: float = 1.0, classes: Sequence[int] = (),
-                 image_size: Optional[int] = None, grid_size: Optional[int] = None) -> SampleFn:
+                 image_size: Optional[int] = None, grid_size: Optional[int] = None,
+                 accel: Optional[dict] = None) -> SampleFn:
     """A function ``(labels (B,), seeds [B]) -> uint8 images (B, H, W, 3)`` for the model ``spec`` (see the module
     docstring), each image drawn from its own generator. ``classes`` (the ones to be sampled) are checked against
     the model's. ``image_size`` bicubic-resizes the decoded images (None: the model's size). The function's
     ``image_hw`` attribute is the (H, W) of its images.
 
     VAR and CoDe follow VAR's conventions (``top_p`` 0 disables it, the images ``x * 255`` truncated), the GPTs
-    LlamaGen's (``top_p`` 1 disables it, ``127.5 x + 128`` clamped, float32 only, no ``more_smooth``)."""
+    LlamaGen's (``top_p`` 1 disables it, ``127.5 x + 128`` clamped, float32 only, no ``more_smooth``).
+
+    ``accel``: the training-free accelerators as the model's sampler takes them (``{"prune": {8: 0.5},
+    "cfg_skip": 2}`` for VAR and CoDe, ``{"sjd": 8}`` for the GPTs; ``draft_steps`` sets CoDe's split; the keys of
+    :data:`varcore.digits.accel.ACCEL_OPTIONS` for the model's family), checked before the function is returned."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     family, models = _load_models(spec, device, grid_size)
-    return _sampler(family, models, dtype, cfg, top_k, top_p, more_smooth, temperature, classes, image_size)
+    return _sampler(family, models, dtype, cfg, top_k, top_p, more_smooth, temperature, classes, image_size,
+                    accel=accel)
 
 
-def _sampler(family: str, models: Tuple, dtype: str, *options) -> SampleFn:
+def _sampler(family: str, models: Tuple, dtype: str, *options, accel: Optional[dict] = None) -> SampleFn:
     """:func:`load_sampler`'s function for models already loaded by :func:`_load_models`."""
+    from varcore.digits.accel import ACCEL_OPTIONS, option_names
+
+    accel = dict(accel or {})
+    bad = [k for k in accel if k not in ACCEL_OPTIONS or family not in ACCEL_OPTIONS[k].families]
+    if bad:
+        allowed = [k for k in option_names(family) if k in ACCEL_OPTIONS]
+        raise ValueError(f"accel: {bad} are not accelerators of a {family} model; its keys: {allowed}")
     if family == "gpt":
-        return _gpt_sampler(models, dtype, *options)
-    return _var_sampler(family, models, dtype, *options)
+        return _gpt_sampler(models, dtype, *options, accel=accel)
+    return _var_sampler(family, models, dtype, *options, accel=accel)
 
 
 def _check_classes(classes: Sequence[int], num_classes: int) -> None:
@@ -281,7 +299,7 @@ def _check_classes(classes: Sequence[int], num_classes: int) -> None:
         raise ValueError(f"classes must be in [0, {num_classes}) for this model, got {bad}")
 
 
-def _var_sampler(family, models, dtype, cfg, top_k, top_p, more_smooth, temperature, classes, image_size):
+def _var_sampler(family, models, dtype, cfg, top_k, top_p, more_smooth, temperature, classes, image_size, accel):
     from varcore.sampling.code import CoDeSampler
     from varcore.sampling.var import VARSampler
 
@@ -293,12 +311,14 @@ def _var_sampler(family, models, dtype, cfg, top_k, top_p, more_smooth, temperat
         sampler = VARSampler(var, models[0], dtype=_DTYPES[dtype])
     else:
         vae, drafter, refiner, draft_steps = models
+        draft_steps = accel.pop("draft_steps", draft_steps)
         sampler = CoDeSampler(drafter, refiner, draft_steps, vae, dtype=_DTYPES[dtype])
+    sampler.options(cfg, top_k, top_p, temperature, more_smooth, **accel)  # the sampler's own checks, up front
     device = var.lvl_1L.device
 
     def sample(labels: torch.Tensor, seeds: List[int]) -> torch.Tensor:
         img = sampler.sample(len(seeds), labels.to(device), cfg=cfg, top_k=top_k, top_p=top_p,
-                             more_smooth=more_smooth, temperature=temperature, seeds=seeds)
+                             more_smooth=more_smooth, temperature=temperature, seeds=seeds, **accel)
         # as the official evaluation saves its PNGs: x * 255, truncated
         img = _resize(img, image_size)
         return img.mul(255).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
@@ -308,8 +328,10 @@ def _var_sampler(family, models, dtype, cfg, top_k, top_p, more_smooth, temperat
     return sample
 
 
-def _gpt_sampler(models, dtype, cfg, top_k, top_p, more_smooth, temperature, classes, image_size):
+def _gpt_sampler(models, dtype, cfg, top_k, top_p, more_smooth, temperature, classes, image_size, accel):
+    from varcore.sampling.draw import check_draw
     from varcore.sampling.par import PARSampler, to_uint8
+    from varcore.sampling.sjd import check_window
 
     vq, gpt = models
     _check_classes(classes, gpt.num_classes)
@@ -322,11 +344,14 @@ def _gpt_sampler(models, dtype, cfg, top_k, top_p, more_smooth, temperature, cla
     if top_k > gpt.vocab_size:
         raise ValueError(f"top_k must be <= the vocabulary size {gpt.vocab_size} (0 disables it), got {top_k}")
     sampler = PARSampler(gpt, vq, fast=True)  # the fast mode: the same distribution, drawn by inverse CDF
+    check_window(accel.get("sjd"), sampler.L)
+    if "draw" in accel:
+        check_draw(accel["draw"])
     device = gpt.tok_embeddings.weight.device
 
     def sample(labels: torch.Tensor, seeds: List[int]) -> torch.Tensor:
         img = sampler.sample(labels.to(device), cfg_scale=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
-                             seeds=seeds, image_size=image_size)
+                             seeds=seeds, image_size=image_size, **accel)
         return to_uint8(img)  # as the official sample_c2i_ddp.py: 127.5 x + 128, clamped
 
     side = image_size or vq.downsample * sampler.grid
@@ -367,11 +392,25 @@ class _Dist:
             torch.distributed.destroy_process_group()
 
 
+def _bound_accel(text: Optional[str], family: str, models: Tuple) -> dict:
+    """``--accel``'s options for the loaded model: parsed for its family, scale indices resolved for its scales."""
+    from varcore.digits.accel import bind_options, parse_options
+
+    if text is None:
+        return {}
+    return bind_options(parse_options(text, family), 0 if family == "gpt" else len(models[1].patch_nums))
+
+
+def _accel_setting(args) -> dict:
+    """``--accel`` where it was given (runs without it keep the records of earlier versions)."""
+    return {} if args.accel is None else {"accel": args.accel}
+
+
 def _run_record(args) -> dict:
     """The arguments that decide the images (a rerun must match them to reuse the shards)."""
     keys = ("model", "per_class", "classes", "seed", "batch_size", "cfg", "top_k", "top_p", "more_smooth",
             "temperature", "dtype", "image_size", "grid_size")
-    return {k: getattr(args, k) for k in keys}
+    return {**{k: getattr(args, k) for k in keys}, **_accel_setting(args)}
 
 
 # Bumped when the same arguments would give other images (the per-image generators of image_seed's values).
@@ -382,7 +421,8 @@ def _shard_settings(args) -> str:
     """What decides a shard's images besides its (class, index) items: stored in each shard, compared on reuse."""
     keys = ("model", "seed", "batch_size", "cfg", "top_k", "top_p", "more_smooth", "temperature", "dtype",
             "image_size", "grid_size")
-    return json.dumps({**{k: getattr(args, k) for k in keys}, "seeding": SEEDING}, sort_keys=True)
+    return json.dumps({**{k: getattr(args, k) for k in keys}, **_accel_setting(args), "seeding": SEEDING},
+                      sort_keys=True)
 
 
 def _check_run_record(out_dir: Path, record: dict, dist: _Dist) -> None:
@@ -436,8 +476,9 @@ def run(args) -> Optional[Path]:
             args.dtype = "fp32" if family == "gpt" else _auto_dtype(device, dist)
         if args.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES) + ['auto']}, got {args.dtype!r}")
+        accel = _bound_accel(args.accel, family, models)
         sample = _sampler(family, models, args.dtype, args.cfg, args.top_k, args.top_p, args.more_smooth,
-                          args.temperature, args.classes, args.image_size)
+                          args.temperature, args.classes, args.image_size, accel=accel)
         settings, hw = _shard_settings(args), sample.image_hw
         (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         _check_run_record(out_dir, _run_record(args), dist)
@@ -492,6 +533,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     s.add_argument("--more-smooth", action="store_true", default=None)
     s.add_argument("--temperature", type=_temperature, default=None,
                    help="one value, or comma-separated values, one per scale (CoDe's 1.1 x 7 then 1.0 x 3)")
+    s.add_argument("--accel", metavar="KEY=VALUE[,KEY=VALUE...]", default=None,
+                   help="training-free accelerators (off by default), in varcore eval --accel's grammar without the "
+                        "model: cfg_skip=K, prune=SI:R[+SI:R...], kv_budget=SI:R[+SI:R...], draft_steps=N (CoDe's "
+                        "split), draw=inverse_cdf (VAR, CoDe, GPT), sjd=W (GPT); SI < 0 counts from the last "
+                        "scale, e.g. prune=-2:0.5+-1:0.5,cfg_skip=2")
     s.add_argument("--seed", type=seed_arg, default=0, help="base seed; image (c, i) gets image_seed(seed, c, i)")
     s.add_argument("--image-size", type=positive_int, default=None,
                    help="bicubic-resize the images to this many pixels (default: the model's size; the LlamaGen "
@@ -519,6 +565,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
     if args.root is not None:
         os.environ["VARCORE_HOME"] = args.root  # read by the zoo loader on every rank
     facts = _model_facts(args.model)
+    if args.accel is not None:  # the syntax and the keys of the model's family, before anything is loaded
+        from varcore.digits.accel import parse_options
+
+        parse_options(args.accel, facts.family)
     if args.classes is None:
         args.classes = list(range(facts.num_classes))
     _fill_model_defaults(args, facts)

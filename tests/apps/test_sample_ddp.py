@@ -1,6 +1,7 @@
 """varcore.sample_ddp: per-image seeds, shards, resume after a kill, world-size independence (2 gloo processes)."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -471,3 +472,74 @@ def test_default_top_k_is_capped_at_the_vocabulary(model_spec, tmp_path):
                      "--no-progress"])
     record = json.loads((tmp_path / "run.json").read_text())
     assert (record["cfg"], record["top_k"], record["top_p"]) == (1.5, 48, 0.96)  # V = 48 < the protocol's 900
+
+
+# ---------------------------------------------------------------------------------------------- --accel
+def test_accel_reaches_the_sampler_and_the_settings(model_spec, tmp_path):
+    """``--accel`` (negative scale indices resolved for the model) gives the images of the sampler called with
+    those options; it is part of the run's settings, so a rerun without it is refused, and a run without it
+    records what it recorded before."""
+    accel = "prune=-1:0.5,cfg_skip=1,draw=inverse_cdf"
+    out = tmp_path / "run"
+    sample_ddp.main(_cli(model_spec, out, per_class=2, classes="1,3", batch=4, extra=("--accel", accel)))
+    arr, _ = _load(out)
+    vae, var = _tiny_models()
+    items = [(1, 0), (1, 1), (3, 0), (3, 1)]
+    img = VARSampler(var, vae).sample(4, torch.tensor([c for c, _ in items]), cfg=2.0, top_k=20, top_p=0.9,
+                                      seeds=[sample_ddp.image_seed(7, c, i) for c, i in items],
+                                      prune={3: 0.5}, cfg_skip=1, draw="inverse_cdf")
+    np.testing.assert_array_equal(arr, img.mul(255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    assert json.loads((out / "run.json").read_text())["accel"] == accel
+    with pytest.raises(ValueError, match="other settings"):
+        sample_ddp.main(_cli(model_spec, out, per_class=2, classes="1,3", batch=4))
+    plain = tmp_path / "plain"
+    sample_ddp.main(_cli(model_spec, plain, per_class=2, classes="1,3", batch=4))
+    assert "accel" not in json.loads((plain / "run.json").read_text())
+    assert not np.array_equal(_load(plain)[0], arr)
+
+
+@pytest.mark.parametrize("accel,match", [
+    ("sjd=4", "'sjd' is not an option of a var model"), ("prune=9:0.5", "scale index in \\[0, 3\\]"),
+    ("cfg_skip=x", "cfg_skip='x': not an int"), ("draft_steps=2", "'draft_steps' is not an option of a var model"),
+    ("draw=gumbel", "'gumbel' is not one of"), ("prune=-1:0.5,prune=-2:0.5", "prune is given twice"),
+    ("kv_budget=-1:0.5", "kv_budget must be"),
+])
+def test_bad_accel_is_one_line_and_writes_nothing(model_spec, tmp_path, accel, match, capsys):
+    out = tmp_path / "run"
+    assert sample_ddp.cli(_cli(model_spec, out, extra=("--accel", accel))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sample_ddp: error:") and "\n" not in err and "Traceback" not in err
+    assert re.search(match, err), err
+    assert not (out / "run.json").exists()
+
+
+@pytest.mark.parametrize("name, accel, call", [
+    ("digits-code8", "draft_steps=3,prune=-1:0.5", dict(prune={5: 0.5})),
+    ("digits-raster", "sjd=4,draw=inverse_cdf", dict(sjd=4, draw="inverse_cdf")),
+])
+def test_accel_on_bundled_code_and_gpt(name, accel, call, tmp_path):
+    """CoDe's split and the GPT options reach their samplers (the first shard's images against a direct call)."""
+    from varcore.digits import DigitsSampler
+
+    out = tmp_path / "run"
+    sample_ddp.main(["--model", name, "--per-class", "1", "--classes", "0,7", "--out", str(out), "--batch-size",
+                     "2", "--no-progress", "--accel", accel])
+    arr, _ = _load(out)
+    m = DigitsSampler(name).modules
+    seeds = [sample_ddp.image_seed(0, c, 0) for c in (0, 7)]
+    if name == "digits-code8":
+        from varcore.sampling.code import CoDeSampler
+
+        defaults = sample_ddp.model_defaults("code", 2.0, m.drafter.V)
+        img = CoDeSampler(m.drafter, m.refiner, 3, m.vae).sample(
+            2, torch.tensor([0, 7]), cfg=defaults["cfg"], top_k=defaults["top_k"], top_p=defaults["top_p"],
+            seeds=seeds, **call)
+        want = img.mul(255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    else:
+        from varcore.sampling.par import PARSampler, to_uint8
+
+        defaults = sample_ddp.model_defaults("gpt", 2.0, m.gpt.vocab_size)
+        want = to_uint8(PARSampler(m.gpt, m.vq, fast=True).sample(
+            torch.tensor([0, 7]), cfg_scale=defaults["cfg"], top_k=defaults["top_k"], top_p=defaults["top_p"],
+            seeds=seeds, **call)).numpy()
+    np.testing.assert_array_equal(arr, want)

@@ -43,7 +43,8 @@ from typing import Any, Callable, Dict, Tuple
 
 from varcore.sampling.draw import DRAWS
 
-__all__ = ["AccelOption", "ACCEL_OPTIONS", "AccelConfig", "parse_config", "option_names", "BASELINE_KEY"]
+__all__ = ["AccelOption", "ACCEL_OPTIONS", "AccelConfig", "parse_config", "parse_options", "bind_options",
+           "option_names", "BASELINE_KEY"]
 
 BASELINE_KEY = "vs"
 
@@ -163,9 +164,50 @@ class AccelConfig:
         return not self.options and self.baseline == self.model
 
 
-def _allowed(family: str) -> str:
+def _allowed(family: str, baseline: bool = True) -> str:
     return "; ".join(f"{k}={ACCEL_OPTIONS[k].form}" if k in ACCEL_OPTIONS else f"{k}=MODEL (a bundled model)"
-                     for k in option_names(family))
+                     for k in option_names(family) if baseline or k != BASELINE_KEY)
+
+
+def _parse_items(text: str, family: str, where: str, name: str, baseline: bool) -> Tuple[Dict[str, Any], Any]:
+    """The options of the comma-separated ``KEY=VALUE`` items of ``text`` for a model of ``family`` (``name`` in the
+    messages, ``where`` first in them), and the value of ``vs=`` where ``baseline`` allows it (else None)."""
+    options: Dict[str, Any] = {}
+    vs, seen = None, set()
+    for item in text.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or not key or not value:
+            raise ValueError(f"{where}: {item!r} is not KEY=VALUE (keys of {name}: {_allowed(family, baseline)})")
+        if key in seen:
+            raise ValueError(f"{where}: {key} is given twice")
+        seen.add(key)
+        if key == BASELINE_KEY and baseline:
+            vs = value
+            continue
+        option = ACCEL_OPTIONS.get(key)
+        if option is None or family not in option.families:
+            what = "an unknown key" if option is None else f"not an option of {name} (a {family} model)"
+            raise ValueError(f"{where}: {key!r} is {what}; the keys of {name}: {_allowed(family, baseline)}")
+        try:
+            options[key] = option.parse(value)
+        except ValueError as e:
+            raise ValueError(f"{where}: {key}={value!r}: {e}; expected {key}={option.form}") from None
+    return options, vs
+
+
+def parse_options(text: str, family: str, where: str = "--accel") -> Dict[str, Any]:
+    """The sampler options ``KEY=VALUE[,KEY=VALUE...]`` (a configuration's part after ``MODEL:``, without ``vs``)
+    for a model of ``family`` ('var', 'code' or 'gpt'), parsed but not bound (:func:`bind_options`); ValueError
+    starting with ``where`` and naming the bad part and the allowed keys. Used by ``varcore.sample_ddp --accel``."""
+    if not isinstance(text, str):
+        raise TypeError(f"{where} must be a str, got {type(text).__name__}")
+    return _parse_items(text, family, where, f"a {family} model", baseline=False)[0]
+
+
+def bind_options(options: Dict[str, Any], scales: int) -> Dict[str, Any]:
+    """Parsed options as the sampler of a model of ``scales`` scales (or decoding steps) takes them (negative scale
+    indices resolved, :attr:`AccelOption.bind`)."""
+    return {k: ACCEL_OPTIONS[k].bind(v, scales) for k, v in options.items()}
 
 
 def parse_config(text: str) -> AccelConfig:
@@ -177,28 +219,8 @@ def parse_config(text: str) -> AccelConfig:
     model, colon, rest = text.partition(":")
     if model not in BUNDLED:
         raise ValueError(f"accel config {text!r}: the model {model!r} is not one of {bundled_names()}")
-    family = BUNDLED[model].family
-    options: Dict[str, Any] = {}
-    baseline = model
-    seen = set()
-    for item in rest.split(",") if colon else []:
-        key, eq, value = item.partition("=")
-        if not eq or not key or not value:
-            raise ValueError(f"accel config {text!r}: {item!r} is not KEY=VALUE (keys of {model}: {_allowed(family)})")
-        if key in seen:
-            raise ValueError(f"accel config {text!r}: {key} is given twice")
-        seen.add(key)
-        if key == BASELINE_KEY:
-            if value not in BUNDLED:
-                raise ValueError(f"accel config {text!r}: vs={value!r} is not one of {bundled_names()}")
-            baseline = value
-            continue
-        option = ACCEL_OPTIONS.get(key)
-        if option is None or family not in option.families:
-            where = "an unknown key" if option is None else f"not an option of {model} (a {family} model)"
-            raise ValueError(f"accel config {text!r}: {key!r} is {where}; the keys of {model}: {_allowed(family)}")
-        try:
-            options[key] = option.parse(value)
-        except ValueError as e:
-            raise ValueError(f"accel config {text!r}: {key}={value!r}: {e}; expected {key}={option.form}") from None
-    return AccelConfig(text, model, options, baseline)
+    options, vs = _parse_items(rest, BUNDLED[model].family, f"accel config {text!r}", model, baseline=True) \
+        if colon else ({}, None)
+    if vs is not None and vs not in BUNDLED:
+        raise ValueError(f"accel config {text!r}: vs={vs!r} is not one of {bundled_names()}")
+    return AccelConfig(text, model, options, model if vs is None else vs)

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from varcore.digits import BUNDLED, DigitsSampler, bundled_names
-from varcore.digits.accel import ACCEL_OPTIONS, AccelConfig, parse_config
+from varcore.digits.accel import AccelConfig, bind_options, parse_config
 from varcore.digits.quality import (class_consistency, classifier_features, frechet_distance, load_classifier,
                                     reference_features)
 
@@ -186,7 +186,7 @@ def _bind(config: AccelConfig, sampler: DigitsSampler) -> dict:
     """The configuration's options as the model's sampler takes them, checked by a one-image call (the samplers'
     own range checks; it also warms the sampler up). ValueError naming the configuration."""
     try:
-        options = {k: ACCEL_OPTIONS[k].bind(v, sampler.scales or sampler.steps) for k, v in config.options.items()}
+        options = bind_options(config.options, sampler.scales or sampler.steps)
         sampler.sample([0], seed=0, **options)
     except (ValueError, TypeError) as e:
         raise ValueError(f"accel config {config.text!r}: {e}") from None

@@ -37,7 +37,7 @@ One deliberate difference: with ``label_B=None`` and ``g_seed=None`` the officia
 the global RNG, so drafter and refiner condition on different classes. We replay that draw in parity mode (the
 stream stays official) but keep the drafter's labels.
 """
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm import tqdm
@@ -280,6 +280,16 @@ class CoDeSampler:
         return plan
 
     # ------------------------------------------------------------------------------------------ sampling
+    def options(self, cfg=1.5, top_k=0, top_p=0.0, temperature=1.0, more_smooth: bool = False, *, cfg_skip: int = 0,
+                prune=None, kv_budget=None, draw: str = "multinomial"
+                ) -> Tuple[List[ScaleOptions], List[ScaleOptions]]:
+        """The checked per-scale options of a call (the arguments of :meth:`sample`) for the drafter and for the
+        refiner, each stage with its own KV budgets; ValueError or TypeError for a bad value, before any work."""
+        d_budget, r_budget = self._budgets(kv_budget)
+        kw = dict(cfg_skip=cfg_skip, prune=prune, draw=draw)
+        return (self.drafter_stage.options(cfg, top_k, top_p, temperature, more_smooth, kv_budget=d_budget, **kw),
+                self.refiner_stage.options(cfg, top_k, top_p, temperature, more_smooth, kv_budget=r_budget, **kw))
+
     @torch.no_grad()
     def sample(self, B: int, label_B: Optional[Union[int, torch.Tensor]], g_seed: Optional[int] = None,
                cfg: float = 1.5, top_k: Union[int, Sequence[int]] = 0, top_p: Union[float, Sequence[float]] = 0.0,
@@ -305,11 +315,8 @@ class CoDeSampler:
         refiner's (no decode); ``"both"`` (images, tokens); ``"details"`` a :class:`~varcore.models.code.CoDeResult`.
         """
         check_batch(B)
-        d_budget, r_budget = self._budgets(kv_budget)
-        opts = self.drafter_stage.options(cfg, top_k, top_p, temperature, more_smooth, cfg_skip=cfg_skip,
-                                          prune=prune, kv_budget=d_budget, draw=draw)
-        r_opts = self.refiner_stage.options(cfg, top_k, top_p, temperature, more_smooth, cfg_skip=cfg_skip,
-                                            prune=prune, kv_budget=r_budget, draw=draw)
+        opts, r_opts = self.options(cfg, top_k, top_p, temperature, more_smooth, cfg_skip=cfg_skip, prune=prune,
+                                    kv_budget=kv_budget, draw=draw)
         check_bool(rng_parity, "rng_parity")
         if output not in ("images", "tokens", "both", "details"):
             raise ValueError(f"output must be 'images', 'tokens', 'both' or 'details', got {output!r}")
