@@ -45,6 +45,22 @@ def test_sample_png_and_npz(tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "h.png")), grid)
 
 
+@pytest.mark.parametrize("model, accel, call", [
+    ("digits-var8", "prune=-1:0.5,cfg_skip=1,draw=inverse_cdf", dict(prune={5: 0.5}, cfg_skip=1, draw="inverse_cdf")),
+    ("digits-code8", "draft_steps=3", dict(draft_steps=3)),
+    ("digits-raster", "sjd=4", dict(sjd=4)),
+])
+def test_sample_accel_reaches_the_sampler(model, accel, call, tmp_path, capsys):
+    out = tmp_path / "a.npz"
+    assert main(["sample", "--model", model, "--classes", "3", "8", "--seeds", "2", "--accel", accel,
+                 "--out", str(tmp_path / "a.png"), "--npz", str(out), "--no-progress"]) == 0
+    want = DigitsSampler(model).sample([3, 8], seed=2, **call)
+    want = want.mul(255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(np.load(out)["arr_0"], want)
+    if model == "digits-code8":
+        assert "CoDe N=3" in capsys.readouterr().out
+
+
 def test_sample_batch_size_splits_rows(tmp_path):
     out = tmp_path / "s.npz"
     assert main(["sample", "--model", "digits-par", "--classes", "0", "1", "2", "--seeds", "3", "--batch-size", "2",
@@ -64,6 +80,9 @@ def test_sample_batch_size_splits_rows(tmp_path):
     (["--var", "x.pth"], "--vae"),
     (["--gpt", "x.pt"], "--vq"),
     (["--var", "/nonexistent/var.pth", "--vae", "/nonexistent/vae.pth"], "var.pth"),
+    (["--accel", "sjd=4"], "--accel: 'sjd' is not an option of a var model"),
+    (["--accel", "prune=9:0.5"], "scale index in [0, 3]"),
+    (["--model", "digits-code", "--accel", "draft_steps=9"], "draft_steps must be in [1, 3]"),
 ])
 def test_sample_errors_are_one_line(args, message, tmp_path, capsys):
     assert main(["sample", "--out", str(tmp_path / "x.png"), "--no-progress", *args]) == 2

@@ -46,6 +46,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="classifier-free guidance scale (default: the bundled model's; 1.5 for checkpoints)")
     s.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     s.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus filtering mass in (0, 1] (1: off)")
+    s.add_argument("--accel", metavar="KEY=VALUE[,KEY=VALUE...]", default=None,
+                   help="training-free accelerators in varcore eval --accel's grammar without the model, e.g. "
+                        "prune=-1:0.5,cfg_skip=1,draw=inverse_cdf (VAR, CoDe) or sjd=8 (GPT)")
     s.add_argument("--batch-size", type=positive_int, default=64, help="images per sampler call (default 64)")
     s.add_argument("--device", type=device_arg, default="cpu", help="torch device (default cpu)")
     s.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
@@ -97,10 +100,11 @@ def _official_sampler(args) -> Tuple[Callable, int, str]:
         vae = checkpoints.load_vae(args.vae, device=args.device, v_patch_nums=patch_nums)
         var = checkpoints.load_var(state, vae, device=args.device)
         sampler = VARSampler(var, vae, dtype=DTYPES[args.dtype])
+        accel = _accel(args, "var", len(patch_nums))
 
         def sample(labels, seed, cfg):
             return sampler.sample(labels.shape[0], labels, g_seed=seed, cfg=cfg, top_k=args.top_k,
-                                  top_p=0.0 if args.top_p >= 1 else args.top_p)
+                                  top_p=0.0 if args.top_p >= 1 else args.top_p, **accel)
 
         return sample, var.num_classes, f"VAR {Path(args.var).name}"
     if not args.vq:
@@ -114,10 +118,11 @@ def _official_sampler(args) -> Tuple[Callable, int, str]:
     gpt = checkpoints.load_gpt(args.gpt, block_size=args.grid_size ** 2, device=args.device)
     vq = checkpoints.load_vq16(args.vq, device=args.device)
     sampler = PARSampler(gpt, vq)
+    accel = _accel(args, "gpt", sampler.L)
 
     def sample(labels, seed, cfg):
         gen = seeded_generator(seed, args.device)
-        img = sampler.sample(labels, cfg_scale=cfg, top_k=args.top_k, top_p=args.top_p, generator=gen)
+        img = sampler.sample(labels, cfg_scale=cfg, top_k=args.top_k, top_p=args.top_p, generator=gen, **accel)
         return img.clamp(-1, 1).add(1).mul(0.5)
 
     return sample, gpt.num_classes, f"GPT {Path(args.gpt).name} (M={gpt.M})"
@@ -127,11 +132,20 @@ def _bundled_sampler(args) -> Tuple[Callable, int, str]:
     from varcore.digits import NUM_CLASSES, DigitsSampler
 
     sampler = DigitsSampler(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    accel = _accel(args, sampler.info.family, sampler.scales or sampler.steps)
 
     def sample(labels, seed, cfg):
-        return sampler.sample(labels, seed=seed, cfg=cfg, top_k=args.top_k, top_p=args.top_p)
+        return sampler.sample(labels, seed=seed, cfg=cfg, top_k=args.top_k, top_p=args.top_p, **accel)
 
-    return sample, NUM_CLASSES, f"{args.model} ({sampler.decoding}, {sampler.steps} forward passes)"
+    return sample, NUM_CLASSES, f"{args.model} ({sampler.decoding_for(accel)}, {sampler.steps} forward passes)"
+
+
+def _accel(args, family: str, scales: int) -> dict:
+    """``--accel`` as the sampler of a ``family`` model of ``scales`` scales (or steps) takes it (varcore eval
+    --accel's option grammar); empty without the flag."""
+    from varcore.digits.accel import bind_options, parse_options
+
+    return {} if args.accel is None else bind_options(parse_options(args.accel, family), scales)
 
 
 def _check_args(args) -> None:
