@@ -102,6 +102,7 @@ def test_inverse_cdf_index_is_the_one_level_inversion(V):
     expected = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
     assert torch.equal(got, expected)
     assert got[0] == V - 1 and bool((w.gather(1, got[:, None]) > 0).all())
+    assert torch.equal(inverse_cdf_index(w.t().contiguous().t(), u)[:, 0], got)  # a strided view of the weights
     flag = torch.zeros((), dtype=torch.bool)
     inverse_cdf_index(w, u, flag)
     assert not flag

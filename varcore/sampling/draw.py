@@ -279,7 +279,7 @@ class _CDFBlocks:
         self.V, self.bs = V, 1 << max(0, math.ceil(math.log2(V) / 2))  # the power of two >= sqrt(V)
         nb = -(-V // self.bs)
         padded = F.pad(weights_NV, (0, nb * self.bs - V)) if nb * self.bs != V else weights_NV
-        self.w_NKb = padded.view(N, nb, self.bs)
+        self.w_NKb = padded.reshape(N, nb, self.bs)
         self.cdf_NK = self.w_NKb.sum(dim=-1, dtype=torch.float64).cumsum(dim=-1)
         if nonfinite is not None:
             total_N1 = self.cdf_NK[:, -1:]
