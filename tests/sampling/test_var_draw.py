@@ -2,6 +2,8 @@
 reference inversion of its own filtered distribution at its own uniform, the tokens of every scale against the
 distributions they were drawn from (chi-square), the random numbers it takes from the generator, its composition
 with the other accelerators and CoDe, and bad values."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -142,3 +144,24 @@ def test_bad_draw_is_refused(var, bad):
     with pytest.raises(ValueError, match="draw must be one of"):
         CoDeSampler(tiny_var(vae, seed=2).eval(), tiny_var(vae, seed=3).eval(), draft_steps=2).sample(
             1, 0, g_seed=0, draw=bad)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_inverse_cdf_draw_on_cuda(var, cuda_graphs):
+    """On a GPU (with and without CUDA graphs for the forward passes) every token is still the float64 inversion
+    of its own distribution at its uniform."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    sampler = VARSampler(copy.deepcopy(var).cuda(), copy.deepcopy(var.vae_proxy[0]).cuda(), cuda_graphs=cuda_graphs)
+    logits, noise = _record(sampler)
+    for _ in range(2):  # the second call replays the captured graphs
+        logits.clear()
+        noise.clear()
+        tokens = sampler.sample(4, torch.tensor([0, 2, 4, 6], device="cuda"), g_seed=3, cfg=2.0, top_k=12,
+                                draw="inverse_cdf", output="tokens")
+        for si, (idx_Bl, logits_NV, u_N1) in enumerate(zip(tokens, logits, noise)):
+            cdf = np.cumsum(_reference_probs(logits_NV.cpu(), 12, 0.0, 1.0), axis=-1)
+            u = u_N1[:, 0].cpu().numpy()
+            expected = [np.searchsorted(row, x * row[-1], side="right") for row, x in zip(cdf, u)]
+            assert idx_Bl.reshape(-1).tolist() == expected, f"scale {si}"
