@@ -157,16 +157,18 @@ def test_window_one_is_plain_decoding(M, grid, fast, rng):
         assert torch.equal(tokens, plain) and passes_sjd == passes
 
 
-@pytest.mark.parametrize("M,grid,W", [(1, 4, 5), (2, 8, 4)])
+@pytest.mark.parametrize("M,grid,W", [(1, 4, 5), (2, 8, 4), (1, 8, 6)])
 @pytest.mark.parametrize("cfg_interval", [-1, 6])
-def test_greedy_sjd_is_greedy_decoding(M, grid, W, cfg_interval):
+@pytest.mark.parametrize("labels", [[0, 3], [0, 3, 1, 2, 2, 1, 3]])
+def test_greedy_sjd_is_greedy_decoding(M, grid, W, cfg_interval, labels):
     """With sample_logits=False the model's distribution is one-hot: a draft passes exactly when it is the argmax
     and the redraw is the argmax, so SJD (greedy Jacobi decoding) gives plain greedy tokens; cfg_interval makes a
-    window straddle the guided and unguided steps."""
+    window straddle the guided and unguided steps. With several images each one commits its own count, so the
+    rows of a window sit at different offsets: their committed tokens must be the context of their drafts."""
     sampler = PARSampler(tiny(M=M, grid=grid, seed=1))
     kw = dict(cfg_scale=2.0, cfg_interval=cfg_interval, sample_logits=False)
-    plain = sampler.sample_tokens([0, 3], **kw)
-    assert torch.equal(sampler.sample_tokens([0, 3], sjd=W, **kw), plain)
+    plain = sampler.sample_tokens(labels, **kw)
+    assert torch.equal(sampler.sample_tokens(labels, sjd=W, **kw), plain)
 
 
 def test_verify_counts_leading_passed_steps():
@@ -180,6 +182,11 @@ def test_verify_counts_leading_passed_steps():
     ok, accepted = jacobi.verify(drafts, p_d, q_d, u)
     assert accepted.tolist() == [2, 0, 3]
     assert ok[0, 2].tolist() == [True, False] and not ok[1, 0, 0]
+    committed = torch.zeros(3, 4, dtype=torch.bool)
+    committed[1, :2] = True  # row 1 has committed steps 0 and 1: its failed test at step 0 does not count
+    committed[0, :1] = True
+    ok, accepted = jacobi.verify(drafts, p_d, q_d, u, committed)
+    assert accepted.tolist() == [2, 4, 3] and bool(ok[1, 0].all())
 
 
 def test_residual():

@@ -168,17 +168,22 @@ class PARSampler:
         ``probs`` their (rows, V) distributions, ``draw`` one token per row; ``generator`` draws the uniforms and
         the initial drafts; ``guided[s]`` is step s's CFG flag.
 
-        A window fed at step c holds the committed input of step c and the drafts of groups c .. c + w - 2 (the
-        cache positions after the committed prefix are overwritten, which is the rollback). Its outputs give p for
-        groups c .. c + w - 1. Every row commits the same count m = min over rows of (accepted_r + 1) groups: the
-        accepted drafts and then, at group c + m - 1, the draft where it passed and a residual redraw where it
-        failed (or, when all drafts passed, the draw from the window's last output). The outputs' draws for the
-        groups after the committed ones are the next drafts (q = the p they came from); new positions start from
-        uniform random drafts with q one-hot."""
+        Every row r has its own committed count c_r; a window starts at c = min over rows of c_r, so one forward
+        pass serves the batch. Slot j of a window (j = 0 .. w - 1) is step c + j: its input is the token of step
+        c + j - 1, the committed one where that step is below c_r and the row's draft otherwise, so its output is
+        p for step c + j (the cache positions of the window are rewritten, which is the rollback; a row's
+        committed tokens get their own keys and values again). Row r tests its drafts at steps c_r .. c + w - 2
+        and commits the accepted ones and then, at the first rejected step, the draft where a token passed and a
+        residual redraw where it failed, or, when every draft passed, the draw from the window's last output: 1
+        to w - (c_r - c) steps, its own count. (c_r - c stays below w: the row at c commits at least one step.)
+        The outputs' draws after a row's committed steps are its next drafts (q = the p they came from); new
+        positions start from uniform random drafts with q one-hot."""
         model = self.model
         B, V, device = h0.shape[0], model.vocab_size, h0.device
         out = torch.empty(B, S, g, dtype=torch.long, device=device)
-        drafts = torch.empty(B, 0, g, dtype=torch.long, device=device)  # drafts of groups c, c + 1, ...
+        done = torch.zeros(B, dtype=torch.long, device=device)  # c_r: the steps each row has committed
+        done_host = [0] * B
+        drafts = torch.empty(B, 0, g, dtype=torch.long, device=device)  # drafts of steps c, c + 1, ...
         q = torch.empty(B, 0, g, V, device=device)  # the distribution each draft was drawn from
         c = 0
         while c < S:
@@ -189,33 +194,46 @@ class PARSampler:
                 drafts = torch.cat([drafts, new], dim=1)
                 q = torch.cat([q, F.one_hot(new, V).to(q.dtype)], dim=1)
             drafts, q = drafts[:, :k], q[:, :k]
+            slot = torch.arange(w, device=device)
+            ahead = (done - c)[:, None]  # c_r - c: the row's committed slots of this window
+            committed = (slot[None, :k] < ahead)[..., None]  # (B, k, 1): steps c .. c + k - 1 already committed
+            tokens = torch.where(committed, out[:, c:c + k], drafts)
             first = h0 if c == 0 else model.tok_embeddings(out[:, c - 1])
-            h = torch.cat([first, model.tok_embeddings(drafts.reshape(B, k * g))], dim=1) if k else first
+            h = torch.cat([first, model.tok_embeddings(tokens.reshape(B, k * g))], dim=1) if k else first
             flags = list(guided[c:c + w])
             mix = flags[0] if len(set(flags)) == 1 else \
                 torch.tensor(flags, device=device).repeat_interleave(g)
             p_NV = probs(forward(h, pos0 + c * g, mix))
             x = draw(p_NV, B).view(B, w, g)
             p = p_NV.view(B, w, g, V)
+            final = x[:, k]  # where every step passed: the draw from the window's last output
             if k == 0:
-                out[:, c] = x[:, 0]
-                m = 1
+                passed = torch.zeros(B, dtype=torch.long, device=device)
             else:
                 u = jacobi.uniforms(B, k * g, generator, device).view(B, k, g)
-                p_d = p[:, :k].gather(-1, drafts[..., None])[..., 0]
+                p_d = p[:, :k].gather(-1, tokens[..., None])[..., 0]
                 q_d = q.gather(-1, drafts[..., None])[..., 0]
-                ok, accepted = jacobi.verify(drafts, p_d, q_d, u)
-                m = int(accepted.min()) + 1  # the one host read of an iteration: where the next window starts
-                j = m - 1
-                out[:, c:c + j] = drafts[:, :j]
-                if j == k:  # every row passed every draft
-                    out[:, c + j] = x[:, k]
-                else:
-                    redraw = draw(jacobi.residual(p[:, j].reshape(B * g, V), q[:, j].reshape(B * g, V)), B)
-                    out[:, c + j] = torch.where(ok[:, j], drafts[:, j], redraw.view(B, g))
-            drafts, q = x[:, m:], p[:, m:]
-            c += m
-            bar.update(m)
+                ok, passed = jacobi.verify(tokens, p_d, q_d, u, committed[..., 0])  # (B,) leading passed steps
+            # the one host read of an iteration: each row's passed steps, which fix the next window's position
+            passed_host = passed.tolist()
+            if min(passed_host) < k:  # some row failed a step: its draft where a token passed, else a redraw
+                at = passed.clamp(max=k - 1)[:, None, None].expand(B, 1, g)  # the first failed step's slot
+                ok_at, draft_at = ok.gather(1, at)[:, 0], drafts.gather(1, at)[:, 0]
+                p_at = p[:, :k].gather(1, at[..., None].expand(B, 1, g, V))[:, 0].reshape(B * g, V)
+                q_at = q.gather(1, at[..., None].expand(B, 1, g, V))[:, 0].reshape(B * g, V)
+                redraw = draw(jacobi.residual(p_at, q_at), B).view(B, g)
+                final = torch.where((passed == k)[:, None], final, torch.where(ok_at, draft_at, redraw))
+            # commit slots c_r - c .. passed_r: the accepted drafts, then the final token
+            padded = torch.cat([tokens, final[:, None]], dim=1)  # (B, w, g): slot j < k a token, slot k the last
+            fill = torch.where((slot[None] == passed[:, None])[..., None], final[:, None], padded)
+            write = ((slot[None] >= ahead) & (slot[None] <= passed[:, None]))[..., None]
+            out[:, c:c + w] = torch.where(write, fill, out[:, c:c + w])
+            done = torch.maximum(done, c + passed + 1)
+            done_host = [max(d, c + n + 1) for d, n in zip(done_host, passed_host)]
+            c_next = min(done_host)
+            drafts, q = x[:, c_next - c:], p[:, c_next - c:]
+            bar.update(c_next - c)
+            c = c_next
         return out
 
     @torch.no_grad()
@@ -241,9 +259,10 @@ class PARSampler:
         ``sjd`` = W decodes by speculative Jacobi decoding with windows of up to W steps (drafts verified by
         speculative sampling: the same distribution in fewer forward passes; None or 0: off; docs/par.md).
         It works in both phases (the tokens drawn one at a time, then the parallel steps of M*M tokens, each window
-        within one phase) with the model's own layout. With several images every image commits as many steps per
-        window as the image that accepts fewest, so with ``seeds`` an image still draws from its own generator but
-        its tokens then depend on the batch. ``sjd=1`` (no drafts) gives the tokens of plain decoding.
+        within one phase) with the model's own layout. With several images every image commits what it accepts, in
+        windows that start where the image furthest behind stands, so with ``seeds`` an image still draws from its
+        own generator but its tokens then depend on the batch. ``sjd=1`` (no drafts) gives the tokens of plain
+        decoding.
 
         ``draw`` overrides the sampler's draw for this call (``"multinomial"`` or ``"inverse_cdf"``; None: the
         sampler's own, :attr:`draw`).

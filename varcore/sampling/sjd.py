@@ -11,7 +11,7 @@ token by token and accepted when all its tokens are.
 
 :class:`varcore.sampling.par.PARSampler` runs the loop (``sjd=``); docs/par.md describes it.
 """
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -46,16 +46,19 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(empty, p, weights)
 
 
-def verify(drafts: torch.Tensor, p_d: torch.Tensor, q_d: torch.Tensor, u: torch.Tensor
-           ) -> Tuple[torch.Tensor, torch.Tensor]:
+def verify(drafts: torch.Tensor, p_d: torch.Tensor, q_d: torch.Tensor, u: torch.Tensor,
+           committed: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The tests of a window's drafts (B, k, g) (k steps of g tokens) given ``p_d`` and ``q_d`` (B, k, g) (the
     model's and the draft's probability of each draft token) and uniforms ``u`` (B, k, g): ``(ok, accepted)``,
     ``ok`` (B, k, g) bool per token and ``accepted`` (B,) int64, the number of leading steps whose tokens all
-    passed (a step after a failed one is not a draft of the right prefix any more)."""
+    passed (a step after a failed one is not a draft of the right prefix any more). ``committed`` (B, k) bool marks
+    the steps a row has already committed: they are not tested again and count as passed."""
     if not (drafts.shape == p_d.shape == q_d.shape == u.shape) or drafts.ndim != 3:
         raise ValueError(f"drafts, p_d, q_d and u must share one (B, k, g) shape, got {tuple(drafts.shape)}, "
                          f"{tuple(p_d.shape)}, {tuple(q_d.shape)}, {tuple(u.shape)}")
     ok = accept(u, p_d, q_d)
+    if committed is not None:
+        ok = ok | committed[..., None]
     accepted = ok.all(dim=-1).long().cumprod(dim=-1).sum(dim=-1)
     return ok, accepted
 
