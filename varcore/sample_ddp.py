@@ -392,15 +392,6 @@ class _Dist:
             torch.distributed.destroy_process_group()
 
 
-def _bound_accel(text: Optional[str], family: str, models: Tuple) -> dict:
-    """``--accel``'s options for the loaded model: parsed for its family, scale indices resolved for its scales."""
-    from varcore.digits.accel import bind_options, parse_options
-
-    if text is None:
-        return {}
-    return bind_options(parse_options(text, family), 0 if family == "gpt" else len(models[1].patch_nums))
-
-
 def _accel_setting(args) -> dict:
     """``--accel`` where it was given (runs without it keep the records of earlier versions)."""
     return {} if args.accel is None else {"accel": args.accel}
@@ -476,7 +467,9 @@ def run(args) -> Optional[Path]:
             args.dtype = "fp32" if family == "gpt" else _auto_dtype(device, dist)
         if args.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES) + ['auto']}, got {args.dtype!r}")
-        accel = _bound_accel(args.accel, family, models)
+        from varcore.digits.accel import accel_options
+
+        accel = accel_options(args.accel, family, 0 if family == "gpt" else len(models[1].patch_nums))
         sample = _sampler(family, models, args.dtype, args.cfg, args.top_k, args.top_p, args.more_smooth,
                           args.temperature, args.classes, args.image_size, accel=accel)
         settings, hw = _shard_settings(args), sample.image_hw

@@ -89,6 +89,7 @@ def make_grid(images: np.ndarray, rows: int, cols: int, scale: int = 1, pad: int
 def _official_sampler(args) -> Tuple[Callable, int, str]:
     """(sample(labels, seed, cfg) -> images in [0, 1], number of classes, description) for checkpoints."""
     from varcore import checkpoints
+    from varcore.digits.accel import accel_options
 
     if args.var:
         if not args.vae:
@@ -100,7 +101,7 @@ def _official_sampler(args) -> Tuple[Callable, int, str]:
         vae = checkpoints.load_vae(args.vae, device=args.device, v_patch_nums=patch_nums)
         var = checkpoints.load_var(state, vae, device=args.device)
         sampler = VARSampler(var, vae, dtype=DTYPES[args.dtype])
-        accel = _accel(args, "var", len(patch_nums))
+        accel = accel_options(args.accel, "var", len(patch_nums))
 
         def sample(labels, seed, cfg):
             return sampler.sample(labels.shape[0], labels, g_seed=seed, cfg=cfg, top_k=args.top_k,
@@ -118,7 +119,7 @@ def _official_sampler(args) -> Tuple[Callable, int, str]:
     gpt = checkpoints.load_gpt(args.gpt, block_size=args.grid_size ** 2, device=args.device)
     vq = checkpoints.load_vq16(args.vq, device=args.device)
     sampler = PARSampler(gpt, vq)
-    accel = _accel(args, "gpt", sampler.L)
+    accel = accel_options(args.accel, "gpt", sampler.L)
 
     def sample(labels, seed, cfg):
         gen = seeded_generator(seed, args.device)
@@ -130,22 +131,15 @@ def _official_sampler(args) -> Tuple[Callable, int, str]:
 
 def _bundled_sampler(args) -> Tuple[Callable, int, str]:
     from varcore.digits import NUM_CLASSES, DigitsSampler
+    from varcore.digits.accel import accel_options
 
     sampler = DigitsSampler(args.model, device=args.device, dtype=DTYPES[args.dtype])
-    accel = _accel(args, sampler.info.family, sampler.scales or sampler.steps)
+    accel = accel_options(args.accel, sampler.info.family, sampler.scales or sampler.steps)
 
     def sample(labels, seed, cfg):
         return sampler.sample(labels, seed=seed, cfg=cfg, top_k=args.top_k, top_p=args.top_p, **accel)
 
     return sample, NUM_CLASSES, f"{args.model} ({sampler.decoding_for(accel)}, {sampler.steps} forward passes)"
-
-
-def _accel(args, family: str, scales: int) -> dict:
-    """``--accel`` as the sampler of a ``family`` model of ``scales`` scales (or steps) takes it (varcore eval
-    --accel's option grammar); empty without the flag."""
-    from varcore.digits.accel import bind_options, parse_options
-
-    return {} if args.accel is None else bind_options(parse_options(args.accel, family), scales)
 
 
 def _check_args(args) -> None:

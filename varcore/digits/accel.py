@@ -39,12 +39,12 @@ configuration, the key or value and what is allowed; ranges that depend on the m
 samplers' own checks, run by the harness before it measures anything.
 """
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from varcore.sampling.draw import DRAWS
 
 __all__ = ["AccelOption", "ACCEL_OPTIONS", "AccelConfig", "parse_config", "parse_options", "bind_options",
-           "option_names", "BASELINE_KEY"]
+           "accel_options", "option_names", "BASELINE_KEY"]
 
 BASELINE_KEY = "vs"
 
@@ -198,7 +198,7 @@ def _parse_items(text: str, family: str, where: str, name: str, baseline: bool) 
 def parse_options(text: str, family: str, where: str = "--accel") -> Dict[str, Any]:
     """The sampler options ``KEY=VALUE[,KEY=VALUE...]`` (a configuration's part after ``MODEL:``, without ``vs``)
     for a model of ``family`` ('var', 'code' or 'gpt'), parsed but not bound (:func:`bind_options`); ValueError
-    starting with ``where`` and naming the bad part and the allowed keys. Used by ``varcore.sample_ddp --accel``."""
+    starting with ``where`` and naming the bad part and the allowed keys."""
     if not isinstance(text, str):
         raise TypeError(f"{where} must be a str, got {type(text).__name__}")
     return _parse_items(text, family, where, f"a {family} model", baseline=False)[0]
@@ -208,6 +208,12 @@ def bind_options(options: Dict[str, Any], scales: int) -> Dict[str, Any]:
     """Parsed options as the sampler of a model of ``scales`` scales (or decoding steps) takes them (negative scale
     indices resolved, :attr:`AccelOption.bind`)."""
     return {k: ACCEL_OPTIONS[k].bind(v, scales) for k, v in options.items()}
+
+
+def accel_options(text: Optional[str], family: str, scales: int, where: str = "--accel") -> Dict[str, Any]:
+    """A command line's ``--accel`` text as the sampler of a ``family`` model of ``scales`` scales (or decoding
+    steps) takes it (:func:`parse_options`, then :func:`bind_options`); empty for None (the flag not given)."""
+    return {} if text is None else bind_options(parse_options(text, family, where), scales)
 
 
 def parse_config(text: str) -> AccelConfig:

@@ -33,8 +33,8 @@ ACCEL_MEASURES = ("images_per_s", "forward_passes", "kv_bytes", "class_consisten
 ACCEL_KEYS = ("config", "model", "options", "decoding") + ACCEL_MEASURES + ("baseline", "vs_baseline")
 # the fixed configurations of --sweep and benchmarks/run_all.py: on the 6-scale VAR each accelerator alone and
 # stacked, CoDe (drafter/refiner) against the drafter alone and stacked (with the official and the inverse-CDF
-# draw, at the model's split N=4 and at N=3), the small VAR alone; a few on the 4-scale VAR; PAR against raster decoding, speculative Jacobi decoding
-# of both GPTs and the raster GPT's inverse-CDF draw
+# draw, at the model's split N=4 and at N=3), the small VAR alone; a few on the 4-scale VAR; PAR against raster
+# decoding, speculative Jacobi decoding of both GPTs and the raster GPT's inverse-CDF draw
 SWEEP = (
     "digits-var:cfg_skip=1",
     "digits-var:prune=-1:0.5",
